@@ -1,0 +1,202 @@
+"""GGUF -> MoE layout: which tensors hold experts, every expert's byte ranges, dense vs expert bytes.
+
+Everything comes from the GGUF metadata and tensor infos (read with gguf-py), never from a model's
+shapes being what we expect: real files (Qwen3-MoE, OLMoE, Mixtral, DeepSeek-V2, gpt-oss) take the same
+path as the fixture. Every offset and size is checked against the file before anyone may use it.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+import re
+import struct
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import NamedTuple
+
+from .errors import BadModelError, NotMoEError
+
+GGUF_MAGIC = b"GGUF"
+
+# Stacked experts: blk.N.ffn_{gate,up,down,gate_up}_exps.{weight,bias,...}; the last GGUF dimension is the
+# expert index. Shared experts (ffn_*_shexp) and router tensors (ffn_gate_inp, exp_probs_b) are dense.
+STACKED_EXPERTS = re.compile(r"^blk\.(\d+)\.(\w+_exps)\.(\w+)$")
+# Older Mixtral conversions keep one tensor per expert: blk.N.ffn_{gate,up,down}.E.weight
+SINGLE_EXPERT = re.compile(r"^blk\.(\d+)\.(ffn_(?:gate|up|down))\.(\d+)\.weight$")
+
+
+class ExpertRange(NamedTuple):
+    """One expert's slice of one tensor: absolute file offset and size in bytes."""
+    tensor: str
+    offset: int
+    size: int
+    type: str
+
+
+class ExpertTensor(NamedTuple):
+    """A tensor holding `count` experts of one layer back to back, `stride` bytes apart."""
+    name: str
+    layer: int
+    offset: int
+    nbytes: int
+    stride: int
+    type: str
+    first_expert: int
+    count: int
+
+    def slice(self, expert: int) -> ExpertRange:
+        i = expert - self.first_expert
+        return ExpertRange(self.name, self.offset + i * self.stride, self.stride, self.type)
+
+
+class Expert(NamedTuple):
+    layer: int
+    expert: int
+    ranges: tuple[ExpertRange, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(r.size for r in self.ranges)
+
+
+@dataclass(frozen=True)
+class MoELayout:
+    path: str
+    arch: str
+    n_layer: int
+    n_expert: int
+    n_expert_used: int
+    file_size: int
+    data_offset: int          # where the tensor data section starts
+    dense_bytes: int          # every non-expert tensor (attention, embeddings, norms, routers, shared experts)
+    expert_bytes: int
+    expert_tensors: tuple[ExpertTensor, ...]
+
+    @property
+    def tensor_data_bytes(self) -> int:
+        return self.dense_bytes + self.expert_bytes
+
+    @cached_property
+    def experts(self) -> tuple[Expert, ...]:
+        by_key: dict[tuple[int, int], list[ExpertRange]] = {}
+        for t in self.expert_tensors:
+            for e in range(t.first_expert, t.first_expert + t.count):
+                by_key.setdefault((t.layer, e), []).append(t.slice(e))
+        return tuple(Expert(layer, e, tuple(r)) for (layer, e), r in sorted(by_key.items()))
+
+    @cached_property
+    def moe_layers(self) -> tuple[int, ...]:
+        return tuple(sorted({t.layer for t in self.expert_tensors}))
+
+    def expert(self, layer: int, expert: int) -> Expert:
+        return self.experts[self.moe_layers.index(layer) * self.n_expert + expert]
+
+    def layer_expert_bytes(self, layer: int) -> int:
+        return sum(t.nbytes for t in self.expert_tensors if t.layer == layer)
+
+    def to_dict(self) -> dict:
+        return {
+            "path": self.path, "arch": self.arch, "n_layer": self.n_layer, "n_expert": self.n_expert,
+            "n_expert_used": self.n_expert_used, "moe_layers": list(self.moe_layers),
+            "file_size": self.file_size, "tensor_data_offset": self.data_offset,
+            "tensor_data_bytes": self.tensor_data_bytes,
+            "dense_bytes": self.dense_bytes, "expert_bytes": self.expert_bytes,
+            "experts": [{"layer": x.layer, "expert": x.expert,
+                         "ranges": [r._asdict() for r in x.ranges]} for x in self.experts],
+        }
+
+
+def _open_reader(path: Path):
+    from gguf import GGUFReader
+
+    if not path.exists():
+        raise BadModelError(f"{path}: no such file")
+    if not path.is_file():
+        raise BadModelError(f"{path}: not a regular file")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != GGUF_MAGIC:
+        raise BadModelError(f"{path}: not a GGUF file (starts with {magic!r}, expected {GGUF_MAGIC!r})")
+    try:
+        return GGUFReader(path)
+    except (ValueError, IndexError, KeyError, TypeError, OverflowError, struct.error, MemoryError) as e:
+        raise BadModelError(f"{path}: unreadable GGUF header ({e}); the file is truncated or corrupt") from None
+
+
+def _field(reader, key: str, path: Path, kind: type, required: bool = True):
+    field = reader.fields.get(key)
+    if field is None:
+        if required:
+            raise BadModelError(f"{path}: metadata key {key!r} is missing")
+        return None
+    try:
+        value = field.contents()
+    except (ValueError, IndexError, TypeError, UnicodeDecodeError) as e:
+        raise BadModelError(f"{path}: metadata key {key!r} is unreadable ({e})") from None
+    if isinstance(value, list) and kind is int:
+        # some models give per-layer arrays; a single MoE count is the largest entry
+        value = max(value) if value else None
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise BadModelError(f"{path}: metadata key {key!r} has {type(value).__name__} {value!r}, "
+                            f"expected {kind.__name__}")
+    return value
+
+
+def read_layout(path: str | os.PathLike) -> MoELayout:
+    """Read a GGUF's MoE layout. Raises BadModelError or NotMoEError with a one-line reason."""
+    path = Path(path)
+    reader = _open_reader(path)
+    file_size = path.stat().st_size
+    arch = _field(reader, "general.architecture", path, str)
+    n_layer = _field(reader, f"{arch}.block_count", path, int)
+    n_expert = _field(reader, f"{arch}.expert_count", path, int, required=False) or 0
+    n_used = _field(reader, f"{arch}.expert_used_count", path, int, required=False) or 0
+
+    extents = []
+    for t in reader.tensors:
+        end = t.data_offset + t.n_bytes
+        if t.data_offset < reader.data_offset or end > file_size:
+            raise BadModelError(f"{path}: tensor {t.name} data [{t.data_offset}, {end}) lies outside the "
+                                f"file's data section [{reader.data_offset}, {file_size}): truncated?")
+        extents.append((t.data_offset, end, t.name))
+    extents.sort()
+    for (_, end_a, a), (start_b, _, b) in itertools.pairwise(extents):
+        if start_b < end_a:
+            raise BadModelError(f"{path}: tensors {a} and {b} overlap in the file")
+
+    stacks: list[ExpertTensor] = []
+    dense = 0
+    for t in reader.tensors:
+        m = STACKED_EXPERTS.match(t.name)
+        single = SINGLE_EXPERT.match(t.name)
+        if m:
+            layer, count = int(m.group(1)), int(t.shape[-1])
+            if count != n_expert or t.n_bytes % max(count, 1):
+                raise BadModelError(f"{path}: {t.name} stacks {count} experts but {arch}.expert_count "
+                                    f"is {n_expert}")
+            stacks.append(ExpertTensor(t.name, layer, t.data_offset, t.n_bytes, t.n_bytes // count,
+                                       t.tensor_type.name, 0, count))
+        elif single and n_expert:
+            layer, e = int(single.group(1)), int(single.group(3))
+            if e >= n_expert:
+                raise BadModelError(f"{path}: {t.name} names expert {e} of {n_expert}")
+            stacks.append(ExpertTensor(t.name, layer, t.data_offset, t.n_bytes, t.n_bytes,
+                                       t.tensor_type.name, e, 1))
+        else:
+            dense += t.n_bytes
+    if not stacks or n_expert < 2:
+        raise NotMoEError(f"{path}: no expert tensors (architecture {arch!r}, expert_count {n_expert}): "
+                          f"not a Mixture-of-Experts model")
+    if not 1 <= n_used <= n_expert:
+        raise BadModelError(f"{path}: {arch}.expert_used_count is {n_used}, expected 1..{n_expert}")
+    for s in stacks:
+        if s.layer >= n_layer:
+            raise BadModelError(f"{path}: {s.name} is in layer {s.layer} but the model has {n_layer}")
+    layout = MoELayout(str(path), arch, n_layer, n_expert, n_used, file_size, reader.data_offset,
+                       dense, sum(s.nbytes for s in stacks), tuple(stacks))
+    per_layer = {len([x for x in layout.experts if x.layer == layer]) for layer in layout.moe_layers}
+    if per_layer != {n_expert}:
+        raise BadModelError(f"{path}: some MoE layers lack experts (found {sorted(per_layer)} per layer, "
+                            f"expected {n_expert})")
+    return layout

@@ -1,0 +1,43 @@
+"""Tiny random-weight GGUFs for layout and error tests (never for routing claims)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import gguf
+import numpy as np
+
+
+def write_gguf(path: Path, arch: str, kv: dict[str, int], tensors: dict[str, tuple[int, ...]]) -> Path:
+    """Write `tensors` (name -> numpy shape, F32 zeros-plus-index) with `{arch}.<key>` integer metadata."""
+    w = gguf.GGUFWriter(str(path), arch)
+    for key, value in kv.items():
+        w.add_uint32(f"{arch}.{key}", value)
+    for i, (name, shape) in enumerate(tensors.items()):
+        w.add_tensor(name, np.full(shape, float(i), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def moe_tensors(n_layer: int, n_expert: int, d: int = 32, ff: int = 16, *, dense_layers: int = 0,
+                shared: bool = False, biases: bool = False) -> dict[str, tuple[int, ...]]:
+    t: dict[str, tuple[int, ...]] = {"token_embd.weight": (64, d), "output_norm.weight": (d,)}
+    for i in range(n_layer):
+        t[f"blk.{i}.attn_q.weight"] = (d, d)
+        if i < dense_layers:
+            t[f"blk.{i}.ffn_up.weight"] = (ff, d)
+            continue
+        t[f"blk.{i}.ffn_gate_inp.weight"] = (n_expert, d)
+        t[f"blk.{i}.ffn_gate_exps.weight"] = (n_expert, ff, d)
+        t[f"blk.{i}.ffn_up_exps.weight"] = (n_expert, ff, d)
+        t[f"blk.{i}.ffn_down_exps.weight"] = (n_expert, d, ff)
+        if biases:
+            t[f"blk.{i}.ffn_gate_exps.bias"] = (n_expert, ff)
+            t[f"blk.{i}.ffn_up_exps.bias"] = (n_expert, ff)
+            t[f"blk.{i}.ffn_down_exps.bias"] = (n_expert, d)
+        if shared:
+            t[f"blk.{i}.ffn_up_shexp.weight"] = (ff, d)
+            t[f"blk.{i}.ffn_down_shexp.weight"] = (d, ff)
+    return t
