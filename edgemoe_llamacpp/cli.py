@@ -33,6 +33,29 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    from .generate import generate
+
+    result = generate(args.model, args.prompt, max_tokens=args.n, memory_budget=args.memory_budget,
+                      stock=args.stock, n_ctx=args.n_ctx, n_threads=args.n_threads,
+                      temperature=args.temperature, seed=args.seed)
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(args.prompt + result["text"])
+    print(f"--- {result['engine']}: {result['tokens']} tokens, prefill {result['prefill_tok_s']:.1f} tok/s, "
+          f"decode {result['decode_tok_s']:.1f} tok/s, storage read {_mib(result['storage_read_bytes'])}")
+    stats = result.get("stats")
+    if stats:
+        t = stats["total"]
+        budget = "none" if stats["budget_bytes"] is None else _mib(stats["budget_bytes"])
+        print(f"--- experts: budget {budget}, resident {_mib(stats['resident_expert_bytes'])} "
+              f"({stats['resident_experts']} experts), hit rate {t['hit_rate']:.1%} "
+              f"({t['hits']} hits, {t['misses']} misses), fetched {_mib(t['bytes_fetched'])}, "
+              f"evicted {_mib(t['bytes_evicted'])}, stall {t['stall_s']:.3f} s")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="edgemoe", description="Run Mixture-of-Experts GGUFs larger than RAM "
                                  "with llama-cpp-python, experts streamed from storage.")
@@ -41,6 +64,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="path to a GGUF file")
     p.add_argument("--json", action="store_true", help="print one JSON object with every expert's ranges")
     p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("run", help="generate text with experts streamed under a memory budget")
+    p.add_argument("model", help="path to a MoE GGUF file")
+    p.add_argument("-p", "--prompt", required=True)
+    p.add_argument("-n", "--n", type=int, default=128, help="tokens to generate (default 128)")
+    p.add_argument("--memory-budget", help="expert memory: bytes, 800MB, 1.5GiB or 50%% of expert bytes")
+    p.add_argument("--stock", action="store_true", help="plain llama-cpp-python, for comparison")
+    p.add_argument("--json", action="store_true", help="print one JSON object with text, speed and stats")
+    p.add_argument("--n-ctx", dest="n_ctx", type=int, default=512)
+    p.add_argument("--n-threads", dest="n_threads", type=int, default=None, help="default: all cores")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_run)
     return ap
 
 

@@ -1,0 +1,101 @@
+"""`edgemoe_llamacpp.Llama`: llama-cpp-python's Llama with experts streamed under a memory budget."""
+from __future__ import annotations
+
+import contextlib
+import threading
+
+import llama_cpp
+import llama_cpp.llama_cpp as lc
+
+from . import runtime
+from .errors import EdgeMoEError
+from .hook import ExpertHook
+from .layout import read_layout
+from .residency import ExpertCache, parse_budget
+
+POLICIES = ("lru",)
+_params_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def llama_params(*, use_extra_bufts: bool | None = None, cb_eval=None):
+    """Make llama.cpp's default model/context params carry our settings while a Llama is built.
+
+    `Llama()` has no keyword for either: it asks `llama_*_default_params()` at call time.
+    """
+    orig_model, orig_ctx = lc.llama_model_default_params, lc.llama_context_default_params
+
+    def model_params():
+        p = orig_model()
+        if use_extra_bufts is not None:
+            p.use_extra_bufts = use_extra_bufts
+        return p
+
+    def context_params():
+        p = orig_ctx()
+        if cb_eval is not None:
+            p.cb_eval = cb_eval
+            p.cb_eval_user_data = None
+        return p
+
+    with _params_lock:
+        lc.llama_model_default_params, lc.llama_context_default_params = model_params, context_params
+        try:
+            yield
+        finally:
+            lc.llama_model_default_params, lc.llama_context_default_params = orig_model, orig_ctx
+
+
+def stock_llama(model_path: str, *, use_extra_bufts: bool = True, **kwargs) -> llama_cpp.Llama:
+    """Plain llama-cpp-python, optionally without the CPU repack (the same compute path edgemoe uses)."""
+    with llama_params(use_extra_bufts=use_extra_bufts):
+        return llama_cpp.Llama(model_path=str(model_path), **kwargs)
+
+
+class Llama(llama_cpp.Llama):
+    """Drop-in `llama_cpp.Llama` for MoE GGUFs: same constructor and methods, plus
+
+    memory_budget: bytes held by experts in memory: an int, "1.5GiB", "800MB", or "50%" of the expert
+        bytes; None for no limit (experts are still tracked).
+    policy: the cache policy ("lru").
+    fetch_threads: parallel readers for expert fetches.
+    """
+
+    def __init__(self, model_path: str, *args, memory_budget: str | int | None = None, policy: str = "lru",
+                 fetch_threads: int = 4, **kwargs):
+        if policy not in POLICIES:
+            raise EdgeMoEError(f"unknown cache policy {policy!r}; choose from {', '.join(POLICIES)}")
+        if kwargs.get("use_mmap") is False or kwargs.get("use_mlock"):
+            raise EdgeMoEError("edgemoe streams experts through llama.cpp's file mapping: use_mmap must stay "
+                               "on and use_mlock off")
+        layout = read_layout(model_path)
+        budget = parse_budget(memory_budget, layout.expert_bytes)
+        cache = ExpertCache(layout, budget, threads=fetch_threads)
+        hook = ExpertHook(on_route=cache.ensure_ids)
+        before = set(runtime.file_mappings(model_path))
+        try:
+            with llama_params(use_extra_bufts=False, cb_eval=hook.callback):
+                super().__init__(model_path, *args, **kwargs)
+            new = [m for m in runtime.file_mappings(model_path) if m not in before]
+            if not new or any("w" in perms for *_, perms in new):
+                raise EdgeMoEError(f"{model_path}: llama.cpp did not map the file read-only; cannot stream")
+            cache.attach(new[0][0] - new[0][2])
+        except BaseException:
+            cache.close()
+            raise
+        self._edgemoe_layout, self._edgemoe_cache, self._edgemoe_hook = layout, cache, hook
+
+    def eval(self, tokens) -> None:
+        super().eval(tokens)
+        self._edgemoe_hook.take_error()
+
+    def edgemoe_stats(self) -> dict:
+        """Per-layer and total hits, misses, bytes fetched/evicted, stall seconds, resident expert bytes."""
+        return {"routes": self._edgemoe_hook.routes, **self._edgemoe_cache.summary()}
+
+    def close(self) -> None:
+        if hasattr(self, "_stack"):       # absent when a bad file or budget stopped __init__ early
+            super().close()
+        cache = getattr(self, "_edgemoe_cache", None)
+        if cache is not None:
+            cache.close()

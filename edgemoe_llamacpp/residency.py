@@ -1,0 +1,238 @@
+"""The expert cache: which experts are resident, the memory budget, fetch and evict.
+
+An expert is resident when the page-cache pages of its byte ranges are. Fetching reads those exact
+ranges (parallel `pread`s; adjacent ranges merged so a prompt batch reads a layer sequentially); evicting
+drops the pages from llama.cpp's mapping (`MADV_DONTNEED`) and from the page cache (`POSIX_FADV_DONTNEED`).
+Costs are counted in whole pages, the unit the kernel keeps, so `mincore` can check the bookkeeping.
+All madvise/fadvise calls of the project live here.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+import threading
+import time
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+
+from . import runtime
+from .errors import BudgetError
+from .layout import MoELayout
+
+log = logging.getLogger(__name__)
+
+ExpertUID = tuple[int, int]   # (layer, expert)
+READ_CHUNK = 8 << 20          # one pread never asks for more than this
+_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2, "mib": 1024**2,
+          "g": 1000**3, "gb": 1000**3, "gib": 1024**3, "t": 1000**4, "tb": 1000**4, "tib": 1024**4}
+
+
+def parse_budget(value: str | float | None, expert_bytes: int) -> int | None:
+    """Bytes from 123, "800MB", "1.5GiB" or "50%" (of expert bytes); None or "none" for no limit."""
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none")):
+        return None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        n = float(value)
+    else:
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(%|[a-zA-Z]*)\s*", str(value))
+        if not m:
+            raise BudgetError(f"memory budget {value!r} is not a size (e.g. 800MB, 1.5GiB) or a percentage")
+        number, unit = float(m.group(1)), m.group(2).lower()
+        if unit == "%":
+            if number > 100:
+                raise BudgetError(f"memory budget {value!r} is over 100% of the expert bytes")
+            n = number / 100 * expert_bytes
+        elif unit in _UNITS:
+            n = number * _UNITS[unit]
+        else:
+            raise BudgetError(f"memory budget {value!r} has an unknown unit {m.group(2)!r}")
+    if n <= 0:
+        raise BudgetError(f"memory budget {value!r} must be positive")
+    return int(n)
+
+
+@dataclass
+class LayerStats:
+    hits: int = 0
+    misses: int = 0
+    bytes_fetched: int = 0
+    bytes_evicted: int = 0
+    stall_s: float = 0.0
+
+
+@dataclass
+class CacheStats:
+    layers: dict[int, LayerStats] = field(default_factory=dict)
+
+    def total(self) -> LayerStats:
+        t = LayerStats()
+        for s in self.layers.values():
+            t.hits += s.hits
+            t.misses += s.misses
+            t.bytes_fetched += s.bytes_fetched
+            t.bytes_evicted += s.bytes_evicted
+            t.stall_s += s.stall_s
+        return t
+
+
+def tensor_span(offset: int, size: int) -> tuple[int, int]:
+    """The whole pages inside a tensor. A page it shares with a neighbour tensor counts as dense: dropping it
+    would make the neighbour fault, and the fault's read-around would pull experts back in."""
+    return -(-offset // runtime.PAGE) * runtime.PAGE, (offset + size) // runtime.PAGE * runtime.PAGE
+
+
+def clip(span: tuple[int, int], bounds: tuple[int, int]) -> tuple[int, int]:
+    return max(span[0], bounds[0]), min(span[1], bounds[1])
+
+
+class ExpertCache:
+    """Resident experts under a byte budget, LRU order, fetch/evict against llama.cpp's file mapping."""
+
+    def __init__(self, layout: MoELayout, budget: int | None, *, threads: int = 4):
+        self.layout = layout
+        self.budget = budget
+        self.base = 0                                 # address of file offset 0 in llama.cpp's mapping
+        self.fd = os.open(layout.path, os.O_RDONLY)
+        os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_RANDOM)   # our reads: exact ranges, no readahead
+        self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="edgemoe-fetch")
+        self._local = threading.local()
+        self.resident: OrderedDict[ExpertUID, int] = OrderedDict()   # uid -> page cost, LRU first
+        self.resident_bytes = 0
+        self.stats = CacheStats({layer: LayerStats() for layer in layout.moe_layers})
+        self.tensor_spans = {t.name: tensor_span(t.offset, t.nbytes) for t in layout.expert_tensors}
+        self.pinned_edge_bytes = 0    # edge pages the kernel would not drop (see drop_all): counted as dense
+        self._set_spans()
+        # the least a budget must hold: the largest experts one token can choose in one layer
+        k = layout.n_expert_used
+        self.min_budget = max(sum(sorted(c for (lay, _), c in self.cost.items() if lay == layer)[-k:])
+                              for layer in layout.moe_layers)
+        if budget is not None and budget < self.min_budget:
+            raise BudgetError(f"memory budget {budget:,} bytes cannot hold one layer's {layout.n_expert_used} "
+                              f"chosen experts ({self.min_budget:,} bytes)")
+
+    def _set_spans(self) -> None:
+        """Each expert's pages (whole pages inside its tensor's span) and their cost."""
+        self.spans: dict[ExpertUID, list[tuple[int, int]]] = {}
+        self.cost: dict[ExpertUID, int] = {}
+        for x in self.layout.experts:
+            spans = [clip(runtime.page_span(r.offset, r.size), self.tensor_spans[r.tensor]) for r in x.ranges]
+            self.spans[(x.layer, x.expert)] = spans
+            self.cost[(x.layer, x.expert)] = sum(b - a for a, b in spans)
+
+    def attach(self, mapping_base: int) -> None:
+        """Bind to llama.cpp's mapping of the file; with a budget, drop what the load pulled in."""
+        self.base = mapping_base
+        if self.budget is not None:
+            self.drop_all()
+
+    # ------------------------------------------------------------------ the hook's calls
+    def ensure_ids(self, layer: int, ids) -> None:
+        """`ids` is the (tokens, k) array of a topk node; a prompt batch asks for its union."""
+        self.ensure(layer, ids[0] if len(ids) == 1 else sorted(set(ids.ravel().tolist())))
+
+    def ensure(self, layer: int, experts) -> None:
+        """Make `experts` of `layer` resident before llama.cpp computes them; evict LRU to the budget."""
+        st = self.stats.layers[layer]
+        missing = []
+        for e in experts:
+            uid = (layer, int(e))
+            if uid in self.resident:
+                self.resident.move_to_end(uid)
+                st.hits += 1
+            else:
+                missing.append(uid)
+        if not missing:
+            return
+        st.misses += len(missing)
+        need = sum(self.cost[u] for u in missing)
+        t0 = time.perf_counter()
+        if self.budget is not None:
+            self._evict_to(self.budget - need, keep={(layer, int(e)) for e in experts})
+        st.bytes_fetched += self._fetch(missing)
+        for u in missing:
+            self.resident[u] = self.cost[u]
+        self.resident_bytes += need
+        st.stall_s += time.perf_counter() - t0
+
+    # ------------------------------------------------------------------ fetch and evict
+    def _fetch(self, uids: list[ExpertUID]) -> int:
+        spans = sorted(s for u in uids for s in self.spans[u])
+        merged: list[list[int]] = []
+        for a, b in spans:                      # adjacent experts of one tensor become one sequential read
+            if merged and a <= merged[-1][1]:
+                merged[-1][1] = max(merged[-1][1], b)
+            else:
+                merged.append([a, b])
+        chunks = [(off, min(READ_CHUNK, b - off)) for a, b in merged for off in range(a, b, READ_CHUNK)]
+        return sum(self.pool.map(self._read, chunks))
+
+    def _read(self, chunk: tuple[int, int]) -> int:
+        buf = getattr(self._local, "buf", None)
+        if buf is None:
+            buf = self._local.buf = bytearray(READ_CHUNK)
+        off, size = chunk
+        return os.preadv(self.fd, [memoryview(buf)[:size]], off)
+
+    def _evict_to(self, target: int, keep: set[ExpertUID]) -> None:
+        for uid in list(self.resident):
+            if self.resident_bytes <= target:
+                return
+            if uid in keep:
+                continue
+            self.evict(uid)
+
+    def evict(self, uid: ExpertUID) -> None:
+        cost = self.resident.pop(uid)
+        self.resident_bytes -= cost
+        self.stats.layers[uid[0]].bytes_evicted += cost
+        self._drop(self.spans[uid])
+
+    def _drop(self, spans) -> None:
+        for a, b in spans:
+            runtime.madvise(self.base + a, b - a, runtime.MADV_DONTNEED)
+            runtime.fadvise_dontneed(self.fd, a, b - a)
+
+    def drop_all(self) -> None:
+        """Start-up: release every expert page the load pulled in; the cache starts empty."""
+        self._drop(list(self.tensor_spans.values()))
+        # The load reads the file in large page-cache folios; one that straddles a tensor edge is still
+        # mapped for its dense part, so the kernel keeps it whole. Those edge pages stay resident for good:
+        # count them as dense and leave them out of every expert's span.
+        for name, (a, b) in self.tensor_spans.items():
+            vec = runtime.mincore_pages(self.base + a, b - a)
+            lead = len(vec) - len(vec.lstrip(b"\x01"))
+            trail = len(vec) - len(vec.rstrip(b"\x01")) if lead < len(vec) else 0
+            self.tensor_spans[name] = (a + lead * runtime.PAGE, b - trail * runtime.PAGE)
+            self.pinned_edge_bytes += (lead + trail) * runtime.PAGE
+        self._set_spans()
+        for a, b in self.tensor_spans.values():   # faults on expert pages read the page, no read-around
+            runtime.madvise(self.base + a, b - a, runtime.MADV_RANDOM)
+        self.resident.clear()
+        self.resident_bytes = 0
+
+    # ------------------------------------------------------------------ measurement
+    def measured_resident_bytes(self) -> int:
+        """Expert bytes in memory as the kernel reports them (mincore over every expert tensor)."""
+        total = 0
+        for a, b in self.tensor_spans.values():
+            total += sum(v & 1 for v in runtime.mincore_pages(self.base + a, b - a)) * runtime.PAGE
+        return total
+
+    def summary(self) -> dict:
+        tot = self.stats.total()
+        lookups = tot.hits + tot.misses
+        return {
+            "budget_bytes": self.budget, "resident_expert_bytes": self.resident_bytes,
+            "resident_experts": len(self.resident), "expert_bytes": self.layout.expert_bytes,
+            "pinned_edge_bytes": self.pinned_edge_bytes,
+            "total": {**asdict(tot), "hit_rate": tot.hits / lookups if lookups else None},
+            "layers": [{"layer": layer, **asdict(s)} for layer, s in self.stats.layers.items()],
+        }
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1

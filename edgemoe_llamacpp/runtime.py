@@ -1,0 +1,90 @@
+"""Native facts in one place: ggml_tensor field offsets, libc calls (madvise, fadvise, mincore), the mapping.
+
+Offsets are those of `struct ggml_tensor` in the llama.cpp vendored by llama-cpp-python 0.3.36 on 64-bit
+Linux (GGML_MAX_DIMS=4, GGML_MAX_SRC=10, GGML_MAX_NAME=64); `check_tensor_offsets` verifies them against
+libggml-base's own accessors once, before the hook trusts them.
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import mmap
+import os
+from pathlib import Path
+
+# struct ggml_tensor (ggml.h): type@0, buffer@8, ne[4]@16, nb[4]@48, op@80, ..., data@248, name[64]@256
+T_TYPE, T_NE, T_NB, T_OP, T_DATA, T_NAME = 0, 16, 48, 80, 248, 256
+GGML_MAX_NAME = 64
+PAGE = mmap.PAGESIZE
+
+MADV_RANDOM = 1           # asm-generic/mman-common.h
+MADV_DONTNEED = 4
+MADV_POPULATE_READ = 22   # Linux 5.14+
+POSIX_FADV_DONTNEED = 4   # linux/fadvise.h
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+_libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+
+
+def madvise(addr: int, length: int, advice: int) -> None:
+    if _libc.madvise(addr, length, advice) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"madvise({addr:#x}, {length}, {advice}): {os.strerror(err)}")
+
+
+def fadvise_dontneed(fd: int, offset: int, length: int) -> None:
+    os.posix_fadvise(fd, offset, length, POSIX_FADV_DONTNEED)
+
+
+def mincore_pages(addr: int, length: int) -> bytes:
+    """One byte per page of [addr, addr+length) (addr page-aligned): bit 0 set if the page is in memory."""
+    n = (length + PAGE - 1) // PAGE
+    vec = (ctypes.c_ubyte * n)()
+    if _libc.mincore(addr, length, vec) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"mincore: {os.strerror(err)}")
+    return bytes(vec)
+
+
+def page_span(offset: int, size: int) -> tuple[int, int]:
+    """The page-aligned [start, end) that covers a byte range."""
+    return offset // PAGE * PAGE, (offset + size + PAGE - 1) // PAGE * PAGE
+
+
+def file_mappings(path: str | os.PathLike) -> list[tuple[int, int, int, str]]:
+    """(start, end, file offset, perms) of every mapping of `path` in this process (/proc/self/maps)."""
+    real = os.path.realpath(path)
+    st = os.stat(real)
+    inode = f"{st.st_ino}"
+    out = []
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        parts = line.split(None, 5)
+        if len(parts) == 6 and parts[4] == inode and parts[5] == real:
+            start, end = (int(x, 16) for x in parts[0].split("-"))
+            out.append((start, end, int(parts[2], 16), parts[1]))
+    return out
+
+
+def ggml_base():
+    """libggml-base from the llama_cpp package (the same library llama.cpp runs with)."""
+    import llama_cpp
+
+    lib = ctypes.CDLL(str(Path(llama_cpp.__file__).parent / "lib" / "libggml-base.so"))
+    lib.ggml_get_name.argtypes = [ctypes.c_void_p]
+    lib.ggml_get_name.restype = ctypes.c_void_p
+    lib.ggml_nbytes.argtypes = [ctypes.c_void_p]
+    lib.ggml_nbytes.restype = ctypes.c_size_t
+    return lib
+
+
+def check_tensor_offsets(t: int) -> None:
+    """Assert our field offsets agree with ggml's own accessors on a live tensor."""
+    lib = ggml_base()
+    if lib.ggml_get_name(t) != t + T_NAME:
+        raise RuntimeError("ggml_tensor layout differs from the one edgemoe was built for (name offset)")
+    ne = (ctypes.c_int64 * 4).from_address(t + T_NE)
+    nb = (ctypes.c_size_t * 4).from_address(t + T_NB)
+    # for a block size of 1 (the I32 ids we read), ggml_nbytes = ne0*nb0 + sum((ne_i - 1) * nb_i)
+    if lib.ggml_nbytes(t) != nb[0] * ne[0] + sum((ne[i] - 1) * nb[i] for i in range(1, 4)):
+        raise RuntimeError("ggml_tensor layout differs from the one edgemoe was built for (ne/nb offsets)")

@@ -1,0 +1,133 @@
+"""The hook and the residency manager on the real llama.cpp and the trained fixture."""
+import ctypes
+import re
+
+import llama_cpp
+import numpy as np
+import pytest
+from synthetic import write_gguf
+
+from edgemoe_llamacpp import runtime
+from edgemoe_llamacpp.errors import BudgetError, NotMoEError
+from edgemoe_llamacpp.hook import read_ids
+from edgemoe_llamacpp.layout import read_layout
+from edgemoe_llamacpp.llama import Llama, llama_params, stock_llama
+from edgemoe_llamacpp.residency import parse_budget, tensor_span
+
+PROMPT = "import os\nimport sys\n\n\ndef main(argv):\n    "
+N_TOKENS = 64
+
+
+def greedy(llm, n: int = N_TOKENS) -> tuple[list[int], np.ndarray]:
+    llm.reset()
+    llm.eval(llm.tokenize(PROMPT.encode()))
+    tokens, logits = [], []
+    for _ in range(n):
+        row = np.array(llm.scores[llm.n_tokens - 1])
+        logits.append(row)
+        tokens.append(int(row.argmax()))
+        llm.eval([tokens[-1]])
+    logits.append(np.array(llm.scores[llm.n_tokens - 1]))
+    return tokens, np.stack(logits)
+
+
+def test_same_tokens_and_logits_as_stock_at_25_percent(fixture_path):
+    stock = stock_llama(fixture_path, use_extra_bufts=False, n_ctx=256, verbose=False)
+    want_tokens, want_logits = greedy(stock)
+    stock.close()
+    llm = Llama(str(fixture_path), memory_budget="25%", n_ctx=256, verbose=False)
+    tokens, logits = greedy(llm)
+    total = llm.edgemoe_stats()["total"]
+    llm.close()
+    assert tokens == want_tokens
+    np.testing.assert_array_equal(logits, want_logits)     # every step, including the final logits
+    assert total["misses"] > 0 and total["bytes_evicted"] > 0
+
+
+def expert_pages_in_memory(layout, base: int) -> int:
+    """Bytes of expert tensor pages the kernel reports resident, computed here from the layout alone."""
+    total = 0
+    for t in layout.expert_tensors:
+        a, b = tensor_span(t.offset, t.nbytes)
+        total += sum(v & 1 for v in runtime.mincore_pages(base + a, b - a)) * runtime.PAGE
+    return total
+
+
+def test_budget_holds_by_mincore_after_every_token(fixture_path):
+    layout = read_layout(fixture_path)
+    llm = Llama(str(fixture_path), memory_budget="25%", n_ctx=256, verbose=False)
+    (start, _, offset, _), = runtime.file_mappings(fixture_path)[:1]
+    base = start - offset
+    budget = llm.edgemoe_stats()["budget_bytes"]
+    # pages sharing a page-cache folio with dense data cannot be dropped: measured once, reported as pinned
+    pinned = llm.edgemoe_stats()["pinned_edge_bytes"]
+    assert expert_pages_in_memory(layout, base) <= pinned
+    seen = []
+    for i, _ in enumerate(llm.generate(llm.tokenize(PROMPT.encode()), temp=0.0)):
+        seen.append(expert_pages_in_memory(layout, base))
+        if i + 1 == N_TOKENS:
+            break
+    stats = llm.edgemoe_stats()
+    llm.close()
+    assert max(seen) <= budget + pinned, (max(seen), budget, pinned)
+    assert max(seen) >= budget // 2          # the measurement sees the experts the cache holds
+    assert stats["total"]["misses"] > 0 and stats["total"]["bytes_evicted"] > 0
+    assert stats["resident_expert_bytes"] <= budget
+
+
+def test_strided_ids_are_the_routers_top_k(fixture_path):
+    """Independent check of read_ids: the chosen ids are the top-k of the router probabilities."""
+    layout = read_layout(fixture_path)
+    probs: dict[int, np.ndarray] = {}
+    checked = []
+
+    def cb(t, ask, _):
+        name = ctypes.string_at(t + runtime.T_NAME, runtime.GGML_MAX_NAME).split(b"\0", 1)[0]
+        m = re.fullmatch(rb"ffn_moe_(probs|topk)-(\d+)", name)
+        if ask:
+            return m is not None
+        layer = int(m.group(2))
+        if name.startswith(b"ffn_moe_probs-"):
+            ne = (ctypes.c_int64 * 2).from_address(t + runtime.T_NE)
+            data = ctypes.c_void_p.from_address(t + runtime.T_DATA).value
+            probs[layer] = np.ctypeslib.as_array((ctypes.c_float * (ne[0] * ne[1])).from_address(data)) \
+                .reshape(ne[1], ne[0]).copy()
+        else:
+            ids = read_ids(t)
+            top = np.argsort(-probs[layer], axis=1, kind="stable")[:, : layout.n_expert_used]
+            checked.append((ids.shape, np.array_equal(np.sort(ids, 1), np.sort(top, 1))))
+        return True
+
+    callback = llama_cpp.ggml_backend_sched_eval_callback(cb)
+    with llama_params(use_extra_bufts=False, cb_eval=callback):
+        llm = llama_cpp.Llama(str(fixture_path), n_ctx=256, verbose=False)
+    llm.eval(llm.tokenize(PROMPT.encode()))     # a prompt batch: T rows, stride n_expert * 4
+    llm.eval([llm.tokenize(b" x")[0]])          # one token
+    llm.close()
+    assert len(checked) == 2 * layout.n_layer
+    assert checked[0][0][0] > 1 and checked[-1][0] == (1, layout.n_expert_used)
+    assert all(ok for _, ok in checked)
+
+
+def test_budget_smaller_than_a_layer_is_refused(fixture_path):
+    with pytest.raises(BudgetError, match="cannot hold one layer"):
+        Llama(str(fixture_path), memory_budget="100KB", verbose=False)
+
+
+def test_not_moe_is_refused(tmp_path):
+    path = write_gguf(tmp_path / "dense.gguf", "llama", {"block_count": 1}, {"token_embd.weight": (64, 32)})
+    with pytest.raises(NotMoEError):
+        Llama(str(path), memory_budget="50%", verbose=False)
+
+
+@pytest.mark.parametrize(("text", "want"), [
+    ("50%", 500), ("100%", 1000), ("1KiB", 1024), ("1.5kb", 1500), ("2MB", 2_000_000), ("3GiB", 3 * 2**30),
+    (4096, 4096), (None, None), ("none", None)])
+def test_parse_budget(text, want):
+    assert parse_budget(text, expert_bytes=1000) == want
+
+
+@pytest.mark.parametrize("text", ["-1", "abc", "200%", "0", "5 parsecs", "0%"])
+def test_parse_budget_rejects(text):
+    with pytest.raises(BudgetError):
+        parse_budget(text, expert_bytes=1000)
