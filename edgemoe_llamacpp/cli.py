@@ -38,7 +38,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     result = generate(args.model, args.prompt, max_tokens=args.n, memory_budget=args.memory_budget,
                       stock=args.stock, n_ctx=args.n_ctx, n_threads=args.n_threads,
-                      temperature=args.temperature, seed=args.seed)
+                      temperature=args.temperature, seed=args.seed, record_routing=args.trace)
     if args.json:
         print(json.dumps(result))
         return 0
@@ -53,6 +53,23 @@ def cmd_run(args: argparse.Namespace) -> int:
               f"({stats['resident_experts']} experts), hit rate {t['hit_rate']:.1%} "
               f"({t['hits']} hits, {t['misses']} misses), fetched {_mib(t['bytes_fetched'])}, "
               f"evicted {_mib(t['bytes_evicted'])}, stall {t['stall_s']:.3f} s")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import format_table, run_bench
+
+    result = run_bench(args.model, args.memory_budget, runs=args.runs, tokens=args.tokens, n_ctx=args.n_ctx,
+                       use_cgroup=not args.no_cgroup, n_threads=args.n_threads)
+    if args.json:
+        from pathlib import Path
+
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+    limited = "cgroup-limited" if result["cgroup"] else "NOT memory-limited (no writable cgroup)"
+    print(f"{result['model']}: dense {_mib(result['dense_bytes'])}, experts {_mib(result['expert_bytes'])}, "
+          f"KV {_mib(result['kv_cache_bytes'])}, {limited}, disk {result['disk_bandwidth_bps'] / 1e9:.2f} GB/s")
+    print(format_table(result))
     return 0
 
 
@@ -76,7 +93,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-threads", dest="n_threads", type=int, default=None, help="default: all cores")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--trace", action="store_true", help="with --json: include every layer's chosen experts")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("bench", help="stock vs edgemoe under memory limits, alternating runs, cold cache")
+    p.add_argument("model", help="path to a MoE GGUF file")
+    p.add_argument("--memory-budget", nargs="+", required=True, help="budgets, e.g. 25%% 50%% 100%%")
+    p.add_argument("--runs", type=int, default=3, help="runs per engine and budget (default 3)")
+    p.add_argument("--tokens", type=int, default=64, help="tokens generated per run (default 64)")
+    p.add_argument("--n-ctx", dest="n_ctx", type=int, default=512)
+    p.add_argument("--n-threads", dest="n_threads", type=int, default=None)
+    p.add_argument("--no-cgroup", action="store_true", help="do not impose memory limits")
+    p.add_argument("--json", help="write the full results here")
+    p.set_defaults(func=cmd_bench)
     return ap
 
 

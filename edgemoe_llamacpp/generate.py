@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import resource
 
 import llama_cpp
 import psutil
@@ -15,7 +16,9 @@ def _perf(llm) -> llama_cpp.llama_perf_context_data:
 
 def generate(model: str, prompt: str, *, max_tokens: int, memory_budget=None, stock: bool = False,
              n_ctx: int = 512, n_threads: int | None = None, temperature: float = 0.0, seed: int = 0,
-             **llama_kwargs) -> dict:
+             record_routing: bool = False, **llama_kwargs) -> dict:
+    """Generate once and measure: tok/s (llama.cpp's own timers), storage bytes read and major faults of
+    this process for the prompt and for decoding, and the expert statistics (edgemoe)."""
     from .layout import read_layout
     from .llama import Llama, stock_llama
 
@@ -25,24 +28,43 @@ def generate(model: str, prompt: str, *, max_tokens: int, memory_budget=None, st
     if stock:
         read_layout(model)      # the same clear errors for a bad file
     try:
-        llm = stock_llama(model, **kwargs) if stock else Llama(model, memory_budget=memory_budget, **kwargs)
+        llm = stock_llama(model, **kwargs) if stock else \
+            Llama(model, memory_budget=memory_budget, record_routing=record_routing, **kwargs)
     except ValueError as e:
         raise EdgeMoEError(f"{model}: llama.cpp could not load it ({e})") from None
     try:
-        io0 = psutil.Process().io_counters().read_bytes
         llama_cpp.llama_perf_context_reset(llm._ctx.ctx)
-        out = llm.create_completion(prompt, max_tokens=max_tokens, temperature=temperature, seed=seed)
+        start = _io()
+        first = None
+        pieces, finish = [], None
+        for chunk in llm.create_completion(prompt, max_tokens=max_tokens, temperature=temperature, seed=seed,
+                                           stream=True):
+            if first is None:
+                first = _io()             # the prompt is evaluated and the first token sampled
+            pieces.append(chunk["choices"][0]["text"])
+            finish = chunk["choices"][0]["finish_reason"] or finish
+        end = _io()
+        first = first or end
         perf = _perf(llm)
-        read = psutil.Process().io_counters().read_bytes - io0
         result = {
-            "engine": "stock" if stock else "edgemoe", "model": str(model), "text": out["choices"][0]["text"],
-            "tokens": out["usage"]["completion_tokens"], "prompt_tokens": out["usage"]["prompt_tokens"],
+            "engine": "stock" if stock else "edgemoe", "model": str(model), "text": "".join(pieces),
+            "finish_reason": finish, "prompt_tokens": perf.n_p_eval, "tokens": perf.n_eval + 1,
             "prefill_tok_s": perf.n_p_eval / perf.t_p_eval_ms * 1e3 if perf.t_p_eval_ms else 0.0,
             "decode_tok_s": perf.n_eval / perf.t_eval_ms * 1e3 if perf.t_eval_ms else 0.0,
-            "storage_read_bytes": read,
+            "decode_evals": perf.n_eval,
+            "storage_read_bytes": end[0] - start[0],
+            "prefill_read_bytes": first[0] - start[0], "decode_read_bytes": end[0] - first[0],
+            "major_faults": end[1] - start[1], "decode_major_faults": end[1] - first[1],
         }
         if not stock:
             result["stats"] = llm.edgemoe_stats()
+            if record_routing:
+                result["trace"] = llm.edgemoe_trace()
         return result
     finally:
         llm.close()
+
+
+def _io() -> tuple[int, int]:
+    """(bytes this process read from storage, major page faults) so far."""
+    return psutil.Process().io_counters().read_bytes, resource.getrusage(resource.RUSAGE_SELF).ru_majflt

@@ -59,10 +59,11 @@ class Llama(llama_cpp.Llama):
         bytes; None for no limit (experts are still tracked).
     policy: the cache policy ("lru").
     fetch_threads: parallel readers for expert fetches.
+    record_routing: keep every layer's chosen experts (`edgemoe_trace()`), for profiles and benchmarks.
     """
 
     def __init__(self, model_path: str, *args, memory_budget: str | int | None = None, policy: str = "lru",
-                 fetch_threads: int = 4, **kwargs):
+                 fetch_threads: int = 4, record_routing: bool = False, **kwargs):
         if policy not in POLICIES:
             raise EdgeMoEError(f"unknown cache policy {policy!r}; choose from {', '.join(POLICIES)}")
         if kwargs.get("use_mmap") is False or kwargs.get("use_mlock"):
@@ -70,8 +71,10 @@ class Llama(llama_cpp.Llama):
                                "on and use_mlock off")
         layout = read_layout(model_path)
         budget = parse_budget(memory_budget, layout.expert_bytes)
-        cache = ExpertCache(layout, budget, threads=fetch_threads)
-        hook = ExpertHook(on_route=cache.ensure_ids)
+        self._edgemoe_layout = layout
+        self._edgemoe_cache = cache = ExpertCache(layout, budget, threads=fetch_threads)
+        self._edgemoe_trace: list[tuple[int, list[list[int]]]] | None = [] if record_routing else None
+        self._edgemoe_hook = hook = ExpertHook(on_route=self._on_route)
         before = set(runtime.file_mappings(model_path))
         try:
             with llama_params(use_extra_bufts=False, cb_eval=hook.callback):
@@ -81,9 +84,19 @@ class Llama(llama_cpp.Llama):
                 raise EdgeMoEError(f"{model_path}: llama.cpp did not map the file read-only; cannot stream")
             cache.attach(new[0][0] - new[0][2])
         except BaseException:
-            cache.close()
+            self.close()
             raise
-        self._edgemoe_layout, self._edgemoe_cache, self._edgemoe_hook = layout, cache, hook
+
+    def _on_route(self, layer: int, ids) -> None:
+        if self._edgemoe_trace is not None:
+            self._edgemoe_trace.append((layer, ids.tolist()))
+        self._edgemoe_cache.ensure_ids(layer, ids)
+
+    def edgemoe_trace(self) -> list[tuple[int, list[list[int]]]]:
+        """(layer, chosen experts per token) for every MoE layer evaluation, in order (record_routing=True)."""
+        if self._edgemoe_trace is None:
+            raise EdgeMoEError("routing was not recorded: construct with record_routing=True")
+        return self._edgemoe_trace
 
     def eval(self, tokens) -> None:
         super().eval(tokens)

@@ -1,0 +1,271 @@
+"""`edgemoe bench`: stock llama-cpp-python vs edgemoe on one file, under one memory limit, in one run.
+
+Each run is a child process (`edgemoe run --json`) in a cgroup whose limit is
+dense bytes + budget + KV cache + an allowance for the interpreter, started with a cold page cache.
+Engines alternate run by run so drift on a shared machine hits both. The Belady floor replays the
+recorded routing with perfect knowledge of the future: the fewest expert bytes any cache could read.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections import defaultdict, deque
+from pathlib import Path
+
+from . import cgroup
+from .errors import EdgeMoEError
+from .layout import MoELayout, read_layout
+from .residency import parse_budget
+
+log = logging.getLogger(__name__)
+
+# Interpreter + llama-cpp-python + numpy + llama.cpp's compute and output buffers: measured on the fixture
+# as the cgroup peak of a run minus model pages (about 60 MiB); rounded up so the limit constrains
+# model bytes, not the runtime's own heap.
+ALLOWANCE = 96 << 20
+PROMPT = ('"""Utilities for reading and writing configuration files."""\n\nimport os\nimport re\nimport sys\n'
+          'from collections import OrderedDict\n\n\nclass ConfigParser:\n    """Parse a configuration file."""\n\n'
+          '    def __init__(self, path, defaults=None):\n        self.path = path\n')
+
+
+def kv_cache_bytes(path: str, n_ctx: int) -> int:
+    """F16 K and V for every layer at n_ctx (llama.cpp's default cache type)."""
+    from gguf import GGUFReader
+
+    r = GGUFReader(path)
+    arch = r.fields["general.architecture"].contents()
+
+    def get(key, default=None):
+        f = r.fields.get(f"{arch}.{key}")
+        v = f.contents() if f is not None else default
+        return max(v) if isinstance(v, list) else v
+
+    n_embd, n_head = get("embedding_length"), get("attention.head_count")
+    n_kv = get("attention.head_count_kv", n_head)
+    k_len = get("attention.key_length", n_embd // n_head)
+    v_len = get("attention.value_length", n_embd // n_head)
+    return 2 * get("block_count") * n_ctx * n_kv * (k_len + v_len)
+
+
+def belady(trace: list[tuple[int, list[list[int]]]], capacity: int) -> tuple[int, int]:
+    """(misses over the whole trace, misses in one-token steps) of the optimal cache holding `capacity`
+    experts. Each step's chosen experts must be resident together; the evicted one is the expert whose
+    next use lies farthest ahead (Belady's MIN, optimal for equal-size items)."""
+    steps = [(len(ids) == 1, {(layer, e) for row in ids for e in row}) for layer, ids in trace]
+    uses: dict[tuple[int, int], deque[int]] = defaultdict(deque)
+    for i, (_, need) in enumerate(steps):
+        for u in need:
+            uses[u].append(i)
+    cache: set[tuple[int, int]] = set()
+    misses = decode_misses = 0
+    for decode, need in steps:
+        for u in need:
+            uses[u].popleft()
+        missing = need - cache
+        misses += len(missing)
+        decode_misses += len(missing) * decode
+        over = len(cache) + len(missing) - capacity
+        if over > 0:
+            victims = sorted(cache - need, key=lambda u: uses[u][0] if uses[u] else math.inf, reverse=True)
+            cache.difference_update(victims[:over])
+        cache |= missing
+    return misses, decode_misses
+
+
+def disk_bandwidth(path: str, nbytes: int = 256 << 20) -> float:
+    """Cold read bandwidth of `path` (bytes/s) with 1 MiB preads from 4 threads, like expert fetches."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    size = min(nbytes, os.path.getsize(path))
+    cgroup.drop_file_cache(path)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(4) as pool:
+            done = sum(pool.map(lambda off: len(os.pread(fd, 1 << 20, off)), range(0, size, 1 << 20)))
+        dt = time.perf_counter() - t0
+    finally:
+        os.close(fd)
+    cgroup.drop_file_cache(path)
+    return done / dt
+
+
+def _child(model: str, budget: str | None, stock: bool, tokens: int, prompt: str, n_ctx: int,
+           limit: int | None, n_threads: int | None) -> dict:
+    cmd = [sys.executable, "-m", "edgemoe_llamacpp", "run", model, "-p", prompt, "-n", str(tokens), "--json",
+           "--n-ctx", str(n_ctx)]
+    cmd += ["--stock"] if stock else ["--memory-budget", budget or "none", "--trace"]
+    if n_threads:
+        cmd += ["--n-threads", str(n_threads)]
+    cgroup.drop_file_cache(model)
+    if limit is None:
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        run = cgroup.LimitedRun(proc.returncode, proc.stdout, proc.stderr, 0, 0, 0, 0, time.perf_counter() - t0)
+    else:
+        run = cgroup.run_limited(cmd, limit)
+    out = {"ok": run.returncode == 0, "returncode": run.returncode, "peak_bytes": run.peak_bytes,
+           "oom_kills": run.oom_kills, "wall_s": run.wall_s}
+    if run.returncode == 0:
+        out.update(json.loads(run.stdout))
+    else:
+        out["error"] = run.stderr.strip().splitlines()[-1:] or [f"exit {run.returncode}"]
+    return out
+
+
+def _spread(values: list[float]) -> dict:
+    values = [v for v in values if v is not None]
+    if not values:
+        return {"median": None, "min": None, "max": None, "n": 0}
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
+
+
+def _engine_summary(runs: list[dict]) -> dict:
+    ok = [r for r in runs if r["ok"]]
+
+    def per_token(r, key):
+        return r[key] / r["decode_evals"] if r.get("decode_evals") else None
+
+    out = {
+        "runs": len(runs), "failed": len(runs) - len(ok),
+        "decode_tok_s": _spread([r["decode_tok_s"] for r in ok]),
+        "prefill_tok_s": _spread([r["prefill_tok_s"] for r in ok]),
+        "decode_read_bytes_per_token": _spread([per_token(r, "decode_read_bytes") for r in ok]),
+        "decode_major_faults_per_token": _spread([per_token(r, "decode_major_faults") for r in ok]),
+        "peak_bytes": _spread([r["peak_bytes"] for r in ok]),
+    }
+    stats = [r["stats"] for r in ok if "stats" in r]
+    if stats:
+        out["hit_rate"] = _spread([s["total"]["hit_rate"] for s in stats])
+        out["stall_s"] = _spread([s["total"]["stall_s"] for s in stats])
+    return out
+
+
+def run_bench(model: str, budgets: list[str], *, runs: int = 3, tokens: int = 64, prompt: str = PROMPT,
+              n_ctx: int = 512, use_cgroup: bool = True, allowance: int = ALLOWANCE,
+              n_threads: int | None = None, progress: bool = True) -> dict:
+    from tqdm import tqdm
+
+    layout: MoELayout = read_layout(model)
+    if use_cgroup and cgroup.own_memory_cgroup() is None:
+        log.warning("no writable cgroup memory controller: runs are not memory-limited")
+        use_cgroup = False
+    kv = kv_cache_bytes(model, n_ctx)
+    bandwidth = disk_bandwidth(model)
+    result = {
+        "model": str(model), "arch": layout.arch, "n_layer": layout.n_layer, "n_expert": layout.n_expert,
+        "n_expert_used": layout.n_expert_used, "dense_bytes": layout.dense_bytes,
+        "expert_bytes": layout.expert_bytes, "file_bytes": layout.file_size, "kv_cache_bytes": kv,
+        "allowance_bytes": allowance, "cgroup": use_cgroup, "disk_bandwidth_bps": bandwidth,
+        "tokens": tokens, "n_ctx": n_ctx, "prompt": prompt, "machine": _machine(),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "budgets": [],
+    }
+    bar = tqdm(total=len(budgets) * runs * 2, desc="bench", unit="run", disable=not progress)
+    expert_size = layout.expert_bytes / len(layout.experts)
+    for spec in budgets:
+        budget = parse_budget(spec, layout.expert_bytes)
+        if budget is None:
+            raise EdgeMoEError("bench needs a finite memory budget per entry (e.g. 25% 50% 100%)")
+        limit = layout.dense_bytes + budget + kv + allowance if use_cgroup else None
+        pairs = []
+        for r in range(runs):
+            order = (True, False) if r % 2 == 0 else (False, True)
+            pair = {}
+            for stock in order:
+                bar.set_postfix(budget=spec, engine="stock" if stock else "edgemoe")
+                pair["stock" if stock else "edgemoe"] = _child(model, spec, stock, tokens, prompt, n_ctx, limit,
+                                                               n_threads)
+                bar.update()
+            pairs.append(pair)
+        ed = [p["edgemoe"] for p in pairs]
+        ratios = [p["edgemoe"]["decode_tok_s"] / p["stock"]["decode_tok_s"]
+                  for p in pairs if p["edgemoe"]["ok"] and p["stock"]["ok"] and p["stock"]["decode_tok_s"]]
+        entry = {"budget": spec, "budget_bytes": budget, "limit_bytes": limit,
+                 "stock": _engine_summary([p["stock"] for p in pairs]),
+                 "edgemoe": _engine_summary(ed), "decode_ratio": _spread(ratios)}
+        traces = [r for r in ed if r["ok"] and r.get("trace")]
+        if traces:
+            capacity = int(budget // expert_size)
+            floors = []
+            for r in traces:
+                _, decode_misses = belady(r.pop("trace"), capacity)
+                floors.append(decode_misses * expert_size / r["decode_evals"])
+            floor = statistics.median(floors)
+            entry["floor_bytes_per_token"] = floor
+            entry["floor_io_s_per_token"] = floor / bandwidth
+            measured = entry["edgemoe"]["decode_read_bytes_per_token"]["median"]
+            entry["edgemoe_bytes_vs_floor"] = measured / floor if floor else None
+        for p in pairs:
+            p["edgemoe"].pop("trace", None)
+        entry["pairs"] = pairs
+        result["budgets"].append(entry)
+    bar.close()
+    # the floor's speed: unpressured compute (edgemoe's fastest median decode) plus the floor's reads
+    best = max((b["edgemoe"]["decode_tok_s"]["median"] or 0) for b in result["budgets"])
+    for b in result["budgets"]:
+        if best and "floor_io_s_per_token" in b:
+            b["floor_tok_s"] = 1 / (1 / best + b["floor_io_s_per_token"])
+    return result
+
+
+def _machine() -> dict:
+    import psutil
+
+    return {"cpus": os.cpu_count(), "memory_bytes": psutil.virtual_memory().total,
+            "kernel": platform.release(), "python": platform.python_version(),
+            "cpu": _cpu_name()}
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def format_table(result: dict) -> str:
+    def fmt(x, spec="{:.1f}"):
+        return "-" if x is None else spec.format(x)
+
+    rows = [("| budget | limit | engine | decode tok/s (median, min-max) | prefill tok/s | storage MB/token | "
+            "major faults/token | hit rate | peak MiB | edgemoe/stock decode |"),
+            "|---|---|---|---|---|---|---|---|---|---|"]
+    for b in result["budgets"]:
+        limit = "none" if b["limit_bytes"] is None else f"{b['limit_bytes'] / 2**20:.0f} MiB"
+        for eng in ("stock", "edgemoe"):
+            s = b[eng]
+            d = s["decode_tok_s"]
+            hit = s.get("hit_rate", {}).get("median")
+            ratio = fmt(b["decode_ratio"]["median"], "{:.2f}x") + \
+                f" ({fmt(b['decode_ratio']['min'], '{:.2f}')}-{fmt(b['decode_ratio']['max'], '{:.2f}')})" \
+                if eng == "edgemoe" else ""
+            failed = f" ({s['failed']} failed)" if s["failed"] else ""
+            rows.append(f"| {b['budget']} | {limit} | {eng}{failed} | {fmt(d['median'])} "
+                        f"({fmt(d['min'])}-{fmt(d['max'])}) | {fmt(s['prefill_tok_s']['median'])} | "
+                        f"{fmt(_mb(s['decode_read_bytes_per_token']['median']), '{:.2f}')} | "
+                        f"{fmt(s['decode_major_faults_per_token']['median'])} | {fmt(hit, '{:.1%}')} | "
+                        f"{fmt(_mib(s['peak_bytes']['median']), '{:.0f}')} | {ratio} |")
+        if "floor_bytes_per_token" in b:
+            rows.append(f"| {b['budget']} | | Belady floor | {fmt(b.get('floor_tok_s'))} | | "
+                        f"{_mb(b['floor_bytes_per_token']):.2f} | | | | edgemoe reads "
+                        f"{fmt(b['edgemoe_bytes_vs_floor'], '{:.2f}x')} the floor |")
+    return "\n".join(rows)
+
+
+def _mb(x):
+    return None if x is None else x / 1e6
+
+
+def _mib(x):
+    return None if x is None else x / 2**20

@@ -1,0 +1,37 @@
+"""tools/inflate_experts.py: wider experts, same routing and output."""
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from edgemoe_llamacpp.layout import read_layout
+from edgemoe_llamacpp.llama import stock_llama
+
+TOOL = Path(__file__).parent.parent / "tools" / "inflate_experts.py"
+
+
+def logits_after(path, prompt: str = "class Request:\n    def ", n: int = 16) -> tuple[list[int], np.ndarray]:
+    llm = stock_llama(path, use_extra_bufts=False, n_ctx=128, verbose=False)
+    llm.eval(llm.tokenize(prompt.encode()))
+    toks, rows = [], []
+    for _ in range(n):
+        rows.append(np.array(llm.scores[llm.n_tokens - 1]))
+        toks.append(int(rows[-1].argmax()))
+        llm.eval([toks[-1]])
+    llm.close()
+    return toks, np.stack(rows)
+
+
+def test_inflated_experts_keep_output(tmp_path, fixture_path):
+    out = tmp_path / "wide.gguf"
+    subprocess.run([sys.executable, str(TOOL), str(fixture_path), str(out), "--ff", "768"], check=True,
+                   capture_output=True)
+    small, wide = read_layout(fixture_path), read_layout(out)
+    assert wide.n_expert == small.n_expert and len(wide.experts) == len(small.experts)
+    assert wide.experts[0].nbytes == 3 * small.experts[0].nbytes      # 256 -> 768 hidden units
+    assert wide.dense_bytes == small.dense_bytes
+    toks_a, logits_a = logits_after(fixture_path)
+    toks_b, logits_b = logits_after(out)
+    assert toks_a == toks_b
+    np.testing.assert_allclose(logits_a, logits_b, rtol=0, atol=1e-4)
