@@ -26,10 +26,10 @@ from .residency import parse_budget
 
 log = logging.getLogger(__name__)
 
-# Interpreter + llama-cpp-python + numpy + llama.cpp's compute and output buffers: measured on the fixture
-# as the cgroup peak of a run minus model pages (about 60 MiB); rounded up so the limit constrains
-# model bytes, not the runtime's own heap.
-ALLOWANCE = 96 << 20
+# Besides dense + budget + KV, a limit must leave room for the process's own anonymous memory (interpreter,
+# llama-cpp-python, llama.cpp's compute and output buffers). It is measured per model by a short unlimited
+# calibration run of each engine (RssAnon); this margin covers page tables and kernel memory on top.
+ALLOWANCE_MARGIN = 32 << 20
 PROMPT = ('"""Utilities for reading and writing configuration files."""\n\nimport os\nimport re\nimport sys\n'
           'from collections import OrderedDict\n\n\nclass ConfigParser:\n    """Parse a configuration file."""\n\n'
           '    def __init__(self, path, defaults=None):\n        self.path = path\n')
@@ -150,7 +150,7 @@ def _engine_summary(runs: list[dict]) -> dict:
 
 
 def run_bench(model: str, budgets: list[str], *, runs: int = 3, tokens: int = 64, prompt: str = PROMPT,
-              n_ctx: int = 512, use_cgroup: bool = True, allowance: int = ALLOWANCE,
+              n_ctx: int = 512, use_cgroup: bool = True, allowance: int | None = None,
               n_threads: int | None = None, progress: bool = True) -> dict:
     from tqdm import tqdm
 
@@ -160,6 +160,12 @@ def run_bench(model: str, budgets: list[str], *, runs: int = 3, tokens: int = 64
         use_cgroup = False
     kv = kv_cache_bytes(model, n_ctx)
     bandwidth = disk_bandwidth(model)
+    if allowance is None:
+        calib = [_child(model, "100%", stock, 4, prompt, n_ctx, None, n_threads) for stock in (True, False)]
+        failed = [c for c in calib if not c["ok"]]
+        if failed:
+            raise EdgeMoEError(f"calibration run failed: {failed[0]['error']}")
+        allowance = max(c["rss_anon_bytes"] for c in calib) + ALLOWANCE_MARGIN
     result = {
         "model": str(model), "arch": layout.arch, "n_layer": layout.n_layer, "n_expert": layout.n_expert,
         "n_expert_used": layout.n_expert_used, "dense_bytes": layout.dense_bytes,

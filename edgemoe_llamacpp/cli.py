@@ -58,9 +58,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import format_table, run_bench
+    from .residency import parse_budget
 
     result = run_bench(args.model, args.memory_budget, runs=args.runs, tokens=args.tokens, n_ctx=args.n_ctx,
-                       use_cgroup=not args.no_cgroup, n_threads=args.n_threads)
+                       use_cgroup=not args.no_cgroup, n_threads=args.n_threads,
+                       allowance=None if args.allowance is None else parse_budget(args.allowance, 0))
     if args.json:
         from pathlib import Path
 
@@ -104,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-ctx", dest="n_ctx", type=int, default=512)
     p.add_argument("--n-threads", dest="n_threads", type=int, default=None)
     p.add_argument("--no-cgroup", action="store_true", help="do not impose memory limits")
+    p.add_argument("--allowance", help="room for the process's own memory (default: measured, + 32 MiB)")
     p.add_argument("--json", help="write the full results here")
     p.set_defaults(func=cmd_bench)
     return ap

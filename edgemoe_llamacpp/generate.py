@@ -56,6 +56,7 @@ def generate(model: str, prompt: str, *, max_tokens: int, memory_budget=None, st
             "prefill_read_bytes": first[0] - start[0], "decode_read_bytes": end[0] - first[0],
             "major_faults": end[1] - start[1], "decode_major_faults": end[1] - first[1],
         }
+        result["rss_anon_bytes"] = _rss_anon()
         if not stock:
             result["stats"] = llm.edgemoe_stats()
             if record_routing:
@@ -68,3 +69,13 @@ def generate(model: str, prompt: str, *, max_tokens: int, memory_budget=None, st
 def _io() -> tuple[int, int]:
     """(bytes this process read from storage, major page faults) so far."""
     return psutil.Process().io_counters().read_bytes, resource.getrusage(resource.RUSAGE_SELF).ru_majflt
+
+
+def _rss_anon() -> int:
+    """Anonymous memory of this process (heap, llama.cpp buffers): what a memory limit must leave room for
+    besides the model's file pages."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    return 0
