@@ -108,6 +108,9 @@ class ExpertCache:
         k = layout.n_expert_used
         self.min_budget = max(sum(sorted(c for (lay, _), c in self.cost.items() if lay == layer)[-k:])
                               for layer in layout.moe_layers)
+        if budget is not None and budget >= layout.expert_bytes:
+            # every expert may be resident; page rounding counts pages shared by two experts twice
+            self.budget = budget = max(budget, sum(self.cost.values()))
         if budget is not None and budget < self.min_budget:
             raise BudgetError(f"memory budget {budget:,} bytes cannot hold one layer's {layout.n_expert_used} "
                               f"chosen experts ({self.min_budget:,} bytes)")
@@ -122,10 +125,22 @@ class ExpertCache:
             self.cost[(x.layer, x.expert)] = sum(b - a for a, b in spans)
 
     def attach(self, mapping_base: int) -> None:
-        """Bind to llama.cpp's mapping of the file; with a budget, drop what the load pulled in."""
+        """Bind to llama.cpp's mapping of the file. A budget that holds every expert keeps what the load
+        read; a smaller one starts empty (a partial keep would leave large page-cache folios straddling
+        kept and dropped experts, resident but unaccounted)."""
         self.base = mapping_base
-        if self.budget is not None:
+        if self.budget is None:
+            return
+        if self.budget >= sum(self.cost.values()):
+            for uid in self.spans:
+                if self._in_memory(uid):
+                    self.resident[uid] = self.cost[uid]
+                    self.resident_bytes += self.cost[uid]
+        else:
             self.drop_all()
+
+    def _in_memory(self, uid: ExpertUID) -> bool:
+        return all(all(v & 1 for v in runtime.mincore_pages(self.base + a, b - a)) for a, b in self.spans[uid])
 
     # ------------------------------------------------------------------ the hook's calls
     def ensure_ids(self, layer: int, ids) -> None:
