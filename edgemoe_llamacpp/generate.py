@@ -5,6 +5,7 @@ import os
 import resource
 
 import llama_cpp
+import numpy as np
 import psutil
 
 from .errors import EdgeMoEError
@@ -79,3 +80,21 @@ def _rss_anon() -> int:
             if line.startswith("RssAnon:"):
                 return int(line.split()[1]) * 1024
     return 0
+
+
+def last_logits(llm) -> np.ndarray:
+    """Logits of the last evaluated token, read from the context (llama-cpp-python 0.3.36 fills
+    `Llama.scores` only with logits_all=True)."""
+    return np.ctypeslib.as_array(llm._ctx.get_logits_ith(-1), shape=(llm.n_vocab(),)).copy()
+
+
+def greedy(llm, prompt: str, n: int) -> tuple[list[int], np.ndarray]:
+    """n argmax tokens after `prompt`, and the logits before each and after the last: (n + 1, vocab)."""
+    llm.reset()
+    llm.eval(llm.tokenize(prompt.encode()))
+    tokens, rows = [], [last_logits(llm)]
+    for _ in range(n):
+        tokens.append(int(rows[-1].argmax()))
+        llm.eval([tokens[-1]])
+        rows.append(last_logits(llm))
+    return tokens, np.stack(rows)

@@ -9,6 +9,7 @@ from synthetic import write_gguf
 
 from edgemoe_llamacpp import runtime
 from edgemoe_llamacpp.errors import BudgetError, NotMoEError
+from edgemoe_llamacpp.generate import greedy
 from edgemoe_llamacpp.hook import read_ids
 from edgemoe_llamacpp.layout import read_layout
 from edgemoe_llamacpp.llama import Llama, llama_params, stock_llama
@@ -18,27 +19,15 @@ PROMPT = "import os\nimport sys\n\n\ndef main(argv):\n    "
 N_TOKENS = 64
 
 
-def greedy(llm, n: int = N_TOKENS) -> tuple[list[int], np.ndarray]:
-    llm.reset()
-    llm.eval(llm.tokenize(PROMPT.encode()))
-    tokens, logits = [], []
-    for _ in range(n):
-        row = np.array(llm.scores[llm.n_tokens - 1])
-        logits.append(row)
-        tokens.append(int(row.argmax()))
-        llm.eval([tokens[-1]])
-    logits.append(np.array(llm.scores[llm.n_tokens - 1]))
-    return tokens, np.stack(logits)
-
-
 def test_same_tokens_and_logits_as_stock_at_25_percent(fixture_path):
     stock = stock_llama(fixture_path, use_extra_bufts=False, n_ctx=256, verbose=False)
-    want_tokens, want_logits = greedy(stock)
+    want_tokens, want_logits = greedy(stock, PROMPT, N_TOKENS)
     stock.close()
     llm = Llama(str(fixture_path), memory_budget="25%", n_ctx=256, verbose=False)
-    tokens, logits = greedy(llm)
+    tokens, logits = greedy(llm, PROMPT, N_TOKENS)
     total = llm.edgemoe_stats()["total"]
     llm.close()
+    assert len(set(want_tokens)) > 10 and np.ptp(want_logits[-1]) > 1    # real text, real logits
     assert tokens == want_tokens
     np.testing.assert_array_equal(logits, want_logits)     # every step, including the final logits
     assert total["misses"] > 0 and total["bytes_evicted"] > 0

@@ -5,22 +5,19 @@ from pathlib import Path
 
 import numpy as np
 
+from edgemoe_llamacpp.generate import greedy
 from edgemoe_llamacpp.layout import read_layout
 from edgemoe_llamacpp.llama import stock_llama
 
 TOOL = Path(__file__).parent.parent / "tools" / "inflate_experts.py"
 
 
-def logits_after(path, prompt: str = "class Request:\n    def ", n: int = 16) -> tuple[list[int], np.ndarray]:
+def logits_after(path, prompt: str = "import os\nimport sys\n\n\ndef ", n: int = 24):
     llm = stock_llama(path, use_extra_bufts=False, n_ctx=128, verbose=False)
-    llm.eval(llm.tokenize(prompt.encode()))
-    toks, rows = [], []
-    for _ in range(n):
-        rows.append(np.array(llm.scores[llm.n_tokens - 1]))
-        toks.append(int(rows[-1].argmax()))
-        llm.eval([toks[-1]])
-    llm.close()
-    return toks, np.stack(rows)
+    try:
+        return greedy(llm, prompt, n)
+    finally:
+        llm.close()
 
 
 def test_inflated_experts_keep_output(tmp_path, fixture_path):
@@ -33,5 +30,6 @@ def test_inflated_experts_keep_output(tmp_path, fixture_path):
     assert wide.dense_bytes == small.dense_bytes
     toks_a, logits_a = logits_after(fixture_path)
     toks_b, logits_b = logits_after(out)
+    assert len(set(toks_a)) > 5 and np.ptp(logits_a[-1]) > 1       # real text, real logits
     assert toks_a == toks_b
     np.testing.assert_allclose(logits_a, logits_b, rtol=0, atol=1e-4)

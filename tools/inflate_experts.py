@@ -116,16 +116,14 @@ def main() -> None:
 
 
 def greedy_tokens(path: Path, prompt: str = "import os\nimport sys\n\n\ndef ", n: int = 32) -> list[int]:
+    from edgemoe_llamacpp.generate import greedy
     from edgemoe_llamacpp.llama import stock_llama
 
     llm = stock_llama(path, use_extra_bufts=False, n_ctx=256, verbose=False)
-    llm.eval(llm.tokenize(prompt.encode()))
-    out = []
-    for _ in range(n):
-        out.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
-        llm.eval([out[-1]])
-    llm.close()
-    return out
+    try:
+        return greedy(llm, prompt, n)[0]
+    finally:
+        llm.close()
 
 
 if __name__ == "__main__":
