@@ -12,6 +12,8 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import runtime
+
 V1_ROOT = Path("/sys/fs/cgroup/memory")
 
 
@@ -45,6 +47,7 @@ def drop_file_cache(path: str | os.PathLike) -> None:
     """Cold start for one file: ask the kernel to drop its clean page-cache pages."""
     fd = os.open(path, os.O_RDONLY)
     try:
+        runtime.flush(fd)
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
     finally:
         os.close(fd)

@@ -84,7 +84,8 @@ def tensor_span(offset: int, size: int) -> tuple[int, int]:
 
 
 def clip(span: tuple[int, int], bounds: tuple[int, int]) -> tuple[int, int]:
-    return max(span[0], bounds[0]), min(span[1], bounds[1])
+    a = max(span[0], bounds[0])
+    return a, max(a, min(span[1], bounds[1]))
 
 
 class ExpertCache:
@@ -211,14 +212,15 @@ class ExpertCache:
 
     def drop_all(self) -> None:
         """Start-up: release every expert page the load pulled in; the cache starts empty."""
+        runtime.flush(self.fd)      # dirty pages (a file just written or copied) cannot be dropped
         self._drop(list(self.tensor_spans.values()))
         # The load reads the file in large page-cache folios; one that straddles a tensor edge is still
         # mapped for its dense part, so the kernel keeps it whole. Those edge pages stay resident for good:
         # count them as dense and leave them out of every expert's span.
         for name, (a, b) in self.tensor_spans.items():
             vec = runtime.mincore_pages(self.base + a, b - a)
-            lead = len(vec) - len(vec.lstrip(b"\x01"))
-            trail = len(vec) - len(vec.rstrip(b"\x01")) if lead < len(vec) else 0
+            lead = min(len(vec) - len(vec.lstrip(b"\x01")), runtime.MAX_FOLIO_PAGES)
+            trail = min(len(vec) - len(vec.rstrip(b"\x01")), runtime.MAX_FOLIO_PAGES, len(vec) - lead)
             self.tensor_spans[name] = (a + lead * runtime.PAGE, b - trail * runtime.PAGE)
             self.pinned_edge_bytes += (lead + trail) * runtime.PAGE
         self._set_spans()

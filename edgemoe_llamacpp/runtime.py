@@ -16,6 +16,7 @@ from pathlib import Path
 T_TYPE, T_NE, T_NB, T_OP, T_DATA, T_NAME = 0, 16, 48, 80, 248, 256
 GGML_MAX_NAME = 64
 PAGE = mmap.PAGESIZE
+MAX_FOLIO_PAGES = (2 << 20) // PAGE   # the largest page-cache folio (PMD size on x86-64)
 
 MADV_RANDOM = 1           # asm-generic/mman-common.h
 MADV_DONTNEED = 4
@@ -35,6 +36,14 @@ def madvise(addr: int, length: int, advice: int) -> None:
 
 def fadvise_dontneed(fd: int, offset: int, length: int) -> None:
     os.posix_fadvise(fd, offset, length, POSIX_FADV_DONTNEED)
+
+
+def flush(fd: int) -> None:
+    """Write back a file's dirty pages so that POSIX_FADV_DONTNEED can drop them."""
+    try:
+        os.fdatasync(fd)
+    except OSError:
+        pass        # a read-only filesystem has no dirty pages
 
 
 def mincore_pages(addr: int, length: int) -> bytes:

@@ -1,6 +1,7 @@
 """The hook and the residency manager on the real llama.cpp and the trained fixture."""
 import ctypes
 import re
+import shutil
 
 import llama_cpp
 import numpy as np
@@ -42,14 +43,21 @@ def expert_pages_in_memory(layout, base: int) -> int:
     return total
 
 
-def test_budget_holds_by_mincore_after_every_token(fixture_path):
-    layout = read_layout(fixture_path)
-    llm = Llama(str(fixture_path), memory_budget="25%", n_ctx=256, verbose=False)
-    (start, _, offset, _), = runtime.file_mappings(fixture_path)[:1]
+@pytest.mark.parametrize("fresh_copy", [False, True], ids=["fixture", "just-written-copy"])
+def test_budget_holds_by_mincore_after_every_token(fixture_path, tmp_path, fresh_copy):
+    if fresh_copy:       # its pages are dirty in the page cache, as after a download or a git clone
+        path = tmp_path / "copy.gguf"
+        shutil.copyfile(fixture_path, path)
+    else:
+        path = fixture_path
+    layout = read_layout(path)
+    llm = Llama(str(path), memory_budget="25%", n_ctx=256, verbose=False)
+    (start, _, offset, _), = runtime.file_mappings(path)[:1]
     base = start - offset
     budget = llm.edgemoe_stats()["budget_bytes"]
     # pages sharing a page-cache folio with dense data cannot be dropped: measured once, reported as pinned
     pinned = llm.edgemoe_stats()["pinned_edge_bytes"]
+    assert pinned <= 0.1 * layout.expert_bytes
     assert expert_pages_in_memory(layout, base) <= pinned
     seen = []
     for i, _ in enumerate(llm.generate(llm.tokenize(PROMPT.encode()), temp=0.0)):
