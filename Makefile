@@ -21,7 +21,7 @@ install: $(VENV)/.installed
 
 demo: $(VENV)/.installed
 	$(VENV)/bin/edgemoe inspect $(MODEL)
-	$(VENV)/bin/edgemoe run $(MODEL) -p "$$(printf '$(PROMPT)')" -n 64 --memory-budget $(BUDGET)
+	$(VENV)/bin/edgemoe run $(MODEL) -p "$$(printf '$(PROMPT)')" -n 64 --memory-budget $(BUDGET) --repeat-penalty 1.1
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q

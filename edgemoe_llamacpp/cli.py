@@ -38,7 +38,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     result = generate(args.model, args.prompt, max_tokens=args.n, memory_budget=args.memory_budget,
                       stock=args.stock, n_ctx=args.n_ctx, n_threads=args.n_threads,
-                      temperature=args.temperature, seed=args.seed, record_routing=args.trace)
+                      temperature=args.temperature, seed=args.seed, record_routing=args.trace,
+                      repeat_penalty=args.repeat_penalty)
     if args.json:
         print(json.dumps(result))
         return 0
@@ -94,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-ctx", dest="n_ctx", type=int, default=512)
     p.add_argument("--n-threads", dest="n_threads", type=int, default=None, help="default: all cores")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--repeat-penalty", dest="repeat_penalty", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--trace", action="store_true", help="with --json: include every layer's chosen experts")
     p.set_defaults(func=cmd_run)

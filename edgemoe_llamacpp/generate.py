@@ -17,7 +17,7 @@ def _perf(llm) -> llama_cpp.llama_perf_context_data:
 
 def generate(model: str, prompt: str, *, max_tokens: int, memory_budget=None, stock: bool = False,
              n_ctx: int = 512, n_threads: int | None = None, temperature: float = 0.0, seed: int = 0,
-             record_routing: bool = False, **llama_kwargs) -> dict:
+             repeat_penalty: float = 1.0, record_routing: bool = False, **llama_kwargs) -> dict:
     """Generate once and measure: tok/s (llama.cpp's own timers), storage bytes read and major faults of
     this process for the prompt and for decoding, and the expert statistics (edgemoe)."""
     from .layout import read_layout
@@ -39,7 +39,7 @@ def generate(model: str, prompt: str, *, max_tokens: int, memory_budget=None, st
         first = None
         pieces, finish = [], None
         for chunk in llm.create_completion(prompt, max_tokens=max_tokens, temperature=temperature, seed=seed,
-                                           stream=True):
+                                           repeat_penalty=repeat_penalty, stream=True):
             if first is None:
                 first = _io()             # the prompt is evaluated and the first token sampled
             pieces.append(chunk["choices"][0]["text"])
