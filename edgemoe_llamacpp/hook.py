@@ -64,10 +64,11 @@ class ExpertHook:
 
 def read_ids(t: int) -> np.ndarray:
     """The (T, k) expert ids of a topk node: a strided I32 view (row stride nb[1] = n_expert * 4)."""
-    ne = (ctypes.c_int64 * 2).from_address(t + runtime.T_NE)
-    nb = (ctypes.c_size_t * 2).from_address(t + runtime.T_NB)
-    k, n_tokens = ne[0], ne[1]
+    k, n_tokens = (ctypes.c_int64 * 2).from_address(t + runtime.T_NE)
+    nb0, nb1 = (ctypes.c_size_t * 2).from_address(t + runtime.T_NB)
     data = ctypes.c_void_p.from_address(t + runtime.T_DATA).value
-    raw = (ctypes.c_char * ((n_tokens - 1) * nb[1] + k * nb[0])).from_address(data)
+    if n_tokens == 1:       # decoding: one contiguous row
+        return np.frombuffer((ctypes.c_int32 * k).from_address(data), dtype=np.int32).reshape(1, k).copy()
+    raw = (ctypes.c_char * ((n_tokens - 1) * nb1 + k * nb0)).from_address(data)
     flat = np.frombuffer(raw, dtype=np.int32)
-    return np.lib.stride_tricks.as_strided(flat, (n_tokens, k), (nb[1], nb[0])).copy()
+    return np.lib.stride_tricks.as_strided(flat, (n_tokens, k), (nb1, nb0)).copy()

@@ -163,6 +163,11 @@ class ExpertCache:
             return
         st.misses += len(missing)
         need = sum(self.cost[u] for u in missing)
+        if self.budget is None:        # no limit: llama.cpp's mapping serves first touches; just count
+            for u in missing:
+                self.resident[u] = self.cost[u]
+            self.resident_bytes += need
+            return
         t0 = time.perf_counter()
         if self.budget is not None:
             self._evict_to(self.budget - need, keep={(layer, int(e)) for e in experts})
