@@ -13,7 +13,6 @@ from .hook import ExpertHook
 from .layout import read_layout
 from .residency import ExpertCache, parse_budget
 
-POLICIES = ("lru",)
 _params_lock = threading.Lock()
 
 
@@ -57,22 +56,21 @@ class Llama(llama_cpp.Llama):
 
     memory_budget: bytes held by experts in memory: an int, "1.5GiB", "800MB", or "50%" of the expert
         bytes; None for no limit (experts are still tracked).
-    policy: the cache policy ("lru").
+    policy: which expert to evict: "distance" (default: the least often chosen, weighted by how soon its
+        layer runs again) or "lru".
     fetch_threads: parallel readers for expert fetches.
     record_routing: keep every layer's chosen experts (`edgemoe_trace()`), for profiles and benchmarks.
     """
 
-    def __init__(self, model_path: str, *args, memory_budget: str | int | None = None, policy: str = "lru",
+    def __init__(self, model_path: str, *args, memory_budget: str | int | None = None, policy: str = "distance",
                  fetch_threads: int = 4, record_routing: bool = False, **kwargs):
-        if policy not in POLICIES:
-            raise EdgeMoEError(f"unknown cache policy {policy!r}; choose from {', '.join(POLICIES)}")
         if kwargs.get("use_mmap") is False or kwargs.get("use_mlock"):
             raise EdgeMoEError("edgemoe streams experts through llama.cpp's file mapping: use_mmap must stay "
                                "on and use_mlock off")
         layout = read_layout(model_path)
         budget = parse_budget(memory_budget, layout.expert_bytes)
         self._edgemoe_layout = layout
-        self._edgemoe_cache = cache = ExpertCache(layout, budget, threads=fetch_threads)
+        self._edgemoe_cache = cache = ExpertCache(layout, budget, policy=policy, threads=fetch_threads)
         self._edgemoe_trace: list[tuple[int, list[list[int]]]] | None = [] if record_routing else None
         self._edgemoe_hook = hook = ExpertHook(on_route=self._on_route)
         before = set(runtime.file_mappings(model_path))

@@ -24,7 +24,11 @@ from .layout import MoELayout
 log = logging.getLogger(__name__)
 
 ExpertUID = tuple[int, int]   # (layer, expert)
-READ_CHUNK = 8 << 20          # one pread never asks for more than this
+READ_CHUNK = 1 << 20          # one pread asks for at most this: full disk speed, little buffer memory
+POLICIES = ("distance", "lru")
+# "distance" forgets: each token, earlier uses count this much less. Chosen by replaying recorded routing
+# of the fixture at 25% and 50% budgets: 0.9 read the fewest bytes of {1.0, 0.9, 0.7, 0.5}.
+USE_DECAY = 0.9
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2, "mib": 1024**2,
           "g": 1000**3, "gb": 1000**3, "gib": 1024**3, "t": 1000**4, "tb": 1000**4, "tib": 1024**4}
 
@@ -91,15 +95,22 @@ def clip(span: tuple[int, int], bounds: tuple[int, int]) -> tuple[int, int]:
 class ExpertCache:
     """Resident experts under a byte budget, LRU order, fetch/evict against llama.cpp's file mapping."""
 
-    def __init__(self, layout: MoELayout, budget: int | None, *, threads: int = 4):
+    def __init__(self, layout: MoELayout, budget: int | None, *, policy: str = "distance", threads: int = 4):
+        if policy not in POLICIES:
+            raise BudgetError(f"unknown cache policy {policy!r}; choose from {', '.join(POLICIES)}")
         self.layout = layout
         self.budget = budget
+        self.policy = policy
         self.base = 0                                 # address of file offset 0 in llama.cpp's mapping
         self.fd = os.open(layout.path, os.O_RDONLY)
         os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_RANDOM)   # our reads: exact ranges, no readahead
         self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="edgemoe-fetch")
         self._local = threading.local()
         self.resident: OrderedDict[ExpertUID, int] = OrderedDict()   # uid -> page cost, LRU first
+        self.uses: dict[ExpertUID, float] = {}      # times chosen, older tokens weigh less ("distance")
+        self.weight = 1.0                           # what one use counts now: grows by 1/USE_DECAY a token
+        self.layer_pos = {layer: i for i, layer in enumerate(layout.moe_layers)}
+        self.current = 0                                                # position of the layer being served
         self.resident_bytes = 0
         self.stats = CacheStats({layer: LayerStats() for layer in layout.moe_layers})
         self.tensor_spans = {t.name: tensor_span(t.offset, t.nbytes) for t in layout.expert_tensors}
@@ -112,6 +123,7 @@ class ExpertCache:
         if budget is not None and budget >= layout.expert_bytes:
             # every expert may be resident; page rounding counts pages shared by two experts twice
             self.budget = budget = max(budget, sum(self.cost.values()))
+        self.capacity = budget          # what eviction holds experts to (the budget less pinned pages)
         if budget is not None and budget < self.min_budget:
             raise BudgetError(f"memory budget {budget:,} bytes cannot hold one layer's {layout.n_expert_used} "
                               f"chosen experts ({self.min_budget:,} bytes)")
@@ -151,9 +163,13 @@ class ExpertCache:
     def ensure(self, layer: int, experts) -> None:
         """Make `experts` of `layer` resident before llama.cpp computes them; evict LRU to the budget."""
         st = self.stats.layers[layer]
+        self.current = self.layer_pos[layer]
+        if self.current == 0:
+            self._next_token()
         missing = []
         for e in experts:
             uid = (layer, int(e))
+            self.uses[uid] = self.uses.get(uid, 0.0) + self.weight
             if uid in self.resident:
                 self.resident.move_to_end(uid)
                 st.hits += 1
@@ -170,7 +186,7 @@ class ExpertCache:
             return
         t0 = time.perf_counter()
         if self.budget is not None:
-            self._evict_to(self.budget - need, keep={(layer, int(e)) for e in experts})
+            self._evict_to(self.capacity - need, keep={(layer, int(e)) for e in experts})
         st.bytes_fetched += self._fetch(missing)
         for u in missing:
             self.resident[u] = self.cost[u]
@@ -197,12 +213,30 @@ class ExpertCache:
         return os.preadv(self.fd, [memoryview(buf)[:size]], off)
 
     def _evict_to(self, target: int, keep: set[ExpertUID]) -> None:
-        for uid in list(self.resident):
+        if self.resident_bytes <= target:
+            return
+        order = list(self.resident) if self.policy == "lru" else sorted(self.resident, key=self._keep_score)
+        for uid in order:
             if self.resident_bytes <= target:
                 return
             if uid in keep:
                 continue
             self.evict(uid)
+
+    def _next_token(self) -> None:
+        """Decay every use count by USE_DECAY at once by making new uses weigh more."""
+        self.weight /= USE_DECAY
+        if self.weight > 1e100:
+            self.uses = {u: v / self.weight for u, v in self.uses.items()}
+            self.weight = 1.0
+
+    def _keep_score(self, uid: ExpertUID) -> float:
+        """Layers run in a cycle, so an expert's next chance of use is when its layer next runs: keep the
+        often-chosen experts of layers coming soon (Belady's rule with frequency standing in for the future).
+        The layer being served is `current`; it runs again after a full cycle."""
+        n = len(self.layer_pos)
+        steps = (self.layer_pos[uid[0]] - self.current) % n or n
+        return (self.weight + self.uses.get(uid, 0.0)) / steps
 
     def evict(self, uid: ExpertUID) -> None:
         cost = self.resident.pop(uid)
@@ -229,6 +263,12 @@ class ExpertCache:
             self.tensor_spans[name] = (a + lead * runtime.PAGE, b - trail * runtime.PAGE)
             self.pinned_edge_bytes += (lead + trail) * runtime.PAGE
         self._set_spans()
+        # those pages are expert-file pages in memory: they come out of the budget
+        self.capacity = self.budget - self.pinned_edge_bytes
+        if self.capacity < self.min_budget:
+            raise BudgetError(f"memory budget leaves {self.capacity:,} bytes for experts after "
+                              f"{self.pinned_edge_bytes:,} bytes of edge pages the kernel keeps; one layer's "
+                              f"chosen experts need {self.min_budget:,}")
         for a, b in self.tensor_spans.values():   # faults on expert pages read the page, no read-around
             runtime.madvise(self.base + a, b - a, runtime.MADV_RANDOM)
         self.resident.clear()
@@ -246,7 +286,7 @@ class ExpertCache:
         tot = self.stats.total()
         lookups = tot.hits + tot.misses
         return {
-            "budget_bytes": self.budget, "resident_expert_bytes": self.resident_bytes,
+            "budget_bytes": self.budget, "policy": self.policy, "resident_expert_bytes": self.resident_bytes,
             "resident_experts": len(self.resident), "expert_bytes": self.layout.expert_bytes,
             "pinned_edge_bytes": self.pinned_edge_bytes,
             "total": {**asdict(tot), "hit_rate": tot.hits / lookups if lookups else None},
