@@ -19,6 +19,8 @@ import time
 from collections import defaultdict, deque
 from pathlib import Path
 
+import psutil
+
 from . import cgroup
 from .errors import EdgeMoEError
 from .layout import MoELayout, read_layout
@@ -26,10 +28,11 @@ from .residency import parse_budget
 
 log = logging.getLogger(__name__)
 
-# Besides dense + budget + KV, a limit must leave room for the process's own anonymous memory (interpreter,
-# llama-cpp-python, llama.cpp's compute and output buffers). It is measured per model by a short unlimited
-# calibration run of each engine (RssAnon); this margin covers page tables and kernel memory on top.
-ALLOWANCE_MARGIN = 32 << 20
+# Besides dense + budget + KV, a limit must leave room for everything else the process holds: its heap and
+# llama.cpp's buffers, and the page cache of its libraries and Python files. Measured per model: each
+# engine runs once at 100% in a cgroup without a limit; its peak usage less the model file and the KV
+# cache is what it needs besides the model. This margin goes on top.
+ALLOWANCE_MARGIN = 16 << 20
 PROMPT = ('"""Utilities for reading and writing configuration files."""\n\nimport os\nimport re\nimport sys\n'
           'from collections import OrderedDict\n\n\nclass ConfigParser:\n    """Parse a configuration file."""\n\n'
           '    def __init__(self, path, defaults=None):\n        self.path = path\n')
@@ -161,11 +164,15 @@ def run_bench(model: str, budgets: list[str], *, runs: int = 3, tokens: int = 64
     kv = kv_cache_bytes(model, n_ctx)
     bandwidth = disk_bandwidth(model)
     if allowance is None:
-        calib = [_child(model, "100%", stock, 4, prompt, n_ctx, None, n_threads) for stock in (True, False)]
+        unlimited = psutil.virtual_memory().total if use_cgroup else None
+        calib = [_child(model, "100%", stock, 4, prompt, n_ctx, unlimited, n_threads) for stock in (True, False)]
         failed = [c for c in calib if not c["ok"]]
         if failed:
             raise EdgeMoEError(f"calibration run failed: {failed[0]['error']}")
-        allowance = max(c["rss_anon_bytes"] for c in calib) + ALLOWANCE_MARGIN
+        if use_cgroup:
+            allowance = max(c["peak_bytes"] for c in calib) - layout.file_size - kv + ALLOWANCE_MARGIN
+        else:
+            allowance = max(c["rss_anon_bytes"] for c in calib) + ALLOWANCE_MARGIN
     result = {
         "model": str(model), "arch": layout.arch, "n_layer": layout.n_layer, "n_expert": layout.n_expert,
         "n_expert_used": layout.n_expert_used, "dense_bytes": layout.dense_bytes,
@@ -208,7 +215,7 @@ def run_bench(model: str, budgets: list[str], *, runs: int = 3, tokens: int = 64
             entry["floor_bytes_per_token"] = floor
             entry["floor_io_s_per_token"] = floor / bandwidth
             measured = entry["edgemoe"]["decode_read_bytes_per_token"]["median"]
-            entry["edgemoe_bytes_vs_floor"] = measured / floor if floor else None
+            entry["edgemoe_bytes_vs_floor"] = measured / floor if floor and measured else None
         for p in pairs:
             p["edgemoe"].pop("trace", None)
         entry["pairs"] = pairs
@@ -223,8 +230,6 @@ def run_bench(model: str, budgets: list[str], *, runs: int = 3, tokens: int = 64
 
 
 def _machine() -> dict:
-    import psutil
-
     return {"cpus": os.cpu_count(), "memory_bytes": psutil.virtual_memory().total,
             "kernel": platform.release(), "python": platform.python_version(),
             "cpu": _cpu_name()}
@@ -264,8 +269,9 @@ def format_table(result: dict) -> str:
                         f"{fmt(_mib(s['peak_bytes']['median']), '{:.0f}')} | {ratio} |")
         if "floor_bytes_per_token" in b:
             rows.append(f"| {b['budget']} | | Belady floor | {fmt(b.get('floor_tok_s'))} | | "
-                        f"{_mb(b['floor_bytes_per_token']):.2f} | | | | edgemoe reads "
-                        f"{fmt(b['edgemoe_bytes_vs_floor'], '{:.2f}x')} the floor |")
+                        f"{_mb(b['floor_bytes_per_token']):.2f} | | | | " +
+                        (f"edgemoe reads {b['edgemoe_bytes_vs_floor']:.2f}x the floor |"
+                         if b["edgemoe_bytes_vs_floor"] else "edgemoe read nothing: the load kept every expert |"))
     return "\n".join(rows)
 
 

@@ -6,6 +6,7 @@ import json
 import sys
 
 from .errors import EdgeMoEError
+from .residency import parse_budget
 
 
 def _mib(n: int) -> str:
@@ -59,7 +60,6 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import format_table, run_bench
-    from .residency import parse_budget
 
     result = run_bench(args.model, args.memory_budget, runs=args.runs, tokens=args.tokens, n_ctx=args.n_ctx,
                        use_cgroup=not args.no_cgroup, n_threads=args.n_threads,
@@ -73,6 +73,30 @@ def cmd_bench(args: argparse.Namespace) -> int:
     print(f"{result['model']}: dense {_mib(result['dense_bytes'])}, experts {_mib(result['expert_bytes'])}, "
           f"KV {_mib(result['kv_cache_bytes'])}, {limited}, disk {result['disk_bandwidth_bps'] / 1e9:.2f} GB/s")
     print(format_table(result))
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+    from llama_cpp.server.cli import parse_model_from_args
+
+    from .layout import read_layout
+    from .server import EdgeMoEModelSettings, EdgeMoEServerSettings, create_app, load_config_file
+
+    if args.config_file:
+        server_settings, model_settings = load_config_file(args.config_file)
+    else:
+        args.model = args.model_path or args.model
+        if not args.model:
+            raise EdgeMoEError("serve needs a MODEL or --config-file")
+        server_settings = parse_model_from_args(EdgeMoEServerSettings, args)
+        model_settings = [parse_model_from_args(EdgeMoEModelSettings, args)]
+    for m in model_settings:
+        layout = read_layout(m.model)      # a bad file or budget fails here, before the server starts
+        parse_budget(m.memory_budget, layout.expert_bytes)
+    app = create_app(server_settings, model_settings)
+    uvicorn.run(app, host=server_settings.host, port=server_settings.port,
+                ssl_keyfile=server_settings.ssl_keyfile, ssl_certfile=server_settings.ssl_certfile)
     return 0
 
 
@@ -111,10 +135,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allowance", help="room for the process's own memory (default: measured, + 32 MiB)")
     p.add_argument("--json", help="write the full results here")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible server (llama-cpp-python's) with experts streamed")
+    p.add_argument("model_path", nargs="?", metavar="MODEL", help="path to a MoE GGUF file")
+    p.add_argument("--config_file", help="JSON or YAML config in llama-cpp-python's format "
+                   "(models may add memory_budget, policy, fetch_threads)")
+    if _server_available():
+        from llama_cpp.server.cli import add_args_from_model
+
+        from .server import EdgeMoESettings
+
+        add_args_from_model(p, EdgeMoESettings)
+    p.set_defaults(func=cmd_serve)
     return ap
 
 
+def _server_available() -> bool:
+    import importlib.util
+
+    return all(importlib.util.find_spec(m) for m in ("fastapi", "uvicorn", "sse_starlette", "pydantic_settings",
+                                                      "starlette_context"))
+
+
+def _underscore_flags(argv: list[str]) -> list[str]:
+    """`serve` takes llama-cpp-python's flags (--n_ctx, --api_key); accept --n-ctx, --api-key too."""
+    return [a.split("=", 1)[0].replace("-", "_").replace("__", "--", 1) + a[len(a.split("=", 1)[0]):]
+            if a.startswith("--") else a for a in argv]
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["serve"]:
+        if not _server_available():
+            print("edgemoe: error: serve needs the server extra: pip install 'edgemoe-llamacpp[server]'",
+                  file=sys.stderr)
+            return 2
+        argv = _underscore_flags(argv)
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

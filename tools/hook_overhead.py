@@ -34,6 +34,7 @@ def main() -> None:
     ap.add_argument("--pairs", type=int, default=7)
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--n-threads", type=int, default=None)
+    ap.add_argument("--json", help="write the result here")
     args = ap.parse_args()
     kw = {"n_ctx": 512, "verbose": False}
     if args.n_threads:
@@ -52,8 +53,11 @@ def main() -> None:
               f"ratio {pair['ratio']:.3f}")
     summary = {k: statistics.median(r[k] for r in rows) for k in ("stock", "edgemoe", "ratio")}
     summary.update(min_ratio=min(r["ratio"] for r in rows), max_ratio=max(r["ratio"] for r in rows),
-                   pairs=args.pairs, tokens=args.tokens)
+                   pairs=args.pairs, tokens=args.tokens, kind="hook_overhead", model=args.model)
     print(json.dumps(summary))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(summary, f, indent=1)
 
 
 if __name__ == "__main__":
