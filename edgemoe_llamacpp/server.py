@@ -5,9 +5,8 @@ users know still works) with the expert-streaming options; the routes, the reque
 check are llama-cpp-python's own. The stats route takes the same lock as generation, so it never reads
 the cache while a request is changing it.
 """
-from __future__ import annotations
-
 import functools
+from typing import List, Optional  # llama-cpp-python's flag builder reads typing.Optional, not `X | None`
 
 import llama_cpp
 from fastapi import Depends
@@ -20,11 +19,12 @@ from .llama import Llama
 
 
 class EdgeMoEModelSettings(ModelSettings):
-    memory_budget: str | None = Field(
+    memory_budget: Optional[str] = Field(
         default=None, description="Expert memory: bytes, 800MB, 1.5GiB or 50% of the expert bytes; "
                                   "unset for no limit.")
     policy: str = Field(default="distance", description="Expert cache policy: distance or lru.")
     fetch_threads: int = Field(default=4, ge=1, description="Parallel readers for expert fetches.")
+    use_mlock: bool = Field(default=False, description="Must stay off: experts are streamed, not locked.")
 
 
 class EdgeMoEServerSettings(ServerSettings):
@@ -36,7 +36,7 @@ class EdgeMoESettings(EdgeMoEServerSettings, EdgeMoEModelSettings):
 
 
 class EdgeMoEConfigFileSettings(EdgeMoEServerSettings):
-    models: list[EdgeMoEModelSettings] = Field(default=[], description="Model configs")
+    models: List[EdgeMoEModelSettings] = Field(default=[], description="Model configs")
 
 
 class EdgeMoELlamaProxy(LlamaProxy):
@@ -64,7 +64,7 @@ async def edgemoe_stats(llama_proxy: LlamaProxy = Depends(server_app.get_llama_p
             "stats": model.edgemoe_stats() if isinstance(model, Llama) else None}
 
 
-def create_app(server_settings: ServerSettings, model_settings: list[ModelSettings]):
+def create_app(server_settings: ServerSettings, model_settings: List[ModelSettings]):
     """llama-cpp-python's app with edgemoe models (its create_app loads through its module's LlamaProxy)."""
     original = server_app.LlamaProxy
     server_app.LlamaProxy = EdgeMoELlamaProxy
@@ -77,7 +77,7 @@ def create_app(server_settings: ServerSettings, model_settings: list[ModelSettin
     return app
 
 
-def load_config_file(path: str) -> tuple[ServerSettings, list[ModelSettings]]:
+def load_config_file(path: str) -> tuple[ServerSettings, List[ModelSettings]]:
     """A JSON or YAML config file in llama-cpp-python's format, models with edgemoe's keys."""
     with open(path, "rb") as f:
         data = f.read()

@@ -12,7 +12,7 @@ import pytest
 
 openai = pytest.importorskip("openai")
 sys.path.insert(0, str(Path(__file__).parent.parent / "tools"))
-from server_load import run_load, stats  # noqa: E402
+from server_load import run_load, stats
 
 KEY = "test-key-123"
 
@@ -24,17 +24,18 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(fixture_path):
+def server(fixture_path, tmp_path_factory):
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "edgemoe_llamacpp", "serve", str(fixture_path),
-                             "--memory-budget", "50%", "--api-key", KEY, "--port", str(port),
-                             "--n-ctx", "512", "--model-alias", "edgemoe"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = tmp_path_factory.mktemp("server") / "server.log"     # a file: a full pipe would stall the server
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "edgemoe_llamacpp", "serve", str(fixture_path),
+                                 "--memory-budget", "50%", "--api-key", KEY, "--port", str(port),
+                                 "--n-ctx", "512", "--model-alias", "edgemoe"], stdout=out, stderr=out)
     base = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
     while time.time() < deadline:
         if proc.poll() is not None:
-            pytest.fail(f"server exited: {proc.stdout.read()}")
+            pytest.fail(f"server exited: {log.read_text()[-2000:]}")
         try:
             stats(base, KEY)
             break
@@ -42,7 +43,7 @@ def server(fixture_path):
             time.sleep(0.3)
     else:
         proc.kill()
-        pytest.fail("server did not start")
+        pytest.fail(f"server did not start: {log.read_text()[-2000:]}")
     yield base
     proc.terminate()
     proc.wait(timeout=30)
