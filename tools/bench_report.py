@@ -78,8 +78,24 @@ def hook_section(path: Path, r: dict) -> str:
         f"--json {path.relative_to(ROOT)}"), "```", ""])
 
 
+def server_section(path: Path, r: dict) -> str:
+    st = r["stats"]
+    return "\n".join([
+        f"## {path.stem}: the server under a bounded load", "",
+        (f"`edgemoe serve tests/fixtures/tiny-moe.gguf --memory-budget 50%` on loopback; {r['clients']} concurrent "
+        f"clients x {r['requests_per_client']} completions of {r['max_tokens']} tokens with the openai client "
+        "(`tools/server_load.py`). Requests are served one at a time, as llama-cpp-python's server does, so "
+        "latency is mostly queueing."), "",
+        "| sent | answered | requests/s | p50 latency | p95 latency | resident expert bytes / budget |",
+        "|---|---|---|---|---|---|",
+        (f"| {r['sent']} | {r['answered']} | {r['requests_per_s']:.2f} | {r['p50_s']:.2f} s | {r['p95_s']:.2f} s | "
+        f"{st['resident_expert_bytes']:,} / {st['budget_bytes']:,} |"), ""])
+
+
 def section(path: Path) -> str:
     r = json.loads(path.read_text())
+    if r.get("kind") == "server_load":
+        return server_section(path, r)
     if r.get("kind") == "policy_replay":
         return policy_section(path, r)
     if r.get("kind") == "hook_overhead":
