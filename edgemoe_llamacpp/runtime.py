@@ -28,6 +28,16 @@ _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 _libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
 
 
+_libc.readahead.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_size_t]
+
+
+def readahead(fd: int, offset: int, length: int) -> None:
+    """Queue reads of a file range into the page cache (readahead(2); ignores POSIX_FADV_RANDOM)."""
+    if _libc.readahead(fd, offset, length) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"readahead: {os.strerror(err)}")
+
+
 def madvise(addr: int, length: int, advice: int) -> None:
     if _libc.madvise(addr, length, advice) != 0:
         err = ctypes.get_errno()

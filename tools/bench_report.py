@@ -107,7 +107,7 @@ def section(path: Path) -> str:
         limited = (f"each run in its own cgroup-v1 memory limit = dense + budget + KV cache "
                    f"({r['kv_cache_bytes'] / 2**20:.1f} MiB) + allowance ({r['allowance_bytes'] / 2**20:.0f} MiB: "
                    "the process's own memory besides the model, measured by an unlimited run of each engine, "
-                   "+ 16 MiB)")
+                   "+ 96 MiB for the library and kernel pages that run does not show)")
     else:
         limited = "NOT memory-limited: no writable cgroup on that machine (stock ran unlimited)"
     return "\n".join([
