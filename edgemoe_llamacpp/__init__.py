@@ -3,4 +3,12 @@ from .errors import BadModelError, BudgetError, EdgeMoEError, NotMoEError
 from .layout import MoELayout, read_layout
 
 __version__ = "0.1.0"
-__all__ = ["BadModelError", "BudgetError", "EdgeMoEError", "MoELayout", "NotMoEError", "read_layout"]
+__all__ = ["BadModelError", "BudgetError", "EdgeMoEError", "Llama", "MoELayout", "NotMoEError", "read_layout"]
+
+
+def __getattr__(name: str):
+    if name == "Llama":          # imported on first use: llama_cpp loads native libraries
+        from .llama import Llama
+
+        return Llama
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

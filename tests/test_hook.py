@@ -143,3 +143,9 @@ def test_policies_same_output_and_distance_reads_less_than_lru(fixture_path):
     assert tok_lru == tok_dist
     np.testing.assert_array_equal(logits_lru, logits_dist)
     assert dist["bytes_fetched"] < lru["bytes_fetched"], (dist, lru)
+
+
+def test_package_exports_the_drop_in():
+    import edgemoe_llamacpp
+
+    assert edgemoe_llamacpp.Llama is Llama and issubclass(Llama, llama_cpp.Llama)
