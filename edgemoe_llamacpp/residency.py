@@ -166,7 +166,7 @@ class ExpertCache:
         self.ensure(layer, ids[0] if len(ids) == 1 else sorted(set(ids.ravel().tolist())))
 
     def ensure(self, layer: int, experts) -> None:
-        """Make `experts` of `layer` resident before llama.cpp computes them; evict LRU to the budget."""
+        """Make `experts` of `layer` resident before llama.cpp computes them; evict by the policy to fit."""
         st = self.stats.layers[layer]
         self.current = self.layer_pos[layer]
         if self.current == 0:
@@ -190,8 +190,7 @@ class ExpertCache:
             self.resident_bytes += need
             return
         t0 = time.perf_counter()
-        if self.budget is not None:
-            self._evict_to(self.capacity - need, keep={(layer, int(e)) for e in experts})
+        self._evict_to(self.capacity - need, keep={(layer, int(e)) for e in experts})
         st.bytes_fetched += self._fetch(missing)
         for u in missing:
             self.resident[u] = self.cost[u]
