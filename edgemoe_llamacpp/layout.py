@@ -172,6 +172,8 @@ def read_layout(path: str | os.PathLike) -> MoELayout:
         single = SINGLE_EXPERT.match(t.name)
         if m:
             layer, count = int(m.group(1)), int(t.shape[-1])
+            if t.n_bytes == 0:
+                raise BadModelError(f"{path}: expert tensor {t.name} is empty (shape {t.shape.tolist()})")
             if count != n_expert or t.n_bytes % max(count, 1):
                 raise BadModelError(f"{path}: {t.name} stacks {count} experts but {arch}.expert_count "
                                     f"is {n_expert}")
@@ -179,6 +181,8 @@ def read_layout(path: str | os.PathLike) -> MoELayout:
                                        t.tensor_type.name, 0, count))
         elif single and n_expert:
             layer, e = int(single.group(1)), int(single.group(3))
+            if t.n_bytes == 0:
+                raise BadModelError(f"{path}: expert tensor {t.name} is empty (shape {t.shape.tolist()})")
             if e >= n_expert:
                 raise BadModelError(f"{path}: {t.name} names expert {e} of {n_expert}")
             stacks.append(ExpertTensor(t.name, layer, t.data_offset, t.n_bytes, t.n_bytes,
