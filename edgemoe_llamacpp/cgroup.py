@@ -31,6 +31,30 @@ def own_memory_cgroup() -> Path | None:
     return None
 
 
+UNLIMITED = 1 << 60     # cgroup v1 reports "no limit" as a page-rounded 2**63 - 1
+
+
+def memory_limit() -> int | None:
+    """The memory limit of this process's cgroup (v1 memory.limit_in_bytes or v2 memory.max), if any."""
+    try:
+        for line in Path("/proc/self/cgroup").read_text().splitlines():
+            _, controllers, rel = line.split(":", 2)
+            rel = rel.lstrip("/")
+            if "memory" in controllers.split(","):
+                path = V1_ROOT / rel / "memory.limit_in_bytes"
+            elif controllers == "":
+                path = Path("/sys/fs/cgroup") / rel / "memory.max"
+            else:
+                continue
+            if path.exists():
+                text = path.read_text().strip()
+                if text != "max" and int(text) < UNLIMITED:
+                    return int(text)
+    except (OSError, ValueError):
+        pass
+    return None
+
+
 @dataclass
 class LimitedRun:
     returncode: int

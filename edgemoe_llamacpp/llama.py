@@ -7,8 +7,8 @@ import threading
 import llama_cpp
 import llama_cpp.llama_cpp as lc
 
-from . import runtime
-from .errors import EdgeMoEError
+from . import cgroup, runtime
+from .errors import BudgetError, EdgeMoEError
 from .hook import ExpertHook
 from .layout import read_layout
 from .residency import ExpertCache, parse_budget
@@ -71,6 +71,13 @@ class Llama(llama_cpp.Llama):
         budget = parse_budget(memory_budget, layout.expert_bytes)
         self._edgemoe_layout = layout
         self._edgemoe_cache = cache = ExpertCache(layout, budget, policy=policy, threads=fetch_threads)
+        limit = cgroup.memory_limit()
+        if limit is not None and limit < layout.dense_bytes + cache.min_budget:
+            cache.close()
+            raise BudgetError(f"this process may use {limit:,} bytes (its cgroup's memory limit), but "
+                              f"{model_path} needs at least {layout.dense_bytes + cache.min_budget:,}: "
+                              f"{layout.dense_bytes:,} of dense weights and {cache.min_budget:,} for one "
+                              f"layer's chosen experts")
         self._edgemoe_trace: list[tuple[int, list[list[int]]]] | None = [] if record_routing else None
         self._edgemoe_hook = hook = ExpertHook(on_route=self._on_route)
         before = set(runtime.file_mappings(model_path))

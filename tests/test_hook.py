@@ -149,3 +149,19 @@ def test_package_exports_the_drop_in():
     import edgemoe_llamacpp
 
     assert edgemoe_llamacpp.Llama is Llama and issubclass(Llama, llama_cpp.Llama)
+
+
+def test_memory_limit_below_dense_weights_is_refused_up_front(fixture_path, monkeypatch):
+    from edgemoe_llamacpp import cgroup
+
+    layout = read_layout(fixture_path)
+    monkeypatch.setattr(cgroup, "memory_limit", lambda: layout.dense_bytes // 2)
+    with pytest.raises(BudgetError, match="dense weights"):
+        Llama(str(fixture_path), memory_budget="50%", verbose=False)
+
+
+def test_memory_limit_reads_this_process_cgroup():
+    from edgemoe_llamacpp import cgroup
+
+    limit = cgroup.memory_limit()
+    assert limit is None or 0 < limit < cgroup.UNLIMITED
