@@ -155,6 +155,20 @@ def _engine_summary(runs: list[dict]) -> dict:
     return out
 
 
+def measure_allowance(model: str, *, prompt: str = PROMPT, n_ctx: int = 512, use_cgroup: bool = True,
+                      n_threads: int | None = None) -> int:
+    """Memory a process running `model` needs besides the model's pages and the KV cache (see ALLOWANCE_MARGIN)."""
+    layout = read_layout(model)
+    unlimited = psutil.virtual_memory().total if use_cgroup else None
+    calib = [_child(model, "100%", stock, 4, prompt, n_ctx, unlimited, n_threads) for stock in (True, False)]
+    failed = [c for c in calib if not c["ok"]]
+    if failed:
+        raise EdgeMoEError(f"calibration run failed: {failed[0]['error']}")
+    if not use_cgroup:
+        return max(c["rss_anon_bytes"] for c in calib) + ALLOWANCE_MARGIN
+    return max(c["peak_bytes"] for c in calib) - layout.file_size - kv_cache_bytes(model, n_ctx) + ALLOWANCE_MARGIN
+
+
 def run_bench(model: str, budgets: list[str], *, runs: int = 3, tokens: int = 64, prompt: str = PROMPT,
               n_ctx: int = 512, use_cgroup: bool = True, allowance: int | None = None,
               n_threads: int | None = None, progress: bool = True) -> dict:
@@ -167,15 +181,8 @@ def run_bench(model: str, budgets: list[str], *, runs: int = 3, tokens: int = 64
     kv = kv_cache_bytes(model, n_ctx)
     bandwidth = disk_bandwidth(model)
     if allowance is None:
-        unlimited = psutil.virtual_memory().total if use_cgroup else None
-        calib = [_child(model, "100%", stock, 4, prompt, n_ctx, unlimited, n_threads) for stock in (True, False)]
-        failed = [c for c in calib if not c["ok"]]
-        if failed:
-            raise EdgeMoEError(f"calibration run failed: {failed[0]['error']}")
-        if use_cgroup:
-            allowance = max(c["peak_bytes"] for c in calib) - layout.file_size - kv + ALLOWANCE_MARGIN
-        else:
-            allowance = max(c["rss_anon_bytes"] for c in calib) + ALLOWANCE_MARGIN
+        allowance = measure_allowance(model, prompt=prompt, n_ctx=n_ctx, use_cgroup=use_cgroup,
+                                      n_threads=n_threads)
     result = {
         "model": str(model), "arch": layout.arch, "n_layer": layout.n_layer, "n_expert": layout.n_expert,
         "n_expert_used": layout.n_expert_used, "dense_bytes": layout.dense_bytes,

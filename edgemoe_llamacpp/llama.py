@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 
 import llama_cpp
@@ -14,6 +15,7 @@ from .layout import read_layout
 from .residency import ExpertCache, parse_budget
 
 _params_lock = threading.Lock()
+log = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
@@ -81,6 +83,9 @@ class Llama(llama_cpp.Llama):
         self._edgemoe_trace: list[tuple[int, list[list[int]]]] | None = [] if record_routing else None
         self._edgemoe_hook = hook = ExpertHook(on_route=self._on_route)
         before = set(runtime.file_mappings(model_path))
+        if before:
+            log.warning("%s is already mapped in this process: pages another instance keeps mapped cannot be "
+                        "dropped, so the memory budget may not hold", model_path)
         try:
             with llama_params(use_extra_bufts=False, cb_eval=hook.callback):
                 super().__init__(model_path, *args, **kwargs)
