@@ -8,14 +8,11 @@ per layer per token: one 12-byte compare, nothing else.
 from __future__ import annotations
 
 import ctypes
-import logging
 
 import llama_cpp
 import numpy as np
 
 from . import runtime
-
-log = logging.getLogger(__name__)
 
 TOPK = b"ffn_moe_topk"
 TOPK_PREFIX = len(TOPK) + 1          # "ffn_moe_topk-" then the layer number

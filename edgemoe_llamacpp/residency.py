@@ -94,7 +94,7 @@ def clip(span: tuple[int, int], bounds: tuple[int, int]) -> tuple[int, int]:
 
 
 class ExpertCache:
-    """Resident experts under a byte budget, LRU order, fetch/evict against llama.cpp's file mapping."""
+    """Resident experts under a byte budget, evicted by a policy, fetched/dropped in llama.cpp's file mapping."""
 
     def __init__(self, layout: MoELayout, budget: int | None, *, policy: str = "distance", threads: int = 4):
         if policy not in POLICIES:
@@ -127,7 +127,7 @@ class ExpertCache:
                               for layer in layout.moe_layers)
         if budget is not None and budget >= layout.expert_bytes:
             # every expert may be resident; page rounding counts pages shared by two experts twice
-            self.budget = budget = max(budget, sum(self.cost.values()))
+            self.budget = budget = max(budget, self._all_experts_cost())
         self.capacity = budget          # what eviction holds experts to (the budget less pinned pages)
         if budget is not None and budget < self.min_budget:
             raise BudgetError(f"memory budget {budget:,} bytes cannot hold one layer's {layout.n_expert_used} "
@@ -149,7 +149,7 @@ class ExpertCache:
         self.base = mapping_base
         if self.budget is None:
             return
-        if self.budget >= sum(self.cost.values()):
+        if self.budget >= self._all_experts_cost():
             for uid in self.spans:
                 if self._in_memory(uid):
                     self.resident[uid] = self.cost[uid]
@@ -157,8 +157,11 @@ class ExpertCache:
         else:
             self.drop_all()
 
+    def _all_experts_cost(self) -> int:
+        return sum(self.cost.values())
+
     def _in_memory(self, uid: ExpertUID) -> bool:
-        return all(all(v & 1 for v in runtime.mincore_pages(self.base + a, b - a)) for a, b in self.spans[uid])
+        return all(runtime.resident_bytes(self.base + a, b - a) == b - a for a, b in self.spans[uid])
 
     # ------------------------------------------------------------------ the hook's calls
     def ensure_ids(self, layer: int, ids) -> None:
@@ -184,18 +187,14 @@ class ExpertCache:
             return
         st.misses += len(missing)
         need = sum(self.cost[u] for u in missing)
-        if self.budget is None:        # no limit: llama.cpp's mapping serves first touches; just count
-            for u in missing:
-                self.resident[u] = self.cost[u]
-            self.resident_bytes += need
-            return
-        t0 = time.perf_counter()
-        self._evict_to(self.capacity - need, keep={(layer, int(e)) for e in experts})
-        st.bytes_fetched += self._fetch(missing)
+        if self.budget is not None:    # with no limit, llama.cpp's mapping serves first touches: just count
+            t0 = time.perf_counter()
+            self._evict_to(self.capacity - need, keep={(layer, int(e)) for e in experts})
+            st.bytes_fetched += self._fetch(missing)
+            st.stall_s += time.perf_counter() - t0
         for u in missing:
             self.resident[u] = self.cost[u]
         self.resident_bytes += need
-        st.stall_s += time.perf_counter() - t0
 
     # ------------------------------------------------------------------ fetch and evict
     def _fetch(self, uids: list[ExpertUID]) -> int:
@@ -294,10 +293,7 @@ class ExpertCache:
     # ------------------------------------------------------------------ measurement
     def measured_resident_bytes(self) -> int:
         """Expert bytes in memory as the kernel reports them (mincore over every expert tensor)."""
-        total = 0
-        for a, b in self.tensor_spans.values():
-            total += sum(v & 1 for v in runtime.mincore_pages(self.base + a, b - a)) * runtime.PAGE
-        return total
+        return sum(runtime.resident_bytes(self.base + a, b - a) for a, b in self.tensor_spans.values())
 
     def summary(self) -> dict:
         tot = self.stats.total()

@@ -66,6 +66,11 @@ def mincore_pages(addr: int, length: int) -> bytes:
     return bytes(vec)
 
 
+def resident_bytes(addr: int, length: int) -> int:
+    """Bytes of the pages in [addr, addr+length) that mincore reports in memory."""
+    return sum(v & 1 for v in mincore_pages(addr, length)) * PAGE
+
+
 def page_span(offset: int, size: int) -> tuple[int, int]:
     """The page-aligned [start, end) that covers a byte range."""
     return offset // PAGE * PAGE, (offset + size + PAGE - 1) // PAGE * PAGE

@@ -36,11 +36,8 @@ def test_same_tokens_and_logits_as_stock_at_25_percent(fixture_path):
 
 def expert_pages_in_memory(layout, base: int) -> int:
     """Bytes of expert tensor pages the kernel reports resident, computed here from the layout alone."""
-    total = 0
-    for t in layout.expert_tensors:
-        a, b = tensor_span(t.offset, t.nbytes)
-        total += sum(v & 1 for v in runtime.mincore_pages(base + a, b - a)) * runtime.PAGE
-    return total
+    return sum(runtime.resident_bytes(base + a, b - a)
+               for a, b in (tensor_span(t.offset, t.nbytes) for t in layout.expert_tensors))
 
 
 @pytest.mark.parametrize("fresh_copy", [False, True], ids=["fixture", "just-written-copy"])
