@@ -15,3 +15,7 @@ class NotMoEError(EdgeMoEError):
 
 class BudgetError(EdgeMoEError):
     """A memory budget that cannot be parsed or cannot hold what one layer needs."""
+
+
+class MixedTypesError(EdgeMoEError):
+    """A file with per-expert types met a llama-cpp-python built without edgemoe's patches."""

@@ -35,7 +35,12 @@ class ExpertRange(NamedTuple):
 
 
 class ExpertTensor(NamedTuple):
-    """A tensor holding `count` experts of one layer back to back, `stride` bytes apart."""
+    """A tensor holding `count` experts of one layer back to back, `stride` bytes apart.
+
+    With per-expert `types` (a converted file, `edgemoe.expert_types.<name>`), the tensor is declared at
+    its largest type so every expert has a slot of `stride` bytes; expert e is stored at its own type at
+    the start of its slot, `sizes[e]` bytes, and the rest of the slot is a hole.
+    """
     name: str
     layer: int
     offset: int
@@ -44,10 +49,18 @@ class ExpertTensor(NamedTuple):
     type: str
     first_expert: int
     count: int
+    types: tuple[str, ...] | None = None
+    sizes: tuple[int, ...] | None = None
 
     def slice(self, expert: int) -> ExpertRange:
         i = expert - self.first_expert
-        return ExpertRange(self.name, self.offset + i * self.stride, self.stride, self.type)
+        if self.types is None:
+            return ExpertRange(self.name, self.offset + i * self.stride, self.stride, self.type)
+        return ExpertRange(self.name, self.offset + i * self.stride, self.sizes[i], self.types[i])
+
+    @property
+    def stored_bytes(self) -> int:
+        return self.nbytes if self.sizes is None else sum(self.sizes)
 
 
 class Expert(NamedTuple):
@@ -72,6 +85,12 @@ class MoELayout:
     dense_bytes: int          # every non-expert tensor (attention, embeddings, norms, routers, shared experts)
     expert_bytes: int
     expert_tensors: tuple[ExpertTensor, ...]
+    edgemoe: dict | None = None      # a converted file's `edgemoe.*` metadata (plan, provenance, checksums)
+
+    @property
+    def mixed(self) -> bool:
+        """Some tensor holds experts of different types: needs the patched runtime."""
+        return any(t.types is not None for t in self.expert_tensors)
 
     @property
     def tensor_data_bytes(self) -> int:
@@ -93,7 +112,7 @@ class MoELayout:
         return self.experts[self.moe_layers.index(layer) * self.n_expert + expert]
 
     def layer_expert_bytes(self, layer: int) -> int:
-        return sum(t.nbytes for t in self.expert_tensors if t.layer == layer)
+        return sum(t.stored_bytes for t in self.expert_tensors if t.layer == layer)
 
     def to_dict(self) -> dict:
         return {
@@ -101,7 +120,8 @@ class MoELayout:
             "n_expert_used": self.n_expert_used, "moe_layers": list(self.moe_layers),
             "file_size": self.file_size, "tensor_data_offset": self.data_offset,
             "tensor_data_bytes": self.tensor_data_bytes,
-            "dense_bytes": self.dense_bytes, "expert_bytes": self.expert_bytes,
+            "dense_bytes": self.dense_bytes, "expert_bytes": self.expert_bytes, "mixed": self.mixed,
+            "edgemoe": self.edgemoe,
             "experts": [{"layer": x.layer, "expert": x.expert,
                          "ranges": [r._asdict() for r in x.ranges]} for x in self.experts],
         }
@@ -165,9 +185,12 @@ def read_layout(path: str | os.PathLike) -> MoELayout:
         if start_b < end_a:
             raise BadModelError(f"{path}: tensors {a} and {b} overlap in the file")
 
+    edgemoe = _edgemoe_fields(reader, path)
     stacks: list[ExpertTensor] = []
     dense = 0
     for t in reader.tensors:
+        if t.name.startswith(EDGEMOE_PREFIX):
+            continue                    # the mixed-file guard: not a weight
         m = STACKED_EXPERTS.match(t.name)
         single = SINGLE_EXPERT.match(t.name)
         if m:
@@ -177,8 +200,10 @@ def read_layout(path: str | os.PathLike) -> MoELayout:
             if count != n_expert or t.n_bytes % max(count, 1):
                 raise BadModelError(f"{path}: {t.name} stacks {count} experts but {arch}.expert_count "
                                     f"is {n_expert}")
-            stacks.append(ExpertTensor(t.name, layer, t.data_offset, t.n_bytes, t.n_bytes // count,
-                                       t.tensor_type.name, 0, count))
+            stack = ExpertTensor(t.name, layer, t.data_offset, t.n_bytes, t.n_bytes // count,
+                                 t.tensor_type.name, 0, count)
+            types = edgemoe["expert_types"].pop(t.name, None)
+            stacks.append(stack if types is None else _with_types(stack, types, int(t.shape[0]), path))
         elif single and n_expert:
             layer, e = int(single.group(1)), int(single.group(3))
             if t.n_bytes == 0:
@@ -197,10 +222,59 @@ def read_layout(path: str | os.PathLike) -> MoELayout:
     for s in stacks:
         if s.layer >= n_layer:
             raise BadModelError(f"{path}: {s.name} is in layer {s.layer} but the model has {n_layer}")
+    if edgemoe["expert_types"]:
+        raise BadModelError(f"{path}: edgemoe.expert_types names tensors that are not stacked expert "
+                            f"tensors: {sorted(edgemoe['expert_types'])}")
+    del edgemoe["expert_types"]
     layout = MoELayout(str(path), arch, n_layer, n_expert, n_used, file_size, reader.data_offset,
-                       dense, sum(s.nbytes for s in stacks), tuple(stacks))
+                       dense, sum(s.stored_bytes for s in stacks), tuple(stacks), edgemoe or None)
     per_layer = {len([x for x in layout.experts if x.layer == layer]) for layer in layout.moe_layers}
     if per_layer != {n_expert}:
         raise BadModelError(f"{path}: some MoE layers lack experts (found {sorted(per_layer)} per layer, "
                             f"expected {n_expert})")
     return layout
+
+
+EDGEMOE_PREFIX = "edgemoe."
+EXPERT_TYPES = "edgemoe.expert_types."
+
+
+def _edgemoe_fields(reader, path: Path) -> dict:
+    """A converted file's `edgemoe.*` metadata; `expert_types` maps tensor name -> list of ggml type ids."""
+    out: dict = {"expert_types": {}}
+    for key, field in reader.fields.items():
+        if not key.startswith(EDGEMOE_PREFIX):
+            continue
+        try:
+            value = field.contents()
+        except (ValueError, IndexError, TypeError, UnicodeDecodeError) as e:
+            raise BadModelError(f"{path}: metadata key {key!r} is unreadable ({e})") from None
+        if key.startswith(EXPERT_TYPES):
+            out["expert_types"][key[len(EXPERT_TYPES):]] = value
+        else:
+            out[key[len(EDGEMOE_PREFIX):]] = value
+    return out
+
+
+def _with_types(stack: ExpertTensor, types, row_len: int, path: Path) -> ExpertTensor:
+    """Check a tensor's per-expert types against its slots before any pointer into them is made."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    if not isinstance(types, list) or len(types) != stack.count:
+        raise BadModelError(f"{path}: {EXPERT_TYPES}{stack.name} must list {stack.count} types")
+    names, sizes = [], []
+    declared_block, declared_size = GGML_QUANT_SIZES[GGMLQuantizationType[stack.type]]
+    rows = stack.stride // (row_len // declared_block * declared_size)
+    for e, code in enumerate(types):
+        try:
+            t = GGMLQuantizationType(code)
+            block, size = GGML_QUANT_SIZES[t]
+        except (ValueError, KeyError, TypeError):
+            raise BadModelError(f"{path}: {stack.name} expert {e} has unknown type {code!r}") from None
+        nbytes = rows * (row_len // block) * size
+        if row_len % block or nbytes > stack.stride:
+            raise BadModelError(f"{path}: {stack.name} expert {e} at {t.name} ({nbytes} bytes) does not fit "
+                                f"its {stack.stride}-byte slot")
+        names.append(t.name)
+        sizes.append(nbytes)
+    return stack._replace(types=tuple(names), sizes=tuple(sizes))

@@ -3,28 +3,32 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
 
 import llama_cpp
 import llama_cpp.llama_cpp as lc
 
-from . import cgroup, runtime
-from .errors import BudgetError, EdgeMoEError
+from . import cgroup, quant, runtime
+from .errors import BudgetError, EdgeMoEError, MixedTypesError
 from .hook import ExpertHook
-from .layout import read_layout
+from .layout import MoELayout, read_layout
 from .residency import ExpertCache, parse_budget
 
 _params_lock = threading.Lock()
+PREFETCH_ENV = "LLAMA_MMAP_PREFETCH"     # read by the patched loader (patches/0003)
 log = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
-def llama_params(*, use_extra_bufts: bool | None = None, cb_eval=None):
+def llama_params(*, use_extra_bufts: bool | None = None, cb_eval=None, mmap_prefetch: bool = True):
     """Make llama.cpp's default model/context params carry our settings while a Llama is built.
 
     `Llama()` has no keyword for either: it asks `llama_*_default_params()` at call time.
+    mmap_prefetch=False maps the file without reading it whole at load (patched runtime, patches/0003).
     """
     orig_model, orig_ctx = lc.llama_model_default_params, lc.llama_context_default_params
+    orig_env = os.environ.get(PREFETCH_ENV)
 
     def model_params():
         p = orig_model()
@@ -41,14 +45,59 @@ def llama_params(*, use_extra_bufts: bool | None = None, cb_eval=None):
 
     with _params_lock:
         lc.llama_model_default_params, lc.llama_context_default_params = model_params, context_params
+        if not mmap_prefetch:
+            os.environ[PREFETCH_ENV] = "0"
         try:
             yield
         finally:
             lc.llama_model_default_params, lc.llama_context_default_params = orig_model, orig_ctx
+            if orig_env is None:
+                os.environ.pop(PREFETCH_ENV, None)
+            else:
+                os.environ[PREFETCH_ENV] = orig_env
+
+
+class _TypeRegistry:
+    """The patched kernel's per-expert types, for every live Llama of this process."""
+
+    def __init__(self):
+        self._by_owner: dict[int, list[tuple[int, list[int], list[int]]]] = {}
+
+    def add(self, owner: object, layout: MoELayout, mapping_base: int) -> None:
+        entries = []
+        for t in layout.expert_tensors:
+            if t.types is None:
+                continue
+            types = [int(quant.qtype(tn)) for tn in t.types]
+            pointers = [mapping_base + t.slice(e).offset for e in range(t.count)]
+            entries.append((mapping_base + t.offset, types, pointers))
+        for entry in entries:
+            runtime.register_expert_types(*entry)
+        self._by_owner[id(owner)] = entries
+
+    def remove(self, owner: object) -> None:
+        if self._by_owner.pop(id(owner), None) is None:
+            return
+        runtime.clear_expert_types()
+        for entries in self._by_owner.values():
+            for entry in entries:
+                runtime.register_expert_types(*entry)
+
+
+_types = _TypeRegistry()
+
+
+def require_runtime_for(layout: MoELayout) -> None:
+    if layout.mixed and not runtime.patched():
+        raise MixedTypesError(f"{layout.path} gives experts of one tensor different types; this "
+                              f"llama-cpp-python ({llama_cpp.__version__}) is not built with edgemoe's patches "
+                              f"and would compute garbage from it. Build it: python tools/build_runtime.py")
 
 
 def stock_llama(model_path: str, *, use_extra_bufts: bool = True, **kwargs) -> llama_cpp.Llama:
     """Plain llama-cpp-python, optionally without the CPU repack (the same compute path edgemoe uses)."""
+    if read_layout(model_path).mixed:
+        raise MixedTypesError(f"{model_path} has per-expert types: only edgemoe_llamacpp.Llama runs it")
     with llama_params(use_extra_bufts=use_extra_bufts):
         return llama_cpp.Llama(model_path=str(model_path), **kwargs)
 
@@ -70,6 +119,7 @@ class Llama(llama_cpp.Llama):
             raise EdgeMoEError("edgemoe streams experts through llama.cpp's file mapping: use_mmap must stay "
                                "on and use_mlock off")
         layout = read_layout(model_path)
+        require_runtime_for(layout)
         budget = parse_budget(memory_budget, layout.expert_bytes)
         self._edgemoe_layout = layout
         self._edgemoe_cache = cache = ExpertCache(layout, budget, policy=policy, threads=fetch_threads)
@@ -87,12 +137,17 @@ class Llama(llama_cpp.Llama):
             log.warning("%s is already mapped in this process: pages another instance keeps mapped cannot be "
                         "dropped, so the memory budget may not hold", model_path)
         try:
-            with llama_params(use_extra_bufts=False, cb_eval=hook.callback):
+            # with a budget below the experts, skip llama.cpp's whole-file read at load where it can be
+            prefetch = budget is None or budget >= layout.expert_bytes or not runtime.patched()
+            with llama_params(use_extra_bufts=False, cb_eval=hook.callback, mmap_prefetch=prefetch):
                 super().__init__(model_path, *args, **kwargs)
             new = [m for m in runtime.file_mappings(model_path) if m not in before]
             if not new or any("w" in perms for *_, perms in new):
                 raise EdgeMoEError(f"{model_path}: llama.cpp did not map the file read-only; cannot stream")
-            cache.attach(new[0][0] - new[0][2])
+            base = new[0][0] - new[0][2]
+            if layout.mixed:
+                _types.add(self, layout, base)
+            cache.attach(base)
         except BaseException:
             self.close()
             raise
@@ -119,6 +174,7 @@ class Llama(llama_cpp.Llama):
     def close(self) -> None:
         if hasattr(self, "_stack"):       # absent when a bad file or budget stopped __init__ early
             super().close()
+        _types.remove(self)
         cache = getattr(self, "_edgemoe_cache", None)
         if cache is not None:
             cache.close()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import mmap
 import os
 from pathlib import Path
@@ -112,3 +113,49 @@ def check_tensor_offsets(t: int) -> None:
     # for a block size of 1 (the I32 ids we read), ggml_nbytes = ne0*nb0 + sum((ne_i - 1) * nb_i)
     if lib.ggml_nbytes(t) != nb[0] * ne[0] + sum((ne[i] - 1) * nb[i] for i in range(1, 4)):
         raise RuntimeError("ggml_tensor layout differs from the one edgemoe was built for (ne/nb offsets)")
+
+
+@functools.cache
+def ggml_cpu():
+    """libggml-cpu from the llama_cpp package; the patched build exports ggml_cpu_edgemoe_*."""
+    import llama_cpp
+
+    return ctypes.CDLL(str(Path(llama_cpp.__file__).parent / "lib" / "libggml-cpu.so"))
+
+
+EDGEMOE_ABI = 1
+
+
+def patched() -> bool:
+    """Is llama-cpp-python built with edgemoe's patches (patches/, tools/build_runtime.py)?"""
+    lib = ggml_cpu()
+    if not hasattr(lib, "ggml_cpu_edgemoe_abi"):
+        return False
+    lib.ggml_cpu_edgemoe_abi.restype = ctypes.c_int
+    return lib.ggml_cpu_edgemoe_abi() == EDGEMOE_ABI
+
+
+def runtime_info() -> dict:
+    import llama_cpp
+
+    return {"llama_cpp_python": llama_cpp.__version__, "patched": patched()}
+
+
+def register_expert_types(base: int, types: list[int], pointers: list[int]) -> None:
+    """Tell the patched mul_mat_id that the stacked tensor at `base` holds expert e at types[e], pointers[e].
+
+    The caller has checked every pointer against the file mapping (layout.read_layout checks each expert
+    fits its slot inside the file).
+    """
+    lib = ggml_cpu()
+    fn = lib.ggml_cpu_edgemoe_register
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.POINTER(ctypes.c_int32),
+                   ctypes.POINTER(ctypes.c_void_p)]
+    fn.restype = ctypes.c_int
+    n = len(types)
+    if fn(base, n, (ctypes.c_int32 * n)(*types), (ctypes.c_void_p * n)(*pointers)) != 0:
+        raise RuntimeError(f"ggml_cpu_edgemoe_register refused the tensor at {base:#x} (types {set(types)})")
+
+
+def clear_expert_types() -> None:
+    ggml_cpu().ggml_cpu_edgemoe_clear()

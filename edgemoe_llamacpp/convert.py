@@ -1,0 +1,230 @@
+"""The GGUF rewriter: experts at planned types in page-aligned slots, plan and provenance in `edgemoe.*`.
+
+A plan maps every stacked expert tensor to one type per expert. A tensor whose experts share a type is
+written as an ordinary tensor of that type (stock llama.cpp loads such a file). A tensor with mixed types
+is declared at its largest type, so every expert owns a fixed slot of `nb[2]` bytes; expert e is written
+at its own type at the start of slot e and the rest of the slot is left a hole (seeked over, never
+written). Its types go to `edgemoe.expert_types.<tensor>` and an `edgemoe.guard` tensor makes builds
+without the patch refuse the file. The tensor data section is aligned to the page size.
+
+The output is written to a temporary file beside OUT, fsynced and renamed: a killed conversion leaves
+OUT as it was, and IN is only ever read.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import mmap
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+from gguf import GGUFReader, GGUFValueType, GGUFWriter
+from tqdm import tqdm
+
+from . import quant
+from .errors import EdgeMoEError
+from .layout import EDGEMOE_PREFIX, EXPERT_TYPES, MoELayout, read_layout
+
+ALIGNMENT = mmap.PAGESIZE
+FORMAT_VERSION = 1
+GUARD = "edgemoe.guard"
+CHECKSUM_NAMES = "edgemoe.checksum.tensors"
+CHECKSUM_SHA256 = "edgemoe.checksum.sha256"
+_PLACEHOLDER = "0" * 64
+
+
+def uniform_plan(layout: MoELayout, type_name: str) -> dict[str, list[str]]:
+    quant.qtype(type_name)
+    return {t.name: [type_name] * t.count for t in layout.expert_tensors}
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 8 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _pad(n: int) -> int:
+    return -(-n // ALIGNMENT) * ALIGNMENT
+
+
+def _check_plan(layout: MoELayout, plan: dict[str, list[str]], reader: GGUFReader) -> None:
+    stacked = {t.name: t for t in layout.expert_tensors if t.count == layout.n_expert}
+    if set(plan) != set(stacked):
+        raise EdgeMoEError(f"the plan must give types for exactly the stacked expert tensors; missing "
+                           f"{sorted(set(stacked) - set(plan))[:3]}, unknown {sorted(set(plan) - set(stacked))[:3]}")
+    shapes = {t.name: t.shape for t in reader.tensors}
+    for name, types in plan.items():
+        if len(types) != stacked[name].count:
+            raise EdgeMoEError(f"the plan gives {len(types)} types for {name}, which holds "
+                               f"{stacked[name].count} experts")
+        for tn in set(types):
+            if not quant.fits(tn, int(shapes[name][0])):
+                raise EdgeMoEError(f"{tn} cannot hold {name}: its rows of {int(shapes[name][0])} values are "
+                                   f"not a multiple of the type's block")
+
+
+def _out_tensors(reader: GGUFReader, plan: dict[str, list[str]]) -> list[dict]:
+    """Every output tensor: name, numpy shape, declared type, nbytes, and the per-expert types if mixed."""
+    out = []
+    for t in reader.tensors:
+        if t.name.startswith(EDGEMOE_PREFIX):
+            continue
+        shape = [int(x) for x in reversed(t.shape.tolist())]
+        entry = {"name": t.name, "shape": shape, "type": t.tensor_type.name, "nbytes": int(t.n_bytes),
+                 "src": t, "experts": None}
+        types = plan.get(t.name)
+        if types is not None:
+            row_len, n_expert = int(t.shape[0]), int(t.shape[-1])
+            rows = int(np.prod(t.shape[1:-1]))
+            declared = max(set(types), key=lambda tn: quant.row_bytes(tn, row_len))
+            entry.update(type=declared, nbytes=n_expert * rows * quant.row_bytes(declared, row_len),
+                         experts=types, row_len=row_len, rows=rows)
+        out.append(entry)
+    if any(e["experts"] and len(set(e["experts"])) > 1 for e in out):
+        out.append({"name": GUARD, "shape": [16], "type": "I8", "nbytes": 16, "src": None, "experts": None})
+    return out
+
+
+def _kv(writer: GGUFWriter, reader: GGUFReader) -> None:
+    for key, field in reader.fields.items():
+        if key.startswith(("GGUF.", EDGEMOE_PREFIX)) or key in ("general.alignment", "general.architecture"):
+            continue
+        vtype = field.types[0]
+        sub = field.types[-1] if vtype == GGUFValueType.ARRAY else None
+        writer.add_key_value(key, field.contents(), vtype, sub_type=sub)
+
+
+def _write_tensor(f, base: int, entry: dict, bar) -> None:
+    t = entry["src"]
+    if t is None:                                   # the guard
+        f.seek(base)
+        f.write(b"edgemoe mixed\0\0\0")
+        return
+    data = np.asarray(t.data).view(np.uint8).reshape(-1)
+    types = entry["experts"]
+    if types is None:
+        f.seek(base)
+        f.write(data.tobytes())
+        return
+    src_type = t.tensor_type.name
+    row_len, rows = entry["row_len"], entry["rows"]
+    slot = entry["nbytes"] // len(types)
+    per_src = data.size // len(types)
+    for e, tn in enumerate(types):
+        chunk = data[e * per_src:(e + 1) * per_src]
+        if tn == src_type:
+            blob = chunk.tobytes()
+        else:
+            blob = quant.quantize(quant.dequantize(chunk, src_type, row_len), tn)
+        assert len(blob) == rows * quant.row_bytes(tn, row_len)
+        f.seek(base + e * slot)
+        f.write(blob)
+        bar.update(1)
+
+
+def _tensor_sha256(mm, start: int, nbytes: int) -> str:
+    return hashlib.sha256(memoryview(mm)[start:start + nbytes]).hexdigest()
+
+
+def convert(src: str | os.PathLike, dst: str | os.PathLike, plan: dict[str, list[str]], *,
+            meta: dict | None = None, force: bool = False, progress: bool = True) -> MoELayout:
+    """Write `src` with its experts at `plan`'s types to `dst`. Returns the new file's layout."""
+    src, dst = Path(src), Path(dst)
+    layout = read_layout(src)
+    if dst.exists() and not force:
+        raise EdgeMoEError(f"{dst} exists; pass --force to replace it")
+    if dst.resolve() == src.resolve():
+        raise EdgeMoEError(f"{dst} is the input file; edgemoe never modifies its input")
+    parent = dst.parent if str(dst.parent) else Path(".")
+    if not parent.is_dir():
+        raise EdgeMoEError(f"{parent}: no such directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise EdgeMoEError(f"{parent}: not writable")
+    reader = GGUFReader(src)
+    _check_plan(layout, plan, reader)
+    tensors = _out_tensors(reader, plan)
+
+    writer = GGUFWriter(None, layout.arch)
+    _kv(writer, reader)
+    writer.add_custom_alignment(ALIGNMENT)
+    writer.add_uint32("edgemoe.version", FORMAT_VERSION)
+    writer.add_string("edgemoe.source.name", src.name)
+    writer.add_string("edgemoe.source.sha256", sha256_file(src))
+    writer.add_string("edgemoe.created", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    for key, value in (meta or {}).items():
+        writer.add_key_value(f"edgemoe.{key}", value, _vtype(value),
+                             sub_type=_vtype(value[0]) if isinstance(value, list) else None)
+    for e in tensors:
+        if e["experts"] is not None and len(set(e["experts"])) > 1:
+            writer.add_array(EXPERT_TYPES + e["name"], [int(quant.qtype(tn)) for tn in e["experts"]])
+    writer.add_array(CHECKSUM_NAMES, [e["name"] for e in tensors])
+    writer.add_array(CHECKSUM_SHA256, [_PLACEHOLDER] * len(tensors))
+    for e in tensors:
+        writer.add_tensor_info(e["name"], e["shape"], np.float32, e["nbytes"], raw_dtype=quant.qtype(e["type"]))
+
+    tmp = parent / f".{dst.name}.{os.getpid()}.tmp"
+    try:
+        writer.write_header_to_file(tmp)
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        f = writer.fout[0]
+        data_start = _pad(f.tell())
+        offsets, pos = [], data_start
+        for e in tensors:
+            offsets.append(pos)
+            pos += _pad(e["nbytes"])
+        n_experts = sum(len(e["experts"]) for e in tensors if e["experts"])
+        with tqdm(total=n_experts, desc="quantize experts", unit="expert", disable=not progress) as bar:
+            for e, off in zip(tensors, offsets, strict=True):
+                _write_tensor(f, off, e, bar)
+        f.truncate(pos)
+        f.flush()
+        writer.close()
+        _fill_checksums(tmp, tensors, offsets)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, dst)
+        with contextlib.suppress(OSError):
+            dfd = os.open(parent, os.O_RDONLY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    return read_layout(dst)
+
+
+def _fill_checksums(path: Path, tensors: list[dict], offsets: list[int]) -> None:
+    """Replace the checksum placeholders (same length, so nothing moves) with each tensor's sha256."""
+    with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        sums = [_tensor_sha256(mm, off, e["nbytes"]) for e, off in zip(tensors, offsets, strict=True)]
+    reader = GGUFReader(path, "r+")
+    field = reader.fields[CHECKSUM_SHA256]
+    for idx, digest in zip(field.data, sums, strict=True):
+        part = field.parts[idx]
+        assert bytes(part) == _PLACEHOLDER.encode()
+        part[:] = np.frombuffer(digest.encode(), dtype=np.uint8)
+    reader.data.flush()
+    del reader
+
+
+def _vtype(value) -> GGUFValueType:
+    if isinstance(value, bool):
+        return GGUFValueType.BOOL
+    if isinstance(value, int):
+        return GGUFValueType.INT64
+    if isinstance(value, float):
+        return GGUFValueType.FLOAT32
+    if isinstance(value, str):
+        return GGUFValueType.STRING
+    if isinstance(value, list):
+        return GGUFValueType.ARRAY
+    raise TypeError(f"no GGUF type for {value!r}")

@@ -1,0 +1,59 @@
+"""Default calibration and held-out text: the running interpreter's standard library, split by file.
+
+The bundled model (tests/fixtures/tiny-moe.gguf) was trained on the train split; the validation split is
+the files whose path hashes below VAL_PERCENT, so every machine rebuilds the same split from its own
+Python (the exact text varies a little between Python versions).
+"""
+from __future__ import annotations
+
+import hashlib
+import sysconfig
+from collections.abc import Iterator
+from pathlib import Path
+
+VAL_PERCENT = 5
+EOT = "<|endoftext|>"
+
+
+def stdlib_files() -> list[tuple[str, Path]]:
+    """Every .py file of the running interpreter's Lib/ (no site-packages), sorted by relative path."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    out = []
+    for p in root.rglob("*.py"):
+        rel = p.relative_to(root).as_posix()
+        if "site-packages" in rel or "dist-packages" in rel:
+            continue
+        out.append((rel, p))
+    return sorted(out)
+
+
+def is_validation(rel: str, val_percent: int = VAL_PERCENT) -> bool:
+    return int(hashlib.sha256(rel.encode()).hexdigest(), 16) % 100 < val_percent
+
+
+def split_texts(split: str) -> Iterator[str]:
+    """The text of every file of one split ("train" or "validation"), in path order."""
+    if split not in ("train", "validation"):
+        raise ValueError(f"split is 'train' or 'validation', not {split!r}")
+    for rel, p in stdlib_files():
+        if is_validation(rel) != (split == "validation"):
+            continue
+        try:
+            yield p.read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError):
+            continue
+
+
+def tokens(llm, texts, limit: int) -> list[int]:
+    """Token ids of `texts` through the model's own tokenizer, documents joined by its end-of-text token."""
+    eot = llm.tokenize(EOT.encode(), add_bos=False, special=True)
+    out: list[int] = []
+    for text in texts:
+        out += llm.tokenize(text.encode(), add_bos=False, special=False) + eot
+        if len(out) >= limit:
+            break
+    return out[:limit]
+
+
+def read_texts(paths) -> list[str]:
+    return [Path(p).read_text(encoding="utf-8", errors="replace") for p in paths]

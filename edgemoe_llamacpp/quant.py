@@ -1,0 +1,79 @@
+"""Quantization types, ggml's own quantizer (ggml_quantize_chunk via ctypes) and gguf-py's dequantizer."""
+from __future__ import annotations
+
+import ctypes
+import functools
+
+import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from gguf.quants import dequantize as _dequantize
+
+from .errors import EdgeMoEError
+
+# the types a plan may give an expert, smallest first (issue: the K-quant family and Q8_0)
+PLAN_TYPES = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0")
+
+
+def qtype(name: str | int) -> GGMLQuantizationType:
+    try:
+        return GGMLQuantizationType[name] if isinstance(name, str) else GGMLQuantizationType(name)
+    except (KeyError, ValueError):
+        raise EdgeMoEError(f"unknown ggml type {name!r}") from None
+
+
+def bits_per_weight(name: str) -> float:
+    block, size = GGML_QUANT_SIZES[qtype(name)]
+    return 8 * size / block
+
+
+def row_bytes(name: str, n_per_row: int) -> int:
+    block, size = GGML_QUANT_SIZES[qtype(name)]
+    if n_per_row % block:
+        raise EdgeMoEError(f"{name} needs rows of a multiple of {block} values, got {n_per_row}")
+    return n_per_row // block * size
+
+
+def fits(name: str, n_per_row: int) -> bool:
+    return n_per_row % GGML_QUANT_SIZES[qtype(name)][0] == 0
+
+
+@functools.cache
+def _ggml():
+    from .runtime import ggml_base
+
+    lib = ggml_base()
+    lib.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+                                        ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+    lib.ggml_quantize_chunk.restype = ctypes.c_size_t
+    lib.ggml_quantize_requires_imatrix.argtypes = [ctypes.c_int]
+    lib.ggml_quantize_requires_imatrix.restype = ctypes.c_bool
+    return lib
+
+
+def quantize(weights: np.ndarray, name: str) -> bytes:
+    """Quantize float rows [n_rows, n_per_row] to `name` with ggml's own quantizer; the GGUF bytes."""
+    w = np.ascontiguousarray(weights, dtype=np.float32)
+    if w.ndim != 2:
+        raise ValueError(f"quantize wants rows [n_rows, n_per_row], got shape {w.shape}")
+    t = qtype(name)
+    if t == GGMLQuantizationType.F32:
+        return w.tobytes()
+    lib = _ggml()
+    if lib.ggml_quantize_requires_imatrix(int(t)):
+        raise EdgeMoEError(f"{name} needs an importance matrix; edgemoe plans K-quants and Q8_0")
+    n_rows, n_per_row = w.shape
+    out = ctypes.create_string_buffer(n_rows * row_bytes(name, n_per_row))
+    n = lib.ggml_quantize_chunk(int(t), w.ctypes.data, out, 0, n_rows, n_per_row, None)
+    if n != len(out):
+        raise RuntimeError(f"ggml_quantize_chunk wrote {n} bytes, expected {len(out)}")
+    return out.raw
+
+
+def dequantize(data: bytes | np.ndarray, name: str, n_per_row: int) -> np.ndarray:
+    """GGUF bytes of whole rows at type `name` -> float32 [n_rows, n_per_row] (gguf-py's reference code)."""
+    raw = np.frombuffer(data, dtype=np.uint8) if isinstance(data, bytes | bytearray) else data.view(np.uint8)
+    t = qtype(name)
+    if t == GGMLQuantizationType.F32:
+        return raw.view(np.float32).reshape(-1, n_per_row).copy()
+    rb = row_bytes(name, n_per_row)
+    return _dequantize(raw.reshape(-1, rb), t).astype(np.float32, copy=False)
