@@ -18,13 +18,21 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
     layout = read_layout(args.model)
     if args.json:
-        print(json.dumps(layout.to_dict()))
+        from .runtime import runtime_info
+
+        print(json.dumps({**layout.to_dict(), "runtime": runtime_info()}))
         return 0
     print(f"{layout.path}: {layout.arch}, {layout.n_layer} layers, {len(layout.moe_layers)} with experts, "
           f"{layout.n_expert} experts, top-{layout.n_expert_used}")
     print(f"  file {_mib(layout.file_size)}; dense {_mib(layout.dense_bytes)}; "
           f"experts {_mib(layout.expert_bytes)} ({100 * layout.expert_bytes / layout.tensor_data_bytes:.1f}%"
           f" of tensor data)")
+    from .runtime import runtime_info
+
+    info = runtime_info()
+    print(f"  runtime: llama-cpp-python {info['llama_cpp_python']}, "
+          f"{'patched (per-expert types, on-demand load)' if info['patched'] else 'stock'}"
+          + ("; this file has per-expert types" if layout.mixed else ""))
     print(f"  {'layer':>5}  {'bytes/expert':>13}  {'layer experts':>13}  tensors")
     for layer in layout.moe_layers:
         tensors = [t for t in layout.expert_tensors if t.layer == layer]
@@ -73,6 +81,102 @@ def cmd_bench(args: argparse.Namespace) -> int:
     print(f"{result['model']}: dense {_mib(result['dense_bytes'])}, experts {_mib(result['expert_bytes'])}, "
           f"KV {_mib(result['kv_cache_bytes'])}, {limited}, disk {result['disk_bandwidth_bps'] / 1e9:.2f} GB/s")
     print(format_table(result))
+    return 0
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    from .corpus import read_texts
+    from .profile import profile
+
+    texts = read_texts(args.text) if args.text else None
+    label = ", ".join(args.text) if args.text else "stdlib train split"
+    meta = profile(args.model, args.out, texts=texts, text_label=label, tokens=args.tokens, n_ctx=args.n_ctx,
+                   samples=args.samples)
+    print(f"{args.out}: {meta['tokens']:,} tokens x {len(meta['moe_layers'])} MoE layers routed, "
+          f"up to {meta['samples_per_expert']} FFN inputs sampled per expert")
+    return 0
+
+
+def _plan_from_args(args: argparse.Namespace):
+    from .convert import uniform_plan
+    from .layout import read_layout
+
+    layout = read_layout(args.input)
+    chosen = [x for x in ("uniform", "plan", "profile") if getattr(args, x)]
+    if len(chosen) != 1:
+        raise EdgeMoEError("convert needs exactly one of --profile (with --expert-bits or --size), --uniform, "
+                           "--plan")
+    if args.uniform:
+        return uniform_plan(layout, args.uniform), {"plan.method": f"uniform {args.uniform}"}
+    if args.plan:
+        from pathlib import Path
+
+        try:
+            raw = json.loads(Path(args.plan).read_text())
+        except (OSError, ValueError) as e:
+            raise EdgeMoEError(f"{args.plan}: unreadable plan ({e})") from None
+        plan = {t.name: [raw[t.name]] * t.count if isinstance(raw.get(t.name), str) else raw.get(t.name)
+                for t in layout.expert_tensors}
+        missing = [name for name, types in plan.items() if types is None]
+        if missing:
+            raise EdgeMoEError(f"{args.plan}: no types for {missing[:3]}")
+        return plan, {"plan.method": f"file {Path(args.plan).name}"}
+    from .plan import make_plan, measure_costs
+    from .profile import Profile
+
+    if (args.expert_bits is None) == (args.size is None):
+        raise EdgeMoEError("--profile needs exactly one of --expert-bits or --size")
+    costs = measure_costs(args.input, Profile(args.profile))
+    size = None if args.size is None else parse_budget(args.size, costs["nbytes"].min(axis=1).sum())
+    plan, report = make_plan(costs, expert_bits=args.expert_bits, size=size)
+    print(f"plan: {report['bits_per_weight']:.3f} bits per expert weight, {report['expert_bytes']:,} expert "
+          f"bytes, types {report['type_counts']}")
+    from .convert import sha256_file
+
+    return plan, {"plan.method": "measured output error (edgemoe plan)",
+                  "plan.bits_per_weight": round(report["bits_per_weight"], 4),
+                  "profile.sha256": sha256_file(args.profile)}
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from .convert import convert
+
+    plan, meta = _plan_from_args(args)
+    if args.save_plan:
+        from pathlib import Path
+
+        Path(args.save_plan).write_text(json.dumps(plan, indent=1) + "\n")
+    layout = convert(args.input, args.output, plan, meta=meta, force=args.force)
+    kind = "per-expert types: needs the patched runtime" if layout.mixed else "loads in stock llama.cpp"
+    print(f"{args.output}: experts {_mib(layout.expert_bytes)}, dense {_mib(layout.dense_bytes)}, {kind}")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from .verify import verify
+
+    report = verify(args.model)
+    if args.json:
+        print(json.dumps(report))
+    else:
+        print(f"{args.model}: ok: {report['tensors']} tensors, checksums match, "
+              f"{report['expert_ranges']} expert ranges inside the file "
+              f"({report['unaligned_expert_ranges']} not page-aligned), "
+              f"{'per-expert types' if report['mixed'] else 'one type per tensor'}")
+    return 0
+
+
+def cmd_ppl(args: argparse.Namespace) -> int:
+    from .corpus import read_texts
+    from .perplexity import perplexity
+
+    result = perplexity(args.model, texts=read_texts(args.text) if args.text else None, tokens=args.tokens,
+                        n_ctx=args.n_ctx, memory_budget=args.memory_budget)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"{args.model}: perplexity {result['perplexity']:.3f} over {result['tokens']:,} tokens "
+              f"({result['windows']} windows of {result['n_ctx']})")
     return 0
 
 
@@ -135,6 +239,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allowance", help="room for the process's own memory (default: measured, + 32 MiB)")
     p.add_argument("--json", help="write the full results here")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("profile", help="record routing and expert inputs on calibration text")
+    p.add_argument("model", help="path to a MoE GGUF file (the source model)")
+    p.add_argument("--out", required=True, help="profile file to write (.npz)")
+    p.add_argument("--text", nargs="+", help="calibration text files (default: the stdlib train split)")
+    p.add_argument("--tokens", type=int, default=16384, help="calibration tokens (default 16384)")
+    p.add_argument("--samples", type=int, default=256, help="FFN inputs kept per expert (default 256)")
+    p.add_argument("--n-ctx", dest="n_ctx", type=int, default=512)
+    p.set_defaults(func=cmd_profile)
+
+    p = sub.add_parser("convert", help="rewrite a GGUF with experts at planned types, page-aligned")
+    p.add_argument("input", help="source GGUF (never modified)")
+    p.add_argument("output", help="new GGUF (refused if it exists, unless --force)")
+    p.add_argument("--profile", help="profile from `edgemoe profile`: plan per-expert types from it")
+    p.add_argument("--expert-bits", dest="expert_bits", type=float,
+                   help="with --profile: average bits per expert weight (Q2_K is 2.625, Q8_0 8.5)")
+    p.add_argument("--size", help="with --profile: expert bytes instead, e.g. 12MB")
+    p.add_argument("--uniform", metavar="TYPE", help="every expert at TYPE (e.g. Q4_K); stock llama.cpp loads it")
+    p.add_argument("--plan", help="JSON: expert tensor name -> type, or list of types per expert")
+    p.add_argument("--save-plan", dest="save_plan", help="write the plan used as JSON here")
+    p.add_argument("--force", action="store_true", help="replace OUTPUT if it exists")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("verify", help="check a converted GGUF: structure, bounds, checksums")
+    p.add_argument("model", help="path to a GGUF written by edgemoe convert")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("ppl", help="perplexity on held-out text through llama-cpp-python")
+    p.add_argument("model", help="path to a MoE GGUF file")
+    p.add_argument("--text", nargs="+", help="text files (default: the stdlib validation split)")
+    p.add_argument("--tokens", type=int, default=16384, help="tokens to score (default 16384)")
+    p.add_argument("--n-ctx", dest="n_ctx", type=int, default=512, help="window length (default 512)")
+    p.add_argument("--memory-budget", help="expert memory budget while scoring (default: none)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_ppl)
 
     p = sub.add_parser("serve", help="OpenAI-compatible server (llama-cpp-python's) with experts streamed")
     p.add_argument("model_path", nargs="?", metavar="MODEL", help="path to a MoE GGUF file")

@@ -169,6 +169,10 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, plan: dict[str, list
 
     tmp = parent / f".{dst.name}.{os.getpid()}.tmp"
     try:
+        open(tmp, "xb").close()
+    except OSError as e:
+        raise EdgeMoEError(f"cannot write {dst}: {e.strerror} ({tmp})") from None
+    try:
         writer.write_header_to_file(tmp)
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
@@ -195,9 +199,11 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, plan: dict[str, list
                 os.fsync(dfd)
             finally:
                 os.close(dfd)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(OSError):
             tmp.unlink()
+        if isinstance(e, OSError):
+            raise EdgeMoEError(f"cannot write {dst}: {e.strerror or e}") from None
         raise
     return read_layout(dst)
 

@@ -8,6 +8,7 @@ import llama_cpp
 import numpy as np
 import psutil
 
+from . import runtime
 from .errors import EdgeMoEError
 
 
@@ -58,6 +59,7 @@ def generate(model: str, prompt: str, *, max_tokens: int, memory_budget=None, st
             "major_faults": end[1] - start[1], "decode_major_faults": end[1] - first[1],
         }
         result["rss_anon_bytes"] = _rss_anon()
+        result["runtime"] = runtime.runtime_info()
         if not stock:
             result["stats"] = llm.edgemoe_stats()
             if record_routing:

@@ -1,0 +1,166 @@
+"""The bit planner: one quantization type per expert under a size budget, from measured importance.
+
+Importance is measured, not guessed (EdgeMoE's principle): for every expert and every candidate type, the
+expert's weights are quantized with ggml's quantizer, dequantized, and run on FFN inputs the profile
+sampled from tokens the router sent to that expert. The cost of a type is the expected squared change of
+the layer's output per token that this expert causes:
+
+    cost(l, e, t) = share(l, e) * mean_s( w_s^2 * || FFN_e^t(x_s) - FFN_e(x_s) ||^2 )
+
+with share(l, e) the fraction of tokens that choose the expert, w_s the gate weight the sampled token gave
+it and FFN_e the expert at the source file's precision. The planner minimises the summed cost under the
+byte budget: a Lagrangian search over cost + lambda * bytes (each expert independently), then a greedy
+fill of what budget is left by the best cost reduction per byte.
+"""
+from __future__ import annotations
+
+import numpy as np
+from gguf import GGUFReader
+from tqdm import tqdm
+
+from . import quant
+from .errors import BudgetError, EdgeMoEError
+from .layout import MoELayout, read_layout
+from .profile import Profile
+
+SWIGLU = ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")
+
+
+def _silu(x: np.ndarray) -> np.ndarray:
+    return x / (1.0 + np.exp(-x))
+
+
+class _Experts:
+    """Float32 weights of one expert's gate/up/down at the source precision, from the GGUF."""
+
+    def __init__(self, layout: MoELayout):
+        self.layout = layout
+        self.reader = GGUFReader(layout.path)
+        self.by_name = {t.name: t for t in self.reader.tensors}
+        self.tensors: dict[tuple[int, str], object] = {}
+        for t in layout.expert_tensors:
+            kind = t.name.split(".")[2]
+            if t.count != layout.n_expert or kind not in SWIGLU:
+                raise EdgeMoEError(f"{layout.path}: the planner models SwiGLU experts stored as stacked "
+                                   f"{'/'.join(SWIGLU)} tensors; {t.name} is not one")
+            self.tensors[(t.layer, kind)] = self.by_name[t.name]
+
+    def raw(self, layer: int, kind: str, expert: int) -> tuple[np.ndarray, str, int]:
+        t = self.tensors[(layer, kind)]
+        data = np.asarray(t.data).view(np.uint8).reshape(-1)
+        per = data.size // int(t.shape[-1])
+        return data[expert * per:(expert + 1) * per], t.tensor_type.name, int(t.shape[0])
+
+    def weights(self, layer: int, expert: int, type_name: str | None = None) -> list[np.ndarray]:
+        """[gate, up, down] as float32 rows; quantized to `type_name` and back if given."""
+        out = []
+        for kind in SWIGLU:
+            raw, src_type, row_len = self.raw(layer, kind, expert)
+            w = quant.dequantize(raw, src_type, row_len)
+            if type_name is not None and type_name != src_type:
+                w = quant.dequantize(quant.quantize(w, type_name), type_name, row_len)
+            out.append(w)
+        return out
+
+    def n_weights(self, layer: int) -> int:
+        return sum(int(np.prod(self.tensors[(layer, k)].shape[:-1])) for k in SWIGLU)
+
+    def nbytes(self, layer: int, type_name: str) -> int:
+        total = 0
+        for kind in SWIGLU:
+            t = self.tensors[(layer, kind)]
+            total += int(np.prod(t.shape[1:-1])) * quant.row_bytes(type_name, int(t.shape[0]))
+        return total
+
+
+def _ffn(w: list[np.ndarray], x: np.ndarray) -> np.ndarray:
+    gate, up, down = w
+    return (_silu(x @ gate.T) * (x @ up.T)) @ down.T
+
+
+def measure_costs(model: str, prof: Profile, types=quant.PLAN_TYPES, progress: bool = True) -> dict:
+    """cost[l, e, t] and nbytes[l, t] for every MoE layer l, expert e and candidate type t."""
+    layout = read_layout(model)
+    if list(layout.moe_layers) != prof.meta["moe_layers"] or layout.n_expert != prof.meta["n_expert"]:
+        raise EdgeMoEError(f"the profile was recorded on a model with other MoE layers or expert count "
+                           f"({prof.meta['model']})")
+    experts = _Experts(layout)
+    types = [t for t in types if all(quant.fits(t, int(experts.tensors[(layout.moe_layers[0], k)].shape[0]))
+                                     for k in SWIGLU)]
+    share = prof.expert_stats()["share"]
+    n_l, n_e = len(layout.moe_layers), layout.n_expert
+    cost = np.zeros((n_l, n_e, len(types)))
+    bar = tqdm(total=n_l * n_e, desc="measure expert costs", unit="expert", disable=not progress)
+    for li, layer in enumerate(layout.moe_layers):
+        for e in range(n_e):
+            n = int(prof.input_count[li, e])
+            if n:
+                x = prof.inputs[li, e, :n].astype(np.float32)
+                w2 = prof.input_weights[li, e, :n].astype(np.float64) ** 2
+                ref = _ffn(experts.weights(layer, e), x)
+                for ti, t in enumerate(types):
+                    d = _ffn(experts.weights(layer, e, t), x) - ref
+                    cost[li, e, ti] = share[li, e] * float(np.mean(w2 * (d.astype(np.float64) ** 2).sum(1)))
+            bar.update(1)
+    bar.close()
+    nbytes = np.array([[experts.nbytes(layer, t) for t in types] for layer in layout.moe_layers])
+    n_weights = sum(experts.n_weights(layer) for layer in layout.moe_layers) * n_e
+    return {"types": types, "cost": cost, "nbytes": nbytes, "n_weights": n_weights,
+            "layers": list(layout.moe_layers), "layout": layout}
+
+
+def choose(cost: np.ndarray, nbytes: np.ndarray, budget: int) -> np.ndarray:
+    """Type index per (layer, expert) minimising summed cost with summed bytes <= budget."""
+    size = np.broadcast_to(nbytes[:, None, :], cost.shape).astype(np.float64)
+    if size.min(axis=2).sum() > budget:
+        raise BudgetError(f"the smallest type for every expert takes {int(size.min(axis=2).sum()):,} bytes, "
+                          f"more than the budget of {budget:,}")
+
+    def pick(lam: float) -> np.ndarray:
+        return np.argmin(cost + lam * size, axis=2)
+
+    def used(idx: np.ndarray) -> float:
+        return float(np.take_along_axis(size, idx[..., None], axis=2).sum())
+
+    lo, hi = 0.0, 1.0
+    while used(pick(hi)) > budget:
+        hi *= 4
+    if used(pick(lo)) <= budget:
+        return pick(lo)
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if used(pick(mid)) <= budget else (mid, hi)
+    idx = pick(hi)
+    left = budget - used(idx)
+    while True:                     # greedy fill: the best cost cut per extra byte that still fits
+        cur_c = np.take_along_axis(cost, idx[..., None], axis=2)
+        cur_s = np.take_along_axis(size, idx[..., None], axis=2)
+        extra = size - cur_s
+        gain = cur_c - cost
+        ok = (extra > 0) & (extra <= left) & (gain > 0)
+        if not ok.any():
+            return idx
+        ratio = np.where(ok, gain / np.where(ok, extra, 1), -1.0)
+        l, e, t = np.unravel_index(int(np.argmax(ratio)), ratio.shape)
+        left -= extra[l, e, t]
+        idx[l, e] = t
+
+
+def make_plan(costs: dict, *, expert_bits: float | None = None, size: int | None = None) -> tuple[dict, dict]:
+    """(plan: expert tensor -> type per expert, report) for an average bits per weight or a byte size."""
+    if (expert_bits is None) == (size is None):
+        raise ValueError("give exactly one of expert_bits and size")
+    budget = int(size if size is not None else expert_bits * costs["n_weights"] / 8)
+    idx = choose(costs["cost"], costs["nbytes"], budget)
+    types = costs["types"]
+    layout: MoELayout = costs["layout"]
+    plan = {}
+    for t in layout.expert_tensors:
+        li = costs["layers"].index(t.layer)
+        plan[t.name] = [types[i] for i in idx[li]]
+    nbytes = np.broadcast_to(costs["nbytes"][:, None, :], costs["cost"].shape)
+    used = int(np.take_along_axis(nbytes, idx[..., None], axis=2).sum())
+    counts = {tn: int((idx == i).sum()) for i, tn in enumerate(types)}
+    report = {"budget_bytes": budget, "expert_bytes": used, "bits_per_weight": 8 * used / costs["n_weights"],
+              "type_counts": counts, "cost": float(np.take_along_axis(costs["cost"], idx[..., None], 2).sum())}
+    return plan, report

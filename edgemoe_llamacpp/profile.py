@@ -1,0 +1,170 @@
+"""`edgemoe profile`: run calibration text through llama.cpp and record how the routers use the experts.
+
+The profile is one `.npz` file (numpy.load) holding:
+    meta            JSON string: model, model_sha256, arch, moe_layers, n_expert, n_expert_used, n_embd,
+                    tokens, windows, n_ctx, samples_per_expert, text, format ("edgemoe-profile", 1)
+    ids             int16   [tokens, n_moe_layers, k]   chosen experts of every token, in router order
+    weights         float32 [tokens, n_moe_layers, k]   their gate weights (router probabilities of the
+                                                        chosen experts, renormalised to sum to 1)
+    inputs          float16 [n_moe_layers, n_expert, S, n_embd]  FFN inputs (the `ffn_norm-N` node) of up
+                                                        to S tokens routed to each expert (reservoir sample)
+    input_weights   float32 [n_moe_layers, n_expert, S] the gate weight each sampled token gave the expert
+    input_count     int32   [n_moe_layers, n_expert]    how many of the S samples are filled
+Per-expert statistics (use counts, mean gate weight) follow from ids and weights; `expert_stats` computes them.
+"""
+from __future__ import annotations
+
+import ctypes
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+from gguf import GGUFReader
+from tqdm import tqdm
+
+from . import corpus, runtime
+from .convert import sha256_file
+from .hook import read_ids
+from .layout import MoELayout, read_layout
+
+FORMAT = ("edgemoe-profile", 1)
+# the node holding the FFN input, per architecture (llama.cpp's build_* names it)
+FFN_INPUT = {"gpt-oss": b"attn_post_norm-"}
+NODES = (b"ffn_moe_topk-", b"ffn_moe_probs-")
+
+
+def read_f32(t: int) -> np.ndarray:
+    """A contiguous F32 node [ne0, ne1] as a numpy copy of shape (ne1, ne0)."""
+    ne = (ctypes.c_int64 * 4).from_address(t + runtime.T_NE)
+    nb = (ctypes.c_size_t * 4).from_address(t + runtime.T_NB)
+    data = ctypes.c_void_p.from_address(t + runtime.T_DATA).value
+    buf = (ctypes.c_float * (ne[0] * ne[1])).from_address(data)
+    if nb[0] != 4 or nb[1] != 4 * ne[0]:
+        raise RuntimeError("expected a contiguous F32 node")
+    return np.ctypeslib.as_array(buf).reshape(ne[1], ne[0]).copy()
+
+
+class _Recorder:
+    def __init__(self, layout: MoELayout, n_embd: int, samples: int, seed: int):
+        self.ffn_input = FFN_INPUT.get(layout.arch, b"ffn_norm-")
+        self.prefixes = (*NODES, self.ffn_input)
+        self.layers = {layer: i for i, layer in enumerate(layout.moe_layers)}
+        n_l, n_e, k = len(self.layers), layout.n_expert, layout.n_expert_used
+        self.k = k
+        self.inputs = np.zeros((n_l, n_e, samples, n_embd), np.float16)
+        self.input_weights = np.zeros((n_l, n_e, samples), np.float32)
+        self.seen = np.zeros((n_l, n_e), np.int64)
+        self.ids: list[list[np.ndarray]] = [[] for _ in range(n_l)]
+        self.weights: list[list[np.ndarray]] = [[] for _ in range(n_l)]
+        self.pending: dict[tuple[bytes, int], np.ndarray] = {}
+        self.rng = np.random.default_rng(seed)
+        self.error: BaseException | None = None
+
+    def cb(self, t: int, ask: bool, _user) -> bool:
+        name = ctypes.string_at(t + runtime.T_NAME, 24)
+        if not name.startswith(self.prefixes):
+            return False
+        prefix, _, layer = name.split(b"\0", 1)[0].rpartition(b"-")
+        if not layer.isdigit():         # a view of the node, e.g. "ffn_moe_probs-0 (reshaped)"
+            return False
+        if ask:
+            return True
+        try:
+            layer = int(layer)
+            if layer in self.layers:
+                if prefix + b"-" == NODES[0]:
+                    self._route(layer, read_ids(t))
+                else:
+                    self.pending[(prefix, layer)] = read_f32(t)
+        except BaseException as e:  # noqa: BLE001 -- must not unwind through C; re-raised after the eval
+            self.error = self.error or e
+        return True
+
+    def _route(self, layer: int, ids: np.ndarray) -> None:
+        li = self.layers[layer]
+        probs = self.pending.pop((b"ffn_moe_probs", layer))
+        x = self.pending.pop((self.ffn_input[:-1], layer))
+        if not (len(ids) == len(probs) == len(x)):
+            raise RuntimeError(f"layer {layer}: {len(ids)} routed tokens, {len(probs)} probs, {len(x)} inputs")
+        w = np.take_along_axis(probs, ids, axis=1)
+        w = w / w.sum(axis=1, keepdims=True)
+        self.ids[li].append(ids.astype(np.int16))
+        self.weights[li].append(w.astype(np.float32))
+        cap = self.inputs.shape[2]
+        for tok in range(len(ids)):
+            for j, e in enumerate(ids[tok]):
+                n = self.seen[li, e]
+                slot = n if n < cap else self.rng.integers(0, n + 1)
+                if slot < cap:
+                    self.inputs[li, e, slot] = x[tok]
+                    self.input_weights[li, e, slot] = w[tok, j]
+                self.seen[li, e] = n + 1
+
+
+def profile(model_path: str, out: str, *, texts=None, text_label: str = "stdlib train split",
+            tokens: int = 16384, n_ctx: int = 512, samples: int = 256, seed: int = 0,
+            progress: bool = True) -> dict:
+    """Record routing and sampled FFN inputs of `tokens` tokens of calibration text; write the profile."""
+    import llama_cpp
+
+    from .llama import llama_params, require_runtime_for
+
+    layout = read_layout(model_path)
+    require_runtime_for(layout)
+    if layout.mixed:
+        raise ValueError(f"{model_path}: profile the source model, not a file with per-expert types")
+    n_embd = int(GGUFReader(model_path).fields[f"{layout.arch}.embedding_length"].contents())
+    rec = _Recorder(layout, n_embd, samples, seed)
+    cb = llama_cpp.llama_cpp.ggml_backend_sched_eval_callback(rec.cb)
+    with llama_params(use_extra_bufts=False, cb_eval=cb):
+        llm = llama_cpp.Llama(model_path=str(model_path), n_ctx=n_ctx, n_batch=n_ctx, logits_all=True,
+                              verbose=False)
+    try:
+        ids = corpus.tokens(llm, texts if texts is not None else corpus.split_texts("train"), tokens)
+        starts = range(0, len(ids) - n_ctx + 1, n_ctx)
+        if not starts:
+            raise ValueError(f"the text gives {len(ids)} tokens, fewer than one window of {n_ctx}")
+        for s in tqdm(starts, desc="profile", unit="window", disable=not progress):
+            llm.reset()
+            llm.eval(ids[s:s + n_ctx])
+            if rec.error is not None:
+                raise rec.error
+    finally:
+        llm.close()
+    routed = np.stack([np.concatenate(x) for x in rec.ids], axis=1)
+    weights = np.stack([np.concatenate(x) for x in rec.weights], axis=1)
+    meta = {"format": list(FORMAT), "model": str(model_path), "model_sha256": sha256_file(model_path),
+            "arch": layout.arch, "moe_layers": list(layout.moe_layers), "n_expert": layout.n_expert,
+            "n_expert_used": layout.n_expert_used, "n_embd": n_embd, "tokens": int(routed.shape[0]),
+            "windows": len(starts), "n_ctx": n_ctx, "samples_per_expert": samples, "text": text_label,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    out = Path(out)
+    tmp = out.with_name(f".{out.name}.tmp.npz")
+    np.savez_compressed(tmp, meta=json.dumps(meta), ids=routed, weights=weights, inputs=rec.inputs,
+                        input_weights=rec.input_weights,
+                        input_count=np.minimum(rec.seen, samples).astype(np.int32))
+    tmp.replace(out)
+    return meta
+
+
+class Profile:
+    def __init__(self, path: str | Path):
+        with np.load(path, allow_pickle=False) as z:
+            self.meta = json.loads(str(z["meta"]))
+            if tuple(self.meta.get("format", ())) != FORMAT:
+                raise ValueError(f"{path}: not an edgemoe profile (format {self.meta.get('format')!r})")
+            for name in ("ids", "weights", "inputs", "input_weights", "input_count"):
+                setattr(self, name, z[name])
+
+    def expert_stats(self) -> dict[str, np.ndarray]:
+        """Per (MoE layer, expert): share of tokens routing to it, and its mean gate weight when chosen."""
+        n_tok, n_l, _ = self.ids.shape
+        n_e = self.meta["n_expert"]
+        count = np.zeros((n_l, n_e))
+        wsum = np.zeros((n_l, n_e))
+        for li in range(n_l):
+            np.add.at(count[li], self.ids[:, li].ravel(), 1)
+            np.add.at(wsum[li], self.ids[:, li].ravel(), self.weights[:, li].ravel())
+        return {"share": count / n_tok, "mean_weight": np.divide(wsum, count, out=np.zeros_like(wsum),
+                                                                  where=count > 0)}
