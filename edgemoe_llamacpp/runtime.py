@@ -93,9 +93,7 @@ def file_mappings(path: str | os.PathLike) -> list[tuple[int, int, int, str]]:
 
 def ggml_base():
     """libggml-base from the llama_cpp package (the same library llama.cpp runs with)."""
-    import llama_cpp
-
-    lib = ctypes.CDLL(str(Path(llama_cpp.__file__).parent / "lib" / "libggml-base.so"))
+    lib = ctypes.CDLL(loaded_library("libggml-base.so"))
     lib.ggml_get_name.argtypes = [ctypes.c_void_p]
     lib.ggml_get_name.restype = ctypes.c_void_p
     lib.ggml_nbytes.argtypes = [ctypes.c_void_p]
@@ -115,12 +113,26 @@ def check_tensor_offsets(t: int) -> None:
         raise RuntimeError("ggml_tensor layout differs from the one edgemoe was built for (ne/nb offsets)")
 
 
+def loaded_library(stem: str) -> str:
+    """Path of the copy of `stem` (e.g. libggml-cpu.so) that llama.cpp itself runs with.
+
+    A wheel cannot hold symlinks, so llama_cpp/lib has libggml-cpu.so, .so.0 and .so.0.x.y as separate
+    files; dlopen of another name than the one libllama links would load a second copy with its own state.
+    """
+    import llama_cpp  # noqa: F401 -- loads libllama and the ggml libraries it links
+
+    lib_dir = str(Path(llama_cpp.__file__).parent / "lib")
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        path = line.split(None, 5)[-1]
+        if path.startswith(lib_dir + "/" + stem):
+            return path
+    return str(Path(lib_dir) / stem)
+
+
 @functools.cache
 def ggml_cpu():
-    """libggml-cpu from the llama_cpp package; the patched build exports ggml_cpu_edgemoe_*."""
-    import llama_cpp
-
-    return ctypes.CDLL(str(Path(llama_cpp.__file__).parent / "lib" / "libggml-cpu.so"))
+    """libggml-cpu as llama.cpp loaded it; the patched build exports ggml_cpu_edgemoe_*."""
+    return ctypes.CDLL(loaded_library("libggml-cpu.so"))
 
 
 EDGEMOE_ABI = 1
