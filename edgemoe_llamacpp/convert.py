@@ -167,6 +167,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, plan: dict[str, list
     for e in tensors:
         writer.add_tensor_info(e["name"], e["shape"], np.float32, e["nbytes"], raw_dtype=quant.qtype(e["type"]))
 
+    _clear_dead_temporaries(parent, dst.name)
     tmp = parent / f".{dst.name}.{os.getpid()}.tmp"
     try:
         open(tmp, "xb").close()
@@ -206,6 +207,21 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, plan: dict[str, list
             raise EdgeMoEError(f"cannot write {dst}: {e.strerror or e}") from None
         raise
     return read_layout(dst)
+
+
+def _clear_dead_temporaries(parent: Path, name: str) -> None:
+    """Remove the temporary files of conversions to the same output that were killed."""
+    for tmp in parent.glob(f".{name}.*.tmp"):
+        pid = tmp.name[len(name) + 2:-4]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+        except PermissionError:
+            pass                        # alive, another user's
 
 
 def _fill_checksums(path: Path, tensors: list[dict], offsets: list[int]) -> None:

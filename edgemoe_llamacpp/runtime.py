@@ -119,7 +119,7 @@ def loaded_library(stem: str) -> str:
     A wheel cannot hold symlinks, so llama_cpp/lib has libggml-cpu.so, .so.0 and .so.0.x.y as separate
     files; dlopen of another name than the one libllama links would load a second copy with its own state.
     """
-    import llama_cpp  # noqa: F401 -- loads libllama and the ggml libraries it links
+    import llama_cpp  # loads libllama and the ggml libraries it links
 
     lib_dir = str(Path(llama_cpp.__file__).parent / "lib")
     for line in Path("/proc/self/maps").read_text().splitlines():

@@ -1,0 +1,185 @@
+"""The rewriter, verifier, profiler and planner on the trained fixture, with the real llama.cpp."""
+import itertools
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import llama_cpp
+import numpy as np
+import pytest
+
+from edgemoe_llamacpp import quant, runtime
+from edgemoe_llamacpp.cli import main as cli
+from edgemoe_llamacpp.convert import convert, sha256_file, uniform_plan
+from edgemoe_llamacpp.errors import BadModelError, BudgetError, EdgeMoEError
+from edgemoe_llamacpp.generate import greedy
+from edgemoe_llamacpp.layout import read_layout
+from edgemoe_llamacpp.llama import Llama
+from edgemoe_llamacpp.plan import choose
+from edgemoe_llamacpp.profile import Profile, profile
+from edgemoe_llamacpp.verify import verify
+
+PROMPT = "import os\nimport sys\n\n\ndef main(argv):\n    "
+patched = pytest.mark.skipif(not runtime.patched(), reason="needs llama-cpp-python built with patches/")
+
+
+@pytest.fixture(scope="module")
+def mixed(fixture_path, tmp_path_factory):
+    layout = read_layout(fixture_path)
+    plan = {t.name: [("Q4_K", "Q6_K", "Q3_K", "Q8_0")[(e + t.layer) % 4] for e in range(t.count)]
+            for t in layout.expert_tensors}
+    return convert(fixture_path, tmp_path_factory.mktemp("conv") / "mixed.gguf", plan, progress=False)
+
+
+def test_uniform_file_loads_in_stock_llama_cpp(fixture_path, tmp_path):
+    before = sha256_file(fixture_path)
+    out = convert(fixture_path, tmp_path / "q4k.gguf", uniform_plan(read_layout(fixture_path), "Q4_K"),
+                  progress=False)
+    assert sha256_file(fixture_path) == before                  # the input is only read
+    assert not out.mixed and {t.type for t in out.expert_tensors} == {"Q4_K"}
+    assert out.expert_bytes == read_layout(fixture_path).expert_bytes * 144 // 272   # Q4_K vs Q8_0 rows
+    assert all(r.offset % os.sysconf("SC_PAGE_SIZE") == 0 for t in out.expert_tensors for r in [t.slice(0)])
+    assert verify(out.path)["checksums"] == "ok"
+    llm = llama_cpp.Llama(model_path=out.path, n_ctx=256, verbose=False)    # plain llama-cpp-python
+    tokens, logits = greedy(llm, PROMPT, 16)
+    llm.close()
+    assert len(set(tokens)) > 4 and np.isfinite(logits).all()
+
+
+def test_mixed_file_layout_and_checks(mixed):
+    assert mixed.mixed
+    t = mixed.expert_tensors[0]
+    assert t.type == "Q8_0"                     # declared at the largest type: slots of one Q8_0 expert
+    assert [t.slice(e).type for e in range(4)] == [("Q4_K", "Q6_K", "Q3_K", "Q8_0")[(e + t.layer) % 4]
+                                                  for e in range(4)]
+    assert t.slice(0).size == 256 * 144 and t.slice(1).offset - t.slice(0).offset == t.stride
+    report = verify(mixed.path)
+    assert report["mixed"] and report["unaligned_expert_ranges"] == 0
+
+
+def test_verify_finds_damage(mixed, tmp_path):
+    bad = tmp_path / "bad.gguf"
+    data = bytearray(Path(mixed.path).read_bytes())
+    r = mixed.expert_tensors[3].slice(5)
+    data[r.offset + 100] ^= 0xFF
+    bad.write_bytes(bytes(data))
+    with pytest.raises(BadModelError, match="fails its checksum"):
+        verify(bad)
+
+
+@patched
+def test_mixed_file_runs_under_a_budget_with_the_hook(mixed):
+    full = Llama(mixed.path, n_ctx=256, verbose=False)
+    want = greedy(full, PROMPT, 32)
+    full.close()
+    llm = Llama(mixed.path, memory_budget="25%", n_ctx=256, verbose=False)
+    got = greedy(llm, PROMPT, 32)
+    total = llm.edgemoe_stats()["total"]
+    llm.close()
+    assert got[0] == want[0] and len(set(got[0])) > 4
+    np.testing.assert_array_equal(got[1], want[1])
+    assert total["misses"] > 0 and total["bytes_evicted"] > 0
+
+
+def test_convert_refuses_to_overwrite_or_touch_its_input(fixture_path, mixed, tmp_path, capsys):
+    before = os.stat(mixed.path).st_mtime_ns
+    assert cli(["convert", str(fixture_path), mixed.path, "--uniform", "Q4_K"]) == 2
+    assert "exists; pass --force" in capsys.readouterr().err
+    assert os.stat(mixed.path).st_mtime_ns == before
+    assert cli(["convert", str(fixture_path), str(fixture_path), "--uniform", "Q4_K", "--force"]) == 2
+    assert "never modifies its input" in capsys.readouterr().err
+    assert cli(["convert", str(fixture_path), "/proc/edgemoe-out.gguf", "--uniform", "Q4_K"]) == 2
+    assert "cannot write /proc/edgemoe-out.gguf" in capsys.readouterr().err
+    assert cli(["convert", str(fixture_path), str(tmp_path / "x.gguf"), "--uniform", "Q9_Z"]) == 2
+    assert "unknown ggml type" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
+def test_killed_conversion_leaves_input_and_output_path_clean(fixture_path, tmp_path):
+    """SIGKILL while the header is written, and at 30% and 80% of the tensor data."""
+    before = sha256_file(fixture_path)
+    final_size = convert(fixture_path, tmp_path / "ref.gguf", uniform_plan(read_layout(fixture_path), "Q3_K"),
+                         progress=False).file_size
+    out = tmp_path / "out.gguf"
+    cmd = [sys.executable, "-m", "edgemoe_llamacpp", "convert", str(fixture_path), str(out), "--uniform", "Q3_K"]
+    for fraction in (0.0, 0.3, 0.8):
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        landed = False
+        while proc.poll() is None and not landed:
+            partial = list(tmp_path.glob(".out.gguf.*.tmp"))
+            landed = any(p.stat().st_size > fraction * final_size for p in partial if p.exists())
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        assert landed and proc.returncode == -signal.SIGKILL, fraction     # killed mid-write
+        assert sha256_file(fixture_path) == before
+        assert not out.exists()
+    assert cli(cmd[3:]) == 0 and verify(out)["checksums"] == "ok"
+    assert not list(tmp_path.glob(".out.gguf.*.tmp"))       # a later conversion clears dead ones' leftovers
+
+
+@pytest.fixture(scope="module")
+def prof(fixture_path, tmp_path_factory):
+    path = tmp_path_factory.mktemp("prof") / "p.npz"
+    profile(str(fixture_path), path, tokens=1024, n_ctx=256, samples=32, progress=False)
+    return Profile(path)
+
+
+def test_profile_records_the_routing_llama_cpp_ran(fixture_path, prof):
+    n_tok = prof.meta["tokens"]
+    assert prof.ids.shape == (n_tok, 8, 2) and n_tok == 1024
+    np.testing.assert_allclose(prof.weights.sum(axis=2), 1, rtol=1e-5)
+    assert (prof.weights[..., 0] >= prof.weights[..., 1] - 1e-6).all()     # router order: strongest first
+    routed = np.stack([np.bincount(prof.ids[:, layer].ravel(), minlength=16) for layer in range(8)])
+    np.testing.assert_array_equal(prof.input_count, np.minimum(routed, 32))   # every routed token sampled
+    # the same window through edgemoe's hook chooses the same experts
+    llm = Llama(str(fixture_path), n_ctx=256, n_batch=256, logits_all=True, record_routing=True, verbose=False)
+    from edgemoe_llamacpp import corpus
+    window = corpus.tokens(llm, corpus.split_texts("train"), 256)
+    llm.eval(window)
+    trace = llm.edgemoe_trace()
+    llm.close()
+    for layer, ids in trace:
+        np.testing.assert_array_equal(np.array(ids), prof.ids[:256, layer])
+    share = prof.expert_stats()["share"]
+    np.testing.assert_allclose(share.sum(axis=1), 2)
+
+
+def test_choose_is_optimal_on_small_cases():
+    rng = np.random.default_rng(3)
+    for _ in range(30):
+        cost = np.sort(rng.random((1, 4, 3)), axis=2)[..., ::-1] * rng.random((1, 4, 1))
+        nbytes = np.array([[10, 17, 30]])
+        budget = int(rng.integers(40, 121))
+        idx = choose(cost, nbytes, budget)
+        got = cost[0, np.arange(4), idx[0]].sum()
+        best = min(sum(cost[0, e, c[e]] for e in range(4)) for c in itertools.product(range(3), repeat=4)
+                   if sum(nbytes[0, x] for x in c) <= budget)
+        assert nbytes[0, idx[0]].sum() <= budget
+        assert got <= best * 1.25 + 1e-12          # Lagrangian + greedy fill: near the exact optimum
+    with pytest.raises(BudgetError):
+        choose(np.ones((1, 4, 3)), nbytes, 39)
+
+
+def test_plan_spends_bits_where_the_output_moves(fixture_path, prof, tmp_path):
+    from edgemoe_llamacpp.plan import make_plan, measure_costs
+
+    costs = measure_costs(str(fixture_path), prof, types=("Q2_K", "Q4_K", "Q8_0"), progress=False)
+    # quantizing lower moves the output more, for every expert the profile saw
+    seen = prof.input_count > 0
+    assert (costs["cost"][seen][:, 0] > costs["cost"][seen][:, 1]).all()
+    assert (costs["cost"][..., 2] == 0).all()            # Q8_0 is the source's own type
+    plan, report = make_plan(costs, expert_bits=4.0)
+    assert report["bits_per_weight"] <= 4.0 and len(report["type_counts"]) == 3
+    idx = np.array([[("Q2_K", "Q4_K", "Q8_0").index(tn) for tn in plan[f"blk.{layer}.ffn_up_exps.weight"]]
+                    for layer in range(8)])
+    share = prof.expert_stats()["share"]
+    # experts routed to more often get at least as many bits on average
+    busy = share > np.median(share)
+    assert idx[busy].mean() > idx[~busy].mean()
+    with pytest.raises(EdgeMoEError):
+        make_plan(costs, expert_bits=2.0)                  # below Q2_K's 2.625 bits
+    assert quant.bits_per_weight("Q2_K") == 2.625
