@@ -1,6 +1,8 @@
 # Two commands on a fresh machine: `make demo` (the main job on the bundled tiny model) and `make test`.
-# llama-cpp-python compiles llama.cpp from source (~8 min on 2 cores) once; pip's wheel cache
-# (~/.cache/pip) keeps the built wheel, so later venvs install it in seconds.
+# tools/build_runtime.py compiles llama-cpp-python 0.3.36 with patches/ (~8 min on 2 cores) once and caches
+# the wheel under ~/.cache/edgemoe-llamacpp/wheels keyed by the patches' hash; later venvs install it in
+# seconds. `make test` also builds an unpatched llama-cpp-python (cached the same way) into .runtime/stock,
+# for the tests that show a stock build refuses files with per-expert types.
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -11,10 +13,17 @@ export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc)
 
 .PHONY: demo test install lint clean
 
-$(VENV)/.installed: pyproject.toml
+STOCK  := .runtime/stock
+
+$(VENV)/.installed: pyproject.toml tools/build_runtime.py $(wildcard patches/*.patch)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
+	$(PY) tools/build_runtime.py --python $(PY)
 	$(PY) -m pip install -e '.[dev]'
+	touch $@
+
+$(STOCK)/.installed: $(VENV)/.installed
+	$(PY) tools/build_runtime.py --stock --target $(STOCK)
 	touch $@
 
 install: $(VENV)/.installed
@@ -23,11 +32,11 @@ demo: $(VENV)/.installed
 	$(VENV)/bin/edgemoe inspect $(MODEL)
 	$(VENV)/bin/edgemoe run $(MODEL) -p "$$(printf '$(PROMPT)')" -n 64 --memory-budget $(BUDGET) --repeat-penalty 1.1
 
-test: $(VENV)/.installed
-	$(PY) -m pytest -q
+test: $(VENV)/.installed $(STOCK)/.installed
+	EDGEMOE_STOCK_RUNTIME=$(STOCK) EDGEMOE_REQUIRE_PATCHED=1 $(PY) -m pytest -q
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check edgemoe_llamacpp tests tools
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) .runtime build *.egg-info .pytest_cache

@@ -1,0 +1,96 @@
+"""The patched runtime: detected, stock behaviour unchanged, stock builds refuse mixed files, lazy load."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from edgemoe_llamacpp import quant, runtime
+from edgemoe_llamacpp.convert import convert
+from edgemoe_llamacpp.layout import read_layout
+
+STOCK = os.environ.get("EDGEMOE_STOCK_RUNTIME")
+needs_stock = pytest.mark.skipif(not STOCK, reason="EDGEMOE_STOCK_RUNTIME (an unpatched llama-cpp-python "
+                                 "installed with tools/build_runtime.py --stock --target DIR) is not set")
+
+
+def test_runtime_is_patched_where_required():
+    info = runtime.runtime_info()
+    if os.environ.get("EDGEMOE_REQUIRE_PATCHED"):
+        assert info["patched"] and "+edgemoe." in info["llama_cpp_python"], info
+    assert info["patched"] == hasattr(runtime.ggml_cpu(), "ggml_cpu_edgemoe_abi")
+
+
+@pytest.fixture(scope="module")
+def mixed(fixture_path, tmp_path_factory):
+    layout = read_layout(fixture_path)
+    plan = {t.name: [quant.PLAN_TYPES[e % 6] for e in range(t.count)] for t in layout.expert_tensors}
+    return convert(fixture_path, tmp_path_factory.mktemp("rt") / "mixed.gguf", plan, progress=False).path
+
+
+def python(code: str, stock: bool) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    if stock:
+        env["PYTHONPATH"] = os.pathsep.join([str(Path(STOCK).resolve()), env.get("PYTHONPATH", "")])
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+
+
+@needs_stock
+def test_stock_build_refuses_a_mixed_file(mixed):
+    r = python(f"import llama_cpp; print(llama_cpp.__version__); llama_cpp.Llama({mixed!r})", stock=True)
+    assert r.stdout.strip() == "0.3.36" and r.returncode != 0
+    assert "wrong number of tensors" in r.stderr
+    # and edgemoe, on that build, says why before llama.cpp gets to it
+    r = python(f"from edgemoe_llamacpp.cli import main; raise SystemExit(main(['run', {mixed!r}, '-p', 'x']))",
+               stock=True)
+    assert r.returncode == 2 and "not built with edgemoe's patches" in r.stderr
+
+
+GREEDY = """
+import json
+from edgemoe_llamacpp.generate import greedy
+from edgemoe_llamacpp.llama import stock_llama
+llm = stock_llama({path!r}, use_extra_bufts={bufts}, n_ctx=256, verbose=False)
+tokens, logits = greedy(llm, "import os\\nimport sys\\n\\n\\ndef main(argv):\\n    ", 32)
+print(json.dumps({{"tokens": tokens, "logits": logits.tolist()}}))
+"""
+
+
+@needs_stock
+@pytest.mark.parametrize("bufts", [False, True])
+def test_patched_build_computes_stock_files_exactly_as_stock(fixture_path, bufts):
+    """Nothing registered: the patched kernel takes the stock path, bit for bit."""
+    code = GREEDY.format(path=str(fixture_path), bufts=bufts)
+    stock, patched = (python(code, stock=s) for s in (True, False))
+    assert stock.returncode == 0 and patched.returncode == 0, stock.stderr + patched.stderr
+    assert json.loads(stock.stdout) == json.loads(patched.stdout)
+
+
+LOAD = """
+import os, json
+from edgemoe_llamacpp import runtime
+from edgemoe_llamacpp.layout import read_layout
+from edgemoe_llamacpp.llama import Llama
+fd = os.open({path!r}, os.O_RDONLY); runtime.flush(fd); runtime.fadvise_dontneed(fd, 0, 0); os.close(fd)
+def read(): return int(open("/proc/self/io").read().split("read_bytes: ")[1].split()[0])
+start = read()
+read_layout({path!r})         # gguf-py's reader faults the header region in (with readahead): not the load
+before = read()
+llm = Llama({path!r}, memory_budget={budget!r}, n_ctx=64, verbose=False)
+print(json.dumps({{"read": read() - before, "dense": llm._edgemoe_layout.dense_bytes, "header": before - start}}))
+"""
+
+
+@pytest.mark.skipif(not runtime.patched(), reason="needs llama-cpp-python built with patches/")
+def test_load_under_a_budget_does_not_read_the_whole_file(fixture_path):
+    size = fixture_path.stat().st_size
+    reads = {}
+    for budget in ("25%", None):
+        r = python(LOAD.format(path=str(fixture_path), budget=budget), stock=False)
+        assert r.returncode == 0, r.stderr
+        reads[budget] = json.loads(r.stdout)
+    # stock load: MAP_POPULATE reads the rest of the file
+    assert reads[None]["read"] >= 0.9 * (size - reads[None]["header"])
+    assert reads["25%"]["read"] <= reads["25%"]["dense"]     # LLAMA_MMAP_PREFETCH=0: not even the dense
