@@ -1,6 +1,7 @@
 """Hostile GGUF files: every mutation ends in the project's clear error or a layout that stays in the file."""
 import itertools
 import struct
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -72,3 +73,56 @@ def test_truncated_anywhere(tmp_path, base, cut):
     path = tmp_path / "m.gguf"
     path.write_bytes(blob[: cut % len(blob)])
     check(path)
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory) -> Base:
+    """A file written by `edgemoe convert` with per-expert types (F32/F16/Q8_0 slots, edgemoe.* tables)."""
+    from edgemoe_llamacpp.convert import convert
+
+    d = tmp_path_factory.mktemp("fuzzconv")
+    src = write_gguf(d / "src.gguf", "qwen3moe", {"block_count": 2, "expert_count": 4, "expert_used_count": 2},
+                     moe_tensors(2, 4, d=32, ff=32))
+    layout = read_layout(src)
+    plan = {t.name: [("F32", "F16", "Q8_0")[e % 3] for e in range(t.count)] for t in layout.expert_tensors}
+    out = convert(src, d / "conv.gguf", plan, progress=False)
+    assert out.mixed
+    return Base((Path(out.path).read_bytes(), out.data_offset))
+
+
+def check_converted(path) -> None:
+    from edgemoe_llamacpp.verify import verify
+
+    check(path)
+    try:
+        layout = read_layout(path)
+        for t in layout.expert_tensors:
+            for e in range(t.count):
+                r = t.slice(e)
+                assert t.offset + e * t.stride == r.offset and r.size <= t.stride   # inside its own slot
+        verify(path)
+    except EdgeMoEError:
+        pass
+
+
+@FUZZ
+@given(data=st.data())
+def test_converted_file_mutations(tmp_path, converted, data):
+    """Header, KV (edgemoe tables included), tensor infos, data and truncation of a converted file."""
+    blob, header_end = converted
+    buf = bytearray(blob)
+    how = data.draw(st.sampled_from(["flip", "integer", "truncate", "data"]))
+    if how == "flip":
+        for _ in range(data.draw(st.integers(1, 8))):
+            buf[data.draw(st.integers(0, header_end - 1))] = data.draw(st.integers(0, 255))
+    elif how == "integer":
+        at = data.draw(st.integers(0, header_end - 8))
+        value = data.draw(st.sampled_from([0, 1, 7, 8, 10, 14, 40, 2**31 - 1, 2**64 - 1]) | st.integers(0, 2**64 - 1))
+        buf[at:at + 8] = struct.pack("<Q", value)
+    elif how == "data":
+        buf[data.draw(st.integers(header_end, len(buf) - 1))] ^= data.draw(st.integers(1, 255))
+    else:
+        buf = buf[: data.draw(st.integers(0, len(buf) - 1))]
+    path = tmp_path / "m.gguf"
+    path.write_bytes(bytes(buf))
+    check_converted(path)

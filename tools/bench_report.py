@@ -92,8 +92,68 @@ def server_section(path: Path, r: dict) -> str:
         f"{st['resident_expert_bytes']:,} / {st['budget_bytes']:,} |"), ""])
 
 
+def quality_plot(r: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+    for kind, style, label in (("uniform", "o-", "uniform type per file"), ("plan", "s", "edgemoe per-expert plan")):
+        rows = sorted((x for x in r["rows"] if x["kind"] == kind), key=lambda x: x["expert_bytes"])
+        ax.plot([x["expert_bytes"] / 1e6 for x in rows], [x["perplexity"] for x in rows], style, label=label)
+        if kind == "uniform":
+            for x in rows:
+                ax.annotate(x["label"].split()[-1], (x["expert_bytes"] / 1e6, x["perplexity"]), fontsize=7,
+                            textcoords="offset points", xytext=(4, 4))
+    ax.set_xlabel("expert bytes (MB)")
+    ax.set_ylabel(f"perplexity ({r['eval']['tokens']:,} validation tokens)")
+    ax.set_yscale("log")
+    ax.set_title(f"{Path(r['model']).name}: quality at equal size", fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+
+
+def quality_section(path: Path, r: dict) -> str:
+    png = path.with_suffix(".png")
+    quality_plot(r, png)
+    uniform = sorted((x for x in r["rows"] if x["kind"] == "uniform"), key=lambda x: x["expert_bytes"])
+    rows = ["| file | bits/weight | expert MB | perplexity | types (plans) | vs uniform of same or larger size |",
+            "|---|---|---|---|---|---|"]
+    for x in sorted(r["rows"], key=lambda x: x["expert_bytes"]):
+        verdict = ""
+        if x["kind"] == "plan":
+            ref = next((u for u in uniform if u["expert_bytes"] >= x["expert_bytes"]), None)
+            if ref:
+                better = x["perplexity"] < ref["perplexity"]
+                verdict = (f"{'beats' if better else 'LOSES TO'} {ref['label']} ({ref['perplexity']:.3f}, "
+                           f"{ref['expert_bytes'] / x['expert_bytes']:.2f}x the bytes)")
+        types = ", ".join(f"{k} {v}" for k, v in (x["type_counts"] or {}).items() if v)
+        rows.append(f"| {x['label']} | {x['bits_per_weight']:.3f} | {x['expert_bytes'] / 1e6:.2f} | "
+                    f"{x['perplexity']:.3f} | {types} | {verdict} |")
+    notes = [f"- {u['label']}: not reachable: {u['reason']}" for u in r.get("unreachable", [])]
+    return "\n".join([
+        f"## {path.stem}: perplexity vs expert bytes, uniform types against per-expert plans", "",
+        (f"`{r['model']}`, profiled on {r['profile']['tokens']:,} tokens of the {r['profile']['text']} "
+         f"(up to {r['profile']['samples_per_expert']} FFN inputs sampled per expert), each expert's cost "
+         f"measured at {', '.join(r['types'])}; perplexity on {r['eval']['tokens']:,} tokens of the "
+         f"{r['eval']['text']} in windows of {r['eval']['n_ctx']}, through llama-cpp-python "
+         f"{r['runtime']['llama_cpp_python']}. Bits per weight are real bytes x 8 / expert weights "
+         f"(Q2_K is 2.625, Q8_0 8.5); the source file is Q8_0, so uniform Q8_0 is the source's own quality. "
+         f"{r['date']}."), "",
+        *rows, "", *notes, "" if notes else "",
+        f"![perplexity vs expert bytes]({png.relative_to(ROOT).as_posix()})", "",
+        "Command:", "", "```sh", r["command"], "```", "",
+    ])
+
+
 def section(path: Path) -> str:
     r = json.loads(path.read_text())
+    if r.get("kind") == "quality":
+        return quality_section(path, r)
     if r.get("kind") == "server_load":
         return server_section(path, r)
     if r.get("kind") == "policy_replay":
