@@ -28,9 +28,16 @@ $(STOCK)/.installed: $(VENV)/.installed
 
 install: $(VENV)/.installed
 
+DEMO   := build/demo
+
 demo: $(VENV)/.installed
 	$(VENV)/bin/edgemoe inspect $(MODEL)
 	$(VENV)/bin/edgemoe run $(MODEL) -p "$$(printf '$(PROMPT)')" -n 64 --memory-budget $(BUDGET) --repeat-penalty 1.1
+	mkdir -p $(DEMO)
+	$(VENV)/bin/edgemoe profile $(MODEL) --out $(DEMO)/profile.npz --tokens 4096
+	$(VENV)/bin/edgemoe convert $(MODEL) $(DEMO)/tiny-moe-3.5bit.gguf --profile $(DEMO)/profile.npz --expert-bits 3.5 --force
+	$(VENV)/bin/edgemoe verify $(DEMO)/tiny-moe-3.5bit.gguf
+	$(VENV)/bin/edgemoe run $(DEMO)/tiny-moe-3.5bit.gguf -p "$$(printf '$(PROMPT)')" -n 64 --memory-budget $(BUDGET) --repeat-penalty 1.1
 
 test: $(VENV)/.installed $(STOCK)/.installed
 	EDGEMOE_STOCK_RUNTIME=$(STOCK) EDGEMOE_REQUIRE_PATCHED=1 $(PY) -m pytest -q

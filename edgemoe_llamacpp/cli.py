@@ -171,12 +171,15 @@ def cmd_ppl(args: argparse.Namespace) -> int:
     from .perplexity import perplexity
 
     result = perplexity(args.model, texts=read_texts(args.text) if args.text else None, tokens=args.tokens,
-                        n_ctx=args.n_ctx, memory_budget=args.memory_budget)
+                        n_ctx=args.n_ctx, reference=args.reference, memory_budget=args.memory_budget)
     if args.json:
         print(json.dumps(result))
     else:
         print(f"{args.model}: perplexity {result['perplexity']:.3f} over {result['tokens']:,} tokens "
               f"({result['windows']} windows of {result['n_ctx']})")
+        if args.reference:
+            print(f"  vs {args.reference}: KL divergence {result['kld']:.5f} nats/token, same top-1 "
+                  f"{result['same_top1']:.2%}")
     return 0
 
 
@@ -273,6 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens", type=int, default=16384, help="tokens to score (default 16384)")
     p.add_argument("--n-ctx", dest="n_ctx", type=int, default=512, help="window length (default 512)")
     p.add_argument("--memory-budget", help="expert memory budget while scoring (default: none)")
+    p.add_argument("--reference", help="also KL divergence and top-1 agreement against this model (e.g. the source)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_ppl)
 

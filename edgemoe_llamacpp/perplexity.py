@@ -9,32 +9,51 @@ from tqdm import tqdm
 from . import corpus
 
 
-def window_nll(llm, window: list[int]) -> float:
-    """Summed negative log-likelihood of window[1:] given its prefix (needs logits_all=True)."""
+def window_logp(llm, window: list[int]) -> np.ndarray:
+    """Log-probabilities [n-1, vocab] of every next token of `window` (needs logits_all=True)."""
     llm.reset()
     llm.eval(window)
-    n = len(window)
-    logits = np.asarray(llm.scores[: n - 1], dtype=np.float64)
+    logits = np.asarray(llm.scores[: len(window) - 1], dtype=np.float64)
     logits -= logits.max(1, keepdims=True)
-    logp = logits - np.log(np.exp(logits).sum(1, keepdims=True))
-    return float(-logp[np.arange(n - 1), window[1:]].sum())
+    return logits - np.log(np.exp(logits).sum(1, keepdims=True))
 
 
-def perplexity(model_path: str, *, texts=None, tokens: int = 16384, n_ctx: int = 512,
+def perplexity(model_path: str, *, texts=None, tokens: int = 16384, n_ctx: int = 512, reference: str | None = None,
                progress: bool = True, **llama_kwargs) -> dict:
-    """Perplexity in independent windows of n_ctx tokens; default text: the validation split."""
+    """Perplexity in independent windows of n_ctx tokens; default text: the validation split.
+
+    With `reference` (e.g. the file a converted model came from), also the mean KL divergence
+    KL(reference || model) per token and how often both put the same token first.
+    """
     from .llama import Llama
 
-    llm = Llama(model_path, n_ctx=n_ctx, n_batch=n_ctx, logits_all=True, verbose=False, **llama_kwargs)
+    def load(path):
+        return Llama(path, n_ctx=n_ctx, n_batch=n_ctx, logits_all=True, verbose=False, **llama_kwargs)
+
+    llm = load(model_path)
+    ref = None
     try:
+        ref = load(reference) if reference else None
         ids = corpus.tokens(llm, texts if texts is not None else corpus.split_texts("validation"), tokens)
         starts = range(0, len(ids) - n_ctx + 1, n_ctx)
         if not starts:
             raise ValueError(f"the text gives {len(ids)} tokens, fewer than one window of {n_ctx}")
-        nll = sum(window_nll(llm, ids[s:s + n_ctx])
-                  for s in tqdm(starts, desc="perplexity", unit="window", disable=not progress))
+        nll = kld = same = 0.0
+        for s in tqdm(starts, desc="perplexity", unit="window", disable=not progress):
+            window = ids[s:s + n_ctx]
+            logp = window_logp(llm, window)
+            nll -= logp[np.arange(n_ctx - 1), window[1:]].sum()
+            if ref is not None:
+                ref_logp = window_logp(ref, window)
+                kld += float((np.exp(ref_logp) * (ref_logp - logp)).sum())
+                same += float((ref_logp.argmax(1) == logp.argmax(1)).sum())
     finally:
         llm.close()
+        if ref is not None:
+            ref.close()
     count = len(starts) * (n_ctx - 1)
-    return {"model": str(model_path), "perplexity": math.exp(nll / count), "tokens": count,
-            "windows": len(starts), "n_ctx": n_ctx}
+    out = {"model": str(model_path), "perplexity": math.exp(nll / count), "tokens": count,
+           "windows": len(starts), "n_ctx": n_ctx}
+    if ref is not None:
+        out.update(reference=str(reference), kld=kld / count, same_top1=same / count)
+    return out

@@ -34,7 +34,8 @@ def python(code: str, stock: bool) -> subprocess.CompletedProcess:
     env = dict(os.environ)
     if stock:
         env["PYTHONPATH"] = os.pathsep.join([str(Path(STOCK).resolve()), env.get("PYTHONPATH", "")])
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600,
+                          check=False)
 
 
 @needs_stock

@@ -101,13 +101,13 @@ def quality_plot(r: dict, out: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
     for kind, style, label in (("uniform", "o-", "uniform type per file"), ("plan", "s", "edgemoe per-expert plan")):
         rows = sorted((x for x in r["rows"] if x["kind"] == kind), key=lambda x: x["expert_bytes"])
-        ax.plot([x["expert_bytes"] / 1e6 for x in rows], [x["perplexity"] for x in rows], style, label=label)
+        ax.plot([x["expert_bytes"] / 1e6 for x in rows], [max(x["kld"], 1e-6) for x in rows], style, label=label)
         if kind == "uniform":
             for x in rows:
-                ax.annotate(x["label"].split()[-1], (x["expert_bytes"] / 1e6, x["perplexity"]), fontsize=7,
+                ax.annotate(x["label"].split()[-1], (x["expert_bytes"] / 1e6, max(x["kld"], 1e-6)), fontsize=7,
                             textcoords="offset points", xytext=(4, 4))
     ax.set_xlabel("expert bytes (MB)")
-    ax.set_ylabel(f"perplexity ({r['eval']['tokens']:,} validation tokens)")
+    ax.set_ylabel(f"KL divergence from the source, nats/token ({r['eval']['tokens']:,} tokens)")
     ax.set_yscale("log")
     ax.set_title(f"{Path(r['model']).name}: quality at equal size", fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
@@ -121,19 +121,20 @@ def quality_section(path: Path, r: dict) -> str:
     png = path.with_suffix(".png")
     quality_plot(r, png)
     uniform = sorted((x for x in r["rows"] if x["kind"] == "uniform"), key=lambda x: x["expert_bytes"])
-    rows = ["| file | bits/weight | expert MB | perplexity | types (plans) | vs uniform of same or larger size |",
-            "|---|---|---|---|---|---|"]
+    rows = [("| file | bits/weight | expert MB | perplexity | KL vs source (nats/token) | same top-1 | types (plans) "
+             "| vs the uniform file of the same or next larger size |"), "|---|---|---|---|---|---|---|---|"]
     for x in sorted(r["rows"], key=lambda x: x["expert_bytes"]):
         verdict = ""
         if x["kind"] == "plan":
             ref = next((u for u in uniform if u["expert_bytes"] >= x["expert_bytes"]), None)
             if ref:
-                better = x["perplexity"] < ref["perplexity"]
-                verdict = (f"{'beats' if better else 'LOSES TO'} {ref['label']} ({ref['perplexity']:.3f}, "
-                           f"{ref['expert_bytes'] / x['expert_bytes']:.2f}x the bytes)")
+                kld = "lower KL" if x["kld"] < ref["kld"] else "HIGHER KL"
+                ppl = "lower perplexity" if x["perplexity"] < ref["perplexity"] else "HIGHER perplexity"
+                verdict = (f"{ref['label']} ({ref['expert_bytes'] / x['expert_bytes']:.2f}x the bytes): "
+                           f"{kld}, {ppl}")
         types = ", ".join(f"{k} {v}" for k, v in (x["type_counts"] or {}).items() if v)
         rows.append(f"| {x['label']} | {x['bits_per_weight']:.3f} | {x['expert_bytes'] / 1e6:.2f} | "
-                    f"{x['perplexity']:.3f} | {types} | {verdict} |")
+                    f"{x['perplexity']:.3f} | {x['kld']:.5f} | {x['same_top1']:.2%} | {types} | {verdict} |")
     notes = [f"- {u['label']}: not reachable: {u['reason']}" for u in r.get("unreachable", [])]
     return "\n".join([
         f"## {path.stem}: perplexity vs expert bytes, uniform types against per-expert plans", "",
@@ -144,7 +145,7 @@ def quality_section(path: Path, r: dict) -> str:
          f"{r['runtime']['llama_cpp_python']}. Bits per weight are real bytes x 8 / expert weights "
          f"(Q2_K is 2.625, Q8_0 8.5); the source file is Q8_0, so uniform Q8_0 is the source's own quality. "
          f"{r['date']}."), "",
-        *rows, "", *notes, "" if notes else "",
+        *rows, "", *notes, "",
         f"![perplexity vs expert bytes]({png.relative_to(ROOT).as_posix()})", "",
         "Command:", "", "```sh", r["command"], "```", "",
     ])

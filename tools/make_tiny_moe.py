@@ -15,18 +15,18 @@ Needs the `train` extra (torch, tokenizers); the final perplexity needs llama-cp
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import os
 import random
 import sys
-import sysconfig
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+
+from edgemoe_llamacpp.corpus import EOT, is_validation, stdlib_files
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -54,23 +54,6 @@ class Config:
     val_percent: int = 5            # files whose path hash falls below this go to validation
     eval_tokens: int = 65536        # validation tokens for the routing and perplexity measurements
 
-EOT = "<|endoftext|>"
-
-
-def stdlib_files() -> list[tuple[str, Path]]:
-    """Every .py file of the running interpreter's Lib/ (no site-packages), sorted by relative path."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    out = []
-    for p in root.rglob("*.py"):
-        rel = p.relative_to(root).as_posix()
-        if "site-packages" in rel or "dist-packages" in rel:
-            continue
-        out.append((rel, p))
-    return sorted(out)
-
-
-def is_validation(rel: str, cfg: Config) -> bool:
-    return int(hashlib.sha256(rel.encode()).hexdigest(), 16) % 100 < cfg.val_percent
 
 
 def read_corpus(cfg: Config) -> tuple[list[str], list[str]]:
@@ -80,7 +63,7 @@ def read_corpus(cfg: Config) -> tuple[list[str], list[str]]:
             text = p.read_text(encoding="utf-8")
         except (UnicodeDecodeError, OSError):
             continue
-        (val if is_validation(rel, cfg) else train).append(text)
+        (val if is_validation(rel, cfg.val_percent) else train).append(text)
     return train, val
 
 

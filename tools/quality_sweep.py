@@ -5,7 +5,8 @@
 
 Profiles the model on the stdlib train split (`edgemoe profile`), measures every expert's cost at every type
 once, writes uniform Q2_K..Q8_0 files and per-expert plans at the given average bits and at the exact sizes
-of the uniform Q3_K/Q4_K/Q5_K files, and scores each on the validation split (`edgemoe ppl`). The files go to
+of the uniform Q3_K/Q4_K/Q5_K files, and scores each on the validation split (`edgemoe ppl --reference`):
+perplexity, and the KL divergence from the source model's next-token distribution with top-1 agreement. The files go to
 --work (default build/quality) and are not kept in git.
 """
 from __future__ import annotations
@@ -51,14 +52,15 @@ def main() -> int:
 
     def score(kind: str, label: str, path: Path, target_bits: float | None, plan_report: dict | None) -> None:
         out = read_layout(path)
-        ppl = perplexity(str(path), tokens=args.tokens)
+        ppl = perplexity(str(path), tokens=args.tokens, reference=args.model)
         rows.append({"kind": kind, "label": label, "file": path.name, "expert_bytes": out.expert_bytes,
                      "bits_per_weight": 8 * out.expert_bytes / n_weights, "target_bits": target_bits,
-                     "perplexity": ppl["perplexity"], "tokens": ppl["tokens"],
+                     "perplexity": ppl["perplexity"], "tokens": ppl["tokens"], "kld": ppl["kld"],
+                     "same_top1": ppl["same_top1"],
                      "type_counts": (plan_report or {}).get("type_counts"),
                      "planned_cost": (plan_report or {}).get("cost")})
         print(f"{label:>24}: {8 * out.expert_bytes / n_weights:.3f} bits, {out.expert_bytes / 1e6:.2f} MB, "
-              f"ppl {ppl['perplexity']:.3f}", flush=True)
+              f"ppl {ppl['perplexity']:.3f}, KLD {ppl['kld']:.5f}, same top-1 {ppl['same_top1']:.2%}", flush=True)
 
     uniform_sizes = {}
     for tn in quant.PLAN_TYPES:
