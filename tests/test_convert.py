@@ -183,3 +183,28 @@ def test_plan_spends_bits_where_the_output_moves(fixture_path, prof, tmp_path):
     with pytest.raises(EdgeMoEError):
         make_plan(costs, expert_bits=2.0)                  # below Q2_K's 2.625 bits
     assert quant.bits_per_weight("Q2_K") == 2.625
+
+
+def test_per_layer_plan_file_loads_in_stock_llama_cpp(fixture_path, tmp_path):
+    import json
+
+    layout = read_layout(fixture_path)
+    plan = {t.name: ("Q4_K" if t.layer < 4 else "Q6_K") for t in layout.expert_tensors}
+    (tmp_path / "plan.json").write_text(json.dumps(plan))
+    out = tmp_path / "layers.gguf"
+    assert cli(["convert", str(fixture_path), str(out), "--plan", str(tmp_path / "plan.json")]) == 0
+    conv = read_layout(out)
+    assert not conv.mixed and {(t.layer < 4, t.type) for t in conv.expert_tensors} == {(True, "Q4_K"),
+                                                                                       (False, "Q6_K")}
+    llm = llama_cpp.Llama(model_path=str(out), n_ctx=128, verbose=False)
+    tokens, _ = greedy(llm, PROMPT, 8)
+    llm.close()
+    assert len(tokens) == 8
+
+
+def test_stock_helper_refuses_mixed_files(mixed):
+    from edgemoe_llamacpp.errors import MixedTypesError
+    from edgemoe_llamacpp.llama import stock_llama
+
+    with pytest.raises(MixedTypesError):
+        stock_llama(mixed.path)
