@@ -36,8 +36,14 @@ def plot(result: dict, out: Path) -> None:
     ax.set_xlabel("memory budget (% of expert bytes)")
     ax.set_ylabel("decode tokens/s")
     ax.set_yscale("log")
-    ax.set_title(f"{Path(result['model']).name}: {result['expert_bytes'] / 1e9:.2f} GB experts, "
-                 f"{budgets[0]['stock']['runs']} runs per engine and budget", fontsize=10)
+    save(fig, ax, out, f"{Path(result['model']).name}: {result['expert_bytes'] / 1e9:.2f} GB experts, "
+                       f"{budgets[0]['stock']['runs']} runs per engine and budget")
+
+
+def save(fig, ax, out: Path, title: str) -> None:
+    import matplotlib.pyplot as plt
+
+    ax.set_title(title, fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -109,12 +115,7 @@ def quality_plot(r: dict, out: Path) -> None:
     ax.set_xlabel("expert bytes (MB)")
     ax.set_ylabel(f"KL divergence from the source, nats/token ({r['eval']['tokens']:,} tokens)")
     ax.set_yscale("log")
-    ax.set_title(f"{Path(r['model']).name}: quality at equal size", fontsize=10)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out)
-    plt.close(fig)
+    save(fig, ax, out, f"{Path(r['model']).name}: quality at equal size")
 
 
 def quality_section(path: Path, r: dict) -> str:
