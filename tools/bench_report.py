@@ -106,16 +106,18 @@ def quality_plot(r: dict, out: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
     for kind, style, label in (("uniform", "o-", "uniform type per file"), ("plan", "s", "edgemoe per-expert plan")):
-        rows = sorted((x for x in r["rows"] if x["kind"] == kind), key=lambda x: x["expert_bytes"])
-        ax.plot([x["expert_bytes"] / 1e6 for x in rows], [max(x["kld"], 1e-6) for x in rows], style, label=label)
+        # the source's own type has KL 0, which a log axis cannot show
+        rows = sorted((x for x in r["rows"] if x["kind"] == kind and x["kld"] > 0), key=lambda x: x["expert_bytes"])
+        ax.plot([x["expert_bytes"] / 1e6 for x in rows], [x["kld"] for x in rows], style, label=label)
         if kind == "uniform":
             for x in rows:
-                ax.annotate(x["label"].split()[-1], (x["expert_bytes"] / 1e6, max(x["kld"], 1e-6)), fontsize=7,
+                ax.annotate(x["label"].split()[-1], (x["expert_bytes"] / 1e6, x["kld"]), fontsize=7,
                             textcoords="offset points", xytext=(4, 4))
     ax.set_xlabel("expert bytes (MB)")
-    ax.set_ylabel(f"KL divergence from the source, nats/token ({r['eval']['tokens']:,} tokens)")
+    ax.set_ylabel("KL from the source (nats/token)")
     ax.set_yscale("log")
-    save(fig, ax, out, f"{Path(r['model']).name}: quality at equal size")
+    save(fig, ax, out, f"{Path(r['model']).name}: quality at equal size "
+                       f"({r['eval']['tokens']:,} validation tokens; Q8_0 = the source)")
 
 
 def quality_section(path: Path, r: dict) -> str:
@@ -137,6 +139,18 @@ def quality_section(path: Path, r: dict) -> str:
         rows.append(f"| {x['label']} | {x['bits_per_weight']:.3f} | {x['expert_bytes'] / 1e6:.2f} | "
                     f"{x['perplexity']:.3f} | {x['kld']:.5f} | {x['same_top1']:.2%} | {types} | {verdict} |")
     notes = [f"- {u['label']}: not reachable: {u['reason']}" for u in r.get("unreachable", [])]
+    upper = [x["perplexity"] for x in r["rows"] if x["bits_per_weight"] >= 3.4]
+    ppl_sorted = [u["perplexity"] for u in uniform]
+    kld_sorted = [u["kld"] for u in uniform]
+    notes.append(
+        f"- Perplexity of every file at 3.4 bits or more lies within {min(upper):.3f}-{max(upper):.3f} "
+        f"({100 * (max(upper) / min(upper) - 1):.2f}%)"
+        + ("" if ppl_sorted == sorted(ppl_sorted, reverse=True) else
+           " and is not monotone in bits for the uniform files") +
+        "; KL divergence from the source's next-token distribution "
+        + ("falls monotonically with bits" if kld_sorted == sorted(kld_sorted, reverse=True) else "is not monotone")
+        + " for the uniform files, and it is the quantity the planner's cost (output error) models. "
+        "The verdict column gives both.")
     return "\n".join([
         f"## {path.stem}: perplexity vs expert bytes, uniform types against per-expert plans", "",
         (f"`{r['model']}`, profiled on {r['profile']['tokens']:,} tokens of the {r['profile']['text']} "
