@@ -1,8 +1,9 @@
 """The GGUF rewriter: experts at planned types in page-aligned slots, plan and provenance in `edgemoe.*`.
 
 A plan maps every stacked expert tensor to one type per expert. A tensor whose experts share a type is
-written as an ordinary tensor of that type (stock llama.cpp loads such a file). A tensor with mixed types
-is declared at its largest type, so every expert owns a fixed slot of `nb[2]` bytes; expert e is written
+written as an ordinary tensor of that type (stock llama.cpp loads such a file). In a file with any mixed
+tensor, every planned tensor is declared at its largest type (or the next larger one whose slot is a whole
+number of pages), so every expert owns a fixed, page-aligned slot of `nb[2]` bytes; expert e is written
 at its own type at the start of slot e and the rest of the slot is left a hole (seeked over, never
 written). Its types go to `edgemoe.expert_types.<tensor>` and an `edgemoe.guard` tensor makes builds
 without the patch refuse the file. The tensor data section is aligned to the page size.
@@ -71,23 +72,38 @@ def _check_plan(layout: MoELayout, plan: dict[str, list[str]], reader: GGUFReade
 def _out_tensors(reader: GGUFReader, plan: dict[str, list[str]]) -> list[dict]:
     """Every output tensor: name, numpy shape, declared type, nbytes, and the per-expert types if mixed."""
     out = []
+    # one mixed tensor makes the file need the patched runtime; then every planned tensor gets slots
+    mixed = any(len(set(types)) > 1 for types in plan.values())
     for t in reader.tensors:
         if t.name.startswith(EDGEMOE_PREFIX):
             continue
         shape = [int(x) for x in reversed(t.shape.tolist())]
         entry = {"name": t.name, "shape": shape, "type": t.tensor_type.name, "nbytes": int(t.n_bytes),
-                 "src": t, "experts": None}
+                 "src": t, "experts": None, "slotted": False}
         types = plan.get(t.name)
         if types is not None:
             row_len, n_expert = int(t.shape[0]), int(t.shape[-1])
             rows = int(np.prod(t.shape[1:-1]))
-            declared = max(set(types), key=lambda tn: quant.row_bytes(tn, row_len))
+            declared = _slot_type(types, row_len, rows) if mixed else types[0]
             entry.update(type=declared, nbytes=n_expert * rows * quant.row_bytes(declared, row_len),
-                         experts=types, row_len=row_len, rows=rows)
+                         experts=types, row_len=row_len, rows=rows, slotted=set(types) != {declared})
         out.append(entry)
-    if any(e["experts"] and len(set(e["experts"])) > 1 for e in out):
-        out.append({"name": GUARD, "shape": [16], "type": "I8", "nbytes": 16, "src": None, "experts": None})
+    if mixed:
+        out.append({"name": GUARD, "shape": [16], "type": "I8", "nbytes": 16, "src": None, "experts": None,
+                    "slotted": False})
     return out
+
+
+def _slot_type(types: list[str], row_len: int, rows: int) -> str:
+    """The type a tensor of a mixed file is declared at: its largest expert type, or if that type's slot
+    is not a whole number of pages, the next larger type whose slot is (the slot's tail is a hole: no disk,
+    no reads)."""
+    largest = max(set(types), key=lambda tn: quant.row_bytes(tn, row_len))
+    need = quant.row_bytes(largest, row_len)
+    wider = sorted((tn for tn in (*quant.PLAN_TYPES, "F16", "F32")
+                    if quant.fits(tn, row_len) and quant.row_bytes(tn, row_len) >= need),
+                   key=lambda tn: quant.row_bytes(tn, row_len))
+    return next((tn for tn in wider if rows * quant.row_bytes(tn, row_len) % ALIGNMENT == 0), largest)
 
 
 def _kv(writer: GGUFWriter, reader: GGUFReader) -> None:
@@ -160,7 +176,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, plan: dict[str, list
         writer.add_key_value(f"edgemoe.{key}", value, _vtype(value),
                              sub_type=_vtype(value[0]) if isinstance(value, list) else None)
     for e in tensors:
-        if e["experts"] is not None and len(set(e["experts"])) > 1:
+        if e["slotted"]:
             writer.add_array(EXPERT_TYPES + e["name"], [int(quant.qtype(tn)) for tn in e["experts"]])
     writer.add_array(CHECKSUM_NAMES, [e["name"] for e in tensors])
     writer.add_array(CHECKSUM_SHA256, [_PLACEHOLDER] * len(tensors))

@@ -208,3 +208,17 @@ def test_stock_helper_refuses_mixed_files(mixed):
 
     with pytest.raises(MixedTypesError):
         stock_llama(mixed.path)
+
+
+def test_every_expert_of_a_mixed_file_is_page_aligned(fixture_path, tmp_path):
+    """Q2_K/Q3_K slots (21,504 and 28,160 bytes) and a tensor all at Q6_K (53,760) are not page multiples."""
+    layout = read_layout(fixture_path)
+    plan = {t.name: (["Q6_K"] * t.count if t.layer == 0 else [("Q2_K", "Q3_K")[e % 2] for e in range(t.count)])
+            for t in layout.expert_tensors}
+    out = convert(fixture_path, tmp_path / "aligned.gguf", plan, progress=False)
+    page = os.sysconf("SC_PAGE_SIZE")
+    assert all(r.offset % page == 0 for x in out.experts for r in x.ranges)
+    assert verify(out.path)["unaligned_expert_ranges"] == 0
+    # declared at the first type at least as wide whose slot is whole pages: Q3_K -> Q4_K, Q6_K -> Q8_0
+    assert {(t.layer == 0, t.type) for t in out.expert_tensors} == {(True, "Q8_0"), (False, "Q4_K")}
+    assert out.expert_bytes == sum(quant.row_bytes(tn, 256) * 256 for types in plan.values() for tn in types)
