@@ -89,7 +89,7 @@ class Llama(llama_cpp.Llama):
                               f"{layout.dense_bytes:,} of dense weights and {cache.min_budget:,} for one "
                               f"layer's chosen experts")
         self._edgemoe_trace: list[tuple[int, list[list[int]]]] | None = [] if record_routing else None
-        self._edgemoe_lookahead = None
+        self._edgemoe_lookahead, self._edgemoe_predictor = None, predictor
         if predictor is not None:
             try:
                 pred = make_predictor(predictor, model_path, layout)
@@ -139,7 +139,9 @@ class Llama(llama_cpp.Llama):
 
     def edgemoe_stats(self) -> dict:
         """Per-layer and total hits, misses, bytes fetched/evicted, stall seconds, resident expert bytes."""
-        return {"routes": self._edgemoe_hook.routes, **self._edgemoe_cache.summary()}
+        return {"routes": self._edgemoe_hook.routes, **self._edgemoe_cache.summary(),
+                "predictor": self._edgemoe_predictor,
+                "prefetch_depth": self._edgemoe_lookahead.depth if self._edgemoe_lookahead else 0}
 
     def close(self) -> None:
         if hasattr(self, "_stack"):       # absent when a bad file or budget stopped __init__ early

@@ -241,6 +241,8 @@ class ExpertCache:
         """Start reading predicted `experts` of a later `layer` in the background, best first. Room is made by
         the policy, but never by evicting the experts the current layer needs or reads still in flight; a
         prediction that does not fit under the in-flight bound is dropped."""
+        if not self.max_inflight:
+            return
         bound = min(self.max_inflight, self.capacity - self.min_budget)
         if bound <= 0:
             return

@@ -96,3 +96,15 @@ def test_unknown_predictor_is_refused(fixture_path):
 
     with pytest.raises(EdgeMoEError, match="unknown predictor"):
         make_predictor("oracle", fixture_path, read_layout(fixture_path))
+
+
+def test_predictor_without_a_budget_prefetches_nothing(fixture_path):
+    from edgemoe_llamacpp.generate import greedy
+    from edgemoe_llamacpp.llama import Llama
+
+    llm = Llama(str(fixture_path), memory_budget=None, predictor="gate", prefetch_depth=3, n_ctx=128,
+                verbose=False)
+    greedy(llm, "import os\n", 8)
+    stats = llm.edgemoe_stats()
+    llm.close()
+    assert stats["total"]["prefetches"] == 0 and stats["predictor"] == "gate"

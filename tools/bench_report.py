@@ -46,22 +46,65 @@ def plot(result: dict, out: Path) -> None:
 
 
 def policy_section(path: Path, r: dict) -> str:
-    policies = [k for k in r["budgets"][0] if k not in ("budget", "capacity_experts", "belady")]
-    rows = ["| budget | cache holds | Belady | " + " | ".join(policies) + " |",
-            "|---|---|---|" + "---|" * len(policies)]
-    for b in r["budgets"]:
+    budgets = r["budgets"]
+    plain = [run for run in budgets[0]["runs"] if run["predictor"] is None]
+    rows = ["| budget | cache holds | Belady | " + " | ".join(run["policy"] for run in plain) + " |",
+            "|---|---|---|" + "---|" * len(plain)]
+    for b in budgets:
+        runs = [run for run in b["runs"] if run["predictor"] is None]
         rows.append(f"| {b['budget']} | {b['capacity_experts']} experts | {b['belady']:.2f} | " +
-                    " | ".join(f"{b[p]:.2f} ({b[p] / b['belady']:.2f}x)" for p in policies) + " |")
+                    " | ".join(f"{run['misses']:.2f} ({run['misses'] / b['belady']:.2f}x)" for run in runs) + " |")
+    pre = [("| budget | policy | predictor | depth | misses/token (x Belady) | prefetched/token | "
+            "wasted/token | reads/token (x Belady) |"), "|---|---|---|---|---|---|---|---|"]
+    for b in budgets:
+        for run in b["runs"]:
+            pre.append(f"| {b['budget']} | {run['policy']} | {run['predictor'] or '-'} | {run['depth'] or '-'} | "
+                       f"{run['misses']:.2f} ({run['misses'] / b['belady']:.2f}x) | {run['prefetches']:.2f} | "
+                       f"{run['prefetch_wasted']:.2f} | {run['reads']:.2f} ({run['reads'] / b['belady']:.2f}x) |")
     return "\n".join([
-        f"## {path.stem}: cache policies replayed on recorded routing", "",
+        f"## {path.stem}: cache policies and prefetch replayed on recorded routing", "",
         (f"Routing of {r['prompts']} prompts x {r['tokens']} greedy tokens on `{r['model']}` "
         f"({r['moe_layers']} MoE layers, {r['n_expert']} experts, top-{r['n_expert_used']}), replayed through "
-        "the cache's own code with I/O stubbed (`tools/policy_replay.py`). Decode misses per token "
-        "(experts read), and the ratio to Belady's MIN, the floor no cache can beat. The I/O-scale model "
-        "routes exactly as the fixture does."), "", *rows, "",
+        "the cache's and the predictors' own code with I/O stubbed (`tools/policy_replay.py`). Decode misses per "
+        "token (experts llama.cpp waits for), and the ratio to Belady's MIN, the floor no cache can beat. The "
+        "I/O-scale model routes exactly as the fixture does. `hobbit` is recency + frequency + layer distance "
+        "with equal weights, reset per sequence; `distance` is the default policy."), "", *rows, "",
+        ("With prediction: after each layer's router, the predictor's k best guesses for each of the next "
+        "`depth` layers are read ahead (counted in the budget; never evicting the current layer's experts). A "
+        "prefetch turns a miss into a hit but is a read too: reads/token = misses + prefetches, to compare "
+        "with Belady's reads. Wasted = prefetched experts evicted before any use."), "", *pre, "",
         "```sh", (f"python tools/policy_replay.py {r['model']} --budgets "
-        f"{' '.join(b['budget'] for b in r['budgets'])} --tokens {r['tokens']} --json "
+        f"{' '.join(b['budget'] for b in budgets)} --tokens {r['tokens']} --json "
         f"{path.relative_to(ROOT)}"), "```", ""])
+
+
+def recall_section(path: Path, r: dict) -> str:
+    fixture = r["models"][0]
+    names = list(fixture["recall"])
+    head = ["| model | predictor | depth 1 | depth 2 | depth 3 |", "|---|---|---|---|---|"]
+    rows = []
+    for m in r["models"]:
+        for name in names:
+            d = m["recall"][name]
+            rows.append(f"| {Path(m['model']).name} | {name} | " +
+                        " | ".join(f"{d[str(k)]['mean']:.3f}" for k in (1, 2, 3)) + " |")
+    gate = fixture["recall"]["gate (own ffn_norm)"]
+    same = "".join(f" `{Path(m['model']).name}` ({m['tokens']:,} of the same held-out tokens) chose the same "
+                   f"top-{r['k']} set as the fixture for {m['same_routing_as_fixture']:.2%} of (token, layer) "
+                   "pairs: its routing is the fixture's; its rows differ from the fixture's only because they score the first "
+                   f"{m['tokens']:,} tokens, not all of them." for m in r["models"][1:])
+    return "\n".join([
+        f"## {path.stem}: which experts the next layers will choose", "",
+        (f"recall@k (k = {r['k']}, the model's top-k): the fraction of the experts a layer really chose that the "
+        f"predictor ranked in its first k, at 1-3 MoE layers ahead, averaged over the source layers "
+        f"({r['moe_layers']} MoE layers, {r['n_expert']} experts: chance is {r['chance']:.3f}). Held-out text: "
+        f"the fixture's validation files ({r['split']}), {fixture['tokens']:,} tokens in windows of 512 through "
+        f"llama.cpp; the table and frequency predictors learned from {r['train_tokens']:,} tokens of the training "
+        "files. Gate lookahead applies layer N+d's router to layer N's FFN input: normed with layer N+d's own "
+        "`ffn_norm` weight, or reusing `ffn_norm-N` as is. At depth 0 it re-derives each layer's own choice "
+        f"from the routers read from the file: {gate['0']['mean']:.3f}.{same}"), "",
+        (f"The issue's target for gate lookahead at depth 1 is 0.85; measured here: {gate['1']['mean']:.3f}."),
+        "", *head, *rows, "", "```sh", r["command"], "```", ""])
 
 
 def hook_section(path: Path, r: dict) -> str:
@@ -98,6 +141,8 @@ def section(path: Path) -> str:
         return server_section(path, r)
     if r.get("kind") == "policy_replay":
         return policy_section(path, r)
+    if r.get("kind") == "predictor_recall":
+        return recall_section(path, r)
     if r.get("kind") == "hook_overhead":
         return hook_section(path, r)
     png = path.with_suffix(".png")

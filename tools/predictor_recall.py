@@ -79,6 +79,11 @@ def record(model: str, texts: list[str], n: int, *, seed: int | None, hidden: bo
     return tokens, routing, [np.concatenate(x) for x in hid] if hidden else None
 
 
+def mixture(logits: np.ndarray, table_scores: np.ndarray) -> np.ndarray:
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    return p / p.sum(1, keepdims=True) + table_scores / table_scores.sum(1, keepdims=True)
+
+
 def measure(model: str, layout, train_routing, routing, hidden) -> dict:
     """recall@k per predictor and depth (mean over source layers, and per source layer)."""
     routers = read_routers(model, layout)
@@ -100,6 +105,9 @@ def measure(model: str, layout, train_routing, routing, hidden) -> dict:
         "table (2 layers, the default)": lambda pos, d: table2.scores_with_history(pos, d, [routing[pos - h]
                                                                                 for h in range(min(2, pos + 1))]),
         "frequency": lambda pos, d: freq.scores(pos, d, routing[pos], None),
+        # an equal mixture of the two distributions: does the table add what the routers miss?
+        "gate + table mixture": lambda pos, d: mixture(gate_own.scores(pos, d, routing[pos], hidden[pos]),
+                                                       predictors["table (2 layers, the default)"](pos, d)),
     }
     out = {}
     for name, score in predictors.items():
