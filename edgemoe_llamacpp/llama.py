@@ -144,8 +144,8 @@ class Llama(llama_cpp.Llama):
                 "prefetch_depth": self._edgemoe_lookahead.depth if self._edgemoe_lookahead else 0}
 
     def close(self) -> None:
-        if hasattr(self, "_stack"):       # absent when a bad file or budget stopped __init__ early
-            super().close()
         cache = getattr(self, "_edgemoe_cache", None)
         if cache is not None:
-            cache.close()
+            cache.close()                 # first: prefetch reads in flight finish before the mapping goes
+        if hasattr(self, "_stack"):       # absent when a bad file or budget stopped __init__ early
+            super().close()

@@ -165,7 +165,7 @@ def section(path: Path) -> str:
         f"{limited}; cold page cache before every run; engines alternate run by run. "
         f"Disk: {r['disk_bandwidth_bps'] / 1e9:.2f} GB/s cold 1 MiB reads. "
         f"Machine: {m['cpu']}, {m['cpus']} cores, {m['memory_bytes'] / 2**30:.0f} GiB, Linux {m['kernel']}, "
-        f"Python {m['python']}; {r['date']}." + config_note(r)),
+        f"Python {m['python']}; {r['date']}." + config_note(r) + (f" {r['note']}" if r.get("note") else "")),
         "",
         ("Storage MB/token and major faults/token are for the decode phase, from `/proc/self/io` and "
         "`getrusage` of the engine's process; the ratio is the median of per-pair ratios; the Belady row is "
@@ -225,7 +225,8 @@ def configurations_section(results: dict[Path, dict]) -> str:
         ("Medians of the `edgemoe bench` results below that record their cache configuration (each its own "
         "invocation: stock and edgemoe alternate within it, so compare the edgemoe/stock ratios across rows "
         "rather than raw speeds; the machine is shared and timing is noisy). MB/token is storage read per "
-        "decoded token (`/proc/self/io`); the Belady floor is that run's own."), "", *rows, ""])
+        "decoded token (`/proc/self/io`); the Belady floor is that run's own."), "", *rows, "",
+        *[f"{path.stem}: {r['note']}" for path, r in results.items() if r.get("note")], ""])
 
 
 def main() -> None:
