@@ -105,10 +105,13 @@ def disk_bandwidth(path: str, nbytes: int = 256 << 20) -> float:
 
 
 def _child(model: str, budget: str | None, stock: bool, tokens: int, prompt: str, n_ctx: int,
-           limit: int | None, n_threads: int | None) -> dict:
+           limit: int | None, n_threads: int | None, cache_options: dict | None = None) -> dict:
     cmd = [sys.executable, "-m", "edgemoe_llamacpp", "run", model, "-p", prompt, "-n", str(tokens), "--json",
            "--n-ctx", str(n_ctx)]
     cmd += ["--stock"] if stock else ["--memory-budget", budget or "none", "--trace"]
+    if not stock and cache_options:
+        cmd += ["--policy", cache_options["policy"], "--predictor", cache_options["predictor"] or "none",
+                "--prefetch-depth", str(cache_options["prefetch_depth"])]
     if n_threads:
         cmd += ["--n-threads", str(n_threads)]
     cgroup.drop_file_cache(model)
@@ -152,6 +155,9 @@ def _engine_summary(runs: list[dict]) -> dict:
     if stats:
         out["hit_rate"] = _spread([s["total"]["hit_rate"] for s in stats])
         out["stall_s"] = _spread([s["total"]["stall_s"] for s in stats])
+        for key in ("prefetches", "prefetch_used", "prefetch_wasted"):
+            out[f"{key}_per_token"] = _spread([s["total"][key] / r["decode_evals"] for s, r in
+                                               zip(stats, [r for r in ok if "stats" in r]) if r["decode_evals"]])
     return out
 
 
@@ -171,7 +177,8 @@ def measure_allowance(model: str, *, prompt: str = PROMPT, n_ctx: int = 512, use
 
 def run_bench(model: str, budgets: list[str], *, runs: int = 3, tokens: int = 64, prompt: str = PROMPT,
               n_ctx: int = 512, use_cgroup: bool = True, allowance: int | None = None,
-              n_threads: int | None = None, progress: bool = True) -> dict:
+              n_threads: int | None = None, progress: bool = True, policy: str = "distance",
+              predictor: str | None = None, prefetch_depth: int = 1) -> dict:
     from tqdm import tqdm
 
     layout: MoELayout = read_layout(model)
@@ -189,6 +196,7 @@ def run_bench(model: str, budgets: list[str], *, runs: int = 3, tokens: int = 64
         "expert_bytes": layout.expert_bytes, "file_bytes": layout.file_size, "kv_cache_bytes": kv,
         "allowance_bytes": allowance, "cgroup": use_cgroup, "disk_bandwidth_bps": bandwidth,
         "tokens": tokens, "n_ctx": n_ctx, "prompt": prompt, "machine": _machine(),
+        "policy": policy, "predictor": predictor, "prefetch_depth": prefetch_depth,
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "budgets": [],
     }
     bar = tqdm(total=len(budgets) * runs * 2, desc="bench", unit="run", disable=not progress)
@@ -204,8 +212,9 @@ def run_bench(model: str, budgets: list[str], *, runs: int = 3, tokens: int = 64
             pair = {}
             for stock in order:
                 bar.set_postfix(budget=spec, engine="stock" if stock else "edgemoe")
-                pair["stock" if stock else "edgemoe"] = _child(model, spec, stock, tokens, prompt, n_ctx, limit,
-                                                               n_threads)
+                pair["stock" if stock else "edgemoe"] = _child(
+                    model, spec, stock, tokens, prompt, n_ctx, limit, n_threads,
+                    {"policy": policy, "predictor": predictor, "prefetch_depth": prefetch_depth})
                 bar.update()
             pairs.append(pair)
         ed = [p["edgemoe"] for p in pairs]

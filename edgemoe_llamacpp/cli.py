@@ -48,7 +48,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     result = generate(args.model, args.prompt, max_tokens=args.n, memory_budget=args.memory_budget,
                       stock=args.stock, n_ctx=args.n_ctx, n_threads=args.n_threads,
                       temperature=args.temperature, seed=args.seed, record_routing=args.trace,
-                      repeat_penalty=args.repeat_penalty)
+                      repeat_penalty=args.repeat_penalty, **_cache_options(args))
     if args.json:
         print(json.dumps(result))
         return 0
@@ -63,7 +63,28 @@ def cmd_run(args: argparse.Namespace) -> int:
               f"({stats['resident_experts']} experts), hit rate {t['hit_rate']:.1%} "
               f"({t['hits']} hits, {t['misses']} misses), fetched {_mib(t['bytes_fetched'])}, "
               f"evicted {_mib(t['bytes_evicted'])}, stall {t['stall_s']:.3f} s")
+        if t["prefetches"]:
+            print(f"--- prefetch ({stats['predictor']}, depth {stats['prefetch_depth']}): {t['prefetches']} "
+                  f"experts ({_mib(t['prefetch_bytes'])}), {t['prefetch_used']} used ({t['prefetch_late']} late), "
+                  f"{t['prefetch_wasted']} wasted ({_mib(t['prefetch_wasted_bytes'])})")
     return 0
+
+
+def _cache_options(args: argparse.Namespace) -> dict:
+    return {"policy": args.policy, "predictor": None if args.predictor == "none" else args.predictor,
+            "prefetch_depth": args.prefetch_depth}
+
+
+def _add_cache_options(p: argparse.ArgumentParser) -> None:
+    from .predict import MAX_DEPTH, PREDICTORS
+    from .residency import POLICIES
+
+    p.add_argument("--policy", choices=POLICIES, default="distance", help="which expert to evict (default "
+                   "distance)")
+    p.add_argument("--predictor", choices=(*PREDICTORS, "none"), default="none",
+                   help="predict the next layers' experts and read them ahead (default none)")
+    p.add_argument("--prefetch-depth", dest="prefetch_depth", type=int, choices=range(1, MAX_DEPTH + 1),
+                   default=1, help="MoE layers ahead to prefetch (default 1)")
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -71,7 +92,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     result = run_bench(args.model, args.memory_budget, runs=args.runs, tokens=args.tokens, n_ctx=args.n_ctx,
                        use_cgroup=not args.no_cgroup, n_threads=args.n_threads,
-                       allowance=None if args.allowance is None else parse_budget(args.allowance, 0))
+                       allowance=None if args.allowance is None else parse_budget(args.allowance, 0),
+                       **_cache_options(args))
     if args.json:
         from pathlib import Path
 
@@ -229,6 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeat-penalty", dest="repeat_penalty", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--trace", action="store_true", help="with --json: include every layer's chosen experts")
+    _add_cache_options(p)
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("bench", help="stock vs edgemoe under memory limits, alternating runs, cold cache")
@@ -241,6 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-cgroup", action="store_true", help="do not impose memory limits")
     p.add_argument("--allowance", help="room for the process's own memory (default: measured, + 32 MiB)")
     p.add_argument("--json", help="write the full results here")
+    _add_cache_options(p)
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("profile", help="record routing and expert inputs on calibration text")

@@ -4,6 +4,11 @@ llama.cpp's scheduler asks the callback about every graph node (`ask=True`); for
 computes the graph up to that node and calls again with `ask=False`. `ffn_moe_topk-N` completes before
 layer N's expert matmuls run, so the experts can be fetched just in time. The `ask` path runs ~40 times
 per layer per token: one 12-byte compare, nothing else.
+
+A predictor may want a layer's FFN input too (`ffn_inp-N` or `ffn_norm-N`). Asking for that node would cost
+another graph split per layer; instead it is found among the topk node's sources (topk <- argsort <- probs
+<- logits <- ffn_norm <- norm <- ffn_inp): it is computed by then, and still allocated because the expert
+matmuls (ffn_norm) and the layer's residual add (ffn_inp) have yet to read it.
 """
 from __future__ import annotations
 
@@ -17,13 +22,17 @@ from . import runtime
 TOPK = b"ffn_moe_topk"
 TOPK_PREFIX = len(TOPK) + 1          # "ffn_moe_topk-" then the layer number
 GGML_TYPE_I32 = 26                   # ggml.h enum ggml_type
+GGML_TYPE_F32 = 0
+SOURCE_SEARCH_DEPTH = 8              # how many hops up from topk a wanted node may be
 
 
 class ExpertHook:
     """Owns the CFUNCTYPE object llama.cpp calls; hands each layer's expert ids to `on_route`."""
 
-    def __init__(self, on_route=None):
-        self.on_route = on_route           # (layer, ids: np.ndarray (T, k) int32) -> None
+    def __init__(self, on_route=None, hidden_node: str | None = None):
+        self.on_route = on_route           # (layer, ids: np.ndarray (T, k) int32, hidden (T, n_embd) | None)
+        self.hidden_node = hidden_node.encode() + b"-" if hidden_node else None
+        self._path: list[int] | None = None  # src indices from topk to the hidden node, found once
         self.error: BaseException | None = None
         self.routes = 0
         self._checked = False
@@ -45,13 +54,24 @@ class ExpertHook:
             if ctypes.c_int32.from_address(t + runtime.T_TYPE).value != GGML_TYPE_I32:
                 raise RuntimeError("ffn_moe_topk is not I32: unexpected llama.cpp graph")
             self._checked = True
-        name = ctypes.string_at(t + runtime.T_NAME, runtime.GGML_MAX_NAME).split(b"\0", 1)[0]
+        name = _name(t)
         layer = name[TOPK_PREFIX:]
         if name[len(TOPK):TOPK_PREFIX] != b"-" or not layer.isdigit():
             return                                   # not a layer's topk node (e.g. a renamed view)
         self.routes += 1
         if self.on_route is not None:
-            self.on_route(int(layer), read_ids(t))
+            hidden = None if self.hidden_node is None else self._read_hidden(t, self.hidden_node + layer)
+            self.on_route(int(layer), read_ids(t), hidden)
+
+    def _read_hidden(self, t: int, name: bytes) -> np.ndarray:
+        node = follow(t, self._path) if self._path is not None else None
+        if node is None or _name(node) != name:
+            self._path = find_source(t, name)
+            if self._path is None:
+                raise RuntimeError(f"{name.decode()} is not among the sources of the topk node: this model's "
+                                   "graph does not suit gate lookahead")
+            node = follow(t, self._path)
+        return read_f32_rows(node)
 
     def take_error(self) -> None:
         err, self.error = self.error, None
@@ -69,3 +89,45 @@ def read_ids(t: int) -> np.ndarray:
     raw = (ctypes.c_char * ((n_tokens - 1) * nb1 + k * nb0)).from_address(data)
     flat = np.frombuffer(raw, dtype=np.int32)
     return np.lib.stride_tricks.as_strided(flat, (n_tokens, k), (nb1, nb0)).copy()
+
+
+def _name(t: int) -> bytes:
+    return ctypes.string_at(t + runtime.T_NAME, runtime.GGML_MAX_NAME).split(b"\0", 1)[0]
+
+
+def _sources(t: int) -> list[int]:
+    return list((ctypes.c_void_p * runtime.GGML_MAX_SRC).from_address(t + runtime.T_SRC))
+
+
+def follow(t: int, path: list[int]) -> int | None:
+    for i in path:
+        t = _sources(t)[i]
+        if not t:
+            return None
+    return t
+
+
+def find_source(t: int, name: bytes) -> list[int] | None:
+    """src indices leading from node t to its ancestor called `name` (breadth first), or None."""
+    frontier = [(t, [])]
+    for _ in range(SOURCE_SEARCH_DEPTH):
+        nxt = []
+        for node, path in frontier:
+            for i, s in enumerate(_sources(node)):
+                if s:
+                    if _name(s) == name:
+                        return path + [i]
+                    nxt.append((s, path + [i]))
+        frontier = nxt
+    return None
+
+
+def read_f32_rows(t: int) -> np.ndarray:
+    """A 2-D F32 node as a (T, n) array (rows nb[1] bytes apart)."""
+    if ctypes.c_int32.from_address(t + runtime.T_TYPE).value != GGML_TYPE_F32:
+        raise RuntimeError(f"{_name(t).decode()} is not F32")
+    n, rows = (ctypes.c_int64 * 2).from_address(t + runtime.T_NE)
+    nb0, nb1 = (ctypes.c_size_t * 2).from_address(t + runtime.T_NB)
+    data = ctypes.c_void_p.from_address(t + runtime.T_DATA).value
+    raw = (ctypes.c_char * ((rows - 1) * nb1 + n * nb0)).from_address(data)
+    return np.lib.stride_tricks.as_strided(np.frombuffer(raw, dtype=np.float32), (rows, n), (nb1, nb0)).copy()

@@ -13,6 +13,7 @@ from . import cgroup, quant, runtime
 from .errors import BudgetError, EdgeMoEError, MixedTypesError
 from .hook import ExpertHook
 from .layout import MoELayout, read_layout
+from .predict import Lookahead, make_predictor
 from .residency import ExpertCache, parse_budget
 
 _params_lock = threading.Lock()
@@ -108,13 +109,19 @@ class Llama(llama_cpp.Llama):
     memory_budget: bytes held by experts in memory: an int, "1.5GiB", "800MB", or "50%" of the expert
         bytes; None for no limit (experts are still tracked).
     policy: which expert to evict: "distance" (default: the least often chosen, weighted by how soon its
-        layer runs again) or "lru".
+        layer runs again), "lru", "lfu" or "hobbit" (recency + frequency + layer distance, per sequence).
     fetch_threads: parallel readers for expert fetches.
+    predictor: guess the next layers' experts and read them ahead while this layer computes: "gate"
+        (the next routers applied to this layer's FFN input), "table" (co-occurrence counts, learned as it
+        runs), "frequency", or None (no prefetch). Needs a memory budget below 100%.
+    prefetch_depth: how many MoE layers ahead to prefetch (1-3).
+    prefetch_threads: background readers for prefetches.
     record_routing: keep every layer's chosen experts (`edgemoe_trace()`), for profiles and benchmarks.
     """
 
     def __init__(self, model_path: str, *args, memory_budget: str | int | None = None, policy: str = "distance",
-                 fetch_threads: int = 4, record_routing: bool = False, **kwargs):
+                 fetch_threads: int = 4, record_routing: bool = False, predictor: str | None = None,
+                 prefetch_depth: int = 1, prefetch_threads: int = 2, **kwargs):
         if kwargs.get("use_mmap") is False or kwargs.get("use_mlock"):
             raise EdgeMoEError("edgemoe streams experts through llama.cpp's file mapping: use_mmap must stay "
                                "on and use_mlock off")
@@ -122,7 +129,8 @@ class Llama(llama_cpp.Llama):
         require_runtime_for(layout)
         budget = parse_budget(memory_budget, layout.expert_bytes)
         self._edgemoe_layout = layout
-        self._edgemoe_cache = cache = ExpertCache(layout, budget, policy=policy, threads=fetch_threads)
+        self._edgemoe_cache = cache = ExpertCache(layout, budget, policy=policy, threads=fetch_threads,
+                                                  prefetch_threads=prefetch_threads)
         limit = cgroup.memory_limit()
         if limit is not None and limit < layout.dense_bytes + cache.min_budget:
             cache.close()
@@ -131,7 +139,16 @@ class Llama(llama_cpp.Llama):
                               f"{layout.dense_bytes:,} of dense weights and {cache.min_budget:,} for one "
                               f"layer's chosen experts")
         self._edgemoe_trace: list[tuple[int, list[list[int]]]] | None = [] if record_routing else None
-        self._edgemoe_hook = hook = ExpertHook(on_route=self._on_route)
+        self._edgemoe_lookahead, self._edgemoe_predictor = None, predictor
+        if predictor is not None:
+            try:
+                pred = make_predictor(predictor, model_path, layout)
+                self._edgemoe_lookahead = Lookahead(pred, cache, layout, prefetch_depth)
+            except BaseException:
+                cache.close()
+                raise
+        hidden = self._edgemoe_lookahead.predictor.hidden_node if self._edgemoe_lookahead else None
+        self._edgemoe_hook = hook = ExpertHook(on_route=self._on_route, hidden_node=hidden)
         before = set(runtime.file_mappings(model_path))
         if before:
             log.warning("%s is already mapped in this process: pages another instance keeps mapped cannot be "
@@ -152,10 +169,12 @@ class Llama(llama_cpp.Llama):
             self.close()
             raise
 
-    def _on_route(self, layer: int, ids) -> None:
+    def _on_route(self, layer: int, ids, hidden=None) -> None:
         if self._edgemoe_trace is not None:
             self._edgemoe_trace.append((layer, ids.tolist()))
         self._edgemoe_cache.ensure_ids(layer, ids)
+        if self._edgemoe_lookahead is not None:
+            self._edgemoe_lookahead(layer, ids, hidden)
 
     def edgemoe_trace(self) -> list[tuple[int, list[list[int]]]]:
         """(layer, chosen experts per token) for every MoE layer evaluation, in order (record_routing=True)."""
@@ -163,18 +182,26 @@ class Llama(llama_cpp.Llama):
             raise EdgeMoEError("routing was not recorded: construct with record_routing=True")
         return self._edgemoe_trace
 
+    def reset(self) -> None:
+        super().reset()
+        cache = getattr(self, "_edgemoe_cache", None)
+        if cache is not None:
+            cache.new_sequence()
+
     def eval(self, tokens) -> None:
         super().eval(tokens)
         self._edgemoe_hook.take_error()
 
     def edgemoe_stats(self) -> dict:
         """Per-layer and total hits, misses, bytes fetched/evicted, stall seconds, resident expert bytes."""
-        return {"routes": self._edgemoe_hook.routes, **self._edgemoe_cache.summary()}
+        return {"routes": self._edgemoe_hook.routes, **self._edgemoe_cache.summary(),
+                "predictor": self._edgemoe_predictor,
+                "prefetch_depth": self._edgemoe_lookahead.depth if self._edgemoe_lookahead else 0}
 
     def close(self) -> None:
+        cache = getattr(self, "_edgemoe_cache", None)
+        if cache is not None:
+            cache.close()                 # first: prefetch reads in flight finish before the mapping goes
         if hasattr(self, "_stack"):       # absent when a bad file or budget stopped __init__ early
             super().close()
         _types.remove(self)
-        cache = getattr(self, "_edgemoe_cache", None)
-        if cache is not None:
-            cache.close()

@@ -15,8 +15,8 @@ import re
 import threading
 import time
 from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field, fields
 
 from . import runtime
 from .errors import BudgetError
@@ -26,10 +26,13 @@ log = logging.getLogger(__name__)
 
 ExpertUID = tuple[int, int]   # (layer, expert)
 READ_CHUNK = 1 << 20          # one pread asks for at most this: full disk speed, little buffer memory
-POLICIES = ("distance", "lru")
+POLICIES = ("distance", "lru", "lfu", "hobbit")
 # "distance" forgets: each token, earlier uses count this much less. Chosen by replaying recorded routing
 # of the fixture at 25% and 50% budgets: 0.9 read the fewest bytes of {1.0, 0.9, 0.7, 0.5}.
 USE_DECAY = 0.9
+# "hobbit": keep priority = weighted recency + frequency + nearness of the expert's layer, each in [0, 1],
+# counted from the start of the sequence (HOBBIT's multidimensional cache, without its precision term).
+HOBBIT_WEIGHTS = (1.0, 1.0, 1.0)     # (recency, frequency, layer distance)
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2, "mib": 1024**2,
           "g": 1000**3, "gb": 1000**3, "gib": 1024**3, "t": 1000**4, "tb": 1000**4, "tib": 1024**4}
 
@@ -62,9 +65,15 @@ def parse_budget(value: str | float | None, expert_bytes: int) -> int | None:
 class LayerStats:
     hits: int = 0
     misses: int = 0
-    bytes_fetched: int = 0
+    bytes_fetched: int = 0          # read on demand, while llama.cpp waits
     bytes_evicted: int = 0
-    stall_s: float = 0.0
+    stall_s: float = 0.0            # llama.cpp waiting for fetches, and for prefetches still in flight
+    prefetches: int = 0             # experts read ahead on a prediction
+    prefetch_bytes: int = 0
+    prefetch_used: int = 0          # prefetched experts chosen before they were evicted
+    prefetch_late: int = 0          # ... of which llama.cpp had to wait for the read to finish
+    prefetch_wasted: int = 0        # prefetched experts evicted unused (mispredictions)
+    prefetch_wasted_bytes: int = 0
 
 
 @dataclass
@@ -74,11 +83,8 @@ class CacheStats:
     def total(self) -> LayerStats:
         t = LayerStats()
         for s in self.layers.values():
-            t.hits += s.hits
-            t.misses += s.misses
-            t.bytes_fetched += s.bytes_fetched
-            t.bytes_evicted += s.bytes_evicted
-            t.stall_s += s.stall_s
+            for f in fields(LayerStats):
+                setattr(t, f.name, getattr(t, f.name) + getattr(s, f.name))
         return t
 
 
@@ -96,7 +102,8 @@ def clip(span: tuple[int, int], bounds: tuple[int, int]) -> tuple[int, int]:
 class ExpertCache:
     """Resident experts under a byte budget, evicted by a policy, fetched/dropped in llama.cpp's file mapping."""
 
-    def __init__(self, layout: MoELayout, budget: int | None, *, policy: str = "distance", threads: int = 4):
+    def __init__(self, layout: MoELayout, budget: int | None, *, policy: str = "distance", threads: int = 4,
+                 prefetch_threads: int = 2):
         if policy not in POLICIES:
             raise BudgetError(f"unknown cache policy {policy!r}; choose from {', '.join(POLICIES)}")
         self.layout = layout
@@ -114,6 +121,16 @@ class ExpertCache:
         self.resident: OrderedDict[ExpertUID, int] = OrderedDict()   # uid -> page cost, LRU first
         self.uses: dict[ExpertUID, float] = {}      # times chosen, older tokens weigh less ("distance")
         self.weight = 1.0                           # what one use counts now: grows by 1/USE_DECAY a token
+        self.count: dict[ExpertUID, int] = {}       # times chosen ("lfu")
+        self.seq_count: dict[ExpertUID, int] = {}   # times chosen in this sequence ("hobbit")
+        self.last_use: dict[ExpertUID, int] = {}    # the step of the last choice in this sequence ("hobbit")
+        self.step = 0                               # layer evaluations so far
+        # prefetch: reads in flight on their own threads (so demand fetches never queue behind them)
+        self.prefetch_pool = ThreadPoolExecutor(max_workers=prefetch_threads, thread_name_prefix="edgemoe-pre")
+        self.inflight: dict[ExpertUID, Future] = {}
+        self.unused: set[ExpertUID] = set()         # prefetched, not chosen yet
+        self.max_inflight = 0                       # bytes in flight at most; 0 = prefetch off
+        self._needed: set[ExpertUID] = set()        # the experts of the layer llama.cpp is about to compute
         self.layer_pos = {layer: i for i, layer in enumerate(layout.moe_layers)}
         self.current = 0                                                # position of the layer being served
         self.resident_bytes = 0
@@ -174,13 +191,18 @@ class ExpertCache:
         self.current = self.layer_pos[layer]
         if self.current == 0:
             self._next_token()
+        self.step += 1
+        self._needed = {(layer, int(e)) for e in experts}
         missing = []
-        for e in experts:
-            uid = (layer, int(e))
-            self.uses[uid] = self.uses.get(uid, 0.0) + self.weight
+        for uid in self._needed:
+            self._count_use(uid)
             if uid in self.resident:
                 self.resident.move_to_end(uid)
                 st.hits += 1
+                if uid in self.unused:
+                    self.unused.discard(uid)
+                    st.prefetch_used += 1
+                    st.prefetch_late += self._wait(uid, st)
             else:
                 missing.append(uid)
         if not missing:
@@ -189,15 +211,90 @@ class ExpertCache:
         need = sum(self.cost[u] for u in missing)
         if self.budget is not None:    # with no limit, llama.cpp's mapping serves first touches: just count
             t0 = time.perf_counter()
-            self._evict_to(self.capacity - need, keep={(layer, int(e)) for e in experts})
+            self._evict_to(self.capacity - need, keep=self._needed)
             st.bytes_fetched += self._fetch(missing)
             st.stall_s += time.perf_counter() - t0
         for u in missing:
             self.resident[u] = self.cost[u]
         self.resident_bytes += need
 
+    def _count_use(self, uid: ExpertUID) -> None:
+        self.uses[uid] = self.uses.get(uid, 0.0) + self.weight
+        self.count[uid] = self.count.get(uid, 0) + 1
+        self.seq_count[uid] = self.seq_count.get(uid, 0) + 1
+        self.last_use[uid] = self.step
+
+    def new_sequence(self) -> None:
+        """A new prompt: per-sequence statistics ("hobbit") start again."""
+        self.seq_count.clear()
+        self.last_use.clear()
+
+    # ------------------------------------------------------------------ prefetch
+    def enable_prefetch(self, max_inflight: int) -> None:
+        """Allow up to `max_inflight` bytes of prefetch reads at once (never more than the budget leaves
+        beside the largest set of experts one layer may need). Nothing to prefetch without a budget, or with
+        one that holds every expert."""
+        if self.budget is not None and self.budget < self._all_experts_cost():
+            self.max_inflight = max_inflight
+
+    def prefetch(self, layer: int, experts) -> None:
+        """Start reading predicted `experts` of a later `layer` in the background, best first. Room is made by
+        the policy, but never by evicting the experts the current layer needs or reads still in flight; a
+        prediction that does not fit under the in-flight bound is dropped."""
+        if not self.max_inflight:
+            return
+        bound = min(self.max_inflight, self.capacity - self.min_budget)
+        if bound <= 0:
+            return
+        self._reap()
+        st = self.stats.layers[layer]
+        for e in experts:
+            uid = (layer, int(e))
+            if uid in self.resident:
+                continue
+            cost = self.cost[uid]
+            if sum(self.cost[u] for u in self.inflight) + cost > bound:
+                return
+            if not self._evict_to(self.capacity - cost, keep=self._needed | set(self.inflight)):
+                return
+            self.resident[uid] = cost            # counted now: the budget covers reads in flight
+            self.resident_bytes += cost
+            self.unused.add(uid)
+            self.inflight[uid] = self._submit_prefetch(uid)
+            st.prefetches += 1
+            st.prefetch_bytes += cost
+
+    def _submit_prefetch(self, uid: ExpertUID) -> Future:
+        return self.prefetch_pool.submit(self._read_expert, uid)
+
+    def _read_expert(self, uid: ExpertUID) -> int:
+        chunks = self._chunks([uid])
+        try:
+            if self.populate:
+                for off, size in chunks:
+                    runtime.readahead(self.fd, off, size)
+                return sum(self._populate(c) for c in chunks)
+        except OSError as e:
+            log.debug("prefetch of %s by mapping failed (%s): pread", uid, e)
+        return sum(self._read(c) for c in chunks)
+
+    def _reap(self) -> None:
+        for uid in [u for u, f in self.inflight.items() if f.done()]:
+            self.inflight.pop(uid).result()
+
+    def _wait(self, uid: ExpertUID, st: LayerStats) -> bool:
+        """Wait for a prefetch of `uid` still in flight; True if llama.cpp had to wait."""
+        fut = self.inflight.pop(uid, None)
+        if fut is None:
+            return False
+        late = not fut.done()
+        t0 = time.perf_counter()
+        fut.result()
+        st.stall_s += time.perf_counter() - t0
+        return late
+
     # ------------------------------------------------------------------ fetch and evict
-    def _fetch(self, uids: list[ExpertUID]) -> int:
+    def _chunks(self, uids: list[ExpertUID]) -> list[tuple[int, int]]:
         spans = sorted(s for u in uids for s in self.spans[u])
         merged: list[list[int]] = []
         for a, b in spans:                      # adjacent experts of one tensor become one sequential read
@@ -205,7 +302,10 @@ class ExpertCache:
                 merged[-1][1] = max(merged[-1][1], b)
             else:
                 merged.append([a, b])
-        chunks = [(off, min(READ_CHUNK, b - off)) for a, b in merged for off in range(a, b, READ_CHUNK)]
+        return [(off, min(READ_CHUNK, b - off)) for a, b in merged for off in range(a, b, READ_CHUNK)]
+
+    def _fetch(self, uids: list[ExpertUID]) -> int:
+        chunks = self._chunks(uids)
         if self.populate:
             try:
                 for off, size in chunks:       # queue every read at once, then map them as they land
@@ -228,16 +328,30 @@ class ExpertCache:
         off, size = chunk
         return os.preadv(self.fd, [memoryview(buf)[:size]], off)
 
-    def _evict_to(self, target: int, keep: set[ExpertUID]) -> None:
+    def _evict_to(self, target: int, keep: set[ExpertUID]) -> bool:
+        """Evict by the policy until `target` bytes are resident, sparing `keep`; False if it cannot."""
         if self.resident_bytes <= target:
-            return
-        order = list(self.resident) if self.policy == "lru" else sorted(self.resident, key=self._keep_score)
+            return True
+        order = self._eviction_order()
+        order.sort(key=self.inflight.__contains__)      # reads in flight last: evicting one waits for it
         for uid in order:
             if self.resident_bytes <= target:
-                return
+                return True
             if uid in keep:
                 continue
             self.evict(uid)
+        return self.resident_bytes <= target
+
+    def _eviction_order(self) -> list[ExpertUID]:
+        """Resident experts, first to evict first. Sorts are stable over the LRU order, so ties go LRU."""
+        if self.policy == "lru":
+            return list(self.resident)
+        if self.policy == "lfu":
+            return sorted(self.resident, key=lambda u: self.count.get(u, 0))
+        if self.policy == "hobbit":
+            top = max(self.seq_count.values(), default=0)
+            return sorted(self.resident, key=lambda u: self._hobbit_score(u, top))
+        return sorted(self.resident, key=self._keep_score)
 
     def _next_token(self) -> None:
         """Decay every use count by USE_DECAY at once by making new uses weigh more."""
@@ -250,14 +364,34 @@ class ExpertCache:
         """Layers run in a cycle, so an expert's next chance of use is when its layer next runs: keep the
         often-chosen experts of layers coming soon (Belady's rule with frequency standing in for the future).
         The layer being served is `current`; it runs again after a full cycle."""
+        return (self.weight + self.uses.get(uid, 0.0)) / self._layer_steps(uid)
+
+    def _layer_steps(self, uid: ExpertUID) -> int:
+        """MoE layers until the expert's layer runs again (the current one: a whole cycle)."""
         n = len(self.layer_pos)
-        steps = (self.layer_pos[uid[0]] - self.current) % n or n
-        return (self.weight + self.uses.get(uid, 0.0)) / steps
+        return (self.layer_pos[uid[0]] - self.current) % n or n
+
+    def _hobbit_score(self, uid: ExpertUID, top: int) -> float:
+        """HOBBIT's keep priority: recency, frequency in this sequence (`top`: the highest count), and
+        nearness of the expert's layer."""
+        w_recency, w_freq, w_dist = HOBBIT_WEIGHTS
+        recency = self.last_use.get(uid, 0) / self.step if self.step else 0.0
+        freq = self.seq_count.get(uid, 0) / top if top else 0.0
+        near = 1.0 - self._layer_steps(uid) / len(self.layer_pos)
+        return w_recency * recency + w_freq * freq + w_dist * near
 
     def evict(self, uid: ExpertUID) -> None:
+        fut = self.inflight.pop(uid, None)
+        if fut is not None and not fut.cancel():
+            fut.result()                 # a read still running would map the pages again after the drop
         cost = self.resident.pop(uid)
         self.resident_bytes -= cost
-        self.stats.layers[uid[0]].bytes_evicted += cost
+        st = self.stats.layers[uid[0]]
+        st.bytes_evicted += cost
+        if uid in self.unused:
+            self.unused.discard(uid)
+            st.prefetch_wasted += 1
+            st.prefetch_wasted_bytes += cost
         self._drop(self.spans[uid])
 
     def _drop(self, spans) -> None:
@@ -307,6 +441,7 @@ class ExpertCache:
         }
 
     def close(self) -> None:
+        self.prefetch_pool.shutdown(wait=True, cancel_futures=True)
         self.pool.shutdown(wait=True)
         if self.fd >= 0:
             os.close(self.fd)

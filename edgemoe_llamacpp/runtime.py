@@ -13,8 +13,9 @@ import mmap
 import os
 from pathlib import Path
 
-# struct ggml_tensor (ggml.h): type@0, buffer@8, ne[4]@16, nb[4]@48, op@80, ..., data@248, name[64]@256
-T_TYPE, T_NE, T_NB, T_OP, T_DATA, T_NAME = 0, 16, 48, 80, 248, 256
+# struct ggml_tensor (ggml.h): type@0, buffer@8, ne[4]@16, nb[4]@48, op@80, src[10]@152, data@248, name[64]@256
+T_TYPE, T_NE, T_NB, T_OP, T_SRC, T_DATA, T_NAME = 0, 16, 48, 80, 152, 248, 256
+GGML_MAX_SRC = 10
 GGML_MAX_NAME = 64
 PAGE = mmap.PAGESIZE
 MAX_FOLIO_PAGES = (2 << 20) // PAGE   # the largest page-cache folio (PMD size on x86-64)

@@ -41,3 +41,16 @@ def test_run_text_prints_stats(fixture_path):
 def test_run_bad_budget(fixture_path, budget, needle):
     proc = edgemoe("run", str(fixture_path), "-p", "x", "--memory-budget", budget)
     assert proc.returncode == 2 and needle in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_run_with_policy_and_predictor_reports_prefetch(fixture_path):
+    args = ["run", str(fixture_path), "-p", "def parse(self, ", "-n", "12", "--json", "--memory-budget", "25%"]
+    plain = json.loads(edgemoe(*args).stdout)
+    proc = edgemoe(*args, "--policy", "hobbit", "--predictor", "gate", "--prefetch-depth", "2")
+    assert proc.returncode == 0, proc.stderr
+    ed = json.loads(proc.stdout)
+    assert ed["text"] == plain["text"]
+    stats = ed["stats"]
+    assert stats["policy"] == "hobbit" and stats["predictor"] == "gate" and stats["prefetch_depth"] == 2
+    assert stats["total"]["prefetches"] > 0 and stats["total"]["prefetch_used"] > 0
+    assert plain["stats"]["total"]["prefetches"] == 0

@@ -162,3 +162,61 @@ def test_memory_limit_reads_this_process_cgroup():
 
     limit = cgroup.memory_limit()
     assert limit is None or 0 < limit < cgroup.UNLIMITED
+
+
+@pytest.fixture(scope="module")
+def stock_greedy(fixture_path):
+    stock = stock_llama(fixture_path, use_extra_bufts=False, n_ctx=256, verbose=False)
+    try:
+        return greedy(stock, PROMPT, N_TOKENS)
+    finally:
+        stock.close()
+
+
+@pytest.mark.parametrize(("policy", "predictor", "depth"), [
+    ("lfu", None, 1), ("hobbit", None, 1), ("distance", "gate", 1), ("hobbit", "gate", 3),
+    ("lru", "table", 2), ("lfu", "frequency", 3)])
+def test_policies_and_prefetch_leave_tokens_and_logits_unchanged(fixture_path, stock_greedy, policy, predictor,
+                                                                  depth):
+    want_tokens, want_logits = stock_greedy
+    llm = Llama(str(fixture_path), memory_budget="25%", policy=policy, predictor=predictor, prefetch_depth=depth,
+                n_ctx=256, verbose=False)
+    tokens, logits = greedy(llm, PROMPT, N_TOKENS)
+    total = llm.edgemoe_stats()["total"]
+    llm.close()
+    assert tokens == want_tokens
+    np.testing.assert_array_equal(logits, want_logits)
+    assert total["misses"] > 0 and total["bytes_evicted"] > 0
+    if predictor is not None:       # prefetches happened, some were used, some were wasted
+        assert total["prefetches"] > 0 and total["prefetch_used"] > 0 and total["prefetch_wasted"] > 0
+        assert total["prefetch_used"] + total["prefetch_wasted"] <= total["prefetches"]
+
+
+class Measured(Llama):
+    """After every layer's routing, fetch and prefetch: the expert pages the kernel reports in memory."""
+
+    def __init__(self, *args, **kwargs):
+        self.seen = []
+        super().__init__(*args, **kwargs)
+
+    def _on_route(self, layer, ids, hidden=None):
+        super()._on_route(layer, ids, hidden)
+        self.seen.append(expert_pages_in_memory(self._edgemoe_layout, self._edgemoe_cache.base))
+
+
+@pytest.mark.parametrize("depth", [1, 3])
+def test_budget_holds_by_mincore_after_every_layer_with_prefetch(fixture_path, depth):
+    llm = Measured(str(fixture_path), memory_budget="25%", predictor="gate", prefetch_depth=depth, n_ctx=256,
+                   verbose=False)
+    seen = llm.seen
+    budget = llm.edgemoe_stats()["budget_bytes"]
+    for i, _ in enumerate(llm.generate(llm.tokenize(PROMPT.encode()), temp=0.0)):
+        if i + 1 == N_TOKENS:
+            break
+    stats = llm.edgemoe_stats()
+    llm.close()
+    total = stats["total"]
+    assert total["prefetches"] > N_TOKENS and total["prefetch_used"] > N_TOKENS // 2, total
+    assert len(seen) == N_TOKENS * len(llm._edgemoe_layout.moe_layers)    # the prompt, then N_TOKENS - 1 tokens
+    assert max(seen) <= budget, (max(seen), budget)
+    assert max(seen) >= budget // 2

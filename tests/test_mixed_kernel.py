@@ -21,7 +21,6 @@ from edgemoe_llamacpp.llama import _types, llama_params
 
 pytestmark = pytest.mark.skipif(not runtime.patched(), reason="needs llama-cpp-python built with patches/")
 
-T_SRC = 152          # ggml_tensor.src[10] (design.md section 2)
 MUL_MAT_ID = 30
 NODES = (b"ffn_moe_gate-", b"ffn_moe_up-", b"ffn_moe_down-")
 
@@ -59,7 +58,7 @@ class Capture:
             return True
         try:
             assert ctypes.c_int32.from_address(t + runtime.T_OP).value == MUL_MAT_ID
-            src = (ctypes.c_void_p * 3).from_address(t + T_SRC)
+            src = (ctypes.c_void_p * 3).from_address(t + runtime.T_SRC)
             weights, x, ids = src[0], src[1], src[2]
             ne_ids = list((ctypes.c_int64 * 2).from_address(ids + runtime.T_NE))
             nb_ids = list((ctypes.c_size_t * 2).from_address(ids + runtime.T_NB))

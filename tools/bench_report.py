@@ -52,22 +52,65 @@ def save(fig, ax, out: Path, title: str) -> None:
 
 
 def policy_section(path: Path, r: dict) -> str:
-    policies = [k for k in r["budgets"][0] if k not in ("budget", "capacity_experts", "belady")]
-    rows = ["| budget | cache holds | Belady | " + " | ".join(policies) + " |",
-            "|---|---|---|" + "---|" * len(policies)]
-    for b in r["budgets"]:
+    budgets = r["budgets"]
+    plain = [run for run in budgets[0]["runs"] if run["predictor"] is None]
+    rows = ["| budget | cache holds | Belady | " + " | ".join(run["policy"] for run in plain) + " |",
+            "|---|---|---|" + "---|" * len(plain)]
+    for b in budgets:
+        runs = [run for run in b["runs"] if run["predictor"] is None]
         rows.append(f"| {b['budget']} | {b['capacity_experts']} experts | {b['belady']:.2f} | " +
-                    " | ".join(f"{b[p]:.2f} ({b[p] / b['belady']:.2f}x)" for p in policies) + " |")
+                    " | ".join(f"{run['misses']:.2f} ({run['misses'] / b['belady']:.2f}x)" for run in runs) + " |")
+    pre = [("| budget | policy | predictor | depth | misses/token (x Belady) | prefetched/token | "
+            "wasted/token | reads/token (x Belady) |"), "|---|---|---|---|---|---|---|---|"]
+    for b in budgets:
+        for run in b["runs"]:
+            pre.append(f"| {b['budget']} | {run['policy']} | {run['predictor'] or '-'} | {run['depth'] or '-'} | "
+                       f"{run['misses']:.2f} ({run['misses'] / b['belady']:.2f}x) | {run['prefetches']:.2f} | "
+                       f"{run['prefetch_wasted']:.2f} | {run['reads']:.2f} ({run['reads'] / b['belady']:.2f}x) |")
     return "\n".join([
-        f"## {path.stem}: cache policies replayed on recorded routing", "",
+        f"## {path.stem}: cache policies and prefetch replayed on recorded routing", "",
         (f"Routing of {r['prompts']} prompts x {r['tokens']} greedy tokens on `{r['model']}` "
         f"({r['moe_layers']} MoE layers, {r['n_expert']} experts, top-{r['n_expert_used']}), replayed through "
-        "the cache's own code with I/O stubbed (`tools/policy_replay.py`). Decode misses per token "
-        "(experts read), and the ratio to Belady's MIN, the floor no cache can beat. The I/O-scale model "
-        "routes exactly as the fixture does."), "", *rows, "",
+        "the cache's and the predictors' own code with I/O stubbed (`tools/policy_replay.py`). Decode misses per "
+        "token (experts llama.cpp waits for), and the ratio to Belady's MIN, the floor no cache can beat. The "
+        "I/O-scale model routes exactly as the fixture does. `hobbit` is recency + frequency + layer distance "
+        "with equal weights, reset per sequence; `distance` is the default policy."), "", *rows, "",
+        ("With prediction: after each layer's router, the predictor's k best guesses for each of the next "
+        "`depth` layers are read ahead (counted in the budget; never evicting the current layer's experts). A "
+        "prefetch turns a miss into a hit but is a read too: reads/token = misses + prefetches, to compare "
+        "with Belady's reads. Wasted = prefetched experts evicted before any use."), "", *pre, "",
         "```sh", (f"python tools/policy_replay.py {r['model']} --budgets "
-        f"{' '.join(b['budget'] for b in r['budgets'])} --tokens {r['tokens']} --json "
+        f"{' '.join(b['budget'] for b in budgets)} --tokens {r['tokens']} --json "
         f"{path.relative_to(ROOT)}"), "```", ""])
+
+
+def recall_section(path: Path, r: dict) -> str:
+    fixture = r["models"][0]
+    names = list(fixture["recall"])
+    head = ["| model | predictor | depth 1 | depth 2 | depth 3 |", "|---|---|---|---|---|"]
+    rows = []
+    for m in r["models"]:
+        for name in names:
+            d = m["recall"][name]
+            rows.append(f"| {Path(m['model']).name} | {name} | " +
+                        " | ".join(f"{d[str(k)]['mean']:.3f}" for k in (1, 2, 3)) + " |")
+    gate = fixture["recall"]["gate (own ffn_norm)"]
+    same = "".join(f" `{Path(m['model']).name}` ({m['tokens']:,} of the same held-out tokens) chose the same "
+                   f"top-{r['k']} set as the fixture for {m['same_routing_as_fixture']:.2%} of (token, layer) "
+                   "pairs: its routing is the fixture's; its rows differ from the fixture's only because they score the first "
+                   f"{m['tokens']:,} tokens, not all of them." for m in r["models"][1:])
+    return "\n".join([
+        f"## {path.stem}: which experts the next layers will choose", "",
+        (f"recall@k (k = {r['k']}, the model's top-k): the fraction of the experts a layer really chose that the "
+        f"predictor ranked in its first k, at 1-3 MoE layers ahead, averaged over the source layers "
+        f"({r['moe_layers']} MoE layers, {r['n_expert']} experts: chance is {r['chance']:.3f}). Held-out text: "
+        f"the fixture's validation files ({r['split']}), {fixture['tokens']:,} tokens in windows of 512 through "
+        f"llama.cpp; the table and frequency predictors learned from {r['train_tokens']:,} tokens of the training "
+        "files. Gate lookahead applies layer N+d's router to layer N's FFN input: normed with layer N+d's own "
+        "`ffn_norm` weight, or reusing `ffn_norm-N` as is. At depth 0 it re-derives each layer's own choice "
+        f"from the routers read from the file: {gate['0']['mean']:.3f}.{same}"), "",
+        (f"The issue's target for gate lookahead at depth 1 is 0.85; measured here: {gate['1']['mean']:.3f}."),
+        "", *head, *rows, "", "```sh", r["command"], "```", ""])
 
 
 def hook_section(path: Path, r: dict) -> str:
@@ -174,6 +217,8 @@ def section(path: Path) -> str:
         return server_section(path, r)
     if r.get("kind") == "policy_replay":
         return policy_section(path, r)
+    if r.get("kind") == "predictor_recall":
+        return recall_section(path, r)
     if r.get("kind") == "hook_overhead":
         return hook_section(path, r)
     png = path.with_suffix(".png")
@@ -196,7 +241,7 @@ def section(path: Path) -> str:
         f"{limited}; cold page cache before every run; engines alternate run by run. "
         f"Disk: {r['disk_bandwidth_bps'] / 1e9:.2f} GB/s cold 1 MiB reads. "
         f"Machine: {m['cpu']}, {m['cpus']} cores, {m['memory_bytes'] / 2**30:.0f} GiB, Linux {m['kernel']}, "
-        f"Python {m['python']}; {r['date']}."),
+        f"Python {m['python']}; {r['date']}." + config_note(r) + (f" {r['note']}" if r.get("note") else "")),
         "",
         ("Storage MB/token and major faults/token are for the decode phase, from `/proc/self/io` and "
         "`getrusage` of the engine's process; the ratio is the median of per-pair ratios; the Belady row is "
@@ -211,10 +256,53 @@ def section(path: Path) -> str:
         "",
         "```sh",
         r.get("command", f"edgemoe bench {r['model']} --memory-budget "
-                         f"{' '.join(b['budget'] for b in r['budgets'])} --json {path.relative_to(ROOT)}"),
+                         f"{' '.join(b['budget'] for b in r['budgets'])}{config_flags(r)} --json "
+                         f"{path.relative_to(ROOT)}"),
         "```",
         "",
     ])
+
+
+def config_note(r: dict) -> str:
+    if not r.get("policy"):
+        return ""
+    ahead = f"predictor {r['predictor']}, prefetch depth {r['prefetch_depth']}" if r["predictor"] else "no predictor"
+    return f" edgemoe: policy {r['policy']}, {ahead}."
+
+
+def config_flags(r: dict) -> str:
+    if not r.get("policy"):
+        return ""
+    return f" --runs {r['budgets'][0]['stock']['runs']} --policy {r['policy']} --predictor {r['predictor'] or 'none'}" + \
+        (f" --prefetch-depth {r['prefetch_depth']}" if r["predictor"] else "")
+
+
+def configurations_section(results: dict[Path, dict]) -> str:
+    """One row per (edgemoe configuration, budget) of the bench results that name their configuration."""
+    rows = [("| result | policy | predictor | depth | budget | stock tok/s | edgemoe tok/s | edgemoe/stock | "
+            "MB/token | x Belady floor | prefetched/token | wasted/token |"),
+            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for path, r in results.items():
+        for b in r["budgets"]:
+            ed = b["edgemoe"]
+
+            def med(key, entry=ed):
+                v = entry.get(key, {}).get("median")
+                return "-" if v is None else f"{v:.2f}"
+            mb = ed["decode_read_bytes_per_token"]["median"]
+            rows.append(f"| {path.stem} | {r['policy']} | {r['predictor'] or '-'} | "
+                        f"{r['prefetch_depth'] if r['predictor'] else '-'} | {b['budget']} | "
+                        f"{med('decode_tok_s', b['stock'])} | {med('decode_tok_s')} | "
+                        f"{b['decode_ratio']['median']:.2f}x | {'-' if mb is None else f'{mb / 1e6:.1f}'} | "
+                        f"{b.get('edgemoe_bytes_vs_floor') or 0:.2f}x | {med('prefetches_per_token')} | "
+                        f"{med('prefetch_wasted_per_token')} |")
+    return "\n".join([
+        "## bench configurations: policy x predictor on the I/O-scale model", "",
+        ("Medians of the `edgemoe bench` results below that record their cache configuration (each its own "
+        "invocation: stock and edgemoe alternate within it, so compare the edgemoe/stock ratios across rows "
+        "rather than raw speeds; the machine is shared and timing is noisy). MB/token is storage read per "
+        "decoded token (`/proc/self/io`); the Belady floor is that run's own."), "", *rows, "",
+        *[f"{path.stem}: {r['note']}" for path, r in results.items() if r.get("note")], ""])
 
 
 def main() -> None:
@@ -226,7 +314,9 @@ def main() -> None:
     head = ["# Benchmarks", "",
             ("Generated by `python tools/bench_report.py` from the JSON under `bench/results/`. "
             "Every figure is measured on this project's machines (shared, noisy: medians of several runs)."), ""]
-    args.out.write_text("\n".join(head + [section(f) for f in files]))
+    configured = {f: r for f in files if (r := json.loads(f.read_text())).get("policy")}
+    extra = [configurations_section(configured)] if configured else []
+    args.out.write_text("\n".join(head + extra + [section(f) for f in files]))
     print(f"wrote {args.out} from {len(files)} result file(s)")
 
 

@@ -1,7 +1,9 @@
-"""Replay recorded routing through the expert cache's real policies, next to Belady's floor.
+"""Replay recorded routing through the expert cache's real policies and predictors, next to Belady's floor.
 
-Records each prompt's routing with edgemoe_llamacpp.Llama (no budget), then feeds it to ExpertCache with
-I/O stubbed out, for every policy and budget: decode misses per token, and their ratio to Belady's MIN.
+Records each prompt's routing (and each layer's FFN input, for gate lookahead) with edgemoe_llamacpp.Llama
+(no budget), then feeds it to ExpertCache with I/O stubbed out, for every policy, predictor and budget:
+decode misses per token (reads llama.cpp waits for) and their ratio to Belady's MIN, and with prediction the
+experts read ahead and the ones of those evicted unused (waste). Reads per token = misses + prefetches.
 
     python tools/policy_replay.py tests/fixtures/tiny-moe.gguf --budgets 25% 50% --tokens 64 \
         --json bench/results/policy-replay.json
@@ -9,13 +11,14 @@ I/O stubbed out, for every policy and budget: decode misses per token, and their
 from __future__ import annotations
 
 import argparse
+import functools
 import json
-
-import numpy as np
+from concurrent.futures import Future
 
 from edgemoe_llamacpp.bench import belady
 from edgemoe_llamacpp.layout import read_layout
 from edgemoe_llamacpp.llama import Llama
+from edgemoe_llamacpp.predict import PREDICTORS, GatePredictor, Lookahead, make_predictor, read_routers
 from edgemoe_llamacpp.residency import POLICIES, ExpertCache, parse_budget
 
 PROMPTS = ["import os\nimport sys\n\n\ndef main(argv):\n    ", "class Parser:\n    def ",
@@ -32,25 +35,57 @@ class ReplayCache(ExpertCache):
     def _drop(self, spans):
         pass
 
+    def _submit_prefetch(self, uid):
+        done = Future()
+        done.set_result(self.cost[uid])
+        return done
+
+
+class Recorder(Llama):
+    """edgemoe's Llama (no budget) keeping each layer's routing and FFN input as the hook saw them."""
+
+    def __init__(self, *args, **kwargs):
+        self.steps = []
+        super().__init__(*args, **kwargs)
+
+    def _on_route(self, layer, ids, hidden=None):
+        self.steps.append((layer, ids, hidden))
+        super()._on_route(layer, ids, hidden)
+
 
 def record(model: str, prompt: str, tokens: int) -> list:
-    llm = Llama(model, memory_budget=None, record_routing=True, n_ctx=512, verbose=False)
+    """[(layer, ids (T, k), ffn_inp (T, n_embd))] of one greedy completion."""
+    llm = Recorder(model, memory_budget=None, predictor="gate", n_ctx=512, verbose=False)
     llm.create_completion(prompt, max_tokens=tokens, temperature=0.0, repeat_penalty=1.1)
-    trace = llm.edgemoe_trace()
     llm.close()
-    return trace
+    return llm.steps
 
 
-def decode_misses(layout, budget: int, policy: str, trace: list) -> int:
+@functools.cache
+def routers(model: str, layout):
+    return read_routers(model, layout)
+
+
+def predictor_for(name: str, model: str, layout):
+    return GatePredictor(layout, routers(model, layout)) if name == "gate" else make_predictor(name, model, layout)
+
+
+def replay(model: str, layout, budget: int, policy: str, predictor: str | None, depth: int, steps: list) -> dict:
+    """Decode counts over one recorded sequence: misses, prefetches and wasted prefetches."""
     cache = ReplayCache(layout, budget, policy=policy)
-    misses = 0
-    for layer, ids in trace:
-        before = cache.stats.layers[layer].misses
-        cache.ensure_ids(layer, np.asarray(ids))
+    ahead = Lookahead(predictor_for(predictor, model, layout), cache, layout, depth) if predictor else None
+    out = {"misses": 0, "prefetches": 0, "prefetch_wasted": 0}
+    for layer, ids, hidden in steps:
+        before = {k: getattr(cache.stats.total(), k) for k in out}
+        cache.ensure_ids(layer, ids)
+        if ahead is not None:
+            ahead(layer, ids, hidden)
         if len(ids) == 1:
-            misses += cache.stats.layers[layer].misses - before
+            after = cache.stats.total()
+            for k in out:
+                out[k] += getattr(after, k) - before[k]
     cache.close()
-    return misses
+    return out
 
 
 def main() -> None:
@@ -58,25 +93,34 @@ def main() -> None:
     ap.add_argument("model")
     ap.add_argument("--budgets", nargs="+", default=["25%", "50%"])
     ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--depths", type=int, nargs="+", default=[1, 2, 3], help="prefetch depths to replay")
     ap.add_argument("--json")
     args = ap.parse_args()
     layout = read_layout(args.model)
     traces = [record(args.model, p, args.tokens) for p in PROMPTS]
-    n_tokens = sum(sum(len(ids) == 1 for _, ids in t) for t in traces) / len(layout.moe_layers)
+    n_tokens = sum(sum(len(ids) == 1 for _, ids, _ in t) for t in traces) / len(layout.moe_layers)
     expert_size = layout.expert_bytes / len(layout.experts)
     rows = []
     for spec in args.budgets:
         budget = parse_budget(spec, layout.expert_bytes)
-        row = {"budget": spec, "capacity_experts": int(budget // expert_size),
-               "belady": sum(belady(t, int(budget // expert_size))[1] for t in traces) / n_tokens}
+        capacity = int(budget // expert_size)
+        row = {"budget": spec, "capacity_experts": capacity,
+               "belady": sum(belady([(lay, ids.tolist()) for lay, ids, _ in t], capacity)[1]
+                             for t in traces) / n_tokens, "runs": []}
         for policy in POLICIES:
-            row[policy] = sum(decode_misses(layout, budget, policy, t) for t in traces) / n_tokens
+            for predictor, depth in [(None, 0)] + [(p, d) for p in PREDICTORS for d in args.depths]:
+                counts = [replay(args.model, layout, budget, policy, predictor, depth, t) for t in traces]
+                run = {"policy": policy, "predictor": predictor, "depth": depth,
+                       **{k: sum(c[k] for c in counts) / n_tokens for k in counts[0]}}
+                run["reads"] = run["misses"] + run["prefetches"]
+                row["runs"].append(run)
+                print(f"{spec} {policy:8s} {predictor or '-':9s} d{depth}: misses/token {run['misses']:.2f} "
+                      f"(Belady {row['belady']:.2f}), prefetched {run['prefetches']:.2f}, wasted "
+                      f"{run['prefetch_wasted']:.2f}, reads {run['reads']:.2f}")
         rows.append(row)
-        print(f"{spec}: decode misses/token " + ", ".join(f"{k} {v:.2f}" for k, v in row.items()
-                                                          if isinstance(v, float)))
     result = {"kind": "policy_replay", "model": args.model, "prompts": len(PROMPTS), "tokens": args.tokens,
               "n_expert": layout.n_expert, "n_expert_used": layout.n_expert_used,
-              "moe_layers": len(layout.moe_layers), "budgets": rows}
+              "moe_layers": len(layout.moe_layers), "depths": args.depths, "budgets": rows}
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)
