@@ -154,9 +154,16 @@ class Llama(llama_cpp.Llama):
             log.warning("%s is already mapped in this process: pages another instance keeps mapped cannot be "
                         "dropped, so the memory budget may not hold", model_path)
         try:
-            # with a budget below the experts, skip llama.cpp's whole-file read at load where it can be
-            prefetch = budget is None or budget >= layout.expert_bytes or not runtime.patched()
-            with llama_params(use_extra_bufts=False, cb_eval=hook.callback, mmap_prefetch=prefetch):
+            if budget is not None and budget < layout.expert_bytes and not before:
+                # Pages of the file already cached (just written, downloaded, or read by an earlier run) can sit
+                # in large folios; once llama.cpp maps its dense tensors, a folio shared with expert bytes can
+                # no longer be dropped. Drop them while nothing maps the file: the load then reads it in
+                # readahead-sized folios and the start-up drop (cache.attach) releases all but the edges.
+                cgroup.drop_file_cache(model_path)
+            # The load still reads the whole file (llama.cpp's MAP_POPULATE): mapped without it
+            # (LLAMA_MMAP_PREFETCH=0, patches/0003), the dense weights' first faults read around into expert
+            # pages after the start-up drop, and the budget no longer holds.
+            with llama_params(use_extra_bufts=False, cb_eval=hook.callback):
                 super().__init__(model_path, *args, **kwargs)
             new = [m for m in runtime.file_mappings(model_path) if m not in before]
             if not new or any("w" in perms for *_, perms in new):

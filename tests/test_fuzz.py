@@ -126,3 +126,52 @@ def test_converted_file_mutations(tmp_path, converted, data):
     path = tmp_path / "m.gguf"
     path.write_bytes(bytes(buf))
     check_converted(path)
+
+
+RUN_MUTANTS = r"""
+import sys
+from edgemoe_llamacpp.errors import EdgeMoEError
+from edgemoe_llamacpp.llama import Llama
+for path in sys.argv[1:]:
+    print("case", path, flush=True)
+    try:
+        llm = Llama(path, memory_budget="50%", n_ctx=64, verbose=False)
+    except (EdgeMoEError, ValueError, RuntimeError) as e:   # ours, or llama-cpp-python's "Failed to load"
+        print("refused", type(e).__name__, e, flush=True)
+        continue
+    llm.eval(llm.tokenize(b"import os"))
+    llm.close()
+    print("ran", flush=True)
+"""
+
+
+def test_mutated_fixture_never_crashes_llama_cpp(fixture_path, tmp_path):
+    """Header mutations of the real model, loaded and run by edgemoe (and llama.cpp) in a child process:
+    each ends in a clear error or a run, never a signal."""
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    blob = fixture_path.read_bytes()
+    header_end = read_layout(fixture_path).data_offset
+    rng = np.random.default_rng(8)
+    paths = []
+    for i in range(64):
+        buf = bytearray(blob)
+        for _ in range(int(rng.integers(1, 4))):
+            at = int(rng.integers(0, header_end - 8))
+            if rng.random() < 0.5:
+                buf[at] = int(rng.integers(0, 256))
+            else:
+                extremes = (0, 1, 2**31 - 1, 2**64 - 1, int(rng.integers(0, 2**40)))
+                buf[at:at + 8] = struct.pack("<Q", extremes[int(rng.integers(0, len(extremes)))])
+        path = tmp_path / f"m{i}.gguf"
+        path.write_bytes(bytes(buf))
+        paths.append(str(path))
+    r = subprocess.run([sys.executable, "-c", RUN_MUTANTS, *paths], capture_output=True, text=True, timeout=900,
+                       check=False)
+    assert r.returncode == 0, f"crashed after: {r.stdout.splitlines()[-1:]}\n{r.stderr[-2000:]}"
+    outcomes = [" ".join(line.split()[:2]) for line in r.stdout.splitlines() if not line.startswith("case")]
+    assert len(outcomes) == len(paths)
+    assert "ran" in outcomes and any(o.startswith("refused") for o in outcomes)   # both paths were taken

@@ -70,28 +70,26 @@ def test_patched_build_computes_stock_files_exactly_as_stock(fixture_path, bufts
 
 
 LOAD = """
-import os, json
+import os, json, llama_cpp
 from edgemoe_llamacpp import runtime
-from edgemoe_llamacpp.layout import read_layout
-from edgemoe_llamacpp.llama import Llama
+from edgemoe_llamacpp.llama import llama_params
 fd = os.open({path!r}, os.O_RDONLY); runtime.flush(fd); runtime.fadvise_dontneed(fd, 0, 0); os.close(fd)
 def read(): return int(open("/proc/self/io").read().split("read_bytes: ")[1].split()[0])
-start = read()
-read_layout({path!r})         # gguf-py's reader faults the header region in (with readahead): not the load
 before = read()
-llm = Llama({path!r}, memory_budget={budget!r}, n_ctx=64, verbose=False)
-print(json.dumps({{"read": read() - before, "dense": llm._edgemoe_layout.dense_bytes, "header": before - start}}))
+with llama_params(use_extra_bufts=False, mmap_prefetch={prefetch}):
+    llm = llama_cpp.Llama({path!r}, n_ctx=64, verbose=False)
+print(json.dumps({{"read": read() - before}}))
 """
 
 
 @pytest.mark.skipif(not runtime.patched(), reason="needs llama-cpp-python built with patches/")
-def test_load_under_a_budget_does_not_read_the_whole_file(fixture_path):
+def test_load_time_read_is_switchable(fixture_path):
+    """patches/0003: LLAMA_MMAP_PREFETCH=0 maps the model without reading it; unset, the load reads it all."""
     size = fixture_path.stat().st_size
     reads = {}
-    for budget in ("25%", None):
-        r = python(LOAD.format(path=str(fixture_path), budget=budget), stock=False)
+    for prefetch in (True, False):
+        r = python(LOAD.format(path=str(fixture_path), prefetch=prefetch), stock=False)
         assert r.returncode == 0, r.stderr
-        reads[budget] = json.loads(r.stdout)
-    # stock load: MAP_POPULATE reads the rest of the file
-    assert reads[None]["read"] >= 0.9 * (size - reads[None]["header"])
-    assert reads["25%"]["read"] <= reads["25%"]["dense"]     # LLAMA_MMAP_PREFETCH=0: not even the dense
+        reads[prefetch] = json.loads(r.stdout)["read"]
+    assert reads[True] >= 0.9 * size
+    assert reads[False] <= 0.1 * size
