@@ -138,10 +138,63 @@ def _open_reader(path: Path):
         magic = f.read(4)
     if magic != GGUF_MAGIC:
         raise BadModelError(f"{path}: not a GGUF file (starts with {magic!r}, expected {GGUF_MAGIC!r})")
+    _check_kv_extents(path)
     try:
         return GGUFReader(path)
     except (ValueError, IndexError, KeyError, TypeError, OverflowError, struct.error, MemoryError) as e:
         raise BadModelError(f"{path}: unreadable GGUF header ({e}); the file is truncated or corrupt") from None
+
+
+# GGUF value types: fixed sizes, 8 = string, 9 = array
+_GGUF_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+
+
+def _check_kv_extents(path: Path) -> None:
+    """Walk the metadata section and check every length and array count against the file's size.
+
+    gguf-py's reader trusts them: an array count that runs past the end of the file makes it build parts
+    for ever (observed: 24 GB before the kernel's OOM killer stopped it).
+    """
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(min(size, 64 << 20))
+
+    def need(pos: int, n: int) -> None:
+        if n < 0 or pos + n > len(head):
+            raise BadModelError(f"{path}: metadata runs past the end of the file at byte {pos}: truncated "
+                                f"or corrupt")
+
+    def u(pos: int, fmt: str) -> int:
+        need(pos, struct.calcsize(fmt))
+        return struct.unpack_from("<" + fmt, head, pos)[0]
+
+    def value(pos: int, vtype: int, depth: int = 0) -> int:
+        if vtype in _GGUF_SIZES:
+            need(pos, _GGUF_SIZES[vtype])
+            return pos + _GGUF_SIZES[vtype]
+        if vtype == 8:
+            n = u(pos, "Q")
+            need(pos + 8, n)
+            return pos + 8 + n
+        if vtype == 9 and depth < 2:
+            itype, count = u(pos, "I"), u(pos + 4, "Q")
+            pos += 12
+            if itype in _GGUF_SIZES:
+                need(pos, count * _GGUF_SIZES[itype])
+                return pos + count * _GGUF_SIZES[itype]
+            need(pos, count * 8)                     # every string or array takes 8 bytes at least
+            for _ in range(count):
+                pos = value(pos, itype, depth + 1)
+            return pos
+        raise BadModelError(f"{path}: unknown metadata value type {vtype} at byte {pos}")
+
+    n_kv = u(16, "Q")
+    need(24, n_kv * 12)
+    pos = 24
+    for _ in range(n_kv):
+        pos = value(pos, 8)                          # the key
+        vtype = u(pos, "I")
+        pos = value(pos + 4, vtype)
 
 
 def _field(reader, key: str, path: Path, kind: type, required: bool = True):

@@ -175,3 +175,16 @@ def test_mutated_fixture_never_crashes_llama_cpp(fixture_path, tmp_path):
     outcomes = [" ".join(line.split()[:2]) for line in r.stdout.splitlines() if not line.startswith("case")]
     assert len(outcomes) == len(paths)
     assert "ran" in outcomes and any(o.startswith("refused") for o in outcomes)   # both paths were taken
+
+
+def test_array_count_past_the_end_is_refused_before_parsing(tmp_path, converted):
+    """gguf-py's reader would build parts for ever on such a count (found by the fuzz above: 24 GB, OOM)."""
+    blob, _ = converted
+    key = b"edgemoe.expert_types.blk.0.ffn_gate_exps.weight"
+    at = blob.index(key) + len(key) + 8           # after the value type and the element type
+    buf = bytearray(blob)
+    buf[at:at + 8] = struct.pack("<Q", 2**40)
+    path = tmp_path / "m.gguf"
+    path.write_bytes(bytes(buf))
+    with pytest.raises(EdgeMoEError, match="past the end"):
+        read_layout(path)
