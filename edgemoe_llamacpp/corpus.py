@@ -55,5 +55,13 @@ def tokens(llm, texts, limit: int) -> list[int]:
     return out[:limit]
 
 
+def windows(ids: list[int], n_ctx: int) -> list[list[int]]:
+    """`ids` cut into whole, independent windows of n_ctx tokens (the tail shorter than one is left out)."""
+    out = [ids[s:s + n_ctx] for s in range(0, len(ids) - n_ctx + 1, n_ctx)]
+    if not out:
+        raise ValueError(f"the text gives {len(ids)} tokens, fewer than one window of {n_ctx}")
+    return out
+
+
 def read_texts(paths) -> list[str]:
     return [Path(p).read_text(encoding="utf-8", errors="replace") for p in paths]

@@ -35,12 +35,9 @@ def perplexity(model_path: str, *, texts=None, tokens: int = 16384, n_ctx: int =
     try:
         ref = load(reference) if reference else None
         ids = corpus.tokens(llm, texts if texts is not None else corpus.split_texts("validation"), tokens)
-        starts = range(0, len(ids) - n_ctx + 1, n_ctx)
-        if not starts:
-            raise ValueError(f"the text gives {len(ids)} tokens, fewer than one window of {n_ctx}")
+        parts = corpus.windows(ids, n_ctx)
         nll = kld = same = 0.0
-        for s in tqdm(starts, desc="perplexity", unit="window", disable=not progress):
-            window = ids[s:s + n_ctx]
+        for window in tqdm(parts, desc="perplexity", unit="window", disable=not progress):
             logp = window_logp(llm, window)
             nll -= logp[np.arange(n_ctx - 1), window[1:]].sum()
             if ref is not None:
@@ -51,9 +48,9 @@ def perplexity(model_path: str, *, texts=None, tokens: int = 16384, n_ctx: int =
         llm.close()
         if ref is not None:
             ref.close()
-    count = len(starts) * (n_ctx - 1)
+    count = len(parts) * (n_ctx - 1)
     out = {"model": str(model_path), "perplexity": math.exp(nll / count), "tokens": count,
-           "windows": len(starts), "n_ctx": n_ctx}
+           "windows": len(parts), "n_ctx": n_ctx}
     if ref is not None:
         out.update(reference=str(reference), kld=kld / count, same_top1=same / count)
     return out

@@ -122,12 +122,10 @@ def profile(model_path: str, out: str, *, texts=None, text_label: str = "stdlib 
                               verbose=False)
     try:
         ids = corpus.tokens(llm, texts if texts is not None else corpus.split_texts("train"), tokens)
-        starts = range(0, len(ids) - n_ctx + 1, n_ctx)
-        if not starts:
-            raise ValueError(f"the text gives {len(ids)} tokens, fewer than one window of {n_ctx}")
-        for s in tqdm(starts, desc="profile", unit="window", disable=not progress):
+        parts = corpus.windows(ids, n_ctx)
+        for window in tqdm(parts, desc="profile", unit="window", disable=not progress):
             llm.reset()
-            llm.eval(ids[s:s + n_ctx])
+            llm.eval(window)
             if rec.error is not None:
                 raise rec.error
     finally:
@@ -137,7 +135,7 @@ def profile(model_path: str, out: str, *, texts=None, text_label: str = "stdlib 
     meta = {"format": list(FORMAT), "model": str(model_path), "model_sha256": sha256_file(model_path),
             "arch": layout.arch, "moe_layers": list(layout.moe_layers), "n_expert": layout.n_expert,
             "n_expert_used": layout.n_expert_used, "n_embd": n_embd, "tokens": int(routed.shape[0]),
-            "windows": len(starts), "n_ctx": n_ctx, "samples_per_expert": samples, "text": text_label,
+            "windows": len(parts), "n_ctx": n_ctx, "samples_per_expert": samples, "text": text_label,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     out = Path(out)
     tmp = out.with_name(f".{out.name}.tmp.npz")

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from edgemoe_llamacpp.corpus import EOT, is_validation, stdlib_files
+from edgemoe_llamacpp.perplexity import window_logp
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -376,11 +377,7 @@ def llama_cpp_ppl(path: Path, ids: np.ndarray, n_ctx: int, max_tokens: int) -> t
     nll, count = 0.0, 0
     for s in range(0, min(len(ids), max_tokens) - n_ctx, n_ctx):
         window = ids[s:s + n_ctx].tolist()
-        llm.reset()
-        llm.eval(window)
-        logits = np.asarray(llm.scores[: n_ctx - 1], dtype=np.float64)
-        logits -= logits.max(1, keepdims=True)
-        logp = logits - np.log(np.exp(logits).sum(1, keepdims=True))
+        logp = window_logp(llm, window)
         nll -= logp[np.arange(n_ctx - 1), window[1:]].sum()
         count += n_ctx - 1
     llm.close()
