@@ -168,8 +168,10 @@ def cmd_convert(args: argparse.Namespace) -> int:
         from pathlib import Path
 
         Path(args.save_plan).write_text(json.dumps(plan, indent=1) + "\n")
-    layout = convert(args.input, args.output, plan, meta=meta, force=args.force)
-    kind = "per-expert types: needs the patched runtime" if layout.mixed else "loads in stock llama.cpp"
+    layout = convert(args.input, args.output, plan, meta=meta, force=args.force, lowbit=args.lowbit)
+    needs = [x for x, on in (("per-expert types", layout.mixed),
+                             (f"{layout.lowbit_type} copies of the experts", args.lowbit)) if on]
+    kind = f"{' and '.join(needs)}: needs the patched runtime" if needs else "loads in stock llama.cpp"
     print(f"{args.output}: experts {_mib(layout.expert_bytes)}, dense {_mib(layout.dense_bytes)}, {kind}")
     return 0
 
@@ -286,6 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--uniform", metavar="TYPE", help="every expert at TYPE (e.g. Q4_K); stock llama.cpp loads it")
     p.add_argument("--plan", help="JSON: expert tensor name -> type, or list of types per expert")
     p.add_argument("--save-plan", dest="save_plan", help="write the plan used as JSON here")
+    p.add_argument("--lowbit", metavar="TYPE", help="also store every expert at TYPE (e.g. Q2_K), for running a "
+                   "missed low-weight expert from it (--substitute)")
     p.add_argument("--force", action="store_true", help="replace OUTPUT if it exists")
     p.set_defaults(func=cmd_convert)
 

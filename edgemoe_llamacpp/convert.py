@@ -8,6 +8,10 @@ at its own type at the start of slot e and the rest of the slot is left a hole (
 written). Its types go to `edgemoe.expert_types.<tensor>` and an `edgemoe.guard` tensor makes builds
 without the patch refuse the file. The tensor data section is aligned to the page size.
 
+With `lowbit=TYPE`, every stacked expert tensor also gets `edgemoe.lowbit.<tensor>`: each expert quantized
+to TYPE from the source, in a page-aligned slot of its own, for the runtime to run a missed, low-weight
+expert from (HOBBIT's substitution). Such a file needs the patched runtime too.
+
 The output is written to a temporary file beside OUT, fsynced and renamed: a killed conversion leaves
 OUT as it was, and IN is only ever read.
 """
@@ -26,7 +30,7 @@ from tqdm import tqdm
 
 from . import quant
 from .errors import EdgeMoEError
-from .layout import EDGEMOE_PREFIX, EXPERT_TYPES, MoELayout, read_layout
+from .layout import EDGEMOE_PREFIX, EXPERT_TYPES, LOWBIT, MoELayout, read_layout
 
 ALIGNMENT = mmap.PAGESIZE
 FORMAT_VERSION = 1
@@ -69,7 +73,7 @@ def _check_plan(layout: MoELayout, plan: dict[str, list[str]], reader: GGUFReade
                                    f"not a multiple of the type's block")
 
 
-def _out_tensors(reader: GGUFReader, plan: dict[str, list[str]]) -> list[dict]:
+def _out_tensors(reader: GGUFReader, plan: dict[str, list[str]], lowbit: str | None = None) -> list[dict]:
     """Every output tensor: name, numpy shape, declared type, nbytes, and the per-expert types if mixed."""
     out = []
     # one mixed tensor makes the file need the patched runtime; then every planned tensor gets slots
@@ -88,6 +92,15 @@ def _out_tensors(reader: GGUFReader, plan: dict[str, list[str]]) -> list[dict]:
             entry.update(type=declared, nbytes=n_expert * rows * quant.row_bytes(declared, row_len),
                          experts=types, row_len=row_len, rows=rows, slotted=set(types) != {declared})
         out.append(entry)
+        if types is not None and lowbit is not None:
+            # beside its tensor, between two of the model's: llama.cpp unmaps the file's head and tail
+            # fragments (before its first tensor, after its last) once loaded, and skips `edgemoe.*` tensors
+            slot = _pad(rows * quant.row_bytes(lowbit, row_len))
+            out.append({"name": LOWBIT + t.name, "shape": [n_expert * slot], "type": "I8",
+                        "nbytes": n_expert * slot, "src": t, "experts": [lowbit] * n_expert,
+                        "row_len": row_len, "rows": rows, "slotted": False})
+    if out and out[-1]["name"].startswith(LOWBIT):
+        out[-2], out[-1] = out[-1], out[-2]
     if mixed:
         out.append({"name": GUARD, "shape": [16], "type": "I8", "nbytes": 16, "src": None, "experts": None,
                     "slotted": False})
@@ -147,9 +160,17 @@ def _tensor_sha256(mm, start: int, nbytes: int) -> str:
     return hashlib.sha256(memoryview(mm)[start:start + nbytes]).hexdigest()
 
 
+def _check_low_type(type_name: str, row_len: int, name: str) -> None:
+    if not quant.fits(type_name, row_len):
+        raise EdgeMoEError(f"{type_name} cannot hold {name}: its rows of {row_len} values are not a multiple of "
+                           f"the type's block")
+
+
 def convert(src: str | os.PathLike, dst: str | os.PathLike, plan: dict[str, list[str]], *,
-            meta: dict | None = None, force: bool = False, progress: bool = True) -> MoELayout:
-    """Write `src` with its experts at `plan`'s types to `dst`. Returns the new file's layout."""
+            meta: dict | None = None, force: bool = False, progress: bool = True,
+            lowbit: str | None = None) -> MoELayout:
+    """Write `src` with its experts at `plan`'s types to `dst`, plus low-bit copies of every expert at
+    `lowbit` if given. Returns the new file's layout."""
     src, dst = Path(src), Path(dst)
     layout = read_layout(src)
     if dst.exists() and not force:
@@ -163,7 +184,13 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, plan: dict[str, list
         raise EdgeMoEError(f"{parent}: not writable")
     reader = GGUFReader(src)
     _check_plan(layout, plan, reader)
-    tensors = _out_tensors(reader, plan)
+    if lowbit is not None:
+        if lowbit not in quant.PLAN_TYPES:
+            raise EdgeMoEError(f"low-bit copies can be {', '.join(quant.PLAN_TYPES)}; not {lowbit!r}")
+        for t in reader.tensors:
+            if t.name in plan:
+                _check_low_type(lowbit, int(t.shape[0]), t.name)
+    tensors = _out_tensors(reader, plan, lowbit)
 
     writer = GGUFWriter(None, layout.arch)
     _kv(writer, reader)
@@ -172,6 +199,8 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, plan: dict[str, list
     writer.add_string("edgemoe.source.name", src.name)
     writer.add_string("edgemoe.source.sha256", sha256_file(src))
     writer.add_string("edgemoe.created", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    if lowbit is not None:
+        writer.add_string("edgemoe.lowbit_type", lowbit)
     for key, value in (meta or {}).items():
         writer.add_key_value(f"edgemoe.{key}", value, _vtype(value),
                              sub_type=_vtype(value[0]) if isinstance(value, list) else None)

@@ -26,13 +26,22 @@ GGML_TYPE_F32 = 0
 SOURCE_SEARCH_DEPTH = 8              # how many hops up from topk a wanted node may be
 
 
-class ExpertHook:
-    """Owns the CFUNCTYPE object llama.cpp calls; hands each layer's expert ids to `on_route`."""
+PROBS = b"ffn_moe_probs-"              # the router's probabilities (T, n_expert), topk's grandparent
 
-    def __init__(self, on_route=None, hidden_node: str | None = None):
-        self.on_route = on_route           # (layer, ids: np.ndarray (T, k) int32, hidden (T, n_embd) | None)
+
+class ExpertHook:
+    """Owns the CFUNCTYPE object llama.cpp calls; hands each layer's expert ids to `on_route`.
+
+    on_route(layer, ids (T, k) int32, hidden (T, n_embd) or None, weights (T, k) or None): `hidden` is the
+    node named `hidden_node` if given; `weights` (with want_weights) the chosen experts' router
+    probabilities, renormalised over the k chosen.
+    """
+
+    def __init__(self, on_route=None, hidden_node: str | None = None, want_weights: bool = False):
+        self.on_route = on_route
         self.hidden_node = hidden_node.encode() + b"-" if hidden_node else None
-        self._path: list[int] | None = None  # src indices from topk to the hidden node, found once
+        self.want_weights = want_weights
+        self._paths: dict[bytes, list[int]] = {}   # node name prefix -> src indices from topk, found once
         self.error: BaseException | None = None
         self.routes = 0
         self._checked = False
@@ -60,17 +69,25 @@ class ExpertHook:
             return                                   # not a layer's topk node (e.g. a renamed view)
         self.routes += 1
         if self.on_route is not None:
-            hidden = None if self.hidden_node is None else self._read_hidden(t, self.hidden_node + layer)
-            self.on_route(int(layer), read_ids(t), hidden)
+            ids = read_ids(t)
+            hidden = None if self.hidden_node is None else self._read_source(t, self.hidden_node, layer)
+            weights = None
+            if self.want_weights:
+                weights = np.take_along_axis(self._read_source(t, PROBS, layer), ids, axis=1)
+                weights /= weights.sum(axis=1, keepdims=True)
+            self.on_route(int(layer), ids, hidden, weights)
 
-    def _read_hidden(self, t: int, name: bytes) -> np.ndarray:
-        node = follow(t, self._path) if self._path is not None else None
+    def _read_source(self, t: int, prefix: bytes, layer: bytes) -> np.ndarray:
+        """The F32 node `prefix + layer` among the topk node's ancestors, as (T, n) rows."""
+        name = prefix + layer
+        path = self._paths.get(prefix)
+        node = follow(t, path) if path is not None else None
         if node is None or _name(node) != name:
-            self._path = find_source(t, name)
-            if self._path is None:
+            path = self._paths[prefix] = find_source(t, name)
+            if path is None:
                 raise RuntimeError(f"{name.decode()} is not among the sources of the topk node: this model's "
-                                   "graph does not suit gate lookahead")
-            node = follow(t, self._path)
+                                   "graph does not suit gate lookahead or substitution")
+            node = follow(t, path)
         return read_f32_rows(node)
 
     def take_error(self) -> None:

@@ -34,6 +34,15 @@ class ExpertRange(NamedTuple):
     type: str
 
 
+class LowCopy(NamedTuple):
+    """Low-bit copies of a stacked tensor's experts (`edgemoe.lowbit.<name>`): expert e at `type`, `size`
+    bytes at the start of its `stride`-byte slot (whole pages in files edgemoe writes)."""
+    offset: int
+    stride: int
+    type: str
+    size: int
+
+
 class ExpertTensor(NamedTuple):
     """A tensor holding `count` experts of one layer back to back, `stride` bytes apart.
 
@@ -51,12 +60,18 @@ class ExpertTensor(NamedTuple):
     count: int
     types: tuple[str, ...] | None = None
     sizes: tuple[int, ...] | None = None
+    low: LowCopy | None = None
 
     def slice(self, expert: int) -> ExpertRange:
         i = expert - self.first_expert
         if self.types is None:
             return ExpertRange(self.name, self.offset + i * self.stride, self.stride, self.type)
         return ExpertRange(self.name, self.offset + i * self.stride, self.sizes[i], self.types[i])
+
+    def low_slice(self, expert: int) -> ExpertRange:
+        """Expert `expert`'s low-bit copy (the tensor must have one)."""
+        i = expert - self.first_expert
+        return ExpertRange(LOWBIT + self.name, self.low.offset + i * self.low.stride, self.low.size, self.low.type)
 
     @property
     def stored_bytes(self) -> int:
@@ -91,6 +106,25 @@ class MoELayout:
     def mixed(self) -> bool:
         """Some tensor holds experts of different types: needs the patched runtime."""
         return any(t.types is not None for t in self.expert_tensors)
+
+    @property
+    def lowbit_type(self) -> str | None:
+        """The type of the experts' low-bit copies, if the file carries them (`edgemoe convert --lowbit`)."""
+        return next((t.low.type for t in self.expert_tensors if t.low is not None), None)
+
+    @property
+    def needs_patched_runtime(self) -> bool:
+        return self.mixed or self.lowbit_type is not None
+
+    @cached_property
+    def low_experts(self) -> dict[tuple[int, int], tuple[ExpertRange, ...]]:
+        """(layer, expert) -> the byte ranges of its low-bit copy; empty without copies."""
+        out: dict[tuple[int, int], list[ExpertRange]] = {}
+        for t in self.expert_tensors:
+            if t.low is not None:
+                for e in range(t.first_expert, t.first_expert + t.count):
+                    out.setdefault((t.layer, e), []).append(t.low_slice(e))
+        return {k: tuple(v) for k, v in sorted(out.items())}
 
     @property
     def tensor_data_bytes(self) -> int:
@@ -240,10 +274,13 @@ def read_layout(path: str | os.PathLike) -> MoELayout:
 
     edgemoe = _edgemoe_fields(reader, path)
     stacks: list[ExpertTensor] = []
+    lowbit = {}
     dense = 0
     for t in reader.tensors:
+        if t.name.startswith(LOWBIT):
+            lowbit[t.name[len(LOWBIT):]] = t
         if t.name.startswith(EDGEMOE_PREFIX):
-            continue                    # the mixed-file guard: not a weight
+            continue                    # the mixed-file guard, low-bit copies: not the model's weights
         m = STACKED_EXPERTS.match(t.name)
         single = SINGLE_EXPERT.match(t.name)
         if m:
@@ -279,6 +316,8 @@ def read_layout(path: str | os.PathLike) -> MoELayout:
         raise BadModelError(f"{path}: edgemoe.expert_types names tensors that are not stacked expert "
                             f"tensors: {sorted(edgemoe['expert_types'])}")
     del edgemoe["expert_types"]
+    if lowbit or "lowbit_type" in edgemoe:
+        stacks = _with_low_copies(stacks, lowbit, edgemoe.get("lowbit_type"), reader, path)
     layout = MoELayout(str(path), arch, n_layer, n_expert, n_used, file_size, reader.data_offset,
                        dense, sum(s.stored_bytes for s in stacks), tuple(stacks), edgemoe or None)
     per_layer = {len([x for x in layout.experts if x.layer == layer]) for layer in layout.moe_layers}
@@ -290,6 +329,7 @@ def read_layout(path: str | os.PathLike) -> MoELayout:
 
 EDGEMOE_PREFIX = "edgemoe."
 EXPERT_TYPES = "edgemoe.expert_types."
+LOWBIT = "edgemoe.lowbit."          # tensor name prefix of the low-bit copies; their type: edgemoe.lowbit_type
 
 
 def _edgemoe_fields(reader, path: Path) -> dict:
@@ -331,3 +371,34 @@ def _with_types(stack: ExpertTensor, types, row_len: int, path: Path) -> ExpertT
         names.append(t.name)
         sizes.append(nbytes)
     return stack._replace(types=tuple(names), sizes=tuple(sizes))
+
+
+def _with_low_copies(stacks: list[ExpertTensor], lowbit: dict, type_name, reader, path: Path) -> list[ExpertTensor]:
+    """Attach each stacked tensor's low-bit copies, checked against their slots before any pointer is made."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    try:
+        qt = GGMLQuantizationType[type_name]
+        block, size = GGML_QUANT_SIZES[qt]
+    except (KeyError, TypeError):
+        raise BadModelError(f"{path}: edgemoe.lowbit_type is {type_name!r}, not a known quantization type") from None
+    stacked = {s.name for s in stacks if s.count > 1}
+    if set(lowbit) != stacked:
+        raise BadModelError(f"{path}: low-bit copies must cover exactly the stacked expert tensors; missing "
+                            f"{sorted(stacked - set(lowbit))[:2]}, unknown {sorted(set(lowbit) - stacked)[:2]}")
+    shapes = {t.name: t.shape for t in reader.tensors}
+    out = []
+    for s in stacks:
+        t = lowbit.get(s.name)
+        if t is None:
+            out.append(s)
+            continue
+        row_len = int(shapes[s.name][0])
+        rows = int(shapes[s.name][1:-1].prod())
+        need = rows * (row_len // block) * size
+        stride = int(t.n_bytes) // s.count
+        if row_len % block or stride * s.count != int(t.n_bytes) or need > stride:
+            raise BadModelError(f"{path}: {t.name} ({int(t.n_bytes)} bytes) does not hold {s.count} experts of "
+                                f"{rows} x {row_len} at {qt.name} ({need} bytes each)")
+        out.append(s._replace(low=LowCopy(int(t.data_offset), stride, qt.name, need)))
+    return out

@@ -15,6 +15,7 @@ from .hook import ExpertHook
 from .layout import MoELayout, read_layout
 from .predict import Lookahead, make_predictor
 from .residency import ExpertCache, parse_budget
+from .substitute import ExpertPointers, weight_above
 
 _params_lock = threading.Lock()
 PREFETCH_ENV = "LLAMA_MMAP_PREFETCH"     # read by the patched loader (patches/0003)
@@ -64,12 +65,13 @@ class _TypeRegistry:
     def __init__(self):
         self._by_owner: dict[int, list[tuple[int, list[int], list[int]]]] = {}
 
-    def add(self, owner: object, layout: MoELayout, mapping_base: int) -> None:
+    def add(self, owner: object, layout: MoELayout, mapping_base: int, every: bool = False) -> None:
+        """Register the tensors with per-expert types, or (every=True, for substitution) every stacked one."""
         entries = []
         for t in layout.expert_tensors:
-            if t.types is None:
+            if t.types is None and not (every and t.low is not None):
                 continue
-            types = [int(quant.qtype(tn)) for tn in t.types]
+            types = [int(quant.qtype(t.slice(e).type)) for e in range(t.count)]
             pointers = [mapping_base + t.slice(e).offset for e in range(t.count)]
             entries.append((mapping_base + t.offset, types, pointers))
         for entry in entries:
@@ -88,17 +90,35 @@ class _TypeRegistry:
 _types = _TypeRegistry()
 
 
+def _check_mapped(layout: MoELayout, mappings, model_path) -> None:
+    """Every expert byte, low-bit copies included, must lie in llama.cpp's mapping (it unmaps the parts of
+    the file before its first tensor and after its last) before any pointer into it is used."""
+    offsets = sorted((off, off + end - start) for start, end, off, _ in mappings)
+    ranges = [r for x in layout.experts for r in x.ranges]
+    ranges += [r for rs in layout.low_experts.values() for r in rs]
+    for r in ranges:
+        if not any(a <= r.offset and r.offset + r.size <= b for a, b in offsets):
+            raise EdgeMoEError(f"{model_path}: {r.tensor} bytes [{r.offset}, {r.offset + r.size}) are outside "
+                               f"llama.cpp's mapping of the file; rewrite it with this edgemoe's convert")
+
+
 def require_runtime_for(layout: MoELayout) -> None:
     if layout.mixed and not runtime.patched():
         raise MixedTypesError(f"{layout.path} gives experts of one tensor different types; this "
                               f"llama-cpp-python ({llama_cpp.__version__}) is not built with edgemoe's patches "
                               f"and would compute garbage from it. Build it: python tools/build_runtime.py")
+    if layout.lowbit_type and not runtime.patched():
+        raise MixedTypesError(f"{layout.path} carries low-bit copies of its experts; this llama-cpp-python "
+                              f"({llama_cpp.__version__}) is not built with edgemoe's patches and refuses such a "
+                              f"file. Build it: python tools/build_runtime.py")
 
 
 def stock_llama(model_path: str, *, use_extra_bufts: bool = True, **kwargs) -> llama_cpp.Llama:
     """Plain llama-cpp-python, optionally without the CPU repack (the same compute path edgemoe uses)."""
-    if read_layout(model_path).mixed:
-        raise MixedTypesError(f"{model_path} has per-expert types: only edgemoe_llamacpp.Llama runs it")
+    layout = read_layout(model_path)
+    if layout.needs_patched_runtime:
+        what = "per-expert types" if layout.mixed else "low-bit copies of its experts"
+        raise MixedTypesError(f"{model_path} has {what}: only edgemoe_llamacpp.Llama runs it")
     with llama_params(use_extra_bufts=use_extra_bufts):
         return llama_cpp.Llama(model_path=str(model_path), **kwargs)
 
@@ -116,21 +136,31 @@ class Llama(llama_cpp.Llama):
         runs), "frequency", or None (no prefetch). Needs a memory budget below 100%.
     prefetch_depth: how many MoE layers ahead to prefetch (1-3).
     prefetch_threads: background readers for prefetches.
+    substitute: run a missed expert from its low-bit copy (a file from `edgemoe convert --lowbit`) when the
+        experts ranked above it carry more than this share of the token's gate weight (HOBBIT; 0.6 is its
+        Mixtral setting); None (default) runs every expert at full precision: output identical to stock.
     record_routing: keep every layer's chosen experts (`edgemoe_trace()`), for profiles and benchmarks.
     """
 
     def __init__(self, model_path: str, *args, memory_budget: str | int | None = None, policy: str = "distance",
                  fetch_threads: int = 4, record_routing: bool = False, predictor: str | None = None,
-                 prefetch_depth: int = 1, prefetch_threads: int = 2, **kwargs):
+                 prefetch_depth: int = 1, prefetch_threads: int = 2, substitute: float | None = None, **kwargs):
         if kwargs.get("use_mmap") is False or kwargs.get("use_mlock"):
             raise EdgeMoEError("edgemoe streams experts through llama.cpp's file mapping: use_mmap must stay "
                                "on and use_mlock off")
         layout = read_layout(model_path)
         require_runtime_for(layout)
         budget = parse_budget(memory_budget, layout.expert_bytes)
+        if substitute is not None:
+            if not layout.lowbit_type:
+                raise EdgeMoEError(f"{model_path} has no low-bit copies of its experts to substitute; write them "
+                                   f"with: edgemoe convert IN OUT --uniform TYPE --lowbit Q2_K")
+            if not 0 <= substitute < 1:
+                raise EdgeMoEError(f"substitute is a share of the gate weight in [0, 1), not {substitute}")
         self._edgemoe_layout = layout
+        self._edgemoe_pointers = None
         self._edgemoe_cache = cache = ExpertCache(layout, budget, policy=policy, threads=fetch_threads,
-                                                  prefetch_threads=prefetch_threads)
+                                                  prefetch_threads=prefetch_threads, substitute=substitute)
         limit = cgroup.memory_limit()
         if limit is not None and limit < layout.dense_bytes + cache.min_budget:
             cache.close()
@@ -148,7 +178,8 @@ class Llama(llama_cpp.Llama):
                 cache.close()
                 raise
         hidden = self._edgemoe_lookahead.predictor.hidden_node if self._edgemoe_lookahead else None
-        self._edgemoe_hook = hook = ExpertHook(on_route=self._on_route, hidden_node=hidden)
+        self._edgemoe_hook = hook = ExpertHook(on_route=self._on_route, hidden_node=hidden,
+                                               want_weights=cache.substitute is not None)
         before = set(runtime.file_mappings(model_path))
         if before:
             log.warning("%s is already mapped in this process: pages another instance keeps mapped cannot be "
@@ -169,17 +200,23 @@ class Llama(llama_cpp.Llama):
             if not new or any("w" in perms for *_, perms in new):
                 raise EdgeMoEError(f"{model_path}: llama.cpp did not map the file read-only; cannot stream")
             base = new[0][0] - new[0][2]
-            if layout.mixed:
-                _types.add(self, layout, base)
+            _check_mapped(layout, new, model_path)
+            if layout.mixed or cache.substitute is not None:
+                _types.add(self, layout, base, every=cache.substitute is not None)
+            if cache.substitute is not None:
+                self._edgemoe_pointers = ExpertPointers(layout, base)
             cache.attach(base)
         except BaseException:
             self.close()
             raise
 
-    def _on_route(self, layer: int, ids, hidden=None) -> None:
+    def _on_route(self, layer: int, ids, hidden=None, weights=None) -> None:
         if self._edgemoe_trace is not None:
             self._edgemoe_trace.append((layer, ids.tolist()))
-        self._edgemoe_cache.ensure_ids(layer, ids)
+        above = None if weights is None else weight_above(ids, weights)
+        low = self._edgemoe_cache.ensure_ids(layer, ids, above)
+        if self._edgemoe_pointers is not None:
+            self._edgemoe_pointers.point(layer, ids.ravel().tolist(), low)
         if self._edgemoe_lookahead is not None:
             self._edgemoe_lookahead(layer, ids, hidden)
 

@@ -20,11 +20,12 @@ from dataclasses import asdict, dataclass, field, fields
 
 from . import runtime
 from .errors import BudgetError
-from .layout import MoELayout
+from .layout import LOWBIT, MoELayout
 
 log = logging.getLogger(__name__)
 
-ExpertUID = tuple[int, int]   # (layer, expert)
+ExpertUID = tuple   # (layer, expert), or (layer, expert, LOW) for its low-bit copy
+LOW = "low"
 READ_CHUNK = 1 << 20          # one pread asks for at most this: full disk speed, little buffer memory
 POLICIES = ("distance", "lru", "lfu", "hobbit")
 # "distance" forgets: each token, earlier uses count this much less. Chosen by replaying recorded routing
@@ -74,6 +75,8 @@ class LayerStats:
     prefetch_late: int = 0          # ... of which llama.cpp had to wait for the read to finish
     prefetch_wasted: int = 0        # prefetched experts evicted unused (mispredictions)
     prefetch_wasted_bytes: int = 0
+    substituted: int = 0            # chosen experts that ran from their low-bit copies
+    substituted_bytes: int = 0      # ... of which read, in bytes
 
 
 @dataclass
@@ -103,12 +106,13 @@ class ExpertCache:
     """Resident experts under a byte budget, evicted by a policy, fetched/dropped in llama.cpp's file mapping."""
 
     def __init__(self, layout: MoELayout, budget: int | None, *, policy: str = "distance", threads: int = 4,
-                 prefetch_threads: int = 2):
+                 prefetch_threads: int = 2, substitute: float | None = None):
         if policy not in POLICIES:
             raise BudgetError(f"unknown cache policy {policy!r}; choose from {', '.join(POLICIES)}")
         self.layout = layout
         self.budget = budget
         self.policy = policy
+        self.substitute = substitute       # run a missed expert low when the experts above it weigh more
         self.base = 0                                 # address of file offset 0 in llama.cpp's mapping
         # Fetch into llama.cpp's mapping (readahead + MADV_POPULATE_READ): the experts arrive mapped and
         # referenced, so memory pressure reclaims other pages first, and no copy is made. Measured under a
@@ -136,16 +140,20 @@ class ExpertCache:
         self.resident_bytes = 0
         self.stats = CacheStats({layer: LayerStats() for layer in layout.moe_layers})
         self.tensor_spans = {t.name: tensor_span(t.offset, t.nbytes) for t in layout.expert_tensors}
+        self.tensor_spans |= {LOWBIT + t.name: tensor_span(t.low.offset, t.low.stride * t.count)
+                              for t in layout.expert_tensors if t.low is not None}
         self.pinned_edge_bytes = 0    # edge pages the kernel would not drop (see drop_all): counted as dense
         self._set_spans()
         # the least a budget must hold: the largest experts one token can choose in one layer
         k = layout.n_expert_used
-        self.min_budget = max(sum(sorted(c for (lay, _), c in self.cost.items() if lay == layer)[-k:])
+        self.min_budget = max(sum(sorted(c for (lay, *low), c in self.cost.items() if lay == layer and not low)[-k:])
                               for layer in layout.moe_layers)
         if budget is not None and budget >= layout.expert_bytes:
             # every expert may be resident; page rounding counts pages shared by two experts twice
             self.budget = budget = max(budget, self._all_experts_cost())
         self.capacity = budget          # what eviction holds experts to (the budget less pinned pages)
+        if budget is None or budget >= self.full_cost:
+            self.substitute = None      # nothing is ever missed for long: every expert runs at full precision
         if budget is not None and budget < self.min_budget:
             raise BudgetError(f"memory budget {budget:,} bytes cannot hold one layer's {layout.n_expert_used} "
                               f"chosen experts ({self.min_budget:,} bytes)")
@@ -158,6 +166,11 @@ class ExpertCache:
             spans = [clip(runtime.page_span(r.offset, r.size), self.tensor_spans[r.tensor]) for r in x.ranges]
             self.spans[(x.layer, x.expert)] = spans
             self.cost[(x.layer, x.expert)] = sum(b - a for a, b in spans)
+        self.full_cost = sum(self.cost.values())
+        for (layer, e), ranges in self.layout.low_experts.items():
+            spans = [clip(runtime.page_span(r.offset, r.size), self.tensor_spans[r.tensor]) for r in ranges]
+            self.spans[(layer, e, LOW)] = spans
+            self.cost[(layer, e, LOW)] = sum(b - a for a, b in spans)
 
     def attach(self, mapping_base: int) -> None:
         """Bind to llama.cpp's mapping of the file. A budget that holds every expert keeps what the load
@@ -167,32 +180,46 @@ class ExpertCache:
         if self.budget is None:
             return
         if self.budget >= self._all_experts_cost():
+            self._drop([s for name, s in self.tensor_spans.items() if name.startswith(LOWBIT)])
             for uid in self.spans:
-                if self._in_memory(uid):
+                if len(uid) == 2 and self._in_memory(uid):
                     self.resident[uid] = self.cost[uid]
                     self.resident_bytes += self.cost[uid]
         else:
             self.drop_all()
 
     def _all_experts_cost(self) -> int:
-        return sum(self.cost.values())
+        """Every expert at full precision (low-bit copies are never needed then)."""
+        return self.full_cost
 
     def _in_memory(self, uid: ExpertUID) -> bool:
         return all(runtime.resident_bytes(self.base + a, b - a) == b - a for a, b in self.spans[uid])
 
     # ------------------------------------------------------------------ the hook's calls
-    def ensure_ids(self, layer: int, ids) -> None:
+    def ensure_ids(self, layer: int, ids, above: dict[int, float] | None = None) -> set[int]:
         """`ids` is the (tokens, k) array of a topk node; a prompt batch asks for its union."""
-        self.ensure(layer, ids[0] if len(ids) == 1 else sorted(set(ids.ravel().tolist())))
+        return self.ensure(layer, ids[0] if len(ids) == 1 else sorted(set(ids.ravel().tolist())), above)
 
-    def ensure(self, layer: int, experts) -> None:
-        """Make `experts` of `layer` resident before llama.cpp computes them; evict by the policy to fit."""
+    def ensure(self, layer: int, experts, above: dict[int, float] | None = None) -> set[int]:
+        """Make `experts` of `layer` resident before llama.cpp computes them; evict by the policy to fit.
+
+        With substitution on and `above` (expert -> gate weight ranked above it, substitute.weight_above), a
+        missed expert above the threshold is served by its low-bit copy. Returns the experts served low."""
         st = self.stats.layers[layer]
         self.current = self.layer_pos[layer]
         if self.current == 0:
             self._next_token()
         self.step += 1
-        self._needed = {(layer, int(e)) for e in experts}
+        low = set()
+        self._needed = set()
+        for e in experts:
+            uid = (layer, int(e))
+            if (uid not in self.resident and above is not None and self.substitute is not None
+                    and above.get(int(e), 0.0) > self.substitute and (layer, int(e), LOW) in self.cost):
+                uid = (layer, int(e), LOW)
+                low.add(int(e))
+            self._needed.add(uid)
+        st.substituted += len(low)
         missing = []
         for uid in self._needed:
             self._count_use(uid)
@@ -206,17 +233,19 @@ class ExpertCache:
             else:
                 missing.append(uid)
         if not missing:
-            return
+            return low
         st.misses += len(missing)
         need = sum(self.cost[u] for u in missing)
         if self.budget is not None:    # with no limit, llama.cpp's mapping serves first touches: just count
             t0 = time.perf_counter()
             self._evict_to(self.capacity - need, keep=self._needed)
             st.bytes_fetched += self._fetch(missing)
+            st.substituted_bytes += sum(self.cost[u] for u in missing if len(u) == 3)
             st.stall_s += time.perf_counter() - t0
         for u in missing:
             self.resident[u] = self.cost[u]
         self.resident_bytes += need
+        return low
 
     def _count_use(self, uid: ExpertUID) -> None:
         self.uses[uid] = self.uses.get(uid, 0.0) + self.weight
@@ -434,6 +463,7 @@ class ExpertCache:
         lookups = tot.hits + tot.misses
         return {
             "budget_bytes": self.budget, "policy": self.policy, "resident_expert_bytes": self.resident_bytes,
+            "substitute": self.substitute, "lowbit_type": self.layout.lowbit_type,
             "resident_experts": len(self.resident), "expert_bytes": self.layout.expert_bytes,
             "pinned_edge_bytes": self.pinned_edge_bytes,
             "total": {**asdict(tot), "hit_rate": tot.hits / lookups if lookups else None},

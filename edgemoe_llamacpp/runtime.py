@@ -170,5 +170,22 @@ def register_expert_types(base: int, types: list[int], pointers: list[int]) -> N
         raise RuntimeError(f"ggml_cpu_edgemoe_register refused the tensor at {base:#x} (types {set(types)})")
 
 
+_generation = 0
+
+
+def registry_generation() -> int:
+    """Bumped whenever the registry is cleared: pointers set since are gone."""
+    return _generation
+
+
+def set_expert(base: int, expert: int, type_id: int, pointer: int) -> None:
+    """Point expert `expert` of the registered tensor at `base` to `pointer`, read as `type_id`."""
+    fn = ggml_cpu().ggml_cpu_edgemoe_set_expert
+    if fn(ctypes.c_void_p(base), ctypes.c_int64(expert), ctypes.c_int32(type_id), ctypes.c_void_p(pointer)) != 0:
+        raise RuntimeError(f"ggml_cpu_edgemoe_set_expert refused expert {expert} of the tensor at {base:#x}")
+
+
 def clear_expert_types() -> None:
+    global _generation
+    _generation += 1
     ggml_cpu().ggml_cpu_edgemoe_clear()

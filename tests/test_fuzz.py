@@ -77,7 +77,8 @@ def test_truncated_anywhere(tmp_path, base, cut):
 
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory) -> Base:
-    """A file written by `edgemoe convert` with per-expert types (F32/F16/Q8_0 slots, edgemoe.* tables)."""
+    """A file written by `edgemoe convert` with per-expert types (F32/F16/Q8_0 slots, edgemoe.* tables) and
+    low-bit copies."""
     from edgemoe_llamacpp.convert import convert
 
     d = tmp_path_factory.mktemp("fuzzconv")
@@ -85,8 +86,8 @@ def converted(tmp_path_factory) -> Base:
                      moe_tensors(2, 4, d=32, ff=32))
     layout = read_layout(src)
     plan = {t.name: [("F32", "F16", "Q8_0")[e % 3] for e in range(t.count)] for t in layout.expert_tensors}
-    out = convert(src, d / "conv.gguf", plan, progress=False)
-    assert out.mixed
+    out = convert(src, d / "conv.gguf", plan, progress=False, lowbit="Q8_0")
+    assert out.mixed and out.lowbit_type == "Q8_0"
     return Base((Path(out.path).read_bytes(), out.data_offset))
 
 
@@ -100,6 +101,10 @@ def check_converted(path) -> None:
             for e in range(t.count):
                 r = t.slice(e)
                 assert t.offset + e * t.stride == r.offset and r.size <= t.stride   # inside its own slot
+                if t.low is not None:
+                    r = t.low_slice(e)
+                    assert t.low.offset + e * t.low.stride == r.offset and r.size <= t.low.stride
+                    assert t.low.offset + t.count * t.low.stride <= layout.file_size
         verify(path)
     except EdgeMoEError:
         pass

@@ -199,8 +199,8 @@ class Measured(Llama):
         self.seen = []
         super().__init__(*args, **kwargs)
 
-    def _on_route(self, layer, ids, hidden=None):
-        super()._on_route(layer, ids, hidden)
+    def _on_route(self, layer, ids, hidden=None, weights=None):
+        super()._on_route(layer, ids, hidden, weights)
         self.seen.append(expert_pages_in_memory(self._edgemoe_layout, self._edgemoe_cache.base))
 
 

@@ -48,9 +48,9 @@ class Recorder(Llama):
         self.steps = []
         super().__init__(*args, **kwargs)
 
-    def _on_route(self, layer, ids, hidden=None):
+    def _on_route(self, layer, ids, hidden=None, weights=None):
         self.steps.append((layer, ids, hidden))
-        super()._on_route(layer, ids, hidden)
+        super()._on_route(layer, ids, hidden, weights)
 
 
 def record(model: str, prompt: str, tokens: int) -> list:

@@ -57,7 +57,7 @@ def record(model: str, texts: list[str], n: int, *, seed: int | None, hidden: bo
     ids: list[list[np.ndarray]] = [[] for _ in pos]
     hid: list[list[np.ndarray]] = [[] for _ in pos]
 
-    def on_route(layer, chosen, h):
+    def on_route(layer, chosen, h, _weights):
         ids[pos[layer]].append(chosen)
         if h is not None:
             hid[pos[layer]].append(h)

@@ -1,0 +1,144 @@
+"""Low-bit substitution on a miss: files with low-bit copies, HOBBIT's rule, the kernel reading the copies."""
+import itertools
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edgemoe_llamacpp import runtime
+from edgemoe_llamacpp.convert import convert, uniform_plan
+from edgemoe_llamacpp.errors import BadModelError, EdgeMoEError, MixedTypesError
+from edgemoe_llamacpp.layout import read_layout
+from edgemoe_llamacpp.llama import Llama, stock_llama
+from edgemoe_llamacpp.substitute import weight_above
+
+pytestmark = pytest.mark.skipif(not runtime.patched(), reason="substitution needs the patched runtime")
+PROMPT = b"import os\nimport sys\n\n\ndef main(argv):\n    "
+
+
+@pytest.fixture(scope="module")
+def lowbit(fixture_path, tmp_path_factory):
+    return convert(fixture_path, tmp_path_factory.mktemp("sub") / "lowbit.gguf",
+                   uniform_plan(read_layout(fixture_path), "Q8_0"), lowbit="Q2_K", progress=False)
+
+
+class Recording(Llama):
+    """Keeps, per MoE layer evaluation, the chosen experts that ran from their low-bit copies."""
+
+    def _on_route(self, layer, ids, hidden=None, weights=None):
+        super()._on_route(layer, ids, hidden, weights)
+        pointed_low = self._edgemoe_pointers.low[layer] if self._edgemoe_pointers else set()
+        self.ran_low.append((layer, pointed_low & set(ids.ravel().tolist())))
+
+
+def make(path, **kw):
+    llm = Recording(str(path), n_ctx=256, logits_all=True, verbose=False, **kw)
+    llm.ran_low = []
+    return llm
+
+
+def test_weight_above_is_hobbits_rank_sum():
+    ids = np.array([[3, 5], [5, 1]])
+    w = np.array([[0.3, 0.7], [0.9, 0.1]])
+    # token 0: 5 first (0), 3 after 0.7; token 1: 5 first (0), 1 after 0.9; expert 5 keeps its least: 0
+    assert weight_above(ids, w) == pytest.approx({5: 0.0, 3: 0.7, 1: 0.9})
+
+
+def test_low_copies_are_the_experts_at_the_low_type(fixture_path, lowbit):
+    q2k = convert(fixture_path, f"{lowbit.path}.q2k", uniform_plan(read_layout(fixture_path), "Q2_K"),
+                  progress=False)
+    with open(lowbit.path, "rb") as a, open(q2k.path, "rb") as b:
+        for t, u in zip(lowbit.expert_tensors, q2k.expert_tensors, strict=True):
+            assert t.low.type == "Q2_K" and t.low.offset % runtime.PAGE == 0 and t.low.stride % runtime.PAGE == 0
+            for e in range(t.count):
+                r, s = t.low_slice(e), u.slice(e)
+                a.seek(r.offset)
+                b.seek(s.offset)
+                assert r.size == s.size and a.read(r.size) == b.read(s.size)
+    assert lowbit.expert_bytes == read_layout(fixture_path).expert_bytes     # copies are not model experts
+
+
+def test_stock_refuses_and_edgemoe_needs_copies_to_substitute(fixture_path, lowbit):
+    with pytest.raises(MixedTypesError, match="low-bit copies"):
+        stock_llama(lowbit.path, n_ctx=64, verbose=False)
+    with pytest.raises(EdgeMoEError, match="no low-bit copies"):
+        Llama(str(fixture_path), memory_budget="25%", substitute=0.6, verbose=False)
+    with pytest.raises(EdgeMoEError, match=r"\[0, 1\)"):
+        Llama(lowbit.path, memory_budget="25%", substitute=1.5, verbose=False)
+
+
+def test_first_token_computes_the_low_copies_exactly(fixture_path, lowbit, tmp_path):
+    """Cold cache, one token: every chosen expert misses; with threshold 0 each one ranked below another
+    runs from its Q2_K copy. The logits equal those of a file whose experts are Q2_K exactly there."""
+    llm = make(lowbit.path, memory_budget="25%", substitute=0.0)
+    tok = llm.tokenize(b"def")[:1]
+    llm.eval(tok)
+    logits = np.array(llm.scores[0])
+    ran_low = dict(llm.ran_low)
+    assert llm.edgemoe_stats()["total"]["substituted"] == sum(len(v) for v in ran_low.values()) > 0
+    llm.close()
+    assert all(len(v) == 1 for v in ran_low.values())        # top-2: the second expert of each layer
+    layout = read_layout(fixture_path)
+    plan = {t.name: ["Q2_K" if e in ran_low[t.layer] else "Q8_0" for e in range(t.count)]
+            for t in layout.expert_tensors}
+    ref = make(convert(fixture_path, tmp_path / "ref.gguf", plan, progress=False).path)
+    ref.eval(tok)
+    assert np.array_equal(np.array(ref.scores[0]), logits)
+    ref.close()
+    full = make(lowbit.path, memory_budget="25%")
+    full.eval(tok)
+    assert not np.array_equal(np.array(full.scores[0]), logits)     # the copies did run
+    full.close()
+
+
+def greedy_steps(llm, n, switch_at=None, threshold=None):
+    """Prompt then n greedy tokens; substitution (if built with it) held off until decode step `switch_at`."""
+    cache = llm._edgemoe_cache
+    held, cache.substitute = cache.substitute, None if switch_at is not None else cache.substitute
+    llm.eval(llm.tokenize(PROMPT))
+    marks = [len(llm.ran_low)]
+    for step in range(n):
+        if step == switch_at:
+            cache.substitute = threshold if threshold is not None else held
+        llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
+        marks.append(len(llm.ran_low))
+    return np.array(llm.scores[:llm.n_tokens]), marks
+
+
+def test_output_changes_only_once_substitution_ran(lowbit):
+    """Registered tensors, substitution on but held off for the prompt and 8 tokens: logits identical to the
+    run without it; from the step where a copy first ran, they differ."""
+    n, switch = 32, 8
+    base = make(lowbit.path, memory_budget="25%")
+    ref, _ = greedy_steps(base, n)
+    base.close()
+    llm = make(lowbit.path, memory_budget="25%", substitute=0.6)
+    got, marks = greedy_steps(llm, n, switch_at=switch)
+    stats = llm.edgemoe_stats()["total"]
+    runs = [any(low for _, low in llm.ran_low[a:b]) for a, b in itertools.pairwise(marks)]
+    llm.close()
+    assert stats["substituted"] > 0 and stats["substituted_bytes"] > 0
+    first = runs.index(True)                  # the decode step whose eval first ran a copy
+    assert first >= switch and not any(runs[:switch])
+    upto = len(ref) - n + first               # score rows computed before that eval
+    assert np.array_equal(got[:upto], ref[:upto])
+    assert not np.array_equal(got[upto:], ref[upto:])
+
+
+def test_no_substitution_without_a_budget_that_misses(lowbit):
+    for budget in (None, "100%"):
+        llm = make(lowbit.path, memory_budget=budget, substitute=0.0)
+        greedy_steps(llm, 4)
+        assert llm.edgemoe_stats()["total"]["substituted"] == 0 and llm._edgemoe_pointers is None
+        llm.close()
+
+
+def test_bad_low_copies_are_refused(lowbit, tmp_path):
+    blob = Path(lowbit.path).read_bytes()
+    key = blob.index(b"edgemoe.lowbit_type")
+    at = blob.index(b"Q2_K", key)                     # the value: after the key, its type and length
+    for value, needle in ((b"Q9_K", "lowbit_type"), (b"Q8_0", "does not hold")):   # unknown; too big for a slot
+        bad = tmp_path / "bad.gguf"
+        bad.write_bytes(blob[:at] + value + blob[at + 4:])
+        with pytest.raises(BadModelError, match=needle):
+            read_layout(bad)
