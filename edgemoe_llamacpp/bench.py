@@ -112,6 +112,8 @@ def _child(model: str, budget: str | None, stock: bool, tokens: int, prompt: str
     if not stock and cache_options:
         cmd += ["--policy", cache_options["policy"], "--predictor", cache_options["predictor"] or "none",
                 "--prefetch-depth", str(cache_options["prefetch_depth"])]
+        if cache_options.get("substitute") is not None:
+            cmd += ["--substitute", str(cache_options["substitute"])]
     if n_threads:
         cmd += ["--n-threads", str(n_threads)]
     cgroup.drop_file_cache(model)
@@ -155,33 +157,43 @@ def _engine_summary(runs: list[dict]) -> dict:
     if stats:
         out["hit_rate"] = _spread([s["total"]["hit_rate"] for s in stats])
         out["stall_s"] = _spread([s["total"]["stall_s"] for s in stats])
-        for key in ("prefetches", "prefetch_used", "prefetch_wasted"):
+        for key in ("prefetches", "prefetch_used", "prefetch_wasted", "substituted"):
             out[f"{key}_per_token"] = _spread([s["total"][key] / r["decode_evals"] for s, r in
                                                zip(stats, [r for r in ok if "stats" in r]) if r["decode_evals"]])
     return out
 
 
 def measure_allowance(model: str, *, prompt: str = PROMPT, n_ctx: int = 512, use_cgroup: bool = True,
-                      n_threads: int | None = None) -> int:
+                      n_threads: int | None = None, stock_model: str | None = None) -> int:
     """Memory a process running `model` needs besides the model's pages and the KV cache (see ALLOWANCE_MARGIN)."""
-    layout = read_layout(model)
+    files = {True: stock_model or model, False: model}
     unlimited = psutil.virtual_memory().total if use_cgroup else None
-    calib = [_child(model, "100%", stock, 4, prompt, n_ctx, unlimited, n_threads) for stock in (True, False)]
-    failed = [c for c in calib if not c["ok"]]
+    calib = {stock: _child(files[stock], "100%", stock, 4, prompt, n_ctx, unlimited, n_threads)
+             for stock in (True, False)}
+    failed = [c for c in calib.values() if not c["ok"]]
     if failed:
         raise EdgeMoEError(f"calibration run failed: {failed[0]['error']}")
     if not use_cgroup:
-        return max(c["rss_anon_bytes"] for c in calib) + ALLOWANCE_MARGIN
-    return max(c["peak_bytes"] for c in calib) - layout.file_size - kv_cache_bytes(model, n_ctx) + ALLOWANCE_MARGIN
+        return max(c["rss_anon_bytes"] for c in calib.values()) + ALLOWANCE_MARGIN
+    return max(c["peak_bytes"] - read_layout(files[stock]).file_size for stock, c in calib.items()) \
+        - kv_cache_bytes(model, n_ctx) + ALLOWANCE_MARGIN
 
 
 def run_bench(model: str, budgets: list[str], *, runs: int = 3, tokens: int = 64, prompt: str = PROMPT,
               n_ctx: int = 512, use_cgroup: bool = True, allowance: int | None = None,
               n_threads: int | None = None, progress: bool = True, policy: str = "distance",
-              predictor: str | None = None, prefetch_depth: int = 1) -> dict:
+              predictor: str | None = None, prefetch_depth: int = 1, substitute: float | None = None,
+              stock_model: str | None = None) -> dict:
+    """Stock and edgemoe alternately, cold cache, per budget. `stock_model`: the file stock runs when `model`
+    is one only edgemoe loads (low-bit copies, per-expert types): the one it was converted from."""
     from tqdm import tqdm
 
     layout: MoELayout = read_layout(model)
+    stock_model = stock_model or model
+    if stock_model != model:
+        stock_layout = read_layout(stock_model)
+        if stock_layout.expert_bytes != layout.expert_bytes or stock_layout.dense_bytes != layout.dense_bytes:
+            raise EdgeMoEError(f"{stock_model} is not {model}'s model: expert/dense bytes differ")
     if use_cgroup and cgroup.own_memory_cgroup() is None:
         log.warning("no writable cgroup memory controller: runs are not memory-limited")
         use_cgroup = False
@@ -189,14 +201,15 @@ def run_bench(model: str, budgets: list[str], *, runs: int = 3, tokens: int = 64
     bandwidth = disk_bandwidth(model)
     if allowance is None:
         allowance = measure_allowance(model, prompt=prompt, n_ctx=n_ctx, use_cgroup=use_cgroup,
-                                      n_threads=n_threads)
+                                      n_threads=n_threads, stock_model=stock_model)
     result = {
         "model": str(model), "arch": layout.arch, "n_layer": layout.n_layer, "n_expert": layout.n_expert,
         "n_expert_used": layout.n_expert_used, "dense_bytes": layout.dense_bytes,
         "expert_bytes": layout.expert_bytes, "file_bytes": layout.file_size, "kv_cache_bytes": kv,
         "allowance_bytes": allowance, "cgroup": use_cgroup, "disk_bandwidth_bps": bandwidth,
         "tokens": tokens, "n_ctx": n_ctx, "prompt": prompt, "machine": _machine(),
-        "policy": policy, "predictor": predictor, "prefetch_depth": prefetch_depth,
+        "policy": policy, "predictor": predictor, "prefetch_depth": prefetch_depth, "substitute": substitute,
+        "stock_model": str(stock_model), "lowbit_type": layout.lowbit_type,
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "budgets": [],
     }
     bar = tqdm(total=len(budgets) * runs * 2, desc="bench", unit="run", disable=not progress)
@@ -213,8 +226,9 @@ def run_bench(model: str, budgets: list[str], *, runs: int = 3, tokens: int = 64
             for stock in order:
                 bar.set_postfix(budget=spec, engine="stock" if stock else "edgemoe")
                 pair["stock" if stock else "edgemoe"] = _child(
-                    model, spec, stock, tokens, prompt, n_ctx, limit, n_threads,
-                    {"policy": policy, "predictor": predictor, "prefetch_depth": prefetch_depth})
+                    stock_model if stock else model, spec, stock, tokens, prompt, n_ctx, limit, n_threads,
+                    {"policy": policy, "predictor": predictor, "prefetch_depth": prefetch_depth,
+                     "substitute": substitute})
                 bar.update()
             pairs.append(pair)
         ed = [p["edgemoe"] for p in pairs]

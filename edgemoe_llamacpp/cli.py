@@ -63,6 +63,9 @@ def cmd_run(args: argparse.Namespace) -> int:
               f"({stats['resident_experts']} experts), hit rate {t['hit_rate']:.1%} "
               f"({t['hits']} hits, {t['misses']} misses), fetched {_mib(t['bytes_fetched'])}, "
               f"evicted {_mib(t['bytes_evicted'])}, stall {t['stall_s']:.3f} s")
+        if stats["substitute"] is not None:
+            print(f"--- substitution (above {stats['substitute']}): {t['substituted']} experts ran from "
+                  f"{stats['lowbit_type']} copies, {_mib(t['substituted_bytes'])} of them read")
         if t["prefetches"]:
             print(f"--- prefetch ({stats['predictor']}, depth {stats['prefetch_depth']}): {t['prefetches']} "
                   f"experts ({_mib(t['prefetch_bytes'])}), {t['prefetch_used']} used ({t['prefetch_late']} late), "
@@ -72,7 +75,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def _cache_options(args: argparse.Namespace) -> dict:
     return {"policy": args.policy, "predictor": None if args.predictor == "none" else args.predictor,
-            "prefetch_depth": args.prefetch_depth}
+            "prefetch_depth": args.prefetch_depth, "substitute": args.substitute}
 
 
 def _add_cache_options(p: argparse.ArgumentParser) -> None:
@@ -85,6 +88,16 @@ def _add_cache_options(p: argparse.ArgumentParser) -> None:
                    help="predict the next layers' experts and read them ahead (default none)")
     p.add_argument("--prefetch-depth", dest="prefetch_depth", type=int, choices=range(1, MAX_DEPTH + 1),
                    default=1, help="MoE layers ahead to prefetch (default 1)")
+    _add_substitute(p)
+
+
+def _add_substitute(p: argparse.ArgumentParser) -> None:
+    from .substitute import DEFAULT_THRESHOLD
+
+    p.add_argument("--substitute", type=float, nargs="?", const=DEFAULT_THRESHOLD, default=None,
+                   metavar="SHARE", help="run a missed expert from its low-bit copy (convert --lowbit) when the "
+                   f"experts ranked above it carry more than SHARE of the gate weight (default {DEFAULT_THRESHOLD}"
+                   " if given without a value); changes the output")
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -93,6 +106,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     result = run_bench(args.model, args.memory_budget, runs=args.runs, tokens=args.tokens, n_ctx=args.n_ctx,
                        use_cgroup=not args.no_cgroup, n_threads=args.n_threads,
                        allowance=None if args.allowance is None else parse_budget(args.allowance, 0),
+                       stock_model=args.stock_model,
                        **_cache_options(args))
     if args.json:
         from pathlib import Path
@@ -195,12 +209,16 @@ def cmd_ppl(args: argparse.Namespace) -> int:
     from .perplexity import perplexity
 
     result = perplexity(args.model, texts=read_texts(args.text) if args.text else None, tokens=args.tokens,
-                        n_ctx=args.n_ctx, reference=args.reference, memory_budget=args.memory_budget)
+                        n_ctx=args.n_ctx, reference=args.reference, batch=args.batch,
+                        memory_budget=args.memory_budget, substitute=args.substitute)
     if args.json:
         print(json.dumps(result))
     else:
         print(f"{args.model}: perplexity {result['perplexity']:.3f} over {result['tokens']:,} tokens "
-              f"({result['windows']} windows of {result['n_ctx']})")
+              f"({result['windows']} windows of {result['n_ctx']}, batches of {result['batch']})")
+        if result.get("stats"):
+            t = result["stats"]["total"]
+            print(f"  experts: {t['misses']:,} misses, {t['substituted']:,} ran from low-bit copies")
         if args.reference:
             print(f"  vs {args.reference}: KL divergence {result['kld']:.5f} nats/token, same top-1 "
                   f"{result['same_top1']:.2%}")
@@ -266,6 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-cgroup", action="store_true", help="do not impose memory limits")
     p.add_argument("--allowance", help="room for the process's own memory (default: measured, + 32 MiB)")
     p.add_argument("--json", help="write the full results here")
+    p.add_argument("--stock-model", dest="stock_model", help="the file stock runs (default: MODEL); for a MODEL "
+                   "only edgemoe can load, e.g. one with low-bit copies, give the file it was converted from")
     _add_cache_options(p)
     p.set_defaults(func=cmd_bench)
 
@@ -305,6 +325,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-ctx", dest="n_ctx", type=int, default=512, help="window length (default 512)")
     p.add_argument("--memory-budget", help="expert memory budget while scoring (default: none)")
     p.add_argument("--reference", help="also KL divergence and top-1 agreement against this model (e.g. the source)")
+    p.add_argument("--batch", type=int, default=None, help="tokens per evaluation (default: the window); 1 scores "
+                   "as decoding runs, token by token, which is where --substitute acts")
+    _add_substitute(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_ppl)
 

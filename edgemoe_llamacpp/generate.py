@@ -19,7 +19,8 @@ def _perf(llm) -> llama_cpp.llama_perf_context_data:
 def generate(model: str, prompt: str, *, max_tokens: int, memory_budget=None, stock: bool = False,
              n_ctx: int = 512, n_threads: int | None = None, temperature: float = 0.0, seed: int = 0,
              repeat_penalty: float = 1.0, record_routing: bool = False, policy: str = "distance",
-             predictor: str | None = None, prefetch_depth: int = 1, **llama_kwargs) -> dict:
+             predictor: str | None = None, prefetch_depth: int = 1, substitute: float | None = None,
+             **llama_kwargs) -> dict:
     """Generate once and measure: tok/s (llama.cpp's own timers), storage bytes read and major faults of
     this process for the prompt and for decoding, and the expert statistics (edgemoe)."""
     from .layout import read_layout
@@ -33,7 +34,7 @@ def generate(model: str, prompt: str, *, max_tokens: int, memory_budget=None, st
     try:
         llm = stock_llama(model, **kwargs) if stock else \
             Llama(model, memory_budget=memory_budget, record_routing=record_routing, policy=policy,
-                  predictor=predictor, prefetch_depth=prefetch_depth, **kwargs)
+                  predictor=predictor, prefetch_depth=prefetch_depth, substitute=substitute, **kwargs)
     except ValueError as e:
         raise EdgeMoEError(f"{model}: llama.cpp could not load it ({e})") from None
     try:

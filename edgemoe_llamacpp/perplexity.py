@@ -19,21 +19,26 @@ def window_logp(llm, window: list[int]) -> np.ndarray:
 
 
 def perplexity(model_path: str, *, texts=None, tokens: int = 16384, n_ctx: int = 512, reference: str | None = None,
-               progress: bool = True, **llama_kwargs) -> dict:
+               batch: int | None = None, progress: bool = True, **llama_kwargs) -> dict:
     """Perplexity in independent windows of n_ctx tokens; default text: the validation split.
+
+    `batch` tokens are evaluated at once (default: a whole window); batch=1 scores the way decoding runs,
+    one token per evaluation, so per-token decisions (substitution) act as they would when generating.
 
     With `reference` (e.g. the file a converted model came from), also the mean KL divergence
     KL(reference || model) per token and how often both put the same token first.
     """
     from .llama import Llama
 
-    def load(path):
-        return Llama(path, n_ctx=n_ctx, n_batch=n_ctx, logits_all=True, verbose=False, **llama_kwargs)
+    batch = batch or n_ctx
 
-    llm = load(model_path)
+    def load(path, **kw):
+        return Llama(path, n_ctx=n_ctx, n_batch=batch, logits_all=True, verbose=False, **kw)
+
+    llm = load(model_path, **llama_kwargs)
     ref = None
     try:
-        ref = load(reference) if reference else None
+        ref = load(reference, n_threads=llama_kwargs.get("n_threads")) if reference else None
         ids = corpus.tokens(llm, texts if texts is not None else corpus.split_texts("validation"), tokens)
         parts = corpus.windows(ids, n_ctx)
         nll = kld = same = 0.0
@@ -44,13 +49,14 @@ def perplexity(model_path: str, *, texts=None, tokens: int = 16384, n_ctx: int =
                 ref_logp = window_logp(ref, window)
                 kld += float((np.exp(ref_logp) * (ref_logp - logp)).sum())
                 same += float((ref_logp.argmax(1) == logp.argmax(1)).sum())
+        stats = llm.edgemoe_stats()
     finally:
         llm.close()
         if ref is not None:
             ref.close()
     count = len(parts) * (n_ctx - 1)
     out = {"model": str(model_path), "perplexity": math.exp(nll / count), "tokens": count,
-           "windows": len(parts), "n_ctx": n_ctx}
+           "windows": len(parts), "n_ctx": n_ctx, "batch": batch, "stats": stats}
     if ref is not None:
         out.update(reference=str(reference), kld=kld / count, same_top1=same / count)
     return out
