@@ -200,7 +200,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
         print(f"{args.model}: ok: {report['tensors']} tensors, checksums match, "
               f"{report['expert_ranges']} expert ranges inside the file "
               f"({report['unaligned_expert_ranges']} not page-aligned), "
-              f"{'per-expert types' if report['mixed'] else 'one type per tensor'}")
+              f"{'per-expert types' if report['mixed'] else 'one type per tensor'}"
+              + (f"; {report['lowbit_ranges']} {report['lowbit_type']} copy ranges "
+                 f"({report['unaligned_lowbit_ranges']} not page-aligned)" if report["lowbit_type"] else ""))
     return 0
 
 

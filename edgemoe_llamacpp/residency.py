@@ -146,7 +146,7 @@ class ExpertCache:
         self._set_spans()
         # the least a budget must hold: the largest experts one token can choose in one layer
         k = layout.n_expert_used
-        self.min_budget = max(sum(sorted(c for (lay, *low), c in self.cost.items() if lay == layer and not low)[-k:])
+        self.min_budget = max(sum(sorted(c for uid, c in self.cost.items() if uid[0] == layer and len(uid) == 2)[-k:])
                               for layer in layout.moe_layers)
         if budget is not None and budget >= layout.expert_bytes:
             # every expert may be resident; page rounding counts pages shared by two experts twice

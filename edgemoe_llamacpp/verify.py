@@ -36,7 +36,10 @@ def verify(path: str | os.PathLike) -> dict:
             if _tensor_sha256(mm, t.data_offset, int(t.n_bytes)) != want:
                 raise BadModelError(f"{path}: tensor {name} fails its checksum (file damaged)")
     unaligned = sum(1 for x in layout.experts for r in x.ranges if r.offset % mmap.PAGESIZE)
+    low = [r for ranges in layout.low_experts.values() for r in ranges]
     return {"path": str(path), "tensors": len(tensors), "checksums": "ok", "mixed": layout.mixed,
+            "lowbit_type": layout.lowbit_type, "lowbit_ranges": len(low),
+            "unaligned_lowbit_ranges": sum(1 for r in low if r.offset % mmap.PAGESIZE),
             "expert_bytes": layout.expert_bytes, "dense_bytes": layout.dense_bytes,
             "expert_ranges": sum(len(x.ranges) for x in layout.experts),
             "unaligned_expert_ranges": unaligned, "source": meta.get("source.name"),

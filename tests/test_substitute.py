@@ -142,3 +142,25 @@ def test_bad_low_copies_are_refused(lowbit, tmp_path):
         bad.write_bytes(blob[:at] + value + blob[at + 4:])
         with pytest.raises(BadModelError, match=needle):
             read_layout(bad)
+
+
+def test_cli_convert_lowbit_verify_and_run_substituting(fixture_path, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    def edgemoe(*args):
+        return subprocess.run([sys.executable, "-m", "edgemoe_llamacpp", *args], capture_output=True, text=True,
+                              timeout=300, check=False)
+
+    out = tmp_path / "copies.gguf"
+    bad = edgemoe("convert", str(fixture_path), str(out), "--uniform", "Q8_0", "--lowbit", "IQ2_XS")
+    assert bad.returncode == 2 and "low-bit copies can be" in bad.stderr and not out.exists()
+    assert edgemoe("convert", str(fixture_path), str(out), "--uniform", "Q8_0", "--lowbit", "Q2_K").returncode == 0
+    assert "384 Q2_K copy ranges (0 not page-aligned)" in edgemoe("verify", str(out)).stdout
+    run = edgemoe("run", str(out), "-p", "import os\n", "-n", "16", "--memory-budget", "25%", "--substitute",
+                  "--json")
+    stats = json.loads(run.stdout)["stats"]
+    assert run.returncode == 0 and stats["substitute"] == 0.6 and stats["total"]["substituted"] > 0
+    plain = edgemoe("run", str(fixture_path), "-p", "x", "--memory-budget", "25%", "--substitute", "0.5")
+    assert plain.returncode == 2 and "no low-bit copies" in plain.stderr

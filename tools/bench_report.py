@@ -209,6 +209,26 @@ def quality_section(path: Path, r: dict) -> str:
     ])
 
 
+def substitution_section(path: Path, r: dict) -> str:
+    rows = r["rows"]
+    base = next((x["perplexity"] for x in rows if x["threshold"] is None), None)
+    table = [("| threshold | perplexity | vs none | KL from source (nats/token) | same top-1 | chosen experts run "
+              "from copies | expert MB read/token |"), "|---|---|---|---|---|---|---|"]
+    for x in rows:
+        rel = f"{100 * (x['perplexity'] / base - 1):+.3f}%" if base else "-"
+        table.append(f"| {'none' if x['threshold'] is None else x['threshold']} | {x['perplexity']:.3f} | {rel} | "
+                     f"{x['kld']:.5f} | {x['same_top1']:.2%} | {x['substituted_share']:.1%} | "
+                     f"{x['fetched_bytes_per_token'] / 1e6:.2f} |")
+    return "\n".join([
+        f"## {path.stem}: low-bit substitution on a miss, quality as decoding runs", "",
+        (f"{Path(r['model']).name} ({r['lowbit']} copies of every expert) under a {r['budget']} expert budget, "
+         f"scored one token per evaluation (`edgemoe ppl --batch 1`, {rows[0]['tokens']:,} validation tokens), "
+         f"against {Path(r['reference']).name}. A missed expert runs from its copy when the experts ranked above "
+         "it carry more than the threshold of the gate weight; with top-2 routing every threshold below 0.5 "
+         f"substitutes every missed second expert. {r['date']}."), "", *table, "",
+        "```sh", r.get("command", "python tools/substitution_sweep.py"), "```", ""])
+
+
 def section(path: Path) -> str:
     r = json.loads(path.read_text())
     if r.get("kind") == "quality":
@@ -221,6 +241,8 @@ def section(path: Path) -> str:
         return recall_section(path, r)
     if r.get("kind") == "hook_overhead":
         return hook_section(path, r)
+    if r.get("kind") == "substitution":
+        return substitution_section(path, r)
     png = path.with_suffix(".png")
     plot(r, png)
     m = r["machine"]
@@ -267,21 +289,26 @@ def config_note(r: dict) -> str:
     if not r.get("policy"):
         return ""
     ahead = f"predictor {r['predictor']}, prefetch depth {r['prefetch_depth']}" if r["predictor"] else "no predictor"
-    return f" edgemoe: policy {r['policy']}, {ahead}."
+    sub = ""
+    if r.get("substitute") is not None:
+        sub = (f", low-bit substitution above {r['substitute']} ({r['lowbit_type']} copies; stock ran "
+               f"{Path(r['stock_model']).name}, the file it was converted from)")
+    return f" edgemoe: policy {r['policy']}, {ahead}{sub}."
 
 
 def config_flags(r: dict) -> str:
     if not r.get("policy"):
         return ""
     return f" --runs {r['budgets'][0]['stock']['runs']} --policy {r['policy']} --predictor {r['predictor'] or 'none'}" + \
-        (f" --prefetch-depth {r['prefetch_depth']}" if r["predictor"] else "")
+        (f" --prefetch-depth {r['prefetch_depth']}" if r["predictor"] else "") + \
+        (f" --substitute {r['substitute']} --stock-model {r['stock_model']}" if r.get("substitute") is not None else "")
 
 
 def configurations_section(results: dict[Path, dict]) -> str:
     """One row per (edgemoe configuration, budget) of the bench results that name their configuration."""
-    rows = [("| result | policy | predictor | depth | budget | stock tok/s | edgemoe tok/s | edgemoe/stock | "
-            "MB/token | x Belady floor | prefetched/token | wasted/token |"),
-            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    rows = [("| result | policy | predictor | depth | substitution | budget | stock tok/s | edgemoe tok/s | "
+            "edgemoe/stock | MB/token | x Belady floor | prefetched/token | wasted/token | ran low/token |"),
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for path, r in results.items():
         for b in r["budgets"]:
             ed = b["edgemoe"]
@@ -290,14 +317,15 @@ def configurations_section(results: dict[Path, dict]) -> str:
                 v = entry.get(key, {}).get("median")
                 return "-" if v is None else f"{v:.2f}"
             mb = ed["decode_read_bytes_per_token"]["median"]
+            sub = "-" if r.get("substitute") is None else f"{r['lowbit_type']} above {r['substitute']}"
             rows.append(f"| {path.stem} | {r['policy']} | {r['predictor'] or '-'} | "
-                        f"{r['prefetch_depth'] if r['predictor'] else '-'} | {b['budget']} | "
+                        f"{r['prefetch_depth'] if r['predictor'] else '-'} | {sub} | {b['budget']} | "
                         f"{med('decode_tok_s', b['stock'])} | {med('decode_tok_s')} | "
                         f"{b['decode_ratio']['median']:.2f}x | {'-' if mb is None else f'{mb / 1e6:.1f}'} | "
                         f"{b.get('edgemoe_bytes_vs_floor') or 0:.2f}x | {med('prefetches_per_token')} | "
-                        f"{med('prefetch_wasted_per_token')} |")
+                        f"{med('prefetch_wasted_per_token')} | {med('substituted_per_token')} |")
     return "\n".join([
-        "## bench configurations: policy x predictor on the I/O-scale model", "",
+        "## bench configurations: policy x predictor x substitution on the I/O-scale model", "",
         ("Medians of the `edgemoe bench` results below that record their cache configuration (each its own "
         "invocation: stock and edgemoe alternate within it, so compare the edgemoe/stock ratios across rows "
         "rather than raw speeds; the machine is shared and timing is noisy). MB/token is storage read per "

@@ -64,7 +64,7 @@ def main() -> int:
                      "substituted_bytes_per_token": t["substituted_bytes"] / r["tokens"]})
         print(json.dumps(rows[-1]), flush=True)
     base = rows[0]["perplexity"] if rows[0]["threshold"] is None else None
-    result = {"model": str(model), "reference": str(args.reference), "budget": args.budget, "lowbit": args.lowbit,
+    result = {"kind": "substitution", "command": "python " + " ".join(sys.argv), "model": str(model), "reference": str(args.reference), "budget": args.budget, "lowbit": args.lowbit,
               "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "runtime": runtime.runtime_info(), "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
