@@ -229,6 +229,34 @@ def substitution_section(path: Path, r: dict) -> str:
         "```sh", r.get("command", "python tools/substitution_sweep.py"), "```", ""])
 
 
+def configs_section(path: Path, r: dict) -> str:
+    table = [("| budget | configuration | decode tok/s | edgemoe/stock | MB/token | x Belady floor | hit rate | "
+              "prefetched/token | wasted/token |"), "|---|---|---|---|---|---|---|---|---|"]
+
+    def med(entry, key, spec="{:.2f}"):
+        v = entry.get(key, {}).get("median")
+        return "-" if v is None else spec.format(v)
+    for b in r["budgets"]:
+        st = b["stock"]
+        mb = st["decode_read_bytes_per_token"]["median"]
+        table.append(f"| {b['budget']} | stock | {med(st, 'decode_tok_s')} | 1.00x | "
+                     f"{'-' if mb is None else f'{mb / 1e6:.1f}'} | - | - | - | - |")
+        for c in b["configs"]:
+            ed = c["edgemoe"]
+            mb = ed["decode_read_bytes_per_token"]["median"]
+            table.append(f"| {b['budget']} | {c['label']} | {med(ed, 'decode_tok_s')} | "
+                         f"{c['decode_ratio']['median'] or 0:.2f}x | {'-' if mb is None else f'{mb / 1e6:.1f}'} | "
+                         f"{c['bytes_vs_floor'] or 0:.2f}x | {med(ed, 'hit_rate', '{:.1%}')} | "
+                         f"{med(ed, 'prefetches_per_token')} | {med(ed, 'prefetch_wasted_per_token')} |")
+    return "\n".join([
+        f"## {path.stem}: every cache configuration against the same stock runs", "",
+        (f"{Path(r['model']).name}, {r['expert_bytes'] / 1e9:.2f} GB of experts; {r['runs']} runs per engine and "
+         f"budget, {r['tokens']} tokens each, every run a child in the budget's cgroup memory limit with a cold page "
+         f"cache; stock and each configuration (POLICY+PREDICTOR:DEPTH) take turns in a rotating order. Ratios "
+         f"are medians of per-run ratios to that run's stock. Disk {r['disk_bandwidth_bps'] / 1e9:.2f} GB/s cold. "
+         f"{r['date']}."), "", *table, "", "```sh", r["command"], "```", ""])
+
+
 def section(path: Path) -> str:
     r = json.loads(path.read_text())
     if r.get("kind") == "quality":
@@ -243,6 +271,8 @@ def section(path: Path) -> str:
         return hook_section(path, r)
     if r.get("kind") == "substitution":
         return substitution_section(path, r)
+    if r.get("kind") == "bench_configs":
+        return configs_section(path, r)
     png = path.with_suffix(".png")
     plot(r, png)
     m = r["machine"]

@@ -1,0 +1,100 @@
+"""Cache configurations side by side: policy x predictor, each against the same stock runs, in one invocation.
+
+    python tools/bench_configs.py bench/models/io-moe.gguf --budgets 25% 50% --runs 2 --tokens 32 \\
+        --configs distance lru lfu hobbit distance+gate distance+table distance+frequency
+
+A configuration is POLICY[+PREDICTOR[:DEPTH]]. Per budget and run, stock runs once and every configuration
+once (the order rotates run by run), each a child in the same cgroup memory limit with a cold page cache,
+exactly as `edgemoe bench` runs them; ratios pair each configuration's run with that run's stock run.
+Writes bench/results/configs.json (rendered by tools/bench_report.py).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+from edgemoe_llamacpp import bench, cgroup
+from edgemoe_llamacpp.layout import read_layout
+from edgemoe_llamacpp.predict import PREDICTORS
+from edgemoe_llamacpp.residency import POLICIES, parse_budget
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def parse_config(text: str) -> dict:
+    policy, _, rest = text.partition("+")
+    predictor, _, depth = rest.partition(":")
+    if policy not in POLICIES or (predictor and predictor not in PREDICTORS):
+        raise SystemExit(f"bad configuration {text!r}: POLICY[+PREDICTOR[:DEPTH]], policies {POLICIES}, "
+                         f"predictors {PREDICTORS}")
+    return {"label": text, "policy": policy, "predictor": predictor or None, "prefetch_depth": int(depth or 1)}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("model")
+    ap.add_argument("--budgets", nargs="+", default=["25%", "50%"])
+    ap.add_argument("--configs", nargs="+", default=["distance", "lru", "lfu", "hobbit", "distance+gate",
+                                                     "distance+table", "distance+frequency"])
+    ap.add_argument("--runs", type=int, default=2)
+    ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--n-ctx", dest="n_ctx", type=int, default=512)
+    ap.add_argument("--out", type=Path, default=ROOT / "bench/results/configs.json")
+    args = ap.parse_args()
+    configs = [parse_config(c) for c in args.configs]
+    layout = read_layout(args.model)
+    if cgroup.own_memory_cgroup() is None:
+        sys.exit("error: needs a writable cgroup-v1 memory controller to limit memory")
+    kv = bench.kv_cache_bytes(args.model, args.n_ctx)
+    bandwidth = bench.disk_bandwidth(args.model)
+    allowance = bench.measure_allowance(args.model, n_ctx=args.n_ctx)
+    expert_size = layout.expert_bytes / len(layout.experts)
+    result = {"kind": "bench_configs", "command": "python " + " ".join(sys.argv), "model": args.model,
+              "expert_bytes": layout.expert_bytes, "dense_bytes": layout.dense_bytes, "kv_cache_bytes": kv,
+              "allowance_bytes": allowance, "disk_bandwidth_bps": bandwidth, "tokens": args.tokens,
+              "runs": args.runs, "machine": bench._machine(), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+              "budgets": []}
+    engines = [None, *configs]                       # None: stock
+    bar = tqdm(total=len(args.budgets) * args.runs * len(engines), desc="bench configs", unit="run")
+    for spec in args.budgets:
+        budget = parse_budget(spec, layout.expert_bytes)
+        limit = layout.dense_bytes + budget + kv + allowance
+        runs: dict[str, list[dict]] = {"stock": [], **{c["label"]: [] for c in configs}}
+        for r in range(args.runs):
+            shift = r % len(engines)
+            for eng in engines[shift:] + engines[:shift]:
+                label = "stock" if eng is None else eng["label"]
+                bar.set_postfix(budget=spec, engine=label)
+                runs[label].append(bench._child(args.model, spec, eng is None, args.tokens, bench.PROMPT, args.n_ctx,
+                                                limit, None, eng))
+                bar.update()
+        entry = {"budget": spec, "budget_bytes": budget, "limit_bytes": limit,
+                 "stock": bench._engine_summary(runs["stock"]), "configs": []}
+        for c in configs:
+            ed = runs[c["label"]]
+            ratios = [e["decode_tok_s"] / s["decode_tok_s"] for e, s in zip(ed, runs["stock"], strict=True)
+                      if e["ok"] and s["ok"] and s["decode_tok_s"]]
+            floors = [bench.belady(e.pop("trace"), int(budget // expert_size))[1] * expert_size / e["decode_evals"]
+                      for e in ed if e["ok"] and e.get("trace")]
+            summary = bench._engine_summary(ed)
+            floor = statistics.median(floors) if floors else None
+            measured = summary["decode_read_bytes_per_token"]["median"]
+            entry["configs"].append({**c, "edgemoe": summary, "decode_ratio": bench._spread(ratios),
+                                     "floor_bytes_per_token": floor,
+                                     "bytes_vs_floor": measured / floor if floor and measured else None})
+        result["budgets"].append(entry)
+    bar.close()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
