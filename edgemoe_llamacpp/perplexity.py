@@ -28,6 +28,16 @@ def perplexity(model_path: str, *, texts=None, tokens: int = 16384, n_ctx: int =
     With `reference` (e.g. the file a converted model came from), also the mean KL divergence
     KL(reference || model) per token and how often both put the same token first.
     """
+    return perplexities([model_path], texts=texts, tokens=tokens, n_ctx=n_ctx, reference=reference, batch=batch,
+                        progress=progress, **llama_kwargs)[0]
+
+
+def perplexities(model_paths: list[str], *, texts=None, tokens: int = 16384, n_ctx: int = 512,
+                 reference: str | None = None, batch: int | None = None, progress: bool = True,
+                 **llama_kwargs) -> list[dict]:
+    """`perplexity` of several models on the same windows, the reference evaluated once per window.
+    Each result also lists every window's summed negative log-likelihood (`window_nll`), for paired
+    comparisons between models."""
     from .llama import Llama
 
     batch = batch or n_ctx
@@ -35,28 +45,37 @@ def perplexity(model_path: str, *, texts=None, tokens: int = 16384, n_ctx: int =
     def load(path, **kw):
         return Llama(path, n_ctx=n_ctx, n_batch=batch, logits_all=True, verbose=False, **kw)
 
-    llm = load(model_path, **llama_kwargs)
-    ref = None
+    llms, ref, stats = [], None, []
     try:
+        for path in model_paths:
+            llms.append(load(path, **llama_kwargs))
         ref = load(reference, n_threads=llama_kwargs.get("n_threads")) if reference else None
-        ids = corpus.tokens(llm, texts if texts is not None else corpus.split_texts("validation"), tokens)
+        ids = corpus.tokens(llms[0], texts if texts is not None else corpus.split_texts("validation"), tokens)
         parts = corpus.windows(ids, n_ctx)
-        nll = kld = same = 0.0
-        for window in tqdm(parts, desc="perplexity", unit="window", disable=not progress):
-            logp = window_logp(llm, window)
-            nll -= logp[np.arange(n_ctx - 1), window[1:]].sum()
-            if ref is not None:
-                ref_logp = window_logp(ref, window)
-                kld += float((np.exp(ref_logp) * (ref_logp - logp)).sum())
-                same += float((ref_logp.argmax(1) == logp.argmax(1)).sum())
-        stats = llm.edgemoe_stats()
+        nll = np.zeros((len(llms), len(parts)))
+        kld, same = np.zeros(len(llms)), np.zeros(len(llms))
+        rows = np.arange(n_ctx - 1)
+        for w, window in enumerate(tqdm(parts, desc="perplexity", unit="window", disable=not progress)):
+            ref_logp = window_logp(ref, window) if ref is not None else None
+            for m, llm in enumerate(llms):
+                logp = window_logp(llm, window)
+                nll[m, w] = -logp[rows, window[1:]].sum()
+                if ref_logp is not None:
+                    kld[m] += float((np.exp(ref_logp) * (ref_logp - logp)).sum())
+                    same[m] += float((ref_logp.argmax(1) == logp.argmax(1)).sum())
+        stats = [llm.edgemoe_stats() for llm in llms]
     finally:
-        llm.close()
+        for llm in llms:
+            llm.close()
         if ref is not None:
             ref.close()
     count = len(parts) * (n_ctx - 1)
-    out = {"model": str(model_path), "perplexity": math.exp(nll / count), "tokens": count,
-           "windows": len(parts), "n_ctx": n_ctx, "batch": batch, "stats": stats}
-    if ref is not None:
-        out.update(reference=str(reference), kld=kld / count, same_top1=same / count)
+    out = []
+    for m, path in enumerate(model_paths):
+        r = {"model": str(path), "perplexity": math.exp(nll[m].sum() / count), "tokens": count,
+             "windows": len(parts), "n_ctx": n_ctx, "batch": batch, "stats": stats[m],
+             "window_nll": nll[m].round(4).tolist()}
+        if ref is not None:
+            r.update(reference=str(reference), kld=kld[m] / count, same_top1=same[m] / count)
+        out.append(r)
     return out

@@ -178,6 +178,10 @@ def quality_section(path: Path, r: dict) -> str:
                 ppl = "lower perplexity" if x["perplexity"] < ref["perplexity"] else "HIGHER perplexity"
                 verdict = (f"{ref['label']} ({ref['expert_bytes'] / x['expert_bytes']:.2f}x the bytes): "
                            f"{kld}, {ppl}")
+                paired = x.get("vs_uniform")
+                if paired and paired["label"] == ref["label"]:
+                    d, se = paired["delta_nll_per_token"], paired["standard_error"]
+                    verdict += f" (log-likelihood {-d:+.5f} ± {se:.5f} nats/token, {abs(d) / se:.1f} s.e.)"
         types = ", ".join(f"{k} {v}" for k, v in (x["type_counts"] or {}).items() if v)
         rows.append(f"| {x['label']} | {x['bits_per_weight']:.3f} | {x['expert_bytes'] / 1e6:.2f} | "
                     f"{x['perplexity']:.3f} | {x['kld']:.5f} | {x['same_top1']:.2%} | {types} | {verdict} |")
@@ -198,11 +202,13 @@ def quality_section(path: Path, r: dict) -> str:
         f"## {path.stem}: perplexity vs expert bytes, uniform types against per-expert plans", "",
         (f"`{r['model']}`, profiled on {r['profile']['tokens']:,} tokens of the {r['profile']['text']} "
          f"(up to {r['profile']['samples_per_expert']} FFN inputs sampled per expert), each expert's cost "
-         f"measured at {', '.join(r['types'])}; perplexity on {r['eval']['tokens']:,} tokens of the "
+         f"measured at {', '.join(r['types'])}; perplexity on {r['rows'][0]['tokens']:,} tokens of the "
          f"{r['eval']['text']} in windows of {r['eval']['n_ctx']}, through llama-cpp-python "
          f"{r['runtime']['llama_cpp_python']}. Bits per weight are real bytes x 8 / expert weights "
          f"(Q2_K is 2.625, Q8_0 8.5); the source file is Q8_0, so uniform Q8_0 is the source's own quality. "
-         f"{r['date']}."), "",
+         "Every file is scored on the same windows; the log-likelihood column compares a plan with its uniform "
+         "rival window by window (positive: the plan predicts the text better), with the standard error of that "
+         f"paired difference. {r['date']}."), "",
         *rows, "", *notes, "",
         f"![perplexity vs expert bytes]({png.relative_to(ROOT).as_posix()})", "",
         "Command:", "", "```sh", r["command"], "```", "",

@@ -5,9 +5,12 @@
 
 Profiles the model on the stdlib train split (`edgemoe profile`), measures every expert's cost at every type
 once, writes uniform Q2_K..Q8_0 files and per-expert plans at the given average bits and at the exact sizes
-of the uniform Q3_K/Q4_K/Q5_K files, and scores each on the validation split (`edgemoe ppl --reference`):
-perplexity, and the KL divergence from the source model's next-token distribution with top-1 agreement. The files go to
---work (default build/quality) and are not kept in git.
+of the uniform Q3_K/Q4_K/Q5_K files, and scores them all on the same windows of the validation split (the
+whole split by default; `edgemoe ppl --reference`): perplexity, and the KL divergence from the source model's
+next-token distribution with top-1 agreement. Each plan is also compared with the smallest uniform file at
+least as large, window by window: the mean difference in log-likelihood per token and its standard error,
+so a perplexity difference can be told from noise. The files go to --work (default build/quality) and are
+not kept in git.
 """
 from __future__ import annotations
 
@@ -18,11 +21,13 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 from edgemoe_llamacpp import quant, runtime
 from edgemoe_llamacpp.convert import convert, uniform_plan
 from edgemoe_llamacpp.errors import BudgetError
 from edgemoe_llamacpp.layout import read_layout
-from edgemoe_llamacpp.perplexity import perplexity
+from edgemoe_llamacpp.perplexity import perplexities
 from edgemoe_llamacpp.plan import make_plan, measure_costs
 from edgemoe_llamacpp.profile import Profile, profile
 
@@ -34,7 +39,7 @@ def main() -> int:
     ap.add_argument("--model", default=str(ROOT / "tests/fixtures/tiny-moe.gguf"))
     ap.add_argument("--work", type=Path, default=ROOT / "build/quality")
     ap.add_argument("--out", type=Path, default=ROOT / "bench/results/quality.json")
-    ap.add_argument("--tokens", type=int, default=32768, help="validation tokens scored per file")
+    ap.add_argument("--tokens", type=int, default=10**7, help="validation tokens scored per file (default: all)")
     ap.add_argument("--profile-tokens", type=int, default=16384)
     ap.add_argument("--bits", type=float, nargs="+", default=[2.5, 2.75, 3.0, 3.5, 4.0])
     args = ap.parse_args()
@@ -48,26 +53,13 @@ def main() -> int:
     layout = read_layout(args.model)
     n_weights = costs["n_weights"]
 
-    rows = []
-
-    def score(kind: str, label: str, path: Path, target_bits: float | None, plan_report: dict | None) -> None:
-        out = read_layout(path)
-        ppl = perplexity(str(path), tokens=args.tokens, reference=args.model)
-        rows.append({"kind": kind, "label": label, "file": path.name, "expert_bytes": out.expert_bytes,
-                     "bits_per_weight": 8 * out.expert_bytes / n_weights, "target_bits": target_bits,
-                     "perplexity": ppl["perplexity"], "tokens": ppl["tokens"], "kld": ppl["kld"],
-                     "same_top1": ppl["same_top1"],
-                     "type_counts": (plan_report or {}).get("type_counts"),
-                     "planned_cost": (plan_report or {}).get("cost")})
-        print(f"{label:>24}: {8 * out.expert_bytes / n_weights:.3f} bits, {out.expert_bytes / 1e6:.2f} MB, "
-              f"ppl {ppl['perplexity']:.3f}, KLD {ppl['kld']:.5f}, same top-1 {ppl['same_top1']:.2%}", flush=True)
-
+    files: list[tuple[str, str, Path, float | None, dict | None]] = []   # kind, label, path, bits, plan report
     uniform_sizes = {}
     for tn in quant.PLAN_TYPES:
         path = args.work / f"uniform-{tn}.gguf"
         convert(args.model, path, uniform_plan(layout, tn), meta={"plan.method": f"uniform {tn}"}, force=True)
         uniform_sizes[tn] = read_layout(path).expert_bytes
-        score("uniform", f"uniform {tn}", path, None, None)
+        files.append(("uniform", f"uniform {tn}", path, None, None))
 
     targets = [("bits", b, None) for b in args.bits]
     targets += [("size", None, uniform_sizes[tn]) for tn in ("Q3_K", "Q4_K", "Q5_K")]
@@ -85,7 +77,33 @@ def main() -> int:
         convert(args.model, path, plan, force=True,
                 meta={"plan.method": "measured output error (edgemoe plan)",
                       "plan.bits_per_weight": round(report["bits_per_weight"], 4)})
-        score("plan", label, path, bits, report)
+        files.append(("plan", label, path, bits, report))
+
+    # every file scored on the same windows in one pass, the source evaluated once per window
+    scores = perplexities([str(f[2]) for f in files], tokens=args.tokens, reference=args.model)
+    rows = []
+    for (kind, label, path, bits, report), ppl in zip(files, scores, strict=True):
+        out = read_layout(path)
+        rows.append({"kind": kind, "label": label, "file": path.name, "expert_bytes": out.expert_bytes,
+                     "bits_per_weight": 8 * out.expert_bytes / n_weights, "target_bits": bits,
+                     "perplexity": ppl["perplexity"], "tokens": ppl["tokens"], "kld": ppl["kld"],
+                     "same_top1": ppl["same_top1"],
+                     "type_counts": (report or {}).get("type_counts"),
+                     "planned_cost": (report or {}).get("cost")})
+        print(f"{label:>24}: {rows[-1]['bits_per_weight']:.3f} bits, {out.expert_bytes / 1e6:.2f} MB, "
+              f"ppl {ppl['perplexity']:.3f}, KLD {ppl['kld']:.5f}, same top-1 {ppl['same_top1']:.2%}", flush=True)
+    nll = {row["label"]: np.array(p["window_nll"]) for row, p in zip(rows, scores, strict=True)}
+    count = scores[0]["tokens"]
+    for row in rows:
+        if row["kind"] != "plan":
+            continue
+        # the smallest uniform file at least as large: the one the plan must beat; paired over windows
+        rival = min((r for r in rows if r["kind"] == "uniform" and r["expert_bytes"] >= row["expert_bytes"]),
+                    key=lambda r: r["expert_bytes"], default=None)
+        if rival is not None:
+            diff = nll[row["label"]] - nll[rival["label"]]
+            row["vs_uniform"] = {"label": rival["label"], "delta_nll_per_token": float(diff.sum() / count),
+                                 "standard_error": float(diff.std(ddof=1) * np.sqrt(len(diff)) / count)}
 
     result = {"kind": "quality", "model": str(Path(args.model).relative_to(ROOT)
                                               if Path(args.model).is_relative_to(ROOT) else args.model),
