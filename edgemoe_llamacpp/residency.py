@@ -431,7 +431,8 @@ class ExpertCache:
     def drop_all(self) -> None:
         """Start-up: release every expert page the load pulled in; the cache starts empty."""
         runtime.flush(self.fd)      # dirty pages (a file just written or copied) cannot be dropped
-        self._drop(list(self.tensor_spans.values()))
+        whole = list(self.tensor_spans.values())
+        self._drop(whole)
         # The load reads the file in large page-cache folios; one that straddles a tensor edge is still
         # mapped for its dense part, so the kernel keeps it whole. Those edge pages stay resident for good:
         # count them as dense and leave them out of every expert's span.
@@ -448,7 +449,10 @@ class ExpertCache:
             raise BudgetError(f"memory budget leaves {self.capacity:,} bytes for experts after "
                               f"{self.pinned_edge_bytes:,} bytes of edge pages the kernel keeps; one layer's "
                               f"chosen experts need {self.min_budget:,}")
-        for a, b in self.tensor_spans.values():   # faults on expert pages read the page, no read-around
+        # Faults on expert pages read the page, no read-around: over the whole tensors, edge pages included.
+        # Those stay resident only as long as the kernel keeps their folio (reclaim may take it later); a fault
+        # on one then reads that page alone, not a read-ahead window of neighbouring experts (8 MB here).
+        for a, b in whole:
             runtime.madvise(self.base + a, b - a, runtime.MADV_RANDOM)
         self.resident.clear()
         self.resident_bytes = 0

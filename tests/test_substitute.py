@@ -164,3 +164,16 @@ def test_cli_convert_lowbit_verify_and_run_substituting(fixture_path, tmp_path):
     assert run.returncode == 0 and stats["substitute"] == 0.6 and stats["total"]["substituted"] > 0
     plain = edgemoe("run", str(fixture_path), "-p", "x", "--memory-budget", "25%", "--substitute", "0.5")
     assert plain.returncode == 2 and "no low-bit copies" in plain.stderr
+
+
+def test_copies_count_in_the_budget_by_mincore(lowbit):
+    llm = make(lowbit.path, memory_budget="25%", substitute=0.0)
+    cache = llm._edgemoe_cache
+    llm.eval(llm.tokenize(PROMPT))
+    worst = 0
+    for _ in range(24):
+        llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
+        worst = max(worst, cache.measured_resident_bytes())     # expert and copy tensors, as the kernel sees them
+    ran_low = llm.edgemoe_stats()["total"]["substituted"]
+    llm.close()
+    assert ran_low > 0 and 0 < worst <= cache.budget
