@@ -73,8 +73,7 @@ class ExpertHook:
             hidden = None if self.hidden_node is None else self._read_source(t, self.hidden_node, layer)
             weights = None
             if self.want_weights:
-                weights = np.take_along_axis(self._read_source(t, PROBS, layer), ids, axis=1)
-                weights /= weights.sum(axis=1, keepdims=True)
+                weights = chosen_weights(self._read_source(t, PROBS, layer), ids)
             self.on_route(int(layer), ids, hidden, weights)
 
     def _read_source(self, t: int, prefix: bytes, layer: bytes) -> np.ndarray:
@@ -94,6 +93,12 @@ class ExpertHook:
         err, self.error = self.error, None
         if err is not None:
             raise err
+
+
+def chosen_weights(probs: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """The (T, k) router probabilities of the chosen experts, renormalised over the k chosen."""
+    w = np.take_along_axis(probs, ids, axis=1)
+    return w / w.sum(axis=1, keepdims=True)
 
 
 def read_ids(t: int) -> np.ndarray:

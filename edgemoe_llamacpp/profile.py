@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from . import corpus, runtime
 from .convert import sha256_file
-from .hook import read_ids
+from .hook import chosen_weights, read_ids
 from .layout import MoELayout, read_layout
 
 FORMAT = ("edgemoe-profile", 1)
@@ -87,8 +87,7 @@ class _Recorder:
         x = self.pending.pop((self.ffn_input[:-1], layer))
         if not (len(ids) == len(probs) == len(x)):
             raise RuntimeError(f"layer {layer}: {len(ids)} routed tokens, {len(probs)} probs, {len(x)} inputs")
-        w = np.take_along_axis(probs, ids, axis=1)
-        w = w / w.sum(axis=1, keepdims=True)
+        w = chosen_weights(probs, ids)
         self.ids[li].append(ids.astype(np.int16))
         self.weights[li].append(w.astype(np.float32))
         cap = self.inputs.shape[2]
