@@ -34,18 +34,18 @@ class ExpertPointers:
     low-bit copy. Every stacked tensor is registered with the kernel (llama.Llama does that)."""
 
     def __init__(self, layout: MoELayout, base: int):
-        self.tensors: dict[int, list[tuple[int, list[int], list[int], int, int]]] = {}
+        # layer -> its stacked tensors: (base, per expert: full type, full pointer; copy type, copy pointer)
+        self.tensors: dict[int, list[tuple[int, list[int], list[int], int, list[int]]]] = {}
         for t in layout.expert_tensors:
             if t.low is None:
                 continue
-            full_types = [int(quant.qtype(t.slice(e).type)) for e in range(t.count)]
-            full_ptrs = [base + t.slice(e).offset for e in range(t.count)]
+            full = [t.slice(e) for e in range(t.first_expert, t.first_expert + t.count)]
+            copies = [t.low_slice(e) for e in range(t.first_expert, t.first_expert + t.count)]
             self.tensors.setdefault(t.layer, []).append(
-                (base + t.offset, full_types, full_ptrs, int(quant.qtype(t.low.type)), base + t.low.offset))
-        self.stride = {t.layer: t.low.stride for t in layout.expert_tensors if t.low is not None}
+                (base + t.offset, [int(quant.qtype(r.type)) for r in full], [base + r.offset for r in full],
+                 int(quant.qtype(t.low.type)), [base + r.offset for r in copies]))
         self.low: dict[int, set[int]] = {layer: set() for layer in self.tensors}   # experts pointed low now
         self.generation = runtime.registry_generation()
-        self.switches = 0
 
     def point(self, layer: int, experts, low: set[int]) -> None:
         """Before layer `layer` computes: `experts` in `low` read their low-bit copies, the others their slots."""
@@ -58,10 +58,9 @@ class ExpertPointers:
             want = e in low
             if want == (e in now):
                 continue
-            for base, types, ptrs, low_type, low_base in self.tensors[layer]:
+            for base, types, ptrs, low_type, low_ptrs in self.tensors[layer]:
                 if want:
-                    runtime.set_expert(base, e, low_type, low_base + e * self.stride[layer])
+                    runtime.set_expert(base, e, low_type, low_ptrs[e])
                 else:
                     runtime.set_expert(base, e, types[e], ptrs[e])
             (now.add if want else now.discard)(e)
-            self.switches += 1
