@@ -231,26 +231,11 @@ def run_bench(model: str, budgets: list[str], *, runs: int = 3, tokens: int = 64
                      "substitute": substitute})
                 bar.update()
             pairs.append(pair)
-        ed = [p["edgemoe"] for p in pairs]
-        ratios = [p["edgemoe"]["decode_tok_s"] / p["stock"]["decode_tok_s"]
-                  for p in pairs if p["edgemoe"]["ok"] and p["stock"]["ok"] and p["stock"]["decode_tok_s"]]
         entry = {"budget": spec, "budget_bytes": budget, "limit_bytes": limit,
                  "stock": _engine_summary([p["stock"] for p in pairs]),
-                 "edgemoe": _engine_summary(ed), "decode_ratio": _spread(ratios)}
-        traces = [r for r in ed if r["ok"] and r.get("trace")]
-        if traces:
-            capacity = int(budget // expert_size)
-            floors = []
-            for r in traces:
-                _, decode_misses = belady(r.pop("trace"), capacity)
-                floors.append(decode_misses * expert_size / r["decode_evals"])
-            floor = statistics.median(floors)
-            entry["floor_bytes_per_token"] = floor
-            entry["floor_io_s_per_token"] = floor / bandwidth
-            measured = entry["edgemoe"]["decode_read_bytes_per_token"]["median"]
-            entry["edgemoe_bytes_vs_floor"] = measured / floor if floor and measured else None
-        for p in pairs:
-            p["edgemoe"].pop("trace", None)
+                 **compare([p["edgemoe"] for p in pairs], [p["stock"] for p in pairs], budget, expert_size)}
+        if "floor_bytes_per_token" in entry:
+            entry["floor_io_s_per_token"] = entry["floor_bytes_per_token"] / bandwidth
         entry["pairs"] = pairs
         result["budgets"].append(entry)
     bar.close()
@@ -260,6 +245,24 @@ def run_bench(model: str, budgets: list[str], *, runs: int = 3, tokens: int = 64
         if best and "floor_io_s_per_token" in b:
             b["floor_tok_s"] = 1 / (1 / best + b["floor_io_s_per_token"])
     return result
+
+
+def compare(runs: list[dict], stock_runs: list[dict], budget: int, expert_size: float) -> dict:
+    """One edgemoe configuration's runs against the stock runs they alternated with: its summary, the median
+    of per-run decode ratios, and the Belady floor of each run's recorded routing (the traces are consumed)."""
+    ratios = [e["decode_tok_s"] / s["decode_tok_s"] for e, s in zip(runs, stock_runs, strict=True)
+              if e["ok"] and s["ok"] and s["decode_tok_s"]]
+    out = {"edgemoe": _engine_summary(runs), "decode_ratio": _spread(ratios)}
+    floors = [belady(r.pop("trace"), int(budget // expert_size))[1] * expert_size / r["decode_evals"]
+              for r in runs if r["ok"] and r.get("trace")]
+    for r in runs:
+        r.pop("trace", None)
+    if floors:
+        floor = statistics.median(floors)
+        measured = out["edgemoe"]["decode_read_bytes_per_token"]["median"]
+        out["floor_bytes_per_token"] = floor
+        out["edgemoe_bytes_vs_floor"] = measured / floor if floor and measured else None
+    return out
 
 
 def _machine() -> dict:

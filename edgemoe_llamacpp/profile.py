@@ -14,7 +14,6 @@ Per-expert statistics (use counts, mean gate weight) follow from ids and weights
 """
 from __future__ import annotations
 
-import ctypes
 import json
 import time
 from pathlib import Path
@@ -23,71 +22,35 @@ import numpy as np
 from gguf import GGUFReader
 from tqdm import tqdm
 
-from . import corpus, runtime
+from . import corpus
 from .convert import sha256_file
-from .hook import chosen_weights, read_ids
+from .hook import ExpertHook
 from .layout import MoELayout, read_layout
 
 FORMAT = ("edgemoe-profile", 1)
 # the node holding the FFN input, per architecture (llama.cpp's build_* names it)
-FFN_INPUT = {"gpt-oss": b"attn_post_norm-"}
-NODES = (b"ffn_moe_topk-", b"ffn_moe_probs-")
-
-
-def read_f32(t: int) -> np.ndarray:
-    """A contiguous F32 node [ne0, ne1] as a numpy copy of shape (ne1, ne0)."""
-    ne = (ctypes.c_int64 * 4).from_address(t + runtime.T_NE)
-    nb = (ctypes.c_size_t * 4).from_address(t + runtime.T_NB)
-    data = ctypes.c_void_p.from_address(t + runtime.T_DATA).value
-    buf = (ctypes.c_float * (ne[0] * ne[1])).from_address(data)
-    if nb[0] != 4 or nb[1] != 4 * ne[0]:
-        raise RuntimeError("expected a contiguous F32 node")
-    return np.ctypeslib.as_array(buf).reshape(ne[1], ne[0]).copy()
+FFN_INPUT = {"gpt-oss": "attn_post_norm"}
 
 
 class _Recorder:
+    """Keeps what ExpertHook hands over: every token's routing, and a reservoir sample of each expert's inputs."""
+
     def __init__(self, layout: MoELayout, n_embd: int, samples: int, seed: int):
-        self.ffn_input = FFN_INPUT.get(layout.arch, b"ffn_norm-")
-        self.prefixes = (*NODES, self.ffn_input)
         self.layers = {layer: i for i, layer in enumerate(layout.moe_layers)}
-        n_l, n_e, k = len(self.layers), layout.n_expert, layout.n_expert_used
-        self.k = k
+        n_l, n_e = len(self.layers), layout.n_expert
         self.inputs = np.zeros((n_l, n_e, samples, n_embd), np.float16)
         self.input_weights = np.zeros((n_l, n_e, samples), np.float32)
         self.seen = np.zeros((n_l, n_e), np.int64)
         self.ids: list[list[np.ndarray]] = [[] for _ in range(n_l)]
         self.weights: list[list[np.ndarray]] = [[] for _ in range(n_l)]
-        self.pending: dict[tuple[bytes, int], np.ndarray] = {}
         self.rng = np.random.default_rng(seed)
-        self.error: BaseException | None = None
 
-    def cb(self, t: int, ask: bool, _user) -> bool:
-        name = ctypes.string_at(t + runtime.T_NAME, 24)
-        if not name.startswith(self.prefixes):
-            return False
-        prefix, _, layer = name.split(b"\0", 1)[0].rpartition(b"-")
-        if not layer.isdigit():         # a view of the node, e.g. "ffn_moe_probs-0 (reshaped)"
-            return False
-        if ask:
-            return True
-        try:
-            layer = int(layer)
-            if layer in self.layers:
-                if prefix + b"-" == NODES[0]:
-                    self._route(layer, read_ids(t))
-                else:
-                    self.pending[(prefix, layer)] = read_f32(t)
-        except BaseException as e:  # noqa: BLE001 -- must not unwind through C; re-raised after the eval
-            self.error = self.error or e
-        return True
-
-    def _route(self, layer: int, ids: np.ndarray) -> None:
-        li = self.layers[layer]
-        probs = self.pending.pop((b"ffn_moe_probs", layer))
-        x = self.pending.pop((self.ffn_input[:-1], layer))
-        if not (len(ids) == len(probs) == len(x)):
-            raise RuntimeError(f"layer {layer}: {len(ids)} routed tokens, {len(probs)} probs, {len(x)} inputs")
-        w = chosen_weights(probs, ids)
+    def route(self, layer: int, ids: np.ndarray, x: np.ndarray, w: np.ndarray) -> None:
+        li = self.layers.get(layer)
+        if li is None:
+            return
+        if not (len(ids) == len(w) == len(x)):
+            raise RuntimeError(f"layer {layer}: {len(ids)} routed tokens, {len(w)} weights, {len(x)} inputs")
         self.ids[li].append(ids.astype(np.int16))
         self.weights[li].append(w.astype(np.float32))
         cap = self.inputs.shape[2]
@@ -115,8 +78,8 @@ def profile(model_path: str, out: str, *, texts=None, text_label: str = "stdlib 
         raise ValueError(f"{model_path}: profile the source model, not a file with per-expert types")
     n_embd = int(GGUFReader(model_path).fields[f"{layout.arch}.embedding_length"].contents())
     rec = _Recorder(layout, n_embd, samples, seed)
-    cb = llama_cpp.llama_cpp.ggml_backend_sched_eval_callback(rec.cb)
-    with llama_params(use_extra_bufts=False, cb_eval=cb):
+    hook = ExpertHook(on_route=rec.route, hidden_node=FFN_INPUT.get(layout.arch, "ffn_norm"), want_weights=True)
+    with llama_params(use_extra_bufts=False, cb_eval=hook.callback):
         llm = llama_cpp.Llama(model_path=str(model_path), n_ctx=n_ctx, n_batch=n_ctx, logits_all=True,
                               verbose=False)
     try:
@@ -125,8 +88,7 @@ def profile(model_path: str, out: str, *, texts=None, text_label: str = "stdlib 
         for window in tqdm(parts, desc="profile", unit="window", disable=not progress):
             llm.reset()
             llm.eval(window)
-            if rec.error is not None:
-                raise rec.error
+            hook.take_error()
     finally:
         llm.close()
     routed = np.stack([np.concatenate(x) for x in rec.ids], axis=1)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -77,17 +76,7 @@ def main() -> int:
         entry = {"budget": spec, "budget_bytes": budget, "limit_bytes": limit,
                  "stock": bench._engine_summary(runs["stock"]), "configs": []}
         for c in configs:
-            ed = runs[c["label"]]
-            ratios = [e["decode_tok_s"] / s["decode_tok_s"] for e, s in zip(ed, runs["stock"], strict=True)
-                      if e["ok"] and s["ok"] and s["decode_tok_s"]]
-            floors = [bench.belady(e.pop("trace"), int(budget // expert_size))[1] * expert_size / e["decode_evals"]
-                      for e in ed if e["ok"] and e.get("trace")]
-            summary = bench._engine_summary(ed)
-            floor = statistics.median(floors) if floors else None
-            measured = summary["decode_read_bytes_per_token"]["median"]
-            entry["configs"].append({**c, "edgemoe": summary, "decode_ratio": bench._spread(ratios),
-                                     "floor_bytes_per_token": floor,
-                                     "bytes_vs_floor": measured / floor if floor and measured else None})
+            entry["configs"].append({**c, **bench.compare(runs[c["label"]], runs["stock"], budget, expert_size)})
         result["budgets"].append(entry)
     bar.close()
     args.out.parent.mkdir(parents=True, exist_ok=True)

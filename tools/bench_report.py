@@ -67,9 +67,31 @@ def policy_section(path: Path, r: dict) -> str:
             pre.append(f"| {b['budget']} | {run['policy']} | {run['predictor'] or '-'} | {run['depth'] or '-'} | "
                        f"{run['misses']:.2f} ({run['misses'] / b['belady']:.2f}x) | {run['prefetches']:.2f} | "
                        f"{run['prefetch_wasted']:.2f} | {run['reads']:.2f} ({run['reads'] / b['belady']:.2f}x) |")
+    ahead = []
+    if "foresight" in budgets[0] or "decays" in budgets[0]:
+        decays = list(budgets[0].get("decays", {}))
+        hs = list(budgets[0].get("foresight", {}))
+        ahead = ["| budget | Belady | " + " | ".join(f"decay {d}" for d in decays) + " | " +
+                 " | ".join(f"foresight {h} token{'s' * (h != '1')}" for h in hs) + " |",
+                 "|---|---|" + "---|" * (len(decays) + len(hs))]
+        for b in budgets:
+            cells = [b["decays"][d] for d in decays] + [b["foresight"][h] for h in hs]
+            ahead.append(f"| {b['budget']} | {b['belady']:.2f} | " +
+                         " | ".join(f"{m:.2f} ({m / b['belady']:.2f}x)" for m in cells) + " |")
+        ahead = [("The default policy (`distance`) at other use decays (the default is "
+                  f"{r.get('use_decay', '?')}), and told the exact routing of the next H tokens (Belady within H "
+                  "tokens, its own order beyond): how far ahead a predictor would have to see to come near the floor. "
+                  "Misses per token (x Belady)."), "", *ahead, ""]
+    flags = (f" --validation {r['source'].split('x')[-1]}" if r.get("source", "prompts") != "prompts" else "")
+    flags += "".join(f" --{k} " + " ".join(budgets[0][k]) for k in ("decays", "foresight") if k in budgets[0])
+    depths = sorted({run["depth"] for run in budgets[0]["runs"] if run["depth"]})
+    source = (f"Routing of {r['prompts']} prompts x {r['tokens']} greedy tokens"
+              if r.get("source", "prompts") == "prompts" else
+              f"Routing of {r['prompts']} windows x {r['tokens']} tokens of held-out text (the fixture's "
+              "validation split, teacher-forced, every token counted as a decode step)")
     return "\n".join([
         f"## {path.stem}: cache policies and prefetch replayed on recorded routing", "",
-        (f"Routing of {r['prompts']} prompts x {r['tokens']} greedy tokens on `{r['model']}` "
+        (f"{source} on `{r['model']}` "
         f"({r['moe_layers']} MoE layers, {r['n_expert']} experts, top-{r['n_expert_used']}), replayed through "
         "the cache's and the predictors' own code with I/O stubbed (`tools/policy_replay.py`). Decode misses per "
         "token (experts llama.cpp waits for), and the ratio to Belady's MIN, the floor no cache can beat. The "
@@ -78,10 +100,10 @@ def policy_section(path: Path, r: dict) -> str:
         ("With prediction: after each layer's router, the predictor's k best guesses for each of the next "
         "`depth` layers are read ahead (counted in the budget; never evicting the current layer's experts). A "
         "prefetch turns a miss into a hit but is a read too: reads/token = misses + prefetches, to compare "
-        "with Belady's reads. Wasted = prefetched experts evicted before any use."), "", *pre, "",
+        "with Belady's reads. Wasted = prefetched experts evicted before any use."), "", *pre, "", *ahead,
         "```sh", (f"python tools/policy_replay.py {r['model']} --budgets "
-        f"{' '.join(b['budget'] for b in budgets)} --tokens {r['tokens']} --json "
-        f"{path.relative_to(ROOT)}"), "```", ""])
+        f"{' '.join(b['budget'] for b in budgets)} --tokens {r['tokens']} --depths {' '.join(map(str, depths))}"
+        f"{flags} --json {path.relative_to(ROOT)}"), "```", ""])
 
 
 def recall_section(path: Path, r: dict) -> str:
@@ -252,7 +274,7 @@ def configs_section(path: Path, r: dict) -> str:
             mb = ed["decode_read_bytes_per_token"]["median"]
             table.append(f"| {b['budget']} | {c['label']} | {med(ed, 'decode_tok_s')} | "
                          f"{c['decode_ratio']['median'] or 0:.2f}x | {'-' if mb is None else f'{mb / 1e6:.1f}'} | "
-                         f"{c['bytes_vs_floor'] or 0:.2f}x | {med(ed, 'hit_rate', '{:.1%}')} | "
+                         f"{c.get('edgemoe_bytes_vs_floor') or 0:.2f}x | {med(ed, 'hit_rate', '{:.1%}')} | "
                          f"{med(ed, 'prefetches_per_token')} | {med(ed, 'prefetch_wasted_per_token')} |")
     return "\n".join([
         f"## {path.stem}: every cache configuration against the same stock runs", "",

@@ -5,8 +5,15 @@ Records each prompt's routing (and each layer's FFN input, for gate lookahead) w
 decode misses per token (reads llama.cpp waits for) and their ratio to Belady's MIN, and with prediction the
 experts read ahead and the ones of those evicted unused (waste). Reads per token = misses + prefetches.
 
+`--validation N` replays N windows of held-out text (the fixture's validation split, teacher-forced, every
+token a decode step) instead of greedy completions. `--decays` replays the default policy at other use
+decays; `--foresight` gives it exact knowledge of the next H tokens' routing (Belady within H tokens, the
+default's order beyond): how far ahead a predictor would have to see to approach the floor.
+
     python tools/policy_replay.py tests/fixtures/tiny-moe.gguf --budgets 25% 50% --tokens 64 \
         --json bench/results/policy-replay.json
+    python tools/policy_replay.py tests/fixtures/tiny-moe.gguf --validation 40 --decays 0.8 0.9 0.95 0.98 \
+        --foresight 1 2 4 8 --json bench/results/policy-replay-validation.json
 """
 from __future__ import annotations
 
@@ -15,11 +22,12 @@ import functools
 import json
 from concurrent.futures import Future
 
+from edgemoe_llamacpp import corpus
 from edgemoe_llamacpp.bench import belady
 from edgemoe_llamacpp.layout import read_layout
 from edgemoe_llamacpp.llama import Llama
 from edgemoe_llamacpp.predict import PREDICTORS, GatePredictor, Lookahead, make_predictor, read_routers
-from edgemoe_llamacpp.residency import POLICIES, ExpertCache, parse_budget
+from edgemoe_llamacpp.residency import POLICIES, USE_DECAY, ExpertCache, parse_budget
 
 PROMPTS = ["import os\nimport sys\n\n\ndef main(argv):\n    ", "class Parser:\n    def ",
            '"""Utilities for reading configuration files."""\n\nimport re\n',
@@ -39,6 +47,29 @@ class ReplayCache(ExpertCache):
         done = Future()
         done.set_result(self.cost[uid])
         return done
+
+
+class ForesightCache(ReplayCache):
+    """The default policy told the exact routing of the next `horizon` tokens: experts needed within it are
+    evicted last, farthest next use first (Belady inside the horizon)."""
+
+    def __init__(self, *args, future: list[set], horizon_steps: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.future, self.horizon_steps, self.i = future, horizon_steps, 0
+
+    def ensure_ids(self, layer, ids, above=None):
+        out = super().ensure_ids(layer, ids, above)
+        self.i += 1
+        return out
+
+    def _eviction_order(self):
+        order = super()._eviction_order()
+        next_use = {}
+        for j in range(self.i + 1, min(len(self.future), self.i + 1 + self.horizon_steps)):
+            for u in self.future[j]:
+                next_use.setdefault(u, j)
+        return ([u for u in order if u not in next_use] +
+                sorted((u for u in order if u in next_use), key=lambda u: -next_use[u]))
 
 
 class Recorder(Llama):
@@ -61,6 +92,21 @@ def record(model: str, prompt: str, tokens: int) -> list:
     return llm.steps
 
 
+def record_text(model: str, windows: int, n_tokens: int = 256) -> list[list]:
+    """Steps of `windows` held-out windows, each token's layers in turn (as decoding would see them)."""
+    llm = Recorder(model, memory_budget=None, predictor="gate", n_ctx=512, logits_all=True, verbose=False)
+    ids = corpus.tokens(llm, corpus.split_texts("validation"), windows * n_tokens)
+    traces = []
+    for w in corpus.windows(ids, n_tokens)[:windows]:
+        llm.steps = []
+        llm.reset()
+        llm.eval(w)
+        traces.append([(layer, ids[t:t + 1], hidden[t:t + 1]) for t in range(len(w))
+                       for layer, ids, hidden in llm.steps])
+    llm.close()
+    return traces
+
+
 @functools.cache
 def routers(model: str, layout):
     return read_routers(model, layout)
@@ -70,9 +116,16 @@ def predictor_for(name: str, model: str, layout):
     return GatePredictor(layout, routers(model, layout)) if name == "gate" else make_predictor(name, model, layout)
 
 
-def replay(model: str, layout, budget: int, policy: str, predictor: str | None, depth: int, steps: list) -> dict:
+def replay(model: str, layout, budget: int, policy: str, predictor: str | None, depth: int, steps: list,
+           decay: float = USE_DECAY, horizon: int = 0) -> dict:
     """Decode counts over one recorded sequence: misses, prefetches and wasted prefetches."""
-    cache = ReplayCache(layout, budget, policy=policy)
+    if horizon:
+        future = [{(layer, int(e)) for e in ids.ravel()} for layer, ids, _ in steps]
+        cache = ForesightCache(layout, budget, policy=policy, future=future,
+                               horizon_steps=horizon * len(layout.moe_layers))
+    else:
+        cache = ReplayCache(layout, budget, policy=policy)
+    cache.use_decay = decay
     ahead = Lookahead(predictor_for(predictor, model, layout), cache, layout, depth) if predictor else None
     out = {"misses": 0, "prefetches": 0, "prefetch_wasted": 0}
     for layer, ids, hidden in steps:
@@ -94,10 +147,18 @@ def main() -> None:
     ap.add_argument("--budgets", nargs="+", default=["25%", "50%"])
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--depths", type=int, nargs="+", default=[1, 2, 3], help="prefetch depths to replay")
+    ap.add_argument("--validation", type=int, default=0, metavar="N",
+                    help="replay N windows of 256 held-out tokens instead of greedy completions of the prompts")
+    ap.add_argument("--decays", type=float, nargs="*", default=[], help="other use decays for the default policy")
+    ap.add_argument("--foresight", type=int, nargs="*", default=[], metavar="H",
+                    help="the default policy with exact knowledge of the next H tokens' routing")
     ap.add_argument("--json")
     args = ap.parse_args()
     layout = read_layout(args.model)
-    traces = [record(args.model, p, args.tokens) for p in PROMPTS]
+    if args.validation:
+        traces = record_text(args.model, args.validation)
+    else:
+        traces = [record(args.model, p, args.tokens) for p in PROMPTS]
     n_tokens = sum(sum(len(ids) == 1 for _, ids, _ in t) for t in traces) / len(layout.moe_layers)
     expert_size = layout.expert_bytes / len(layout.experts)
     rows = []
@@ -117,8 +178,19 @@ def main() -> None:
                 print(f"{spec} {policy:8s} {predictor or '-':9s} d{depth}: misses/token {run['misses']:.2f} "
                       f"(Belady {row['belady']:.2f}), prefetched {run['prefetches']:.2f}, wasted "
                       f"{run['prefetch_wasted']:.2f}, reads {run['reads']:.2f}")
+        for decay in args.decays:
+            misses = sum(replay(args.model, layout, budget, POLICIES[0], None, 0, t, decay)["misses"] for t in traces)
+            row.setdefault("decays", {})[str(decay)] = misses / n_tokens
+            print(f"{spec} {POLICIES[0]} decay {decay}: misses/token {misses / n_tokens:.2f}")
+        for h in args.foresight:
+            misses = sum(replay(args.model, layout, budget, POLICIES[0], None, 0, t, horizon=h)["misses"]
+                         for t in traces)
+            row.setdefault("foresight", {})[str(h)] = misses / n_tokens
+            print(f"{spec} {POLICIES[0]} foresight {h} tokens: misses/token {misses / n_tokens:.2f}")
         rows.append(row)
-    result = {"kind": "policy_replay", "model": args.model, "prompts": len(PROMPTS), "tokens": args.tokens,
+    result = {"kind": "policy_replay", "model": args.model, "use_decay": USE_DECAY,
+              "source": f"validation x{args.validation}" if args.validation else "prompts",
+              "prompts": len(traces), "tokens": args.tokens if not args.validation else 256,
               "n_expert": layout.n_expert, "n_expert_used": layout.n_expert_used,
               "moe_layers": len(layout.moe_layers), "depths": args.depths, "budgets": rows}
     if args.json:
