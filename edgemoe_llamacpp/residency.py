@@ -435,8 +435,8 @@ class ExpertCache:
         runtime.flush(self.fd)      # dirty pages (a file just written or copied) cannot be dropped
         whole = list(self.tensor_spans.values())
         self._drop(whole)
-        # The load reads the file in large page-cache folios; one that straddles a tensor edge is still
-        # mapped for its dense part, so the kernel keeps it whole. Those edge pages stay resident for good:
+        self._split_edge_folios(whole)
+        # Whatever edge pages still would not drop (a folio another process maps, say) stay resident for good:
         # count them as dense and leave them out of every expert's span.
         for name, (a, b) in self.tensor_spans.items():
             vec = runtime.mincore_pages(self.base + a, b - a)
@@ -458,6 +458,24 @@ class ExpertCache:
             runtime.madvise(self.base + a, b - a, runtime.MADV_RANDOM)
         self.resident.clear()
         self.resident_bytes = 0
+
+    def _split_edge_folios(self, spans: list[tuple[int, int]]) -> None:
+        """The load reads the file in large page-cache folios (up to 2 MiB, naturally aligned); one that
+        straddles a tensor edge stays mapped for its dense part and cannot be dropped. Unmap and drop the
+        aligned block around each edge, then read its dense pages back one page at a time (this fd reads
+        without readahead): the block's folios then end at the edge, and its expert pages can be dropped."""
+        block = runtime.MAX_FOLIO_PAGES * runtime.PAGE
+        edges = {x for span in spans for x in span if x % block}
+        for x in sorted(edges):
+            lo, hi = x // block * block, min(x // block * block + block, self.layout.file_size)
+            dense = [(lo, hi)]
+            for a, b in spans:
+                dense = [piece for c, d in dense for piece in ((c, min(d, a)), (max(c, b), d)) if piece[0] < piece[1]]
+            self._drop([(lo, hi)])
+            for a, b in dense:
+                for off in range(a, b, READ_CHUNK):
+                    os.pread(self.fd, min(READ_CHUNK, b - off), off)
+            runtime.madvise(self.base + lo, hi - lo, runtime.MADV_RANDOM)
 
     # ------------------------------------------------------------------ measurement
     def measured_resident_bytes(self) -> int:

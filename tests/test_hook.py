@@ -52,11 +52,11 @@ def test_budget_holds_by_mincore_after_every_token(fixture_path, tmp_path, fresh
     (start, _, offset, _), = runtime.file_mappings(path)[:1]
     base = start - offset
     budget = llm.edgemoe_stats()["budget_bytes"]
-    # pages sharing a page-cache folio with dense data cannot be dropped: measured once, reported as pinned
-    # and taken out of the budget
+    # the load's large folios straddling a tensor edge are split at start-up (848 KB of this file's expert
+    # pages stayed pinned before): every expert page can be dropped, and the cache starts empty
     pinned = llm.edgemoe_stats()["pinned_edge_bytes"]
-    assert pinned <= 0.1 * layout.expert_bytes
-    assert expert_pages_in_memory(layout, base) <= pinned
+    assert pinned == 0
+    assert expert_pages_in_memory(layout, base) == 0
     seen = []
     for i, _ in enumerate(llm.generate(llm.tokenize(PROMPT.encode()), temp=0.0)):
         seen.append(expert_pages_in_memory(layout, base))
