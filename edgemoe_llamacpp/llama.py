@@ -205,7 +205,8 @@ class Llama(llama_cpp.Llama):
                 _types.add(self, layout, base, every=cache.substitute is not None)
             if cache.substitute is not None:
                 self._edgemoe_pointers = ExpertPointers(layout, base)
-            cache.attach(base)
+            cache.attach(base, mapped=(min(off for _, _, off, _ in new),
+                                       max(off + end - start for start, end, off, _ in new)))
         except BaseException:
             self.close()
             raise

@@ -174,11 +174,12 @@ class ExpertCache:
             self.spans[(layer, e, LOW)] = spans
             self.cost[(layer, e, LOW)] = sum(b - a for a, b in spans)
 
-    def attach(self, mapping_base: int) -> None:
+    def attach(self, mapping_base: int, mapped: tuple[int, int] | None = None) -> None:
         """Bind to llama.cpp's mapping of the file. A budget that holds every expert keeps what the load
         read; a smaller one starts empty (a partial keep would leave large page-cache folios straddling
         kept and dropped experts, resident but unaccounted)."""
         self.base = mapping_base
+        self.mapped = mapped or (0, self.layout.file_size)     # the file bytes llama.cpp keeps mapped
         if self.budget is None:
             return
         if self.budget >= self._all_experts_cost():
@@ -467,7 +468,7 @@ class ExpertCache:
         block = runtime.MAX_FOLIO_PAGES * runtime.PAGE
         edges = {x for span in spans for x in span if x % block}
         for x in sorted(edges):
-            lo, hi = x // block * block, min(x // block * block + block, self.layout.file_size)
+            lo, hi = clip((x // block * block, x // block * block + block), self.mapped)
             dense = [(lo, hi)]
             for a, b in spans:
                 dense = [piece for c, d in dense for piece in ((c, min(d, a)), (max(c, b), d)) if piece[0] < piece[1]]
