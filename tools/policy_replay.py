@@ -32,6 +32,7 @@ from edgemoe_llamacpp.residency import POLICIES, USE_DECAY, ExpertCache, parse_b
 PROMPTS = ["import os\nimport sys\n\n\ndef main(argv):\n    ", "class Parser:\n    def ",
            '"""Utilities for reading configuration files."""\n\nimport re\n',
            "    def __init__(self, path, defaults=None):\n        self."]
+WINDOW = 256      # tokens per held-out window (--validation)
 
 
 class ReplayCache(ExpertCache):
@@ -92,7 +93,7 @@ def record(model: str, prompt: str, tokens: int) -> list:
     return llm.steps
 
 
-def record_text(model: str, windows: int, n_tokens: int = 256) -> list[list]:
+def record_text(model: str, windows: int, n_tokens: int = WINDOW) -> list[list]:
     """Steps of `windows` held-out windows, each token's layers in turn (as decoding would see them)."""
     llm = Recorder(model, memory_budget=None, predictor="gate", n_ctx=512, logits_all=True, verbose=False)
     ids = corpus.tokens(llm, corpus.split_texts("validation"), windows * n_tokens)
@@ -101,8 +102,8 @@ def record_text(model: str, windows: int, n_tokens: int = 256) -> list[list]:
         llm.steps = []
         llm.reset()
         llm.eval(w)
-        traces.append([(layer, ids[t:t + 1], hidden[t:t + 1]) for t in range(len(w))
-                       for layer, ids, hidden in llm.steps])
+        traces.append([(layer, chosen[t:t + 1], hidden[t:t + 1]) for t in range(len(w))
+                       for layer, chosen, hidden in llm.steps])
     llm.close()
     return traces
 
@@ -148,7 +149,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--depths", type=int, nargs="+", default=[1, 2, 3], help="prefetch depths to replay")
     ap.add_argument("--validation", type=int, default=0, metavar="N",
-                    help="replay N windows of 256 held-out tokens instead of greedy completions of the prompts")
+                    help=f"replay N windows of {WINDOW} held-out tokens instead of greedy completions of the prompts")
     ap.add_argument("--decays", type=float, nargs="*", default=[], help="other use decays for the default policy")
     ap.add_argument("--foresight", type=int, nargs="*", default=[], metavar="H",
                     help="the default policy with exact knowledge of the next H tokens' routing")
@@ -190,7 +191,7 @@ def main() -> None:
         rows.append(row)
     result = {"kind": "policy_replay", "model": args.model, "use_decay": USE_DECAY,
               "source": f"validation x{args.validation}" if args.validation else "prompts",
-              "prompts": len(traces), "tokens": args.tokens if not args.validation else 256,
+              "prompts": len(traces), "tokens": WINDOW if args.validation else args.tokens,
               "n_expert": layout.n_expert, "n_expert_used": layout.n_expert_used,
               "moe_layers": len(layout.moe_layers), "depths": args.depths, "budgets": rows}
     if args.json:
