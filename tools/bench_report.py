@@ -82,13 +82,9 @@ def policy_section(path: Path, r: dict) -> str:
                   f"{r.get('use_decay', '?')}), and told the exact routing of the next H tokens (Belady within H "
                   "tokens, its own order beyond): how far ahead a predictor would have to see to come near the floor. "
                   "Misses per token (x Belady)."), "", *ahead, ""]
-    flags = (f" --validation {r['source'].split('x')[-1]}" if r.get("source", "prompts") != "prompts" else "")
-    flags += "".join(f" --{k} " + " ".join(budgets[0][k]) for k in ("decays", "foresight") if k in budgets[0])
-    depths = sorted({run["depth"] for run in budgets[0]["runs"] if run["depth"]})
-    source = (f"Routing of {r['prompts']} prompts x {r['tokens']} greedy tokens"
-              if r.get("source", "prompts") == "prompts" else
-              f"Routing of {r['prompts']} windows x {r['tokens']} tokens of held-out text (the fixture's "
-              "validation split, teacher-forced, every token counted as a decode step)")
+    source = (f"Routing of {r['validation']} windows x {r['tokens']} tokens of held-out text (the fixture's "
+              "validation split, teacher-forced, every token counted as a decode step)" if r.get("validation") else
+              f"Routing of {r['prompts']} prompts x {r['tokens']} greedy tokens")
     return "\n".join([
         f"## {path.stem}: cache policies and prefetch replayed on recorded routing", "",
         (f"{source} on `{r['model']}` "
@@ -101,9 +97,7 @@ def policy_section(path: Path, r: dict) -> str:
         "`depth` layers are read ahead (counted in the budget; never evicting the current layer's experts). A "
         "prefetch turns a miss into a hit but is a read too: reads/token = misses + prefetches, to compare "
         "with Belady's reads. Wasted = prefetched experts evicted before any use."), "", *pre, "", *ahead,
-        "```sh", (f"python tools/policy_replay.py {r['model']} --budgets "
-        f"{' '.join(b['budget'] for b in budgets)} --tokens {r['tokens']} --depths {' '.join(map(str, depths))}"
-        f"{flags} --json {path.relative_to(ROOT)}"), "```", ""])
+        "```sh", r["command"], "```", ""])
 
 
 def recall_section(path: Path, r: dict) -> str:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import sys
 from concurrent.futures import Future
 
 from edgemoe_llamacpp import corpus
@@ -189,8 +190,8 @@ def main() -> None:
             row.setdefault("foresight", {})[str(h)] = misses / n_tokens
             print(f"{spec} {POLICIES[0]} foresight {h} tokens: misses/token {misses / n_tokens:.2f}")
         rows.append(row)
-    result = {"kind": "policy_replay", "model": args.model, "use_decay": USE_DECAY,
-              "source": f"validation x{args.validation}" if args.validation else "prompts",
+    result = {"kind": "policy_replay", "command": "python " + " ".join(sys.argv), "model": args.model,
+              "use_decay": USE_DECAY, "validation": args.validation,
               "prompts": len(traces), "tokens": WINDOW if args.validation else args.tokens,
               "n_expert": layout.n_expert, "n_expert_used": layout.n_expert_used,
               "moe_layers": len(layout.moe_layers), "depths": args.depths, "budgets": rows}
