@@ -23,6 +23,7 @@ import psutil
 
 from . import cgroup
 from .errors import EdgeMoEError
+from .generate import kv_cache_bytes
 from .layout import MoELayout, read_layout
 from .residency import parse_budget
 
@@ -39,25 +40,6 @@ ALLOWANCE_MARGIN = 96 << 20
 PROMPT = ('"""Utilities for reading and writing configuration files."""\n\nimport os\nimport re\nimport sys\n'
           'from collections import OrderedDict\n\n\nclass ConfigParser:\n    """Parse a configuration file."""\n\n'
           '    def __init__(self, path, defaults=None):\n        self.path = path\n')
-
-
-def kv_cache_bytes(path: str, n_ctx: int) -> int:
-    """F16 K and V for every layer at n_ctx (llama.cpp's default cache type)."""
-    from gguf import GGUFReader
-
-    r = GGUFReader(path)
-    arch = r.fields["general.architecture"].contents()
-
-    def get(key, default=None):
-        f = r.fields.get(f"{arch}.{key}")
-        v = f.contents() if f is not None else default
-        return max(v) if isinstance(v, list) else v
-
-    n_embd, n_head = get("embedding_length"), get("attention.head_count")
-    n_kv = get("attention.head_count_kv", n_head)
-    k_len = get("attention.key_length", n_embd // n_head)
-    v_len = get("attention.value_length", n_embd // n_head)
-    return 2 * get("block_count") * n_ctx * n_kv * (k_len + v_len)
 
 
 def belady(trace: list[tuple[int, list[list[int]]]], capacity: int) -> tuple[int, int]:

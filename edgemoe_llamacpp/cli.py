@@ -3,14 +3,49 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import sys
 
+from . import files
 from .errors import EdgeMoEError
 from .residency import parse_budget
 
 
 def _mib(n: int) -> str:
     return f"{n / 2**20:,.1f} MiB"
+
+
+MAX_CTX = 1 << 20           # no GGUF model trains longer contexts; larger values are typos
+
+
+def _int(lo: int, hi: int | None = None):
+    """argparse type: an integer in [lo, hi], refused with a one-line message before llama.cpp sees it."""
+    def parse(text: str) -> int:
+        try:
+            n = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text[:40]!r} is not an integer") from None
+        if n < lo or (hi is not None and n > hi):
+            raise argparse.ArgumentTypeError(f"{text[:40]} is out of range [{lo}, {hi if hi is not None else 'inf'}]")
+        return n
+    parse.__name__ = "integer"
+    return parse
+
+
+def _float(lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = False):
+    """argparse type: a finite float in [lo, hi] (or open at either end)."""
+    def parse(text: str) -> float:
+        try:
+            x = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text[:40]!r} is not a number") from None
+        if not math.isfinite(x) or x < lo or x > hi or (lo_open and x == lo) or (hi_open and x == hi):
+            raise argparse.ArgumentTypeError(f"{text[:40]} is out of range {'(' if lo_open else '['}{lo}, "
+                                             f"{hi}{')' if hi_open else ']'}")
+        return x
+    parse.__name__ = "number"
+    return parse
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -94,7 +129,7 @@ def _add_cache_options(p: argparse.ArgumentParser) -> None:
 def _add_substitute(p: argparse.ArgumentParser) -> None:
     from .substitute import DEFAULT_THRESHOLD
 
-    p.add_argument("--substitute", type=float, nargs="?", const=DEFAULT_THRESHOLD, default=None,
+    p.add_argument("--substitute", type=_float(0, 1, hi_open=True), nargs="?", const=DEFAULT_THRESHOLD, default=None,
                    metavar="SHARE", help="run a missed expert from its low-bit copy (convert --lowbit) when the "
                    f"experts ranked above it carry more than SHARE of the gate weight (default {DEFAULT_THRESHOLD}"
                    " if given without a value); changes the output")
@@ -103,16 +138,15 @@ def _add_substitute(p: argparse.ArgumentParser) -> None:
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import format_table, run_bench
 
+    if args.json:
+        files.check_output(args.json, inputs=[args.model, args.stock_model], force=args.force, what="--json")
     result = run_bench(args.model, args.memory_budget, runs=args.runs, tokens=args.tokens, n_ctx=args.n_ctx,
                        use_cgroup=not args.no_cgroup, n_threads=args.n_threads,
                        allowance=None if args.allowance is None else parse_budget(args.allowance, 0),
                        stock_model=args.stock_model,
                        **_cache_options(args))
     if args.json:
-        from pathlib import Path
-
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+        files.write_text(args.json, json.dumps(result, indent=1) + "\n")
     limited = "cgroup-limited" if result["cgroup"] else "NOT memory-limited (no writable cgroup)"
     print(f"{result['model']}: dense {_mib(result['dense_bytes'])}, experts {_mib(result['expert_bytes'])}, "
           f"KV {_mib(result['kv_cache_bytes'])}, {limited}, disk {result['disk_bandwidth_bps'] / 1e9:.2f} GB/s")
@@ -120,10 +154,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _one_window(tokens: int, n_ctx: int) -> None:
+    if tokens < n_ctx:
+        raise EdgeMoEError(f"--tokens {tokens} is fewer than one window of --n-ctx {n_ctx}")
+
+
 def cmd_profile(args: argparse.Namespace) -> int:
     from .corpus import read_texts
     from .profile import profile
 
+    files.check_output(args.out, inputs=[args.model, *(args.text or [])], force=args.force, what="--out")
+    _one_window(args.tokens, args.n_ctx)
     texts = read_texts(args.text) if args.text else None
     label = ", ".join(args.text) if args.text else "stdlib train split"
     meta = profile(args.model, args.out, texts=texts, text_label=label, tokens=args.tokens, n_ctx=args.n_ctx,
@@ -134,6 +175,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
 
 def _plan_from_args(args: argparse.Namespace):
+    from . import quant
     from .convert import uniform_plan
     from .layout import read_layout
 
@@ -151,6 +193,9 @@ def _plan_from_args(args: argparse.Namespace):
             raw = json.loads(Path(args.plan).read_text())
         except (OSError, ValueError) as e:
             raise EdgeMoEError(f"{args.plan}: unreadable plan ({e})") from None
+        if not isinstance(raw, dict):
+            raise EdgeMoEError(f"{args.plan}: a plan is a JSON object of expert tensor name -> type or list of "
+                               f"types, not a {type(raw).__name__}")
         plan = {t.name: [raw[t.name]] * t.count if isinstance(raw.get(t.name), str) else raw.get(t.name)
                 for t in layout.expert_tensors}
         missing = [name for name, types in plan.items() if types is None]
@@ -162,7 +207,11 @@ def _plan_from_args(args: argparse.Namespace):
 
     if (args.expert_bits is None) == (args.size is None):
         raise EdgeMoEError("--profile needs exactly one of --expert-bits or --size")
-    costs = measure_costs(args.input, Profile(args.profile))
+    floor = min(map(quant.bits_per_weight, quant.PLAN_TYPES))
+    if args.expert_bits is not None and args.expert_bits < floor:
+        raise EdgeMoEError(f"--expert-bits {args.expert_bits} is below {floor}, the bits per weight of the "
+                           f"smallest type a plan can use ({min(quant.PLAN_TYPES, key=quant.bits_per_weight)})")
+    costs = measure_costs(args.input, Profile(args.profile, layout))
     size = None if args.size is None else parse_budget(args.size, costs["nbytes"].min(axis=1).sum())
     plan, report = make_plan(costs, expert_bits=args.expert_bits, size=size)
     print(f"plan: {report['bits_per_weight']:.3f} bits per expert weight, {report['expert_bytes']:,} expert "
@@ -177,11 +226,13 @@ def _plan_from_args(args: argparse.Namespace):
 def cmd_convert(args: argparse.Namespace) -> int:
     from .convert import convert
 
+    inputs = [args.input, args.profile, args.plan]
+    files.check_output(args.output, inputs=inputs, force=args.force)
+    if args.save_plan:
+        files.check_output(args.save_plan, inputs=[*inputs, args.output], force=args.force, what="--save-plan")
     plan, meta = _plan_from_args(args)
     if args.save_plan:
-        from pathlib import Path
-
-        Path(args.save_plan).write_text(json.dumps(plan, indent=1) + "\n")
+        files.write_text(args.save_plan, json.dumps(plan, indent=1) + "\n")
     layout = convert(args.input, args.output, plan, meta=meta, force=args.force, lowbit=args.lowbit)
     needs = [x for x, on in (("per-expert types", layout.mixed),
                              (f"{layout.lowbit_type} copies of the experts", args.lowbit)) if on]
@@ -210,6 +261,9 @@ def cmd_ppl(args: argparse.Namespace) -> int:
     from .corpus import read_texts
     from .perplexity import perplexity
 
+    _one_window(args.tokens, args.n_ctx)
+    if args.batch is not None and args.batch > args.n_ctx:
+        raise EdgeMoEError(f"--batch {args.batch} is longer than the window (--n-ctx {args.n_ctx})")
     result = perplexity(args.model, texts=read_texts(args.text) if args.text else None, tokens=args.tokens,
                         n_ctx=args.n_ctx, reference=args.reference, batch=args.batch,
                         memory_budget=args.memory_budget, substitute=args.substitute)
@@ -228,24 +282,35 @@ def cmd_ppl(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    import os
+
     import uvicorn
     from llama_cpp.server.cli import parse_model_from_args
+    from pydantic import ValidationError
 
+    from . import server
     from .layout import read_layout
-    from .server import EdgeMoEModelSettings, EdgeMoEServerSettings, create_app, load_config_file
 
-    if args.config_file:
-        server_settings, model_settings = load_config_file(args.config_file)
+    args.model = args.model_path or args.model
+    config_file = args.config_file or (None if args.model else os.environ.get("CONFIG_FILE"))
+    if config_file:
+        server_settings, model_settings = server.load_config_file(config_file)
+    elif not args.model:
+        raise EdgeMoEError("serve needs a MODEL or --config_file")
     else:
-        args.model = args.model_path or args.model
-        if not args.model:
-            raise EdgeMoEError("serve needs a MODEL or --config-file")
-        server_settings = parse_model_from_args(EdgeMoEServerSettings, args)
-        model_settings = [parse_model_from_args(EdgeMoEModelSettings, args)]
+        try:
+            server_settings = parse_model_from_args(server.EdgeMoEServerSettings, args)
+            model_settings = [parse_model_from_args(server.EdgeMoEModelSettings, args)]
+        except ValidationError as e:
+            raise server.settings_error(e) from None
     for m in model_settings:
         layout = read_layout(m.model)      # a bad file or budget fails here, before the server starts
         parse_budget(m.memory_budget, layout.expert_bytes)
-    app = create_app(server_settings, model_settings)
+    warning = server.exposure_warning(server_settings)
+    if warning:
+        print(f"edgemoe: {warning}", file=sys.stderr)
+    server.check_listen(server_settings.host, server_settings.port)
+    app = server.create_app(server_settings, model_settings)
     uvicorn.run(app, host=server_settings.host, port=server_settings.port,
                 ssl_keyfile=server_settings.ssl_keyfile, ssl_certfile=server_settings.ssl_certfile)
     return 0
@@ -263,15 +328,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="generate text with experts streamed under a memory budget")
     p.add_argument("model", help="path to a MoE GGUF file")
     p.add_argument("-p", "--prompt", required=True)
-    p.add_argument("-n", "--n", type=int, default=128, help="tokens to generate (default 128)")
+    p.add_argument("-n", "--n", type=_int(1, MAX_CTX), default=128, help="tokens to generate (default 128)")
     p.add_argument("--memory-budget", help="expert memory: bytes, 800MB, 1.5GiB or 50%% of expert bytes")
     p.add_argument("--stock", action="store_true", help="plain llama-cpp-python, for comparison")
     p.add_argument("--json", action="store_true", help="print one JSON object with text, speed and stats")
-    p.add_argument("--n-ctx", dest="n_ctx", type=int, default=512)
-    p.add_argument("--n-threads", dest="n_threads", type=int, default=None, help="default: all cores")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--repeat-penalty", dest="repeat_penalty", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n-ctx", dest="n_ctx", type=_int(1, MAX_CTX), default=512)
+    p.add_argument("--n-threads", dest="n_threads", type=_int(1, 1024), default=None, help="default: all cores")
+    p.add_argument("--temperature", type=_float(0, 1e6), default=0.0, help="0 = greedy (default)")
+    p.add_argument("--repeat-penalty", dest="repeat_penalty", type=_float(0, 1e6, lo_open=True), default=1.0)
+    p.add_argument("--seed", type=_int(0, 2**32 - 1), default=0)
     p.add_argument("--trace", action="store_true", help="with --json: include every layer's chosen experts")
     _add_cache_options(p)
     p.set_defaults(func=cmd_run)
@@ -279,13 +344,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="stock vs edgemoe under memory limits, alternating runs, cold cache")
     p.add_argument("model", help="path to a MoE GGUF file")
     p.add_argument("--memory-budget", nargs="+", required=True, help="budgets, e.g. 25%% 50%% 100%%")
-    p.add_argument("--runs", type=int, default=3, help="runs per engine and budget (default 3)")
-    p.add_argument("--tokens", type=int, default=64, help="tokens generated per run (default 64)")
-    p.add_argument("--n-ctx", dest="n_ctx", type=int, default=512)
-    p.add_argument("--n-threads", dest="n_threads", type=int, default=None)
+    p.add_argument("--runs", type=_int(1, 1000), default=3, help="runs per engine and budget (default 3)")
+    p.add_argument("--tokens", type=_int(1, MAX_CTX), default=64, help="tokens generated per run (default 64)")
+    p.add_argument("--n-ctx", dest="n_ctx", type=_int(2, MAX_CTX), default=512)
+    p.add_argument("--n-threads", dest="n_threads", type=_int(1, 1024), default=None)
     p.add_argument("--no-cgroup", action="store_true", help="do not impose memory limits")
     p.add_argument("--allowance", help="room for the process's own memory (default: measured, + 32 MiB)")
     p.add_argument("--json", help="write the full results here")
+    p.add_argument("--force", action="store_true", help="replace the --json file if it exists")
     p.add_argument("--stock-model", dest="stock_model", help="the file stock runs (default: MODEL); for a MODEL "
                    "only edgemoe can load, e.g. one with low-bit copies, give the file it was converted from")
     _add_cache_options(p)
@@ -295,16 +361,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="path to a MoE GGUF file (the source model)")
     p.add_argument("--out", required=True, help="profile file to write (.npz)")
     p.add_argument("--text", nargs="+", help="calibration text files (default: the stdlib train split)")
-    p.add_argument("--tokens", type=int, default=16384, help="calibration tokens (default 16384)")
-    p.add_argument("--samples", type=int, default=256, help="FFN inputs kept per expert (default 256)")
-    p.add_argument("--n-ctx", dest="n_ctx", type=int, default=512)
+    p.add_argument("--tokens", type=_int(1, 1 << 30), default=16384, help="calibration tokens (default 16384)")
+    p.add_argument("--samples", type=_int(1, 1 << 16), default=256, help="FFN inputs kept per expert (default 256)")
+    p.add_argument("--n-ctx", dest="n_ctx", type=_int(2, MAX_CTX), default=512)
+    p.add_argument("--force", action="store_true", help="replace --out if it exists")
     p.set_defaults(func=cmd_profile)
 
     p = sub.add_parser("convert", help="rewrite a GGUF with experts at planned types, page-aligned")
     p.add_argument("input", help="source GGUF (never modified)")
     p.add_argument("output", help="new GGUF (refused if it exists, unless --force)")
     p.add_argument("--profile", help="profile from `edgemoe profile`: plan per-expert types from it")
-    p.add_argument("--expert-bits", dest="expert_bits", type=float,
+    p.add_argument("--expert-bits", dest="expert_bits", type=_float(0, 64, lo_open=True),
                    help="with --profile: average bits per expert weight (Q2_K is 2.625, Q8_0 8.5)")
     p.add_argument("--size", help="with --profile: expert bytes instead, e.g. 12MB")
     p.add_argument("--uniform", metavar="TYPE", help="every expert at TYPE (e.g. Q4_K); stock llama.cpp loads it")
@@ -312,7 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-plan", dest="save_plan", help="write the plan used as JSON here")
     p.add_argument("--lowbit", metavar="TYPE", help="also store every expert at TYPE (e.g. Q2_K), for running a "
                    "missed low-weight expert from it (--substitute)")
-    p.add_argument("--force", action="store_true", help="replace OUTPUT if it exists")
+    p.add_argument("--force", action="store_true", help="replace OUTPUT (and --save-plan) if it exists")
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("verify", help="check a converted GGUF: structure, bounds, checksums")
@@ -323,11 +390,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("ppl", help="perplexity on held-out text through llama-cpp-python")
     p.add_argument("model", help="path to a MoE GGUF file")
     p.add_argument("--text", nargs="+", help="text files (default: the stdlib validation split)")
-    p.add_argument("--tokens", type=int, default=16384, help="tokens to score (default 16384)")
-    p.add_argument("--n-ctx", dest="n_ctx", type=int, default=512, help="window length (default 512)")
+    p.add_argument("--tokens", type=_int(1, 1 << 30), default=16384, help="tokens to score (default 16384)")
+    p.add_argument("--n-ctx", dest="n_ctx", type=_int(2, MAX_CTX), default=512, help="window length (default 512)")
     p.add_argument("--memory-budget", help="expert memory budget while scoring (default: none)")
     p.add_argument("--reference", help="also KL divergence and top-1 agreement against this model (e.g. the source)")
-    p.add_argument("--batch", type=int, default=None, help="tokens per evaluation (default: the window); 1 scores "
+    p.add_argument("--batch", type=_int(1, MAX_CTX), default=None, help="tokens per evaluation (default: the window); 1 scores "
                    "as decoding runs, token by token, which is where --substitute acts")
     _add_substitute(p)
     p.add_argument("--json", action="store_true")
@@ -335,14 +402,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="OpenAI-compatible server (llama-cpp-python's) with experts streamed")
     p.add_argument("model_path", nargs="?", metavar="MODEL", help="path to a MoE GGUF file")
-    p.add_argument("--config_file", help="JSON or YAML config in llama-cpp-python's format "
-                   "(models may add memory_budget, policy, fetch_threads)")
+    p.add_argument("--config_file", help="JSON or YAML config in llama-cpp-python's format (models may add "
+                   "memory_budget, policy, predictor, prefetch_depth, prefetch_threads, fetch_threads, substitute)")
     if _server_available():
         from llama_cpp.server.cli import add_args_from_model
 
         from .server import EdgeMoESettings
 
+        n = len(p._actions)
         add_args_from_model(p, EdgeMoESettings)
+        for action in p._actions[n:]:      # argparse formats help with %: "50% of the expert bytes" is not one
+            if action.help:
+                action.help = action.help.replace("%", "%%")
     p.set_defaults(func=cmd_serve)
     return ap
 
@@ -376,6 +447,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:             # `edgemoe inspect | head`: the reader left; so do we, quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ OUT as it was, and IN is only ever read.
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import mmap
 import os
@@ -28,7 +27,7 @@ import numpy as np
 from gguf import GGUFReader, GGUFValueType, GGUFWriter
 from tqdm import tqdm
 
-from . import quant
+from . import files, quant
 from .errors import EdgeMoEError
 from .layout import EDGEMOE_PREFIX, EXPERT_TYPES, LOWBIT, MoELayout, read_layout
 
@@ -64,6 +63,11 @@ def _check_plan(layout: MoELayout, plan: dict[str, list[str]], reader: GGUFReade
                            f"{sorted(set(stacked) - set(plan))[:3]}, unknown {sorted(set(plan) - set(stacked))[:3]}")
     shapes = {t.name: t.shape for t in reader.tensors}
     for name, types in plan.items():
+        if not isinstance(types, list) or not all(isinstance(tn, str) for tn in types):
+            raise EdgeMoEError(f"the plan's types for {name} must be a list of type names (e.g. \"Q4_K\"), "
+                               f"not {str(types)[:40]}")
+        for tn in set(types):
+            quant.qtype(tn)
         if len(types) != stacked[name].count:
             raise EdgeMoEError(f"the plan gives {len(types)} types for {name}, which holds "
                                f"{stacked[name].count} experts")
@@ -173,15 +177,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, plan: dict[str, list
     `lowbit` if given. Returns the new file's layout."""
     src, dst = Path(src), Path(dst)
     layout = read_layout(src)
-    if dst.exists() and not force:
-        raise EdgeMoEError(f"{dst} exists; pass --force to replace it")
-    if dst.resolve() == src.resolve():
-        raise EdgeMoEError(f"{dst} is the input file; edgemoe never modifies its input")
-    parent = dst.parent if str(dst.parent) else Path(".")
-    if not parent.is_dir():
-        raise EdgeMoEError(f"{parent}: no such directory")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise EdgeMoEError(f"{parent}: not writable")
+    dst = files.check_output(dst, inputs=[src], force=force)
     reader = GGUFReader(src)
     _check_plan(layout, plan, reader)
     if lowbit is not None:
@@ -190,6 +186,11 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, plan: dict[str, list
         for t in reader.tensors:
             if t.name in plan:
                 _check_low_type(lowbit, int(t.shape[0]), t.name)
+        smallest = min({tn for types in plan.values() for tn in types}, key=quant.bits_per_weight)
+        if quant.bits_per_weight(lowbit) >= quant.bits_per_weight(smallest):
+            raise EdgeMoEError(f"low-bit copies at {lowbit} ({quant.bits_per_weight(lowbit):.3g} bits per weight) "
+                               f"would be no smaller than experts at {smallest} "
+                               f"({quant.bits_per_weight(smallest):.3g}); pick a smaller --lowbit type")
     tensors = _out_tensors(reader, plan, lowbit)
 
     writer = GGUFWriter(None, layout.arch)
@@ -212,13 +213,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, plan: dict[str, list
     for e in tensors:
         writer.add_tensor_info(e["name"], e["shape"], np.float32, e["nbytes"], raw_dtype=quant.qtype(e["type"]))
 
-    _clear_dead_temporaries(parent, dst.name)
-    tmp = parent / f".{dst.name}.{os.getpid()}.tmp"
-    try:
-        open(tmp, "xb").close()
-    except OSError as e:
-        raise EdgeMoEError(f"cannot write {dst}: {e.strerror} ({tmp})") from None
-    try:
+    with files.atomic_output(dst) as tmp:
         writer.write_header_to_file(tmp)
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
@@ -236,37 +231,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, plan: dict[str, list
         f.flush()
         writer.close()
         _fill_checksums(tmp, tensors, offsets)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, dst)
-        with contextlib.suppress(OSError):
-            dfd = os.open(parent, os.O_RDONLY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
-    except BaseException as e:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        if isinstance(e, OSError):
-            raise EdgeMoEError(f"cannot write {dst}: {e.strerror or e}") from None
-        raise
     return read_layout(dst)
-
-
-def _clear_dead_temporaries(parent: Path, name: str) -> None:
-    """Remove the temporary files of conversions to the same output that were killed."""
-    for tmp in parent.glob(f".{name}.*.tmp"):
-        pid = tmp.name[len(name) + 2:-4]
-        if not pid.isdigit():
-            continue
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-        except PermissionError:
-            pass                        # alive, another user's
 
 
 def _fill_checksums(path: Path, tensors: list[dict], offsets: list[int]) -> None:

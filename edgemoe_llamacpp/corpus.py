@@ -11,6 +11,8 @@ import sysconfig
 from collections.abc import Iterator
 from pathlib import Path
 
+from .errors import EdgeMoEError
+
 VAL_PERCENT = 5
 EOT = "<|endoftext|>"
 
@@ -59,9 +61,16 @@ def windows(ids: list[int], n_ctx: int) -> list[list[int]]:
     """`ids` cut into whole, independent windows of n_ctx tokens (the tail shorter than one is left out)."""
     out = [ids[s:s + n_ctx] for s in range(0, len(ids) - n_ctx + 1, n_ctx)]
     if not out:
-        raise ValueError(f"the text gives {len(ids)} tokens, fewer than one window of {n_ctx}")
+        raise EdgeMoEError(f"the text gives {len(ids)} tokens, fewer than one window of {n_ctx}")
     return out
 
 
 def read_texts(paths) -> list[str]:
-    return [Path(p).read_text(encoding="utf-8", errors="replace") for p in paths]
+    """The text of each file; an unreadable one (missing, a directory, no permission) is an EdgeMoEError."""
+    out = []
+    for p in paths:
+        try:
+            out.append(Path(p).read_text(encoding="utf-8", errors="replace"))
+        except OSError as e:
+            raise EdgeMoEError(f"{p}: cannot read text ({e.strerror or e})") from None
+    return out

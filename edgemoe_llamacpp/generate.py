@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import os
 import resource
+import time
 
-import llama_cpp
 import numpy as np
 import psutil
 
@@ -12,8 +12,58 @@ from . import runtime
 from .errors import EdgeMoEError
 
 
-def _perf(llm) -> llama_cpp.llama_perf_context_data:
-    return llama_cpp.llama_perf_context(llm._ctx.ctx)
+def kv_cache_bytes(path: str, n_ctx: int) -> int:
+    """F16 K and V for every layer at n_ctx (llama.cpp's default cache type)."""
+    from gguf import GGUFReader
+
+    r = GGUFReader(path)
+    arch = r.fields["general.architecture"].contents()
+
+    def get(key, default=None):
+        f = r.fields.get(f"{arch}.{key}")
+        v = f.contents() if f is not None else default
+        return max(v) if isinstance(v, list) else v
+
+    n_embd, n_head = get("embedding_length"), get("attention.head_count")
+    n_kv = get("attention.head_count_kv", n_head)
+    k_len = get("attention.key_length", n_embd // n_head)
+    v_len = get("attention.value_length", n_embd // n_head)
+    return 2 * get("block_count") * n_ctx * n_kv * (k_len + v_len)
+
+
+def check_context_memory(model: str, n_ctx: int) -> None:
+    """Refuse a context whose KV cache cannot fit in the memory this machine has free (llama.cpp would
+    allocate it and the kernel would kill the process)."""
+    try:
+        need = kv_cache_bytes(model, n_ctx)
+    except (KeyError, TypeError, ZeroDivisionError, ValueError):
+        return                                  # no attention metadata to size it from: llama.cpp decides
+    free = psutil.virtual_memory().available
+    if need > free:
+        raise EdgeMoEError(f"a context of {n_ctx:,} tokens needs {need:,} bytes of KV cache, more than the "
+                           f"{free:,} bytes of memory available; use a smaller n_ctx")
+
+
+class _EvalClock:
+    """Wraps a Llama's `eval` to time the prompt (the first evaluation) apart from decoding (the rest):
+    llama.cpp's own counters call a one-token prompt a decode step."""
+
+    def __init__(self, llm):
+        self.eval, self.calls, self.after_prompt = llm.eval, [], None
+
+    def __call__(self, tokens) -> None:
+        start = time.perf_counter()
+        self.eval(tokens)
+        self.calls.append((len(tokens), time.perf_counter() - start))
+        if self.after_prompt is None:
+            self.after_prompt = _io()
+
+    def figures(self) -> dict:
+        (n_prompt, t_prompt), decode = (self.calls[0] if self.calls else (0, 0.0)), self.calls[1:]
+        t_decode = sum(t for _, t in decode)
+        return {"prefill_tok_s": n_prompt / t_prompt if t_prompt else 0.0,
+                "decode_tok_s": len(decode) / t_decode if t_decode else 0.0,
+                "decode_evals": len(decode), "prefill_s": t_prompt, "decode_s": t_decode}
 
 
 def generate(model: str, prompt: str, *, max_tokens: int, memory_budget=None, stock: bool = False,
@@ -21,16 +71,21 @@ def generate(model: str, prompt: str, *, max_tokens: int, memory_budget=None, st
              repeat_penalty: float = 1.0, record_routing: bool = False, policy: str = "distance",
              predictor: str | None = None, prefetch_depth: int = 1, substitute: float | None = None,
              **llama_kwargs) -> dict:
-    """Generate once and measure: tok/s (llama.cpp's own timers), storage bytes read and major faults of
-    this process for the prompt and for decoding, and the expert statistics (edgemoe)."""
+    """Generate once and measure: prompt and decode speed (timed per evaluation), storage bytes read and
+    major faults of this process for the prompt and for decoding, and the expert statistics (edgemoe)."""
     from .layout import read_layout
     from .llama import Llama, stock_llama
 
+    if not prompt:
+        raise EdgeMoEError("the prompt is empty")
+    if max_tokens < 1:
+        raise EdgeMoEError(f"max_tokens must be at least 1, not {max_tokens}")
     threads = n_threads or os.cpu_count() or 1
     kwargs = dict(n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, seed=seed, verbose=False,
                   **llama_kwargs)
     if stock:
         read_layout(model)      # the same clear errors for a bad file
+    check_context_memory(model, n_ctx)
     try:
         llm = stock_llama(model, **kwargs) if stock else \
             Llama(model, memory_budget=memory_budget, record_routing=record_routing, policy=policy,
@@ -38,25 +93,21 @@ def generate(model: str, prompt: str, *, max_tokens: int, memory_budget=None, st
     except ValueError as e:
         raise EdgeMoEError(f"{model}: llama.cpp could not load it ({e})") from None
     try:
-        llama_cpp.llama_perf_context_reset(llm._ctx.ctx)
+        n_prompt = len(llm.tokenize(prompt.encode()))
+        if n_prompt >= llm.n_ctx():
+            raise EdgeMoEError(f"the prompt is {n_prompt} tokens; it does not fit a context of {llm.n_ctx()} "
+                               f"with room to generate (raise --n-ctx)")
+        clock = llm.eval = _EvalClock(llm)
         start = _io()
-        first = None
-        pieces, finish = [], None
-        for chunk in llm.create_completion(prompt, max_tokens=max_tokens, temperature=temperature, seed=seed,
-                                           repeat_penalty=repeat_penalty, stream=True):
-            if first is None:
-                first = _io()             # the prompt is evaluated and the first token sampled
-            pieces.append(chunk["choices"][0]["text"])
-            finish = chunk["choices"][0]["finish_reason"] or finish
+        out = llm.create_completion(prompt, max_tokens=max_tokens, temperature=temperature, seed=seed,
+                                    repeat_penalty=repeat_penalty)
         end = _io()
-        first = first or end
-        perf = _perf(llm)
+        first = clock.after_prompt or end
+        choice = out["choices"][0]
         result = {
-            "engine": "stock" if stock else "edgemoe", "model": str(model), "text": "".join(pieces),
-            "finish_reason": finish, "prompt_tokens": perf.n_p_eval, "tokens": perf.n_eval + 1,
-            "prefill_tok_s": perf.n_p_eval / perf.t_p_eval_ms * 1e3 if perf.t_p_eval_ms else 0.0,
-            "decode_tok_s": perf.n_eval / perf.t_eval_ms * 1e3 if perf.t_eval_ms else 0.0,
-            "decode_evals": perf.n_eval,
+            "engine": "stock" if stock else "edgemoe", "model": str(model), "text": choice["text"],
+            "finish_reason": choice["finish_reason"], "prompt_tokens": out["usage"]["prompt_tokens"],
+            "tokens": out["usage"]["completion_tokens"], **clock.figures(),
             "storage_read_bytes": end[0] - start[0],
             "prefill_read_bytes": first[0] - start[0], "decode_read_bytes": end[0] - first[0],
             "major_faults": end[1] - start[1], "decode_major_faults": end[1] - first[1],

@@ -38,9 +38,12 @@ def perplexities(model_paths: list[str], *, texts=None, tokens: int = 16384, n_c
     """`perplexity` of several models on the same windows, the reference evaluated once per window.
     Each result also lists every window's summed negative log-likelihood (`window_nll`), for paired
     comparisons between models."""
+    from .generate import check_context_memory
     from .llama import Llama
 
     batch = batch or n_ctx
+    for path in model_paths:
+        check_context_memory(path, n_ctx)
 
     def load(path, **kw):
         return Llama(path, n_ctx=n_ctx, n_batch=batch, logits_all=True, verbose=False, **kw)

@@ -16,14 +16,17 @@ from __future__ import annotations
 
 import json
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
+import psutil
 from gguf import GGUFReader
 from tqdm import tqdm
 
-from . import corpus
+from . import corpus, files
 from .convert import sha256_file
+from .errors import EdgeMoEError
 from .hook import ExpertHook
 from .layout import MoELayout, read_layout
 
@@ -70,13 +73,19 @@ def profile(model_path: str, out: str, *, texts=None, text_label: str = "stdlib 
     """Record routing and sampled FFN inputs of `tokens` tokens of calibration text; write the profile."""
     import llama_cpp
 
+    from .generate import check_context_memory
     from .llama import llama_params, require_runtime_for
 
     layout = read_layout(model_path)
     require_runtime_for(layout)
+    check_context_memory(model_path, n_ctx)
     if layout.mixed:
-        raise ValueError(f"{model_path}: profile the source model, not a file with per-expert types")
+        raise EdgeMoEError(f"{model_path}: profile the source model, not a file with per-expert types")
     n_embd = int(GGUFReader(model_path).fields[f"{layout.arch}.embedding_length"].contents())
+    sample_bytes = len(layout.moe_layers) * layout.n_expert * samples * n_embd * 2
+    if sample_bytes > psutil.virtual_memory().available // 2:
+        raise EdgeMoEError(f"{samples} samples per expert would take {sample_bytes:,} bytes of memory, more than "
+                           f"half of what is available; ask for fewer (--samples)")
     rec = _Recorder(layout, n_embd, samples, seed)
     hook = ExpertHook(on_route=rec.route, hidden_node=FFN_INPUT.get(layout.arch, "ffn_norm"), want_weights=True)
     with llama_params(use_extra_bufts=False, cb_eval=hook.callback):
@@ -98,23 +107,58 @@ def profile(model_path: str, out: str, *, texts=None, text_label: str = "stdlib 
             "n_expert_used": layout.n_expert_used, "n_embd": n_embd, "tokens": int(routed.shape[0]),
             "windows": len(parts), "n_ctx": n_ctx, "samples_per_expert": samples, "text": text_label,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    out = Path(out)
-    tmp = out.with_name(f".{out.name}.tmp.npz")
-    np.savez_compressed(tmp, meta=json.dumps(meta), ids=routed, weights=weights, inputs=rec.inputs,
-                        input_weights=rec.input_weights,
-                        input_count=np.minimum(rec.seen, samples).astype(np.int32))
-    tmp.replace(out)
+    with files.atomic_output(Path(out)) as tmp, open(tmp, "wb") as f:
+        np.savez_compressed(f, meta=json.dumps(meta), ids=routed, weights=weights, inputs=rec.inputs,
+                            input_weights=rec.input_weights,
+                            input_count=np.minimum(rec.seen, samples).astype(np.int32))
     return meta
 
 
 class Profile:
-    def __init__(self, path: str | Path):
-        with np.load(path, allow_pickle=False) as z:
-            self.meta = json.loads(str(z["meta"]))
-            if tuple(self.meta.get("format", ())) != FORMAT:
-                raise ValueError(f"{path}: not an edgemoe profile (format {self.meta.get('format')!r})")
-            for name in ("ids", "weights", "inputs", "input_weights", "input_count"):
-                setattr(self, name, z[name])
+    """A profile file, checked: a garbage, truncated or foreign file raises EdgeMoEError, not a traceback.
+    With `layout`, also that its layers, expert count and ids fit that model."""
+
+    ARRAYS = ("ids", "weights", "inputs", "input_weights", "input_count")
+
+    def __init__(self, path: str | Path, layout: MoELayout | None = None):
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                self.meta = json.loads(str(z["meta"]))
+                for name in self.ARRAYS:
+                    setattr(self, name, z[name])
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, TypeError) as e:
+            raise EdgeMoEError(f"{path}: not a readable edgemoe profile ({str(e)[:120] or type(e).__name__})") \
+                from None
+        if not isinstance(self.meta, dict) or tuple(self.meta.get("format", ())) != FORMAT:
+            raise EdgeMoEError(f"{path}: not an edgemoe profile (format "
+                               f"{self.meta.get('format') if isinstance(self.meta, dict) else None!r})")
+        self._check(path, layout)
+
+    def _check(self, path, layout: MoELayout | None) -> None:
+        def bad(why: str):
+            return EdgeMoEError(f"{path}: damaged profile: {why}")
+
+        try:
+            n_l, n_e = len(self.meta["moe_layers"]), int(self.meta["n_expert"])
+        except (KeyError, TypeError, ValueError):
+            raise bad("its metadata lacks moe_layers or n_expert") from None
+        if self.ids.ndim != 3 or self.ids.shape[1] != n_l or self.weights.shape != self.ids.shape:
+            raise bad(f"ids {self.ids.shape} and weights {self.weights.shape} are not [tokens, {n_l}, k]")
+        if self.inputs.ndim != 4 or self.inputs.shape[:2] != (n_l, n_e) or \
+                self.input_weights.shape != self.inputs.shape[:3] or self.input_count.shape != (n_l, n_e):
+            raise bad(f"sample arrays {self.inputs.shape}, {self.input_weights.shape}, {self.input_count.shape} "
+                      f"do not fit {n_l} layers x {n_e} experts")
+        if self.ids.size and (self.ids.min() < 0 or self.ids.max() >= n_e):
+            raise bad(f"expert ids outside [0, {n_e})")
+        if self.input_count.size and (self.input_count.min() < 0 or self.input_count.max() > self.inputs.shape[2]):
+            raise bad(f"sample counts outside [0, {self.inputs.shape[2]}]")
+        for name in ("weights", "input_weights"):
+            if not np.isfinite(getattr(self, name)).all():
+                raise bad(f"{name} are not all finite")
+        if layout is not None and (list(layout.moe_layers) != list(self.meta["moe_layers"])
+                                   or layout.n_expert != n_e):
+            raise EdgeMoEError(f"{path} was recorded on a model with other MoE layers or expert count "
+                               f"({self.meta.get('model')}) than {layout.path}")
 
     def expert_stats(self) -> dict[str, np.ndarray]:
         """Per (MoE layer, expert): share of tokens routing to it, and its mean gate weight when chosen."""

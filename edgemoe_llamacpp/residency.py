@@ -10,6 +10,7 @@ All madvise/fadvise calls of the project live here.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 import threading
@@ -58,8 +59,10 @@ def parse_budget(value: str | float | None, expert_bytes: int) -> int | None:
             n = number * _UNITS[unit]
         else:
             raise BudgetError(f"memory budget {value!r} has an unknown unit {m.group(2)!r}")
+    if not math.isfinite(n):
+        raise BudgetError(f"memory budget {str(value)[:40]!r} is not a finite size")
     if n <= 0:
-        raise BudgetError(f"memory budget {value!r} must be positive")
+        raise BudgetError(f"memory budget {str(value)[:40]!r} must be positive")
     return int(n)
 
 

@@ -1,0 +1,110 @@
+"""Files edgemoe writes: never an input, never an existing file without --force, always atomically.
+
+Every output goes to an unpredictably named temporary beside it (`tempfile`), is fsynced and renamed over
+the destination, and the directory is fsynced: a killed command leaves the old file or the new one, never a
+torn one, and never touches what it read.
+"""
+from __future__ import annotations
+
+import contextlib
+import glob
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from .errors import EdgeMoEError
+
+TMP_SUFFIX = ".tmp"
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return a.resolve() == b.resolve()
+
+
+def check_output(out: str | os.PathLike, *, inputs=(), force: bool = False, what: str = "output") -> Path:
+    """`out` as a Path if edgemoe may write it: not one of `inputs` (by inode or resolved path), not a
+    directory, not an existing file unless `force`, in a directory that exists and is writable."""
+    out = Path(out)
+    if not str(out) or str(out).endswith(os.sep):
+        raise EdgeMoEError(f"{what} {str(out)!r} is not a file name")
+    for src in inputs:
+        if src is not None and str(src) and _same_file(out, Path(src)):
+            raise EdgeMoEError(f"{what} {out} is also an input ({src}); edgemoe never modifies its input")
+    if out.is_dir():
+        raise EdgeMoEError(f"{what} {out} is a directory")
+    if (out.exists() or out.is_symlink()) and not force:
+        raise EdgeMoEError(f"{what} {out} exists; pass --force to replace it")
+    parent = out.parent
+    if not parent.is_dir():
+        raise EdgeMoEError(f"{what} {out}: no such directory {parent}")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise EdgeMoEError(f"{what} {out}: directory {parent} is not writable")
+    return out
+
+
+def temporary_beside(dst: Path) -> Path:
+    """A new, empty, unpredictably named file in dst's directory; its name starts with `.NAME.PID.` so
+    that a later run can remove it if this process is killed (`clear_dead_temporaries`)."""
+    try:
+        fd, name = tempfile.mkstemp(prefix=f".{dst.name}.{os.getpid()}.", suffix=TMP_SUFFIX, dir=dst.parent)
+    except OSError as e:
+        raise EdgeMoEError(f"cannot write {dst}: {e.strerror or e}") from None
+    os.close(fd)
+    return Path(name)
+
+
+def commit(tmp: Path, dst: Path) -> None:
+    """fsync `tmp`, rename it over `dst`, fsync the directory."""
+    with open(tmp, "rb+") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, dst)
+    with contextlib.suppress(OSError):
+        dfd = os.open(dst.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+
+@contextlib.contextmanager
+def atomic_output(dst: Path) -> Iterator[Path]:
+    """Write to the yielded temporary path; on success it replaces `dst`, on any failure it is removed."""
+    dst = Path(dst)
+    clear_dead_temporaries(dst)
+    tmp = temporary_beside(dst)
+    try:
+        yield tmp
+        commit(tmp, dst)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        if isinstance(e, OSError):
+            raise EdgeMoEError(f"cannot write {dst}: {e.strerror or e}") from None
+        raise
+
+
+def write_text(dst: str | os.PathLike, text: str) -> None:
+    """Replace `dst` with `text` atomically (check_output first)."""
+    with atomic_output(Path(dst)) as tmp:
+        tmp.write_text(text)
+
+
+def clear_dead_temporaries(dst: Path) -> None:
+    """Remove the temporaries of earlier writes of `dst` whose process is gone (killed mid-write)."""
+    prefix = f".{dst.name}."
+    for tmp in dst.parent.glob(f".{glob.escape(dst.name)}.*{TMP_SUFFIX}"):
+        pid = tmp.name[len(prefix):].split(".", 1)[0]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+        except PermissionError:
+            pass                        # alive, another user's
+

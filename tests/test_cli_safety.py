@@ -1,0 +1,158 @@
+"""The CLI loses no file, never crashes and explains every mistake in one line (exit 2)."""
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from edgemoe_llamacpp.cli import main
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture
+def model(fixture_path, tmp_path) -> Path:
+    dst = tmp_path / "model.gguf"
+    shutil.copyfile(fixture_path, dst)
+    return dst
+
+
+def edgemoe(*argv, timeout=300) -> subprocess.CompletedProcess:
+    """The CLI in a child process: a signal there is a failed test, not a dead test session."""
+    return subprocess.run([sys.executable, "-m", "edgemoe_llamacpp", *map(str, argv)], capture_output=True,
+                          text=True, timeout=timeout, check=False)
+
+
+def one_line_error(proc: subprocess.CompletedProcess, *words: str) -> None:
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
+    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    for w in words:
+        assert w in proc.stderr, proc.stderr[-2000:]
+
+
+def test_profile_out_is_the_model(model):
+    before = sha(model)
+    one_line_error(edgemoe("profile", model, "--out", model, "--tokens", 600), "input")
+    assert sha(model) == before
+
+
+def test_profile_out_exists_needs_force(model, tmp_path):
+    out = tmp_path / "kept.npz"
+    out.write_bytes(b"mine")
+    one_line_error(edgemoe("profile", model, "--out", out, "--tokens", 600), "--force")
+    assert out.read_bytes() == b"mine"
+
+
+def test_save_plan_over_the_input(model, tmp_path, capsys):
+    before = sha(model)
+    assert main(["convert", str(model), str(tmp_path / "out.gguf"), "--uniform", "Q4_K",
+                 "--save-plan", str(model)]) == 2
+    assert "input" in capsys.readouterr().err
+    assert sha(model) == before
+    assert not (tmp_path / "out.gguf").exists()
+
+
+def test_save_plan_over_an_existing_file_needs_force(model, tmp_path, capsys):
+    plan = tmp_path / "plan.json"
+    plan.write_text("mine")
+    assert main(["convert", str(model), str(tmp_path / "out.gguf"), "--uniform", "Q4_K",
+                 "--save-plan", str(plan)]) == 2
+    assert plan.read_text() == "mine"
+
+
+def test_convert_leaves_no_predictable_temporary(model, tmp_path):
+    out = tmp_path / "out.gguf"
+    assert main(["convert", str(model), str(out), "--uniform", "Q8_0", "--save-plan", str(tmp_path / "p.json")]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.gguf", "out.gguf", "p.json"]
+    assert json.loads((tmp_path / "p.json").read_text())
+
+
+def test_temporaries_are_unpredictable(tmp_path):
+    from edgemoe_llamacpp import files
+
+    a, b = files.temporary_beside(tmp_path / "x.gguf"), files.temporary_beside(tmp_path / "x.gguf")
+    assert a != b and a.parent == tmp_path and a.name.startswith(".x.gguf.")
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["ppl", "{model}", "--tokens", "600", "--batch", "-3"], ["--batch"]),
+    (["ppl", "{model}", "--tokens", "600", "--batch", "1000"], ["--batch"]),
+    (["ppl", "{model}", "--n-ctx", "1", "--tokens", "600"], ["--n-ctx"]),
+    (["ppl", "{model}", "--n-ctx", "0"], ["--n-ctx"]),
+    (["ppl", "{model}", "--n-ctx", "100000"], ["window"]),
+    (["ppl", "{model}", "--tokens", "0"], ["--tokens"]),
+    (["ppl", "{model}", "--tokens", "100"], ["window"]),
+    (["ppl", "{model}", "--tokens", "600", "--n-ctx", "64", "--text", "{tiny}"], ["window"]),
+    (["ppl", "{model}", "--tokens", "600", "--text", "{dir}"], ["cannot read"]),
+    (["run", "{model}", "-p", "x", "-n", "0"], ["-n"]),
+    (["run", "{model}", "-p", "x", "-n", "-1"], ["-n"]),
+    (["run", "{model}", "-p", "x", "-n", "-100"], ["-n"]),
+    (["run", "{model}", "-p", "", "-n", "4"], ["empty"]),
+    (["run", "{model}", "-p", "x " * 600, "-n", "4"], ["does not fit"]),
+    (["run", "{model}", "-p", "x", "-n", "4", "--memory-budget", "9" * 400], ["budget"]),
+    (["run", "{model}", "-p", "x", "--n-ctx", "-5"], ["--n-ctx"]),
+    (["run", "{model}", "-p", "x", "--temperature", "nan"], ["--temperature"]),
+    (["profile", "{model}", "--out", "{dir}/p.npz", "--samples", "-1"], ["--samples"]),
+    (["profile", "{model}", "--out", "{dir}/p.npz", "--tokens", "0"], ["--tokens"]),
+    (["profile", "{model}", "--out", "/proc/no/p.npz", "--tokens", "600"], ["no such directory"]),
+    (["profile", "{model}", "--out", "{dir}", "--tokens", "600"], ["directory"]),
+    (["convert", "{model}", "{dir}/o.gguf", "--profile", "{model}", "--expert-bits", "1"], ["2.625"]),
+    (["convert", "{model}", "{dir}/o.gguf", "--profile", "{model}", "--expert-bits", "nan"], ["--expert-bits"]),
+    (["convert", "{model}", "{dir}/o.gguf", "--profile", "{garbage}", "--expert-bits", "4"], ["profile"]),
+    (["convert", "{model}", "{dir}/o.gguf", "--profile", "{missing}", "--expert-bits", "4"], ["profile"]),
+    (["convert", "{model}", "{dir}/o.gguf", "--plan", "{listplan}"], ["JSON object"]),
+    (["convert", "{model}", "{dir}/o.gguf", "--plan", "{intplan}"], ["type names"]),
+    (["convert", "{model}", "{dir}/o.gguf", "--uniform", "Q4_K", "--lowbit", "Q8_0"], ["no smaller"]),
+])
+def test_one_line_errors(model, tmp_path, argv, words):
+    from edgemoe_llamacpp.layout import read_layout
+
+    (tmp_path / "d").mkdir()
+    (tmp_path / "tiny.txt").write_text("x = 1\n")
+    (tmp_path / "garbage.npz").write_bytes(b"PK\x03\x04" + bytes(200))
+    names = [t.name for t in read_layout(model).expert_tensors]
+    (tmp_path / "list.json").write_text("[1, 2]")
+    (tmp_path / "int.json").write_text(json.dumps({n: 12 for n in names}))
+    subs = {"model": model, "dir": tmp_path / "d", "tiny": tmp_path / "tiny.txt", "garbage": tmp_path / "garbage.npz",
+            "missing": tmp_path / "missing.npz", "listplan": tmp_path / "list.json", "intplan": tmp_path / "int.json"}
+    before = sha(model)
+    one_line_error(edgemoe(*[a.format(**subs) for a in argv]), *words)
+    assert sha(model) == before
+
+
+def test_profile_with_out_of_range_ids(model, tmp_path):
+    """A profile whose ids point past the model's experts is refused, not indexed with."""
+    import numpy as np
+
+    prof = tmp_path / "p.npz"
+    assert edgemoe("profile", model, "--out", prof, "--tokens", 512, "--samples", 4).returncode == 0
+    with np.load(prof) as z:
+        arrays = {k: z[k] for k in z.files}
+    arrays["ids"][0, 0, 0] = 999
+    with open(tmp_path / "bad.npz", "wb") as f:
+        np.savez(f, **arrays)
+    one_line_error(edgemoe("convert", model, tmp_path / "o.gguf", "--profile", tmp_path / "bad.npz",
+                           "--expert-bits", "4"), "expert ids")
+
+
+def test_run_counts_tokens_and_prefill(model):
+    """A one-token prompt and -n 4: 4 tokens, a prefill speed, and 3 decode steps (the prompt is not one)."""
+    proc = edgemoe("run", model, "-p", "x", "-n", 4, "--json")
+    assert proc.returncode == 0, proc.stderr
+    r = json.loads(proc.stdout)
+    assert r["prompt_tokens"] == 1
+    assert r["tokens"] == (4 if r["finish_reason"] == "length" else r["tokens"])
+    assert r["tokens"] <= 4
+    assert r["prefill_tok_s"] > 0
+    assert r["decode_evals"] == r["tokens"] - 1 if r["finish_reason"] == "length" else r["decode_evals"] == r["tokens"]
+
+
+def test_broken_pipe_is_quiet(model):
+    proc = subprocess.run(f"{sys.executable} -m edgemoe_llamacpp inspect {model} --json | head -c 10", shell=True,
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert "Traceback" not in proc.stderr and "Broken pipe" not in proc.stderr, proc.stderr
