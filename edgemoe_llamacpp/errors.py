@@ -19,3 +19,21 @@ class BudgetError(EdgeMoEError):
 
 class MixedTypesError(EdgeMoEError):
     """A file with per-expert types met a llama-cpp-python built without edgemoe's patches."""
+
+
+class ArgumentError(EdgeMoEError, ValueError):
+    """An argument llama.cpp would crash on or misuse: a token id outside the vocabulary, a non-finite sampling
+    value, a grammar that does not parse, a thread count of 0. The server answers it with 400."""
+
+
+class ContextLengthError(ArgumentError):
+    """The prompt does not fit the context window (llama-cpp-python's "Requested tokens (N) exceed context
+    window of M", raised before a stream starts)."""
+
+
+class LlamaClosedError(EdgeMoEError, RuntimeError):
+    """A call on a Llama after close()."""
+
+
+class LlamaBusyError(EdgeMoEError, RuntimeError):
+    """A generation started on a Llama whose stream another thread has open (one generation at a time)."""
