@@ -7,6 +7,7 @@ path as the fixture. Every offset and size is checked against the file before an
 from __future__ import annotations
 
 import itertools
+import mmap
 import os
 import re
 import struct
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from .errors import BadModelError, NotMoEError
+from .runtime import PAGE, mincore_pages
 
 GGUF_MAGIC = b"GGUF"
 
@@ -162,45 +164,127 @@ class MoELayout:
 
 
 def _open_reader(path: Path):
+    """gguf-py's reader of `path`'s header, parsed from a stand-in that holds only the header bytes.
+
+    The header is read with exact preads and no readahead, and the pages this read brought into the page
+    cache are dropped again (those that were there before stay): reading a layout, say for `edgemoe inspect`
+    beside a running server, costs that server none of its cached experts. The stand-in (a sparse memfd of
+    the file's size) keeps gguf-py from mapping and faulting in the real file; its tensor data reads as
+    zeros, so this reader is for metadata, shapes and offsets only: whoever needs tensor data opens the file.
+    """
     from gguf import GGUFReader
 
     if not path.exists():
         raise BadModelError(f"{path}: no such file")
     if not path.is_file():
         raise BadModelError(f"{path}: not a regular file")
-    with open(path, "rb") as f:
-        magic = f.read(4)
-    if magic != GGUF_MAGIC:
-        raise BadModelError(f"{path}: not a GGUF file (starts with {magic!r}, expected {GGUF_MAGIC!r})")
-    _check_kv_extents(path)
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        return GGUFReader(path)
-    except (ValueError, IndexError, KeyError, TypeError, OverflowError, struct.error, MemoryError) as e:
-        raise BadModelError(f"{path}: unreadable GGUF header ({e}); the file is truncated or corrupt") from None
+        head = _HeaderBytes(path, fd)
+        try:
+            head.read_to(len(GGUF_MAGIC))
+            magic = bytes(head.buf[:len(GGUF_MAGIC)])
+            if magic != GGUF_MAGIC:
+                raise BadModelError(f"{path}: not a GGUF file (starts with {magic!r}, expected {GGUF_MAGIC!r})")
+            end = _walk_header(path, head)
+        finally:
+            head.drop()
+    finally:
+        os.close(fd)
+    standin = os.memfd_create("edgemoe-gguf-header", os.MFD_CLOEXEC)
+    try:
+        os.ftruncate(standin, head.size)
+        data, done = memoryview(head.buf)[:end], 0
+        while done < end:
+            done += os.pwrite(standin, data[done:], done)
+        del data, head
+        try:
+            return GGUFReader(f"/proc/self/fd/{standin}")
+        except (ValueError, IndexError, KeyError, TypeError, OverflowError, struct.error, MemoryError) as e:
+            raise BadModelError(f"{path}: unreadable GGUF header ({e}); the file is truncated or "
+                                f"corrupt") from None
+    finally:
+        os.close(standin)        # gguf-py's mapping keeps the stand-in alive as long as its reader
 
 
 # GGUF value types: fixed sizes, 8 = string, 9 = array
 _GGUF_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+GGUF_VERSIONS = (2, 3)           # those gguf-py reads; both lay the header out as _walk_header does
+GGML_MAX_DIMS = 4
+_HEADER_CAP = 64 << 20           # no real model's header comes near (a 256k-token vocabulary takes ~10 MB)
 
 
-def _check_kv_extents(path: Path) -> None:
-    """Walk the metadata section and check every length and array count against the file's size.
+def _resident_pages(fd: int, start: int, end: int) -> bytes:
+    """mincore of the file's pages over [start, end) (start page-aligned, end <= the file's size)."""
+    import numpy as np
+
+    with mmap.mmap(fd, end - start, access=mmap.ACCESS_READ, offset=start) as m:
+        view = np.frombuffer(m, np.uint8)        # the mapping's address; mapping faults nothing in
+        try:
+            return mincore_pages(view.ctypes.data, end - start)
+        finally:
+            del view
+
+
+class _HeaderBytes:
+    """A file's leading bytes, read on demand with exact preads and no readahead. Before each read, the
+    pages it is about to bring in are checked with mincore; `drop` evicts those that were not in the page
+    cache before, and no other: a page that was there may be another process's."""
+
+    def __init__(self, path: Path, fd: int):
+        self.path, self.fd = path, fd
+        self.size = os.fstat(fd).st_size
+        self.buf = bytearray()
+        self.fresh: list[int] = []              # indices of the pages this read brought into the page cache
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)    # reads fetch the pages asked for, no more
+
+    def need(self, pos: int, n: int) -> None:
+        """Bytes [pos, pos + n) must lie in the file (and in a header of sane size): read them."""
+        if 0 <= n and pos + n <= len(self.buf):
+            return                              # held already (so inside the file and the cap)
+        if n < 0 or pos + n > self.size:
+            raise BadModelError(f"{self.path}: metadata runs past the end of the file at byte {pos}: truncated "
+                                f"or corrupt")
+        if pos + n > _HEADER_CAP:
+            raise BadModelError(f"{self.path}: metadata runs past {_HEADER_CAP >> 20} MiB at byte {pos}: corrupt "
+                                f"(no GGUF header is that large)")
+        self.read_to(pos + n)
+
+    def read_to(self, end: int) -> None:
+        """Hold the file's bytes up to `end` (fewer at the end of the file), read in whole pages."""
+        have = len(self.buf)            # a whole number of pages, or the whole file
+        end = min(self.size, -(-end // PAGE) * PAGE)
+        if end <= have:
+            return
+        vec = _resident_pages(self.fd, have, end)
+        self.fresh += [have // PAGE + i for i, v in enumerate(vec) if not v & 1]
+        while len(self.buf) < end:
+            chunk = os.pread(self.fd, end - len(self.buf), len(self.buf))
+            if not chunk:
+                raise BadModelError(f"{self.path}: the file shrank while its header was read")
+            self.buf += chunk
+
+    def drop(self) -> None:
+        """Evict the pages this read brought into the page cache (runs of consecutive pages, one call each)."""
+        for _, run in itertools.groupby(enumerate(self.fresh), lambda t: t[1] - t[0]):
+            pages = [p for _, p in run]
+            os.posix_fadvise(self.fd, pages[0] * PAGE, len(pages) * PAGE, os.POSIX_FADV_DONTNEED)
+        self.fresh = []
+
+
+def _walk_header(path: Path, head: _HeaderBytes) -> int:
+    """Walk the header (version, counts, metadata, tensor infos), checking every length, count and
+    dimension count against the file's size before reading it; return where the tensor infos end.
 
     gguf-py's reader trusts them: an array count that runs past the end of the file makes it build parts
     for ever (observed: 24 GB before the kernel's OOM killer stopped it).
     """
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(min(size, 64 << 20))
-
-    def need(pos: int, n: int) -> None:
-        if n < 0 or pos + n > len(head):
-            raise BadModelError(f"{path}: metadata runs past the end of the file at byte {pos}: truncated "
-                                f"or corrupt")
+    buf = head.buf
+    need = head.need
 
     def u(pos: int, fmt: str) -> int:
         need(pos, struct.calcsize(fmt))
-        return struct.unpack_from("<" + fmt, head, pos)[0]
+        return struct.unpack_from("<" + fmt, buf, pos)[0]
 
     def value(pos: int, vtype: int, depth: int = 0) -> int:
         if vtype in _GGUF_SIZES:
@@ -222,13 +306,27 @@ def _check_kv_extents(path: Path) -> None:
             return pos
         raise BadModelError(f"{path}: unknown metadata value type {vtype} at byte {pos}")
 
-    n_kv = u(16, "Q")
+    version = u(4, "I")
+    if version not in GGUF_VERSIONS:
+        raise BadModelError(f"{path}: GGUF version {version} is not supported (expected "
+                            f"{' or '.join(map(str, GGUF_VERSIONS))}): corrupt, or big-endian")
+    n_tensors, n_kv = u(8, "Q"), u(16, "Q")
     need(24, n_kv * 12)
     pos = 24
     for _ in range(n_kv):
         pos = value(pos, 8)                          # the key
         vtype = u(pos, "I")
         pos = value(pos + 4, vtype)
+    need(pos, n_tensors * 24)                        # name length, n_dims, type, offset at least
+    for _ in range(n_tensors):
+        pos = value(pos, 8)                          # the name
+        n_dims = u(pos, "I")
+        if n_dims > GGML_MAX_DIMS:
+            raise BadModelError(f"{path}: a tensor at byte {pos} has {n_dims} dimensions (GGUF allows "
+                                f"{GGML_MAX_DIMS}): corrupt")
+        need(pos + 4, n_dims * 8 + 12)               # dims (u64 each), type (u32), data offset (u64)
+        pos += 4 + n_dims * 8 + 12
+    return pos
 
 
 def _field(reader, key: str, path: Path, kind: type, required: bool = True):

@@ -1,13 +1,20 @@
 import itertools
 import json
+import mmap
+import os
+import shutil
+import struct
 import subprocess
 import sys
 
+import gguf
 import numpy as np
 import pytest
 from gguf import GGUFReader
 from synthetic import moe_tensors, write_gguf
 
+from edgemoe_llamacpp import runtime
+from edgemoe_llamacpp.errors import BadModelError
 from edgemoe_llamacpp.layout import read_layout
 
 
@@ -105,3 +112,109 @@ def test_mixtral_per_expert_tensors(tmp_path):
     assert len(layout.experts) == 8
     assert layout.expert(1, 2).ranges[0].tensor.startswith("blk.1.ffn_") and \
         all(".2." in r.tensor for r in layout.expert(1, 2).ranges)
+
+
+def resident(path) -> list[int]:
+    """Indices of the file's pages in the page cache: mincore over the whole file."""
+    size = path.stat().st_size
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), size, access=mmap.ACCESS_READ) as m:
+        view = np.frombuffer(m, np.uint8)
+        vec = runtime.mincore_pages(view.ctypes.data, size)
+        del view
+    return [i for i, v in enumerate(vec) if v & 1]
+
+
+def header_pages(path) -> int:
+    """Pages holding the header (up to the end of the last tensor info), by gguf-py's own parse."""
+    field = GGUFReader(path).tensors[-1].field
+    return -(-(field.offset + sum(int(p.nbytes) for p in field.parts)) // runtime.PAGE)
+
+
+def evicted_copy(src, dst):
+    shutil.copyfile(src, dst)
+    fd = os.open(dst, os.O_RDONLY)
+    try:
+        runtime.flush(fd)                       # written pages are dirty: write them back so they can go
+        runtime.fadvise_dontneed(fd, 0, 0)
+    finally:
+        os.close(fd)
+    if resident(dst):
+        pytest.skip(f"{dst.parent}'s filesystem keeps the file's pages in memory")
+    return dst
+
+
+def read_pages(path, pages) -> None:
+    """Bring exactly these pages into the page cache (as another process using the file would)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+        for p in pages:
+            os.pread(fd, 1, p * runtime.PAGE)
+    finally:
+        os.close(fd)
+
+
+def long_header_moe(path):
+    """A MoE GGUF whose metadata spans several pages (a tokenizer-like string array), like real models'."""
+    w = gguf.GGUFWriter(str(path), "qwen3moe")
+    for key, value in {"block_count": 2, "expert_count": 4, "expert_used_count": 2}.items():
+        w.add_uint32(f"qwen3moe.{key}", value)
+    w.add_array("tokenizer.ggml.tokens", [f"token-{i:05d}" for i in range(3000)])
+    for i, (name, shape) in enumerate(moe_tensors(2, 4, d=64, ff=64).items()):
+        w.add_tensor(name, np.full(shape, float(i), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+@pytest.fixture(params=["fixture", "long-header"])
+def model_and_header(request, fixture_path, tmp_path):
+    """(a copy of the model with none of its pages in the page cache, how many pages its header takes)"""
+    src = fixture_path if request.param == "fixture" else long_header_moe(tmp_path / "src.gguf")
+    n_header = header_pages(src)
+    if request.param == "long-header":
+        assert n_header >= 4
+    return evicted_copy(src, tmp_path / "m.gguf"), n_header
+
+
+def test_reading_the_layout_leaves_the_page_cache_as_it_was(model_and_header):
+    """Issue 14: `edgemoe inspect` beside a server read the model's first 64 MiB and gguf-py faulted its
+    header in with readahead, pushing the server's cached experts to twice its budget. Only the header is
+    read now, and the pages that read brought in are dropped again."""
+    path, n_header = model_and_header
+    layout = read_layout(path)
+    assert layout.path == str(path) and layout.file_size == path.stat().st_size
+    pages = resident(path)
+    assert [p for p in pages if p >= n_header] == [], f"{len(pages)} pages past the header's {n_header}"
+    assert [p for p in pages if p < n_header] == [], "header pages that were not in the page cache stayed"
+
+
+def test_pages_in_the_cache_before_stay(model_and_header):
+    """Another process's pages (one in the header, one in the tensor data) are never dropped."""
+    path, n_header = model_and_header
+    n_pages = -(-path.stat().st_size // runtime.PAGE)
+    keep = [n_header - 1, (n_header + n_pages) // 2]
+    read_pages(path, keep)
+    assert resident(path) == keep
+    read_layout(path)
+    assert resident(path) == keep
+
+
+def test_hostile_tensor_infos_are_refused_before_parsing(tmp_path):
+    path = write_gguf(tmp_path / "m.gguf", "qwen3moe", {"block_count": 2, "expert_count": 4,
+                                                          "expert_used_count": 2}, moe_tensors(2, 4))
+    blob = path.read_bytes()
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(blob[:8] + struct.pack("<Q", 2**40) + blob[16:])       # the tensor count
+    with pytest.raises(BadModelError, match="past the end"):
+        read_layout(bad)
+    name = b"token_embd.weight"
+    at = blob.index(name) + len(name)                                       # its n_dims
+    bad.write_bytes(blob[:at] + struct.pack("<I", 2**31) + blob[at + 4:])
+    with pytest.raises(BadModelError, match="dimensions"):
+        read_layout(bad)
+    bad.write_bytes(blob[:4] + struct.pack("<I", 3 << 24) + blob[8:])      # version 3, big-endian
+    with pytest.raises(BadModelError, match="version"):
+        read_layout(bad)
