@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import ctypes
 import functools
 import inspect
 import logging
@@ -81,31 +82,32 @@ def llama_params(*, use_extra_bufts: bool | None = None, cb_eval=None, mmap_pref
 
 
 class _TypeRegistry:
-    """The patched kernel's per-expert types, for every live Llama of this process."""
+    """The patched kernel's per-expert types. The patched loader registers them when it loads a file that requires
+    them (`edgemoe.required_features`) and drops them when the model is freed (patches/0002); this checks, for
+    every live Llama of this process, that the copy of ggml-cpu llama.cpp computes with holds them."""
 
     def __init__(self):
-        self._by_owner: dict[int, list[tuple[int, list[int], list[int]]]] = {}
+        self._by_owner: dict[int, list[tuple[str, int, list[int], list[int]]]] = {}
 
     def add(self, owner: object, layout: MoELayout, mapping_base: int, every: bool = False) -> None:
-        """Register the tensors with per-expert types, or (every=True, for substitution) every stacked one."""
+        """Check the tensors with per-expert types, or (every=True, for substitution) every stacked one with
+        low-bit copies, are registered at the file's types and slots."""
         entries = []
         for t in layout.expert_tensors:
             if t.types is None and not (every and t.low is not None):
                 continue
             types = [int(quant.qtype(t.slice(e).type)) for e in range(t.count)]
             pointers = [mapping_base + t.slice(e).offset for e in range(t.count)]
-            entries.append((mapping_base + t.offset, types, pointers))
-        for entry in entries:
-            runtime.register_expert_types(*entry)
+            entries.append((t.name, mapping_base + t.offset, types, pointers))
+        try:
+            for entry in entries:
+                runtime.check_registered(*entry)
+        except RuntimeError as e:
+            raise EdgeMoEError(f"{layout.path}: {e}") from None
         self._by_owner[id(owner)] = entries
 
     def remove(self, owner: object) -> None:
-        if self._by_owner.pop(id(owner), None) is None:
-            return
-        runtime.clear_expert_types()
-        for entries in self._by_owner.values():
-            for entry in entries:
-                runtime.register_expert_types(*entry)
+        self._by_owner.pop(id(owner), None)      # the loader unregistered them with the model
 
 
 _types = _TypeRegistry()
@@ -132,6 +134,9 @@ def require_runtime_for(layout: MoELayout) -> None:
         raise MixedTypesError(f"{layout.path} carries low-bit copies of its experts; this llama-cpp-python "
                               f"({llama_cpp.__version__}) is not built with edgemoe's patches and refuses such a "
                               f"file. Build it: python tools/build_runtime.py")
+    if layout.needs_patched_runtime and "required_features" not in (layout.edgemoe or {}):
+        raise MixedTypesError(f"{layout.path} was written by an older edgemoe convert: it does not name the features "
+                              f"it needs (edgemoe.required_features), so llama.cpp refuses it. Convert it again")
 
 
 def stock_llama(model_path: str, *, use_extra_bufts: bool = True, **kwargs) -> llama_cpp.Llama:
@@ -213,6 +218,35 @@ def _context_errors():
         if isinstance(e, EdgeMoEError) or not CONTEXT_EXCEEDED.search(str(e)):
             raise
         raise ContextLengthError(f"{e}: shorten the prompt, or load the model with a larger n_ctx") from None
+
+
+_TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])   # llama_token_data
+
+
+def _sample_within_grammar(sampler, ctx, idx: int, n_vocab: int, eos: int) -> int:
+    """llama_sampler_sample, except that a grammar that admits no token ends the text (`eos`) instead of
+    aborting the process: llama.cpp would accept the -inf token its dist sampler drew anyway, find no grammar
+    stack left, and throw through its C API ("Unexpected empty grammar stack")."""
+    logits = lc.llama_get_logits_ith(ctx.ctx, idx)
+    if not logits:
+        raise ArgumentError(f"no logits at position {idx} to sample from")
+    cur = np.empty(n_vocab, dtype=_TOKEN_DATA)
+    cur["id"] = np.arange(n_vocab, dtype=np.int32)
+    cur["logit"] = np.ctypeslib.as_array(logits, shape=(n_vocab,))
+    cur["p"] = 0.0
+    cur_p = lc.llama_token_data_array(data=cur.ctypes.data_as(lc.llama_token_data_p), size=n_vocab, selected=-1,
+                                      sorted=False)
+    lc.llama_sampler_apply(sampler.sampler, ctypes.byref(cur_p))
+    if not 0 <= cur_p.selected < cur_p.size:
+        raise RuntimeError(f"llama.cpp's samplers selected no token ({cur_p.selected})")
+    chosen = cur_p.data[cur_p.selected]
+    if math.isinf(chosen.logit) and chosen.logit < 0:
+        if eos < 0:
+            raise ArgumentError("the grammar admits no token after this text, and the model has no end token")
+        log.warning("the grammar admits no token after this text: ending it")
+        return eos
+    lc.llama_sampler_accept(sampler.sampler, chosen.id)
+    return chosen.id
 
 
 class _Stream:
@@ -502,10 +536,9 @@ class Llama(llama_cpp.Llama):
             raise ArgumentError(f"prompt must be a string or a list of token ids, not {type(prompt).__name__}")
         if args["suffix"] is not None:
             self._check_text("suffix", args["suffix"])
-        adds_bos = isinstance(prompt, str) and self._model.add_bos_token() and self.token_bos() != -1
-        if len(prompt) == 0 and args["suffix"] is None and not adds_bos:
-            raise ArgumentError("the prompt is empty, and this model adds no BOS token to start from: give at "
-                                "least one token")
+        if len(prompt) == 0:     # llama-cpp-python would start from a BOS token it never evaluates
+            raise ArgumentError("the prompt is empty: give at least one token (text, or a list of token ids "
+                                "such as [BOS])")
         stop = args["stop"]
         for s in [stop] if isinstance(stop, str) else (stop or []):
             self._check_text("stop", s)
@@ -620,6 +653,13 @@ class Llama(llama_cpp.Llama):
             if call["idx"] is not None and not (_is_int(call["idx"]) and lo <= call["idx"] < hi):
                 raise ArgumentError(f"sample(idx=...) must be a position with logits, from {lo} to {hi - 1}")
             return super().sample(**call)
+
+    def _init_sampler(self, *args, **kwargs):
+        sampler = super()._init_sampler(*args, **kwargs)
+        if kwargs.get("grammar") is not None:
+            sampler.sample = functools.partial(_sample_within_grammar, sampler, n_vocab=self._n_vocab,
+                                               eos=self._token_eos)
+        return sampler
 
     def reset(self) -> None:
         with self._edgemoe_call(generation=True):

@@ -18,7 +18,6 @@ from edgemoe_llamacpp.errors import (
     ContextLengthError,
     EdgeMoEError,
     LlamaBusyError,
-    LlamaClosedError,
 )
 from edgemoe_llamacpp.llama import Llama
 
@@ -279,3 +278,17 @@ def test_pickle_keeps_the_cache_options(fixture_path):
     finally:
         copy.close()
         llm.close()
+
+
+def test_a_grammar_that_admits_nothing_ends_the_text_instead_of_aborting(fixture_path):
+    """No token's text can hold a NUL: llama.cpp drew a token its grammar had ruled out and aborted."""
+    proc = run_child(fixture_path, r"""
+        import llama_cpp
+        for text, temperature in (('root ::= "\\x00"', 0.8), ('root ::= "a" "\\x00"', 0.8), ('root ::= "a" "\\x00"', 0.0),
+                                  ('root ::= "ab"', 0.8)):
+            out = llm.create_completion("x = ", max_tokens=6, temperature=temperature,
+                                        grammar=llama_cpp.LlamaGrammar.from_string(text))
+            print(repr(out["choices"][0]["text"]), out["choices"][0]["finish_reason"])
+    """)
+    assert_child_ok(proc)
+    assert proc.stdout.splitlines() == ["'' stop", "'a' stop", "'a' stop", "'ab' stop"], proc.stdout
