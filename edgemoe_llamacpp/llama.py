@@ -693,7 +693,6 @@ class Llama(llama_cpp.Llama):
                 raise ArgumentError(f"seed must be an integer, not {seed!r}")
             super().set_seed(seed)
 
-    create_chat_completion_openai_v1 = _serialised("create_chat_completion_openai_v1")
     save_state = _serialised("save_state")
     set_cache = _serialised("set_cache")
     n_ctx = _serialised("n_ctx")

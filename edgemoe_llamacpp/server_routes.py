@@ -46,6 +46,7 @@ from .llama import Llama
 from .server_errors import EdgeMoERoute, ServerBusyError, error_answer, install_error_handlers
 
 COPILOT_PATH = "/v1/engines/copilot-codex/completions"
+SEND_TIMEOUT_S = 120
 # request fields llama-cpp-python does not hand to the Llama (same as its routes)
 COMPLETION_EXCLUDE = {"n", "best_of", "logit_bias_type", "user", "min_tokens"}
 CHAT_EXCLUDE = {"n", "logit_bias_type", "user", "min_tokens"}
@@ -146,7 +147,8 @@ class EventStream(EventSourceResponse):
 
     def __init__(self, stream, release, ping):
         self._stream, self._release = stream, release
-        super().__init__(self._events(), sep="\n", ping=ping)
+        # a client that stops reading (its socket full) for SEND_TIMEOUT_S loses its stream, and the model
+        super().__init__(self._events(), sep="\n", ping=ping, send_timeout=SEND_TIMEOUT_S)
 
     async def _events(self):
         try:

@@ -4,6 +4,7 @@ a closed Llama says so, one Llama is safe to share between threads, and pickling
 What used to kill the process (an abort in llama.cpp, a segfault) runs in a child process, so that a
 regression fails its test instead of taking the test session down."""
 import pickle
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -25,16 +26,25 @@ PROMPT = "import os\n"
 
 
 @pytest.fixture(scope="module")
-def llm(fixture_path):
-    model = Llama(str(fixture_path), memory_budget="50%", n_ctx=256, verbose=False)
+def model_path(fixture_path, tmp_path_factory):
+    """A copy of the fixture: another process mapping the shared file would pin its pages, and a budget
+    below them is refused."""
+    path = tmp_path_factory.mktemp("model") / "tiny-moe.gguf"
+    shutil.copyfile(fixture_path, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def llm(model_path):
+    model = Llama(str(model_path), memory_budget="50%", n_ctx=256, verbose=False)
     yield model
     model.close()
 
 
-def run_child(fixture_path, body: str) -> subprocess.CompletedProcess:
+def run_child(path, body: str) -> subprocess.CompletedProcess:
     """Run `body` in a fresh interpreter with `llm` a loaded Llama; it prints what the test checks."""
     code = ("from edgemoe_llamacpp.llama import Llama\n"
-            f"llm = Llama({str(fixture_path)!r}, memory_budget='50%', n_ctx=256, verbose=False)\n"
+            f"llm = Llama({str(path)!r}, memory_budget='50%', n_ctx=256, verbose=False)\n"
             + textwrap.dedent(body))
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False)
 
@@ -47,8 +57,8 @@ def assert_child_ok(proc: subprocess.CompletedProcess, *lines: str) -> None:
 
 
 @pytest.mark.parametrize("tokens", [[99999999], [-1], [4096]])
-def test_detokenize_outside_the_vocabulary_is_an_error_not_an_abort(fixture_path, tokens):
-    proc = run_child(fixture_path, f"""
+def test_detokenize_outside_the_vocabulary_is_an_error_not_an_abort(model_path, tokens):
+    proc = run_child(model_path, f"""
         from edgemoe_llamacpp.errors import ArgumentError
         try:
             llm.detokenize({tokens!r})
@@ -60,8 +70,8 @@ def test_detokenize_outside_the_vocabulary_is_an_error_not_an_abort(fixture_path
     assert "refused: tokens: token ids are integers from 0 to 4095" in proc.stdout
 
 
-def test_grammar_that_does_not_parse_is_an_error_not_a_segfault(fixture_path):
-    proc = run_child(fixture_path, """
+def test_grammar_that_does_not_parse_is_an_error_not_a_segfault(model_path):
+    proc = run_child(model_path, """
         import llama_cpp
         from edgemoe_llamacpp.errors import ArgumentError
         for text in ["root ::= (", "root ::= " + "(" * 100000 + '"a"' + ")" * 100000, "other ::= [a-z]"]:
@@ -78,8 +88,8 @@ def test_grammar_that_does_not_parse_is_an_error_not_a_segfault(fixture_path):
     assert proc.stdout.count("refused:") == 3, proc.stdout
 
 
-def test_closed_llama_raises_a_clear_error_from_every_method(fixture_path):
-    proc = run_child(fixture_path, """
+def test_closed_llama_raises_a_clear_error_from_every_method(model_path):
+    proc = run_child(model_path, """
         from edgemoe_llamacpp.errors import LlamaClosedError
         stream = llm.create_completion("import os\\n", max_tokens=8, stream=True)
         next(stream)
@@ -102,9 +112,9 @@ def test_closed_llama_raises_a_clear_error_from_every_method(fixture_path):
     assert proc.stdout.count("this Llama is closed") == 11, proc.stdout
 
 
-def test_one_llama_shared_by_threads(fixture_path):
+def test_one_llama_shared_by_threads(model_path):
     """Two threads generating, tokenizing and detokenizing on one Llama: calls are serialised."""
-    proc = run_child(fixture_path, """
+    proc = run_child(model_path, """
         import threading
         results, errors = [], []
 
@@ -253,18 +263,18 @@ def test_embeddings_need_an_embedding_model(llm):
     ({"predictor": "oracle"}, ArgumentError, "unknown predictor"),
     ({"substitute": float("nan")}, ArgumentError, "substitute is a share"),
 ])
-def test_constructor_options_are_checked_before_llama_cpp(fixture_path, monkeypatch, kwargs, error, match):
+def test_constructor_options_are_checked_before_llama_cpp(model_path, monkeypatch, kwargs, error, match):
     def not_reached(*args, **kw):
         raise AssertionError("llama.cpp was asked to load the model")
 
     monkeypatch.setattr(llama_cpp.Llama, "__init__", not_reached)
     with pytest.raises(error, match=match) as info:
-        Llama(str(fixture_path), verbose=False, **kwargs)
+        Llama(str(model_path), verbose=False, **kwargs)
     assert isinstance(info.value, EdgeMoEError)
 
 
-def test_pickle_keeps_the_cache_options(fixture_path):
-    llm = Llama(str(fixture_path), memory_budget="25%", policy="lru", fetch_threads=3, n_ctx=128, verbose=False)
+def test_pickle_keeps_the_cache_options(model_path):
+    llm = Llama(str(model_path), memory_budget="25%", policy="lru", fetch_threads=3, n_ctx=128, verbose=False)
     state = llm.__getstate__()
     assert {k: state[k] for k in ("memory_budget", "policy", "fetch_threads", "predictor", "prefetch_depth",
                                   "prefetch_threads", "substitute", "record_routing")} == {
@@ -280,9 +290,9 @@ def test_pickle_keeps_the_cache_options(fixture_path):
         llm.close()
 
 
-def test_a_grammar_that_admits_nothing_ends_the_text_instead_of_aborting(fixture_path):
+def test_a_grammar_that_admits_nothing_ends_the_text_instead_of_aborting(model_path):
     """No token's text can hold a NUL: llama.cpp drew a token its grammar had ruled out and aborted."""
-    proc = run_child(fixture_path, r"""
+    proc = run_child(model_path, r"""
         import llama_cpp
         for text, temperature in (('root ::= "\\x00"', 0.8), ('root ::= "a" "\\x00"', 0.8), ('root ::= "a" "\\x00"', 0.0),
                                   ('root ::= "ab"', 0.8)):
@@ -292,3 +302,22 @@ def test_a_grammar_that_admits_nothing_ends_the_text_instead_of_aborting(fixture
     """)
     assert_child_ok(proc)
     assert proc.stdout.splitlines() == ["'' stop", "'a' stop", "'a' stop", "'ab' stop"], proc.stdout
+
+
+def test_openai_v1_chat_stream_is_the_guarded_stream(llm):
+    pytest.importorskip("openai")
+    stream = llm.create_chat_completion_openai_v1([{"role": "user", "content": "def f("}], max_tokens=4, stream=True)
+    next(stream)
+    errors = []
+
+    def other():
+        try:
+            llm.create_completion("x = ", max_tokens=2)
+        except LlamaBusyError as e:
+            errors.append(e)
+
+    t = threading.Thread(target=other)
+    t.start()
+    t.join()
+    assert errors
+    assert list(stream)[-1].choices[0].finish_reason == "length"

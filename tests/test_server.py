@@ -1,6 +1,7 @@
 """`edgemoe serve`: the real server on a free loopback port, the real openai client."""
 import json
 import os
+import shutil
 import socket
 import statistics
 import subprocess
@@ -121,8 +122,16 @@ def run_load(base: str, key: str, *, clients: int, requests: int, max_tokens: in
 
 
 @pytest.fixture(scope="module")
-def server(fixture_path, tmp_path_factory):
-    proc, base = start_server([str(fixture_path), "--memory-budget", "50%", "--api-key", KEY, "--n-ctx", "512",
+def model_copy(fixture_path, tmp_path_factory) -> Path:
+    """The servers' model: a copy, since another process mapping the shared fixture would pin its pages."""
+    path = tmp_path_factory.mktemp("model") / "tiny-moe.gguf"
+    shutil.copyfile(fixture_path, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def server(model_copy, tmp_path_factory):
+    proc, base = start_server([str(model_copy), "--memory-budget", "50%", "--api-key", KEY, "--n-ctx", "512",
                                "--model-alias", "edgemoe"], tmp_path_factory.mktemp("server") / "server.log")
     yield base
     stop_server(proc)
@@ -280,9 +289,9 @@ def test_concurrent_streams_all_run_to_max_tokens(server):
 
 
 @pytest.fixture(scope="module")
-def small_queue_server(fixture_path, tmp_path_factory):
+def small_queue_server(model_copy, tmp_path_factory):
     """No room to wait (--queue_size 0), the key from API_KEY."""
-    proc, base = start_server([str(fixture_path), "--memory-budget", "50%", "--n-ctx", "512", "--queue_size", "0"],
+    proc, base = start_server([str(model_copy), "--memory-budget", "50%", "--n-ctx", "512", "--queue_size", "0"],
                               tmp_path_factory.mktemp("server") / "server.log", key="env-key",
                               env={"API_KEY": "env-key"})
     yield base
