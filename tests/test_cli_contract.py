@@ -18,7 +18,7 @@ GROUPS = (("inspect", "verify", "convert", "run"), ("serve", "ppl", "profile", "
 def test_cli_contract(tmp_path):
     procs = []
     for i, commands in enumerate(GROUPS):
-        log = open(tmp_path / f"runner{i}.log", "w")    # a file: a full pipe would stall the runner
+        log = open(tmp_path / f"runner{i}.log", "w")  # noqa: SIM115 - a file, closed below: a pipe could stall it
         procs.append((commands, log, subprocess.Popen(
             [sys.executable, str(RUNNER), "--examples", str(EXAMPLES), "--commands", *commands],
             stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)))
