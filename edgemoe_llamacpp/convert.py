@@ -34,6 +34,8 @@ from .layout import EDGEMOE_PREFIX, EXPERT_TYPES, LOWBIT, MoELayout, read_layout
 ALIGNMENT = mmap.PAGESIZE
 FORMAT_VERSION = 1
 GUARD = "edgemoe.guard"
+# what the patched loader must understand to load the file (patches/0002); a loader that knows fewer refuses it
+REQUIRED_FEATURES = "edgemoe.required_features"
 CHECKSUM_NAMES = "edgemoe.checksum.tensors"
 CHECKSUM_SHA256 = "edgemoe.checksum.sha256"
 _PLACEHOLDER = "0" * 64
@@ -197,6 +199,9 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, plan: dict[str, list
     _kv(writer, reader)
     writer.add_custom_alignment(ALIGNMENT)
     writer.add_uint32("edgemoe.version", FORMAT_VERSION)
+    features = ["expert_types"] * any(e["slotted"] for e in tensors) + ["lowbit"] * (lowbit is not None)
+    if features:
+        writer.add_array(REQUIRED_FEATURES, features)
     writer.add_string("edgemoe.source.name", src.name)
     writer.add_string("edgemoe.source.sha256", sha256_file(src))
     writer.add_string("edgemoe.created", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))

@@ -1,4 +1,9 @@
-"""Native facts in one place: ggml_tensor field offsets, libc calls (madvise, fadvise, mincore), the mapping.
+"""Native facts in one place: ggml_tensor field offsets, libc calls (madvise, fadvise, mincore), the mapping,
+and the patched ggml-cpu's per-expert registry.
+
+Every ggml function is looked up through the handle llama-cpp-python holds on libllama, so it is the copy of
+the library llama.cpp computes with, however the venv was reached (never a path guessed from llama_cpp's
+package directory: a symlinked venv made that a second copy of libggml-cpu with its own, empty registry).
 
 Offsets are those of `struct ggml_tensor` in the llama.cpp vendored by llama-cpp-python 0.3.36 on 64-bit
 Linux (GGML_MAX_DIMS=4, GGML_MAX_SRC=10, GGML_MAX_NAME=64); `check_tensor_offsets` verifies them against
@@ -93,8 +98,8 @@ def file_mappings(path: str | os.PathLike) -> list[tuple[int, int, int, str]]:
 
 
 def ggml_base():
-    """libggml-base from the llama_cpp package (the same library llama.cpp runs with)."""
-    lib = ctypes.CDLL(loaded_library("libggml-base.so"))
+    """ggml's own functions (libggml-base) in the copy llama.cpp runs with: looked up through libllama's handle."""
+    lib = _through_libllama()
     lib.ggml_get_name.argtypes = [ctypes.c_void_p]
     lib.ggml_get_name.restype = ctypes.c_void_p
     lib.ggml_nbytes.argtypes = [ctypes.c_void_p]
@@ -114,78 +119,161 @@ def check_tensor_offsets(t: int) -> None:
         raise RuntimeError("ggml_tensor layout differs from the one edgemoe was built for (ne/nb offsets)")
 
 
+def _through_libllama() -> ctypes.CDLL:
+    """A fresh ctypes view of the libllama llama-cpp-python loaded (its own function cache, so argtypes set here
+    touch none of llama_cpp's). dlsym on libllama's handle searches libllama, then the libraries it was linked
+    with, in load order: the very copies of libggml, libggml-base and libggml-cpu that llama.cpp computes with,
+    wherever they live and however their directory was reached (a symlinked venv, LLAMA_CPP_LIB_PATH)."""
+    import llama_cpp.llama_cpp as lc  # loads libllama and the ggml libraries it links
+
+    return ctypes.CDLL(lc._lib._name, handle=lc._lib._handle)
+
+
+class _DlInfo(ctypes.Structure):
+    _fields_ = [("dli_fname", ctypes.c_char_p), ("dli_fbase", ctypes.c_void_p),
+                ("dli_sname", ctypes.c_char_p), ("dli_saddr", ctypes.c_void_p)]
+
+
+# a function each library exports, to find the library's file from its address
+_LIBRARY_SYMBOL = {"libllama": "llama_backend_init", "libggml": "ggml_backend_dev_by_type",
+                   "libggml-base": "ggml_get_name", "libggml-cpu": "ggml_backend_cpu_reg"}
+
+
 def loaded_library(stem: str) -> str:
-    """Path of the copy of `stem` (e.g. libggml-cpu.so) that llama.cpp itself runs with.
+    """The resolved path of the file of `stem` (libllama, libggml, libggml-base or libggml-cpu, with or without
+    ".so") that llama.cpp runs with: the library holding the function libllama's handle resolves."""
+    name = stem.split(".so", 1)[0]
+    if name not in _LIBRARY_SYMBOL:
+        raise ValueError(f"no known symbol of {stem!r}; one of {sorted(_LIBRARY_SYMBOL)}")
+    addr = ctypes.cast(getattr(_through_libllama(), _LIBRARY_SYMBOL[name]), ctypes.c_void_p).value
+    info = _DlInfo()
+    dladdr = _libc.dladdr
+    dladdr.argtypes = [ctypes.c_void_p, ctypes.POINTER(_DlInfo)]
+    if not dladdr(addr, ctypes.byref(info)) or not info.dli_fname:
+        raise RuntimeError(f"dladdr found no library holding {_LIBRARY_SYMBOL[name]}")
+    return os.path.realpath(os.fsdecode(info.dli_fname))
 
-    A wheel cannot hold symlinks, so llama_cpp/lib has libggml-cpu.so, .so.0 and .so.0.x.y as separate
-    files; dlopen of another name than the one libllama links would load a second copy with its own state.
-    """
-    import llama_cpp  # loads libllama and the ggml libraries it links
 
-    lib_dir = str(Path(llama_cpp.__file__).parent / "lib")
-    for line in Path("/proc/self/maps").read_text().splitlines():
-        path = line.split(None, 5)[-1]
-        if path.startswith(lib_dir + "/" + stem):
-            return path
-    return str(Path(lib_dir) / stem)
+# ggml-cpu's per-expert registry (patches/0001), reached as llama.cpp reaches it (patches/0002): through the CPU
+# backend's ggml_backend_reg_get_proc_address, in the copy of ggml-cpu llama.cpp computes with.
+EDGEMOE_ABI = 2
+GGML_BACKEND_DEVICE_TYPE_CPU = 0
+_STATUS = {-1: "invalid arguments (NULL pointer, expert out of range)",
+           -2: "a type the CPU backend cannot compute, or whose blocks do not divide the rows",
+           -3: "too many distinct types in one tensor", -4: "too many tensors registered", -5: "out of memory",
+           -6: "no tensor registered at that address"}
+
+
+class _Registry:
+    def __init__(self, proc):
+        i64, i32, vp = ctypes.c_int64, ctypes.c_int32, ctypes.c_void_p
+        self.register = proc("register", ctypes.c_int, vp, i64, i64, ctypes.POINTER(i32), ctypes.POINTER(vp))
+        self.set_expert = proc("set_expert", ctypes.c_int, vp, i64, i32, vp)
+        self.lookup = proc("lookup", ctypes.c_int, vp, i64, ctypes.POINTER(i32), ctypes.POINTER(vp))
+        self.unregister = proc("unregister", ctypes.c_int, vp)
 
 
 @functools.cache
-def ggml_cpu():
-    """libggml-cpu as llama.cpp loaded it; the patched build exports ggml_cpu_edgemoe_*."""
-    return ctypes.CDLL(loaded_library("libggml-cpu.so"))
+def _registry() -> _Registry | None:
+    lib = _through_libllama()
+    lib.ggml_backend_dev_by_type.argtypes = [ctypes.c_int]
+    lib.ggml_backend_dev_by_type.restype = ctypes.c_void_p
+    lib.ggml_backend_dev_backend_reg.argtypes = [ctypes.c_void_p]
+    lib.ggml_backend_dev_backend_reg.restype = ctypes.c_void_p
+    lib.ggml_backend_reg_get_proc_address.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+    lib.ggml_backend_reg_get_proc_address.restype = ctypes.c_void_p
+    dev = lib.ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_CPU)
+    reg = lib.ggml_backend_dev_backend_reg(dev) if dev else None
+    if not reg:
+        return None
+    keep = [lib]        # the CFUNCTYPE objects below point into it
 
+    def proc(name, restype, *argtypes):
+        addr = lib.ggml_backend_reg_get_proc_address(reg, f"ggml_cpu_edgemoe_{name}".encode())
+        if not addr:
+            raise LookupError(name)
+        fn = ctypes.CFUNCTYPE(restype, *argtypes)(addr)
+        fn.keep = keep
+        return fn
 
-EDGEMOE_ABI = 1
+    try:
+        if proc("abi", ctypes.c_int)() != EDGEMOE_ABI:
+            return None
+        return _Registry(proc)
+    except LookupError:
+        return None
 
 
 def patched() -> bool:
-    """Is llama-cpp-python built with edgemoe's patches (patches/, tools/build_runtime.py)?"""
-    lib = ggml_cpu()
-    if not hasattr(lib, "ggml_cpu_edgemoe_abi"):
-        return False
-    lib.ggml_cpu_edgemoe_abi.restype = ctypes.c_int
-    return lib.ggml_cpu_edgemoe_abi() == EDGEMOE_ABI
+    """Is llama-cpp-python built with edgemoe's patches (patches/, tools/build_runtime.py)? Asked of the CPU backend
+    llama.cpp computes with."""
+    return _registry() is not None
+
+
+def _require_registry() -> _Registry:
+    reg = _registry()
+    if reg is None:
+        raise RuntimeError("this llama-cpp-python is not built with edgemoe's patches (ABI "
+                           f"{EDGEMOE_ABI}): python tools/build_runtime.py")
+    return reg
 
 
 def runtime_info() -> dict:
     import llama_cpp
 
-    return {"llama_cpp_python": llama_cpp.__version__, "patched": patched()}
+    return {"llama_cpp_python": llama_cpp.__version__, "patched": patched(),
+            "libggml_cpu": loaded_library("libggml-cpu")}
 
 
-def register_expert_types(base: int, types: list[int], pointers: list[int]) -> None:
-    """Tell the patched mul_mat_id that the stacked tensor at `base` holds expert e at types[e], pointers[e].
-
-    The caller has checked every pointer against the file mapping (layout.read_layout checks each expert
-    fits its slot inside the file).
-    """
-    lib = ggml_cpu()
-    fn = lib.ggml_cpu_edgemoe_register
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.POINTER(ctypes.c_int32),
-                   ctypes.POINTER(ctypes.c_void_p)]
-    fn.restype = ctypes.c_int
+def register_expert_types(base: int, n_per_row: int, types: list[int], pointers: list[int]) -> None:
+    """Tell the patched mul_mat_id that the stacked tensor at `base` (rows of `n_per_row` values) holds expert e
+    at types[e], pointers[e]. The patched loader does this itself for the files edgemoe writes (their
+    `edgemoe.required_features`); this is for tests and other writers. The caller keeps every pointer valid
+    until unregister_expert_types(base)."""
     n = len(types)
-    if fn(base, n, (ctypes.c_int32 * n)(*types), (ctypes.c_void_p * n)(*pointers)) != 0:
-        raise RuntimeError(f"ggml_cpu_edgemoe_register refused the tensor at {base:#x} (types {set(types)})")
+    status = _require_registry().register(base, n, n_per_row, (ctypes.c_int32 * n)(*types),
+                                          (ctypes.c_void_p * n)(*pointers))
+    if status != 0:
+        raise RuntimeError(f"ggml_cpu_edgemoe_register refused the tensor at {base:#x}: {_STATUS.get(status, status)}")
 
 
-_generation = 0
+def unregister_expert_types(base: int) -> bool:
+    """Forget the tensor at `base`; False if nothing was registered there."""
+    return _require_registry().unregister(base) == 0
+
+
+def lookup_expert(base: int, expert: int) -> tuple[int, int] | None:
+    """(type, pointer) the kernel llama.cpp computes with uses for `expert` of the tensor at `base`, or None if that
+    tensor is not registered there."""
+    t, p = ctypes.c_int32(), ctypes.c_void_p()
+    status = _require_registry().lookup(base, expert, ctypes.byref(t), ctypes.byref(p))
+    if status == -6:
+        return None
+    if status != 0:
+        raise RuntimeError(f"ggml_cpu_edgemoe_lookup({base:#x}, {expert}): {_STATUS.get(status, status)}")
+    return t.value, p.value
+
+
+def check_registered(name: str, base: int, types: list[int], pointers: list[int]) -> None:
+    """Raise unless the registry llama.cpp computes with holds exactly these experts for the tensor at `base`."""
+    for e, (want_type, want_ptr) in enumerate(zip(types, pointers, strict=True)):
+        got = lookup_expert(base, e)
+        if got != (want_type, want_ptr):
+            what = "nothing registered" if got is None else f"type {got[0]} at {got[1]:#x}"
+            raise RuntimeError(f"{name}: llama.cpp's ggml-cpu ({loaded_library('libggml-cpu')}) has {what} for expert "
+                               f"{e}, expected type {want_type} at {want_ptr:#x}: its computations would not see the "
+                               f"file's per-expert types")
 
 
 def registry_generation() -> int:
-    """Bumped whenever the registry is cleared: pointers set since are gone."""
-    return _generation
+    """Registrations are made and dropped by llama.cpp's loader with each model, and a model's pointers are never
+    reset behind its owner's back: this never changes (kept for substitute.ExpertPointers)."""
+    return 0
 
 
 def set_expert(base: int, expert: int, type_id: int, pointer: int) -> None:
     """Point expert `expert` of the registered tensor at `base` to `pointer`, read as `type_id`."""
-    fn = ggml_cpu().ggml_cpu_edgemoe_set_expert
-    if fn(ctypes.c_void_p(base), ctypes.c_int64(expert), ctypes.c_int32(type_id), ctypes.c_void_p(pointer)) != 0:
-        raise RuntimeError(f"ggml_cpu_edgemoe_set_expert refused expert {expert} of the tensor at {base:#x}")
-
-
-def clear_expert_types() -> None:
-    global _generation
-    _generation += 1
-    ggml_cpu().ggml_cpu_edgemoe_clear()
+    status = _require_registry().set_expert(base, expert, type_id, pointer)
+    if status != 0:
+        raise RuntimeError(f"ggml_cpu_edgemoe_set_expert refused expert {expert} of the tensor at {base:#x}: "
+                           f"{_STATUS.get(status, status)}")

@@ -1,4 +1,5 @@
 """The patched runtime: detected, stock behaviour unchanged, stock builds refuse mixed files, lazy load."""
+import ctypes
 import json
 import os
 import subprocess
@@ -20,7 +21,9 @@ def test_runtime_is_patched_where_required():
     info = runtime.runtime_info()
     if os.environ.get("EDGEMOE_REQUIRE_PATCHED"):
         assert info["patched"] and "+edgemoe." in info["llama_cpp_python"], info
-    assert info["patched"] == hasattr(runtime.ggml_cpu(), "ggml_cpu_edgemoe_abi")
+    # the file llama.cpp computes with (opening it by its resolved path maps no second copy)
+    assert Path(info["libggml_cpu"]).is_file()
+    assert info["patched"] == hasattr(ctypes.CDLL(info["libggml_cpu"]), "ggml_cpu_edgemoe_abi")
 
 
 @pytest.fixture(scope="module")
