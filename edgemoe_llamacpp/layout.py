@@ -1,6 +1,6 @@
 """GGUF -> MoE layout: which tensors hold experts, every expert's byte ranges, dense vs expert bytes.
 
-Everything comes from the GGUF metadata and tensor infos (read with gguf-py), never from a model's
+Everything comes from the GGUF metadata and tensor infos (parsed here, with gguf-py's type tables), never from a model's
 shapes being what we expect: real files (Qwen3-MoE, OLMoE, Mixtral, DeepSeek-V2, gpt-oss) take the same
 path as the fixture. Every offset and size is checked against the file before anyone may use it.
 """
@@ -15,6 +15,9 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import NamedTuple
+
+import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from .errors import BadModelError, NotMoEError
 from .runtime import PAGE, mincore_pages
@@ -163,17 +166,42 @@ class MoELayout:
         }
 
 
-def _open_reader(path: Path):
-    """gguf-py's reader of `path`'s header, parsed from a stand-in that holds only the header bytes.
+class _Field(NamedTuple):
+    """One metadata value: where it lies in the header, decoded when asked for (`contents`)."""
+    buf: bytearray
+    vtype: int
+    pos: int
 
-    The header is read with exact preads and no readahead, and the pages this read brought into the page
-    cache are dropped again (those that were there before stay): reading a layout, say for `edgemoe inspect`
-    beside a running server, costs that server none of its cached experts. The stand-in (a sparse memfd of
-    the file's size) keeps gguf-py from mapping and faulting in the real file; its tensor data reads as
-    zeros, so this reader is for metadata, shapes and offsets only: whoever needs tensor data opens the file.
+    def contents(self):
+        return _decode(self.buf, self.pos, self.vtype)[0]
+
+
+class _TensorInfo(NamedTuple):
+    """One tensor info: shape in GGUF order (shape[0] is the row length), absolute data offset."""
+    name: str
+    shape: np.ndarray
+    tensor_type: GGMLQuantizationType
+    data_offset: int
+    n_bytes: int
+
+
+@dataclass
+class GGUFHeader:
+    """A GGUF header: metadata fields, tensor infos and where the tensor data starts. Parsed here rather than
+    by gguf-py, whose reader takes seconds on a large vocabulary (it builds numpy views of every token),
+    from bytes whose every length and count `_walk_header` has checked against the file."""
+    fields: dict[str, _Field]
+    tensors: list[_TensorInfo]
+    data_offset: int
+
+
+def _open_reader(path: Path) -> GGUFHeader:
+    """`path`'s GGUF header, read with exact preads and no readahead.
+
+    The pages this read brought into the page cache are dropped again (those that were there before stay):
+    reading a layout, say for `edgemoe inspect` beside a running server, costs that server none of its cached
+    experts. Only metadata, shapes and offsets come from here: whoever needs tensor data opens the file.
     """
-    from gguf import GGUFReader
-
     if not path.exists():
         raise BadModelError(f"{path}: no such file")
     if not path.is_file():
@@ -186,29 +214,16 @@ def _open_reader(path: Path):
             magic = bytes(head.buf[:len(GGUF_MAGIC)])
             if magic != GGUF_MAGIC:
                 raise BadModelError(f"{path}: not a GGUF file (starts with {magic!r}, expected {GGUF_MAGIC!r})")
-            end = _walk_header(path, head)
+            return _walk_header(path, head)
         finally:
             head.drop()
     finally:
         os.close(fd)
-    standin = os.memfd_create("edgemoe-gguf-header", os.MFD_CLOEXEC)
-    try:
-        os.ftruncate(standin, head.size)
-        data, done = memoryview(head.buf)[:end], 0
-        while done < end:
-            done += os.pwrite(standin, data[done:], done)
-        del data, head
-        try:
-            return GGUFReader(f"/proc/self/fd/{standin}")
-        except (ValueError, IndexError, KeyError, TypeError, OverflowError, struct.error, MemoryError) as e:
-            raise BadModelError(f"{path}: unreadable GGUF header ({e}); the file is truncated or "
-                                f"corrupt") from None
-    finally:
-        os.close(standin)        # gguf-py's mapping keeps the stand-in alive as long as its reader
 
 
-# GGUF value types: fixed sizes, 8 = string, 9 = array
-_GGUF_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+# GGUF value types: fixed sizes (struct formats), 8 = string, 9 = array
+_GGUF_FORMATS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "B", 10: "Q", 11: "q", 12: "d"}
+_GGUF_SIZES = {k: struct.calcsize(v) for k, v in _GGUF_FORMATS.items()}
 GGUF_VERSIONS = (2, 3)           # those gguf-py reads; both lay the header out as _walk_header does
 GGML_MAX_DIMS = 4
 _HEADER_CAP = 64 << 20           # no real model's header comes near (a 256k-token vocabulary takes ~10 MB)
@@ -313,20 +328,86 @@ def _walk_header(path: Path, head: _HeaderBytes) -> int:
     n_tensors, n_kv = u(8, "Q"), u(16, "Q")
     need(24, n_kv * 12)
     pos = 24
+    fields: dict[str, _Field] = {}
     for _ in range(n_kv):
+        key_at = pos
         pos = value(pos, 8)                          # the key
+        key = _text(buf, key_at + 8, pos, path)
         vtype = u(pos, "I")
+        fields[key] = _Field(buf, vtype, pos + 4)
         pos = value(pos + 4, vtype)
     need(pos, n_tensors * 24)                        # name length, n_dims, type, offset at least
+    infos = []
     for _ in range(n_tensors):
+        name_at = pos
         pos = value(pos, 8)                          # the name
+        name = _text(buf, name_at + 8, pos, path)
         n_dims = u(pos, "I")
         if n_dims > GGML_MAX_DIMS:
             raise BadModelError(f"{path}: a tensor at byte {pos} has {n_dims} dimensions (GGUF allows "
                                 f"{GGML_MAX_DIMS}): corrupt")
         need(pos + 4, n_dims * 8 + 12)               # dims (u64 each), type (u32), data offset (u64)
+        dims = struct.unpack_from(f"<{n_dims}Q", buf, pos + 4)
+        type_id, offset = struct.unpack_from("<IQ", buf, pos + 4 + n_dims * 8)
+        infos.append((name, dims, type_id, offset))
         pos += 4 + n_dims * 8 + 12
-    return pos
+    return _header(path, fields, infos, pos, head.size)
+
+
+def _text(buf, start: int, end: int, path: Path) -> str:
+    try:
+        return bytes(buf[start:end]).decode("utf-8")
+    except UnicodeDecodeError:
+        raise BadModelError(f"{path}: a metadata key or tensor name at byte {start} is not UTF-8: corrupt") from None
+
+
+def _decode(buf, pos: int, vtype: int):
+    """(value, end) of the metadata value at pos (checked already by _walk_header)."""
+    if vtype in _GGUF_FORMATS:
+        fmt = _GGUF_FORMATS[vtype]
+        v = struct.unpack_from("<" + fmt, buf, pos)[0]
+        return (bool(v) if vtype == 7 else v), pos + struct.calcsize(fmt)
+    if vtype == 8:
+        n = struct.unpack_from("<Q", buf, pos)[0]
+        return bytes(buf[pos + 8:pos + 8 + n]).decode("utf-8", errors="replace"), pos + 8 + n
+    itype, count = struct.unpack_from("<IQ", buf, pos)
+    pos += 12
+    if itype in _GGUF_FORMATS and itype != 7:
+        fmt = _GGUF_FORMATS[itype]
+        return list(struct.unpack_from(f"<{count}{fmt}", buf, pos)), pos + count * struct.calcsize(fmt)
+    out = []
+    for _ in range(count):
+        v, pos = _decode(buf, pos, itype)
+        out.append(v)
+    return out, pos
+
+
+def _header(path: Path, fields: dict[str, _Field], infos: list, end: int, file_size: int) -> GGUFHeader:
+    """Tensor infos typed and sized, and the data section's start (`general.alignment`, default 32)."""
+    align_field = fields.get("general.alignment")
+    alignment = align_field.contents() if align_field is not None and align_field.vtype == 4 else 32
+    if alignment <= 0 or alignment & (alignment - 1):
+        raise BadModelError(f"{path}: general.alignment {alignment} is not a power of two")
+    data_offset = -(-end // alignment) * alignment
+    tensors = []
+    for name, dims, type_id, offset in infos:
+        try:
+            qt = GGMLQuantizationType(type_id)
+            block, size = GGML_QUANT_SIZES[qt]
+        except (ValueError, KeyError):
+            raise BadModelError(f"{path}: tensor {name} has unknown type {type_id}") from None
+        if dims and dims[0] % block:
+            raise BadModelError(f"{path}: tensor {name} rows of {dims[0]} values are not a multiple of {qt.name}'s "
+                                f"block of {block}")
+        n = 1
+        for d in dims:
+            n *= d
+        nbytes = n // block * size
+        if nbytes > file_size or offset > file_size or any(d > file_size for d in dims):
+            raise BadModelError(f"{path}: tensor {name} data [{data_offset + offset}, {data_offset + offset + nbytes}) "
+                                f"lies outside the file's {file_size} bytes: truncated or corrupt")
+        tensors.append(_TensorInfo(name, np.array(dims, dtype=np.int64), qt, data_offset + offset, nbytes))
+    return GGUFHeader(fields, tensors, data_offset)
 
 
 def _field(reader, key: str, path: Path, kind: type, required: bool = True):
