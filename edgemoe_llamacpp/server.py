@@ -12,7 +12,7 @@ import socket
 from pathlib import Path
 
 # llama-cpp-python's flag builder reads typing.Optional, not `X | None`
-from typing import List, Literal, Optional
+from typing import List, Literal, Optional, Union
 
 import llama_cpp
 from llama_cpp.server.model import LlamaProxy
@@ -29,7 +29,7 @@ CACHE_OPTIONS = ("memory_budget", "policy", "predictor", "prefetch_depth", "pref
 
 
 class EdgeMoEModelSettings(ModelSettings):
-    memory_budget: Optional[str] = Field(
+    memory_budget: Optional[Union[str, int]] = Field(  # noqa: UP007 -- the flag builder reads typing.Union
         default=None, description="Expert memory: bytes, 800MB, 1.5GiB or 50% of the expert bytes; "
                                   "unset for no limit.")
     policy: Literal[POLICIES] = Field(default="distance",

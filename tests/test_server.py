@@ -388,9 +388,25 @@ def test_bad_config_files_are_one_line_errors(fixture_path, tmp_path, name, text
 
 
 def test_missing_config_file_is_a_one_line_error(tmp_path):
-    assert_one_line_error(subprocess.run(serve_command("--config_file", str(tmp_path / "absent.yaml")),
-                                         capture_output=True, text=True, timeout=120, check=False),
-                          "cannot read the config file (No such file or directory)")
+    for argv, env in ((["--config_file", str(tmp_path / "absent.yaml")], {}),
+                      ([], {"CONFIG_FILE": str(tmp_path / "absent.yaml")})):     # llama-cpp-python's variable
+        assert_one_line_error(subprocess.run(serve_command(*argv), capture_output=True, text=True, timeout=120,
+                                             check=False, env={**os.environ, **env}),
+                              "cannot read the config file (No such file or directory)")
+
+
+def test_config_file_budget_in_bytes_and_every_cache_option(fixture_path, tmp_path):
+    from edgemoe_llamacpp.server import CACHE_OPTIONS, load_config_file
+
+    path = tmp_path / "edgemoe.yaml"
+    path.write_text(f"api_key: k\nqueue_size: 3\nmodels:\n  - model: {fixture_path}\n    memory_budget: 5000000\n"
+                    "    policy: lru\n    predictor: gate\n    prefetch_depth: 2\n    prefetch_threads: 3\n"
+                    "    fetch_threads: 5\n    substitute: 0.5\n")
+    server, (model,) = load_config_file(str(path))
+    assert server.api_key == "k" and server.queue_size == 3 and server.interrupt_requests is False
+    assert {k: getattr(model, k) for k in CACHE_OPTIONS} == {
+        "memory_budget": 5000000, "policy": "lru", "predictor": "gate", "prefetch_depth": 2, "prefetch_threads": 3,
+        "fetch_threads": 5, "substitute": 0.5}
 
 
 def test_api_key_file(tmp_path):
