@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import platform
+import signal
 import statistics
 import subprocess
 import sys
@@ -86,29 +87,88 @@ def disk_bandwidth(path: str, nbytes: int = 256 << 20) -> float:
     return done / dt
 
 
+STOCK_RUNTIME_ENV = "EDGEMOE_STOCK_RUNTIME"
+# The stock run: generate() as `edgemoe run --stock --json` calls it, with llama.cpp's CPU repack on or off, and
+# what llama.cpp was given (use_extra_bufts) read back from the Llama it built.
+STOCK_CHILD = """
+import json, sys
+import edgemoe_llamacpp.llama as L
+from edgemoe_llamacpp.errors import EdgeMoEError
+from edgemoe_llamacpp.generate import generate
+args = json.loads(sys.argv[1])
+seen = {}
+stock_llama = L.stock_llama
+def spy(*a, **k):
+    llm = stock_llama(*a, **k)
+    seen["use_extra_bufts"] = bool(llm.model_params.use_extra_bufts)
+    return llm
+L.stock_llama = spy
+try:
+    out = generate(**args)
+except EdgeMoEError as e:
+    sys.exit(f"error: {e}")
+print(json.dumps({**out, **seen}))
+"""
+
+
+def stock_env() -> dict | None:
+    """The environment of a stock run: with EDGEMOE_STOCK_RUNTIME set (a directory holding another
+    llama_cpp package, e.g. an unpatched build from `tools/build_runtime.py --stock --target DIR`), that
+    package comes first on PYTHONPATH; otherwise None (this interpreter's llama_cpp)."""
+    where = os.environ.get(STOCK_RUNTIME_ENV)
+    if not where:
+        return None
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(Path(where).resolve()), env.get("PYTHONPATH")) if p)
+    return env
+
+
+def signal_name(returncode: int) -> str | None:
+    """"SIGSEGV" for a process the signal killed (a negative return code), else None."""
+    if returncode >= 0:
+        return None
+    try:
+        return signal.Signals(-returncode).name
+    except ValueError:
+        return f"signal {-returncode}"
+
+
 def _child(model: str, budget: str | None, stock: bool, tokens: int, prompt: str, n_ctx: int,
-           limit: int | None, n_threads: int | None, cache_options: dict | None = None) -> dict:
-    cmd = [sys.executable, "-m", "edgemoe_llamacpp", "run", model, "-p", prompt, "-n", str(tokens), "--json",
-           "--n-ctx", str(n_ctx)]
-    cmd += ["--stock"] if stock else ["--memory-budget", budget or "none", "--trace"]
-    if not stock and cache_options:
-        cmd += ["--policy", cache_options["policy"], "--predictor", cache_options["predictor"] or "none",
-                "--prefetch-depth", str(cache_options["prefetch_depth"])]
-        if cache_options.get("substitute") is not None:
-            cmd += ["--substitute", str(cache_options["substitute"])]
-    if n_threads:
-        cmd += ["--n-threads", str(n_threads)]
+           limit: int | None, n_threads: int | None, cache_options: dict | None = None, *,
+           stock_repack: bool = True, controller: cgroup.Controller | None = None) -> dict:
+    env = None
+    if stock:
+        args = {"model": model, "prompt": prompt, "max_tokens": tokens, "stock": True, "n_ctx": n_ctx,
+                "n_threads": n_threads, "use_extra_bufts": stock_repack}
+        cmd = [sys.executable, "-c", STOCK_CHILD, json.dumps(args)]
+        env = stock_env()
+    else:
+        cmd = [sys.executable, "-m", "edgemoe_llamacpp", "run", model, "-p", prompt, "-n", str(tokens), "--json",
+               "--n-ctx", str(n_ctx), "--memory-budget", budget or "none", "--trace"]
+        if cache_options:
+            cmd += ["--policy", cache_options["policy"], "--predictor", cache_options["predictor"] or "none",
+                    "--prefetch-depth", str(cache_options["prefetch_depth"])]
+            if cache_options.get("substitute") is not None:
+                cmd += ["--substitute", str(cache_options["substitute"])]
+        if n_threads:
+            cmd += ["--n-threads", str(n_threads)]
     cgroup.drop_file_cache(model)
     if limit is None:
         t0 = time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
         run = cgroup.LimitedRun(proc.returncode, proc.stdout, proc.stderr, 0, 0, 0, 0, time.perf_counter() - t0)
     else:
-        run = cgroup.run_limited(cmd, limit)
+        run = cgroup.run_limited(cmd, limit, env=env, controller=controller)
     out = {"ok": run.returncode == 0, "returncode": run.returncode, "peak_bytes": run.peak_bytes,
            "oom_kills": run.oom_kills, "wall_s": run.wall_s}
+    if stock:
+        out["stock_repack"] = stock_repack
     if run.returncode == 0:
         out.update(json.loads(run.stdout))
+    elif (sig := signal_name(run.returncode)) is not None:
+        engine = "stock llama.cpp" if stock else "edgemoe"
+        out["signal"] = sig
+        out["error"] = [f"{engine} died with {sig}" + (" (the cgroup's OOM killer)" if run.oom_kills else "")]
     else:
         out["error"] = run.stderr.strip().splitlines()[-1:] or [f"exit {run.returncode}"]
     return out
@@ -127,8 +187,12 @@ def _engine_summary(runs: list[dict]) -> dict:
     def per_token(r, key):
         return r[key] / r["decode_evals"] if r.get("decode_evals") else None
 
+    died: dict[str, int] = {}
+    for r in runs:
+        if r.get("signal"):
+            died[r["signal"]] = died.get(r["signal"], 0) + 1
     out = {
-        "runs": len(runs), "failed": len(runs) - len(ok),
+        "runs": len(runs), "failed": len(runs) - len(ok), "died": died,
         "decode_tok_s": _spread([r["decode_tok_s"] for r in ok]),
         "prefill_tok_s": _spread([r["prefill_tok_s"] for r in ok]),
         "decode_read_bytes_per_token": _spread([per_token(r, "decode_read_bytes") for r in ok]),
@@ -145,29 +209,50 @@ def _engine_summary(runs: list[dict]) -> dict:
     return out
 
 
-def measure_allowance(model: str, *, prompt: str = PROMPT, n_ctx: int = 512, use_cgroup: bool = True,
-                      n_threads: int | None = None, stock_model: str | None = None) -> int:
-    """Memory a process running `model` needs besides the model's pages and the KV cache (see ALLOWANCE_MARGIN)."""
+def calibrate(model: str, *, prompt: str = PROMPT, n_ctx: int = 512, use_cgroup: bool = True,
+              n_threads: int | None = None, stock_model: str | None = None, engines=("stock", "edgemoe"),
+              stock_repack: bool = True, controller: cgroup.Controller | None = None) -> tuple[int, dict]:
+    """Memory a process running `model` needs besides the model's pages and the KV cache (see
+    ALLOWANCE_MARGIN): the most any of `engines` needed, and each engine's calibration run. A stock run that
+    dies (a crashing llama.cpp build) is recorded and left out; a failed edgemoe run is an error."""
     files = {True: stock_model or model, False: model}
     unlimited = psutil.virtual_memory().total if use_cgroup else None
-    calib = {stock: _child(files[stock], "100%", stock, 4, prompt, n_ctx, unlimited, n_threads)
-             for stock in (True, False)}
-    failed = [c for c in calib.values() if not c["ok"]]
+    calib = {stock: _child(files[stock], "100%", stock, 4, prompt, n_ctx, unlimited, n_threads,
+                           stock_repack=stock_repack, controller=controller)
+             for stock in (True, False) if ("stock" if stock else "edgemoe") in engines}
+    summary = {("stock" if stock else "edgemoe"): {k: c.get(k) for k in ("ok", "returncode", "signal", "error",
+                                                                          "peak_bytes", "rss_anon_bytes")}
+               for stock, c in calib.items()}
+    failed = [c for stock, c in calib.items() if not c["ok"] and not (stock and c.get("signal"))]
     if failed:
         raise EdgeMoEError(f"calibration run failed: {failed[0]['error']}")
+    used = {stock: c for stock, c in calib.items() if c["ok"]}
+    if not used:
+        raise EdgeMoEError(f"calibration run failed: {calib[True]['error']}")
     if not use_cgroup:
-        return max(c["rss_anon_bytes"] for c in calib.values()) + ALLOWANCE_MARGIN
-    return max(c["peak_bytes"] - read_layout(files[stock]).file_size for stock, c in calib.items()) \
-        - kv_cache_bytes(model, n_ctx) + ALLOWANCE_MARGIN
+        return max(c["rss_anon_bytes"] for c in used.values()) + ALLOWANCE_MARGIN, summary
+    return max(c["peak_bytes"] - read_layout(files[stock]).file_size for stock, c in used.items()) \
+        - kv_cache_bytes(model, n_ctx) + ALLOWANCE_MARGIN, summary
+
+
+def measure_allowance(model: str, *, prompt: str = PROMPT, n_ctx: int = 512, use_cgroup: bool = True,
+                      n_threads: int | None = None, stock_model: str | None = None,
+                      engines=("stock", "edgemoe")) -> int:
+    """Memory a process running `model` needs besides the model's pages and the KV cache (see ALLOWANCE_MARGIN)."""
+    return calibrate(model, prompt=prompt, n_ctx=n_ctx, use_cgroup=use_cgroup, n_threads=n_threads,
+                     stock_model=stock_model, engines=engines)[0]
 
 
 def run_bench(model: str, budgets: list[str], *, runs: int = 3, tokens: int = 64, prompt: str = PROMPT,
               n_ctx: int = 512, use_cgroup: bool = True, allowance: int | None = None,
               n_threads: int | None = None, progress: bool = True, policy: str = "distance",
               predictor: str | None = None, prefetch_depth: int = 1, substitute: float | None = None,
-              stock_model: str | None = None) -> dict:
+              stock_model: str | None = None, stock_repack: bool = True) -> dict:
     """Stock and edgemoe alternately, cold cache, per budget. `stock_model`: the file stock runs when `model`
-    is one only edgemoe loads (low-bit copies, per-expert types): the one it was converted from."""
+    is one only edgemoe loads (low-bit copies, per-expert types): the one it was converted from.
+    `stock_repack`: stock with llama.cpp's CPU repack (its default) or without (edgemoe's compute path).
+    A stock run that dies is recorded with its signal; edgemoe is still measured, and that budget's ratio
+    is marked absent when no pair has both."""
     from tqdm import tqdm
 
     layout: MoELayout = read_layout(model)
@@ -176,22 +261,30 @@ def run_bench(model: str, budgets: list[str], *, runs: int = 3, tokens: int = 64
         stock_layout = read_layout(stock_model)
         if stock_layout.expert_bytes != layout.expert_bytes or stock_layout.dense_bytes != layout.dense_bytes:
             raise EdgeMoEError(f"{stock_model} is not {model}'s model: expert/dense bytes differ")
-    if use_cgroup and cgroup.own_memory_cgroup() is None:
-        log.warning("no writable cgroup memory controller: runs are not memory-limited")
-        use_cgroup = False
+    if use_cgroup:
+        controller = cgroup.prepare(cgroup.memory_controller())
+        if controller.kind == "none":
+            log.warning("runs are not memory-limited: %s", controller.reason)
+            use_cgroup = False
+    else:
+        controller = cgroup.Controller("none", None, "not requested (--no-cgroup)")
     kv = kv_cache_bytes(model, n_ctx)
     bandwidth = disk_bandwidth(model)
+    calibration = None
     if allowance is None:
-        allowance = measure_allowance(model, prompt=prompt, n_ctx=n_ctx, use_cgroup=use_cgroup,
-                                      n_threads=n_threads, stock_model=stock_model)
+        allowance, calibration = calibrate(model, prompt=prompt, n_ctx=n_ctx, use_cgroup=use_cgroup,
+                                           n_threads=n_threads, stock_model=stock_model, stock_repack=stock_repack,
+                                           controller=controller if use_cgroup else None)
     result = {
         "model": str(model), "arch": layout.arch, "n_layer": layout.n_layer, "n_expert": layout.n_expert,
         "n_expert_used": layout.n_expert_used, "dense_bytes": layout.dense_bytes,
         "expert_bytes": layout.expert_bytes, "file_bytes": layout.file_size, "kv_cache_bytes": kv,
-        "allowance_bytes": allowance, "cgroup": use_cgroup, "disk_bandwidth_bps": bandwidth,
+        "allowance_bytes": allowance, "calibration": calibration, "cgroup": use_cgroup,
+        "memory_limit": controller.to_dict(), "disk_bandwidth_bps": bandwidth,
         "tokens": tokens, "n_ctx": n_ctx, "prompt": prompt, "machine": _machine(),
         "policy": policy, "predictor": predictor, "prefetch_depth": prefetch_depth, "substitute": substitute,
-        "stock_model": str(stock_model), "lowbit_type": layout.lowbit_type,
+        "stock_model": str(stock_model), "stock_repack": stock_repack,
+        "stock_runtime": os.environ.get(STOCK_RUNTIME_ENV) or None, "lowbit_type": layout.lowbit_type,
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "budgets": [],
     }
     bar = tqdm(total=len(budgets) * runs * 2, desc="bench", unit="run", disable=not progress)
@@ -210,7 +303,7 @@ def run_bench(model: str, budgets: list[str], *, runs: int = 3, tokens: int = 64
                 pair["stock" if stock else "edgemoe"] = _child(
                     stock_model if stock else model, spec, stock, tokens, prompt, n_ctx, limit, n_threads,
                     {"policy": policy, "predictor": predictor, "prefetch_depth": prefetch_depth,
-                     "substitute": substitute})
+                     "substitute": substitute}, stock_repack=stock_repack, controller=controller)
                 bar.update()
             pairs.append(pair)
         entry = {"budget": spec, "budget_bytes": budget, "limit_bytes": limit,
@@ -235,6 +328,10 @@ def compare(runs: list[dict], stock_runs: list[dict], budget: int, expert_size: 
     ratios = [e["decode_tok_s"] / s["decode_tok_s"] for e, s in zip(runs, stock_runs, strict=True)
               if e["ok"] and s["ok"] and s["decode_tok_s"]]
     out = {"edgemoe": _engine_summary(runs), "decode_ratio": _spread(ratios)}
+    died = [s["signal"] for s in stock_runs if s.get("signal")]
+    if died:        # the pairs whose stock run died have no ratio; say so where the ratio would be
+        out["decode_ratio"]["absent"] = (f"stock llama.cpp died with {', '.join(sorted(set(died)))} in "
+                                         f"{len(died)} of {len(stock_runs)} runs")
     floors = [belady(r.pop("trace"), int(budget // expert_size))[1] * expert_size / r["decode_evals"]
               for r in runs if r["ok"] and r.get("trace")]
     for r in runs:
@@ -267,7 +364,8 @@ def format_table(result: dict) -> str:
     def fmt(x, spec="{:.1f}"):
         return "-" if x is None else spec.format(x)
 
-    rows = [("| budget | limit | engine | decode tok/s (median, min-max) | prefill tok/s | storage MB/token | "
+    rows = [*header(result), "",
+            ("| budget | limit | engine | decode tok/s (median, min-max) | prefill tok/s | storage MB/token | "
             "major faults/token | hit rate | peak MiB | edgemoe/stock decode |"),
             "|---|---|---|---|---|---|---|---|---|---|"]
     for b in result["budgets"]:
@@ -279,7 +377,11 @@ def format_table(result: dict) -> str:
             ratio = fmt(b["decode_ratio"]["median"], "{:.2f}x") + \
                 f" ({fmt(b['decode_ratio']['min'], '{:.2f}')}-{fmt(b['decode_ratio']['max'], '{:.2f}')})" \
                 if eng == "edgemoe" else ""
-            failed = f" ({s['failed']} failed)" if s["failed"] else ""
+            if eng == "edgemoe" and b["decode_ratio"].get("absent"):
+                ratio = f"absent ({b['decode_ratio']['absent']})" if b["decode_ratio"]["median"] is None else \
+                    f"{ratio}, without the pairs whose stock died ({b['decode_ratio']['absent']})"
+            died = ", ".join(f"{n} died with {sig}" for sig, n in s.get("died", {}).items())
+            failed = f" ({s['failed']} failed{': ' + died if died else ''})" if s["failed"] else ""
             rows.append(f"| {b['budget']} | {limit} | {eng}{failed} | {fmt(d['median'])} "
                         f"({fmt(d['min'])}-{fmt(d['max'])}) | {fmt(s['prefill_tok_s']['median'])} | "
                         f"{fmt(_mb(s['decode_read_bytes_per_token']['median']), '{:.2f}')} | "
@@ -291,6 +393,32 @@ def format_table(result: dict) -> str:
                         (f"edgemoe reads {b['edgemoe_bytes_vs_floor']:.2f}x the floor |"
                          if b["edgemoe_bytes_vs_floor"] else "edgemoe read nothing: the load kept every expert |"))
     return "\n".join(rows)
+
+
+def memory_limit_note(result: dict) -> dict:
+    """The results' memory_limit (kind, path, reason); results written before it was recorded have only the
+    "cgroup" flag, and every machine that wrote them had cgroup v1."""
+    if "memory_limit" in result:
+        return result["memory_limit"]
+    if result.get("cgroup"):
+        return {"kind": "cgroup-v1", "path": None, "reason": "cgroup v1 memory controller"}
+    return {"kind": "none", "path": None, "reason": "no writable cgroup memory controller (its reason was not "
+            "recorded then)"}
+
+
+def header(result: dict) -> list[str]:
+    """The lines above the table: how memory was limited (or why it was not) and how stock ran."""
+    m = memory_limit_note(result)
+    limit = (f"Memory limit: {m['kind']} ({m['reason']})." if m["kind"] != "none" else
+             f"Memory limit: none, runs are NOT memory-limited ({m['reason']}).")
+    repack = result.get("stock_repack", True)
+    stock = (f"Stock: llama.cpp's CPU repack {'on (its default)' if repack else 'off (use_extra_bufts=False)'}"
+             + (f", llama_cpp from {result['stock_runtime']}" if result.get("stock_runtime") else "") + ".")
+    died = sorted({r["stock"]["signal"] for b in result["budgets"] for r in b.get("pairs", [])
+                   if r.get("stock", {}).get("signal")})
+    if died:
+        stock += f" Stock llama.cpp died with {', '.join(died)}: its runs are recorded, ratios marked absent."
+    return [limit, stock]
 
 
 def _mb(x):

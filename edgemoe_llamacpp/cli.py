@@ -143,11 +143,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     result = run_bench(args.model, args.memory_budget, runs=args.runs, tokens=args.tokens, n_ctx=args.n_ctx,
                        use_cgroup=not args.no_cgroup, n_threads=args.n_threads,
                        allowance=None if args.allowance is None else parse_budget(args.allowance, 0),
-                       stock_model=args.stock_model,
+                       stock_model=args.stock_model, stock_repack=args.stock_repack == "on",
                        **_cache_options(args))
     if args.json:
         files.write_text(args.json, json.dumps(result, indent=1) + "\n")
-    limited = "cgroup-limited" if result["cgroup"] else "NOT memory-limited (no writable cgroup)"
+    m = result["memory_limit"]
+    limited = f"{m['kind']}-limited" if result["cgroup"] else f"NOT memory-limited ({m['reason']})"
     print(f"{result['model']}: dense {_mib(result['dense_bytes'])}, experts {_mib(result['expert_bytes'])}, "
           f"KV {_mib(result['kv_cache_bytes'])}, {limited}, disk {result['disk_bandwidth_bps'] / 1e9:.2f} GB/s")
     print(format_table(result))
@@ -354,6 +355,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace the --json file if it exists")
     p.add_argument("--stock-model", dest="stock_model", help="the file stock runs (default: MODEL); for a MODEL "
                    "only edgemoe can load, e.g. one with low-bit copies, give the file it was converted from")
+    p.add_argument("--stock-repack", dest="stock_repack", choices=("on", "off"), default="on",
+                   help="stock with llama.cpp's CPU repack (on, its default) or without (off: the compute path "
+                   "edgemoe uses, and a baseline where the repack crashes)")
     _add_cache_options(p)
     p.set_defaults(func=cmd_bench)
 

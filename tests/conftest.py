@@ -5,6 +5,11 @@ import pytest
 FIXTURE = Path(__file__).parent / "fixtures" / "tiny-moe.gguf"
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "stock: compares against stock llama.cpp, run in a child process "
+                            "(tests/stock.py; EDGEMOE_STOCK_RUNTIME selects its llama_cpp)")
+
+
 @pytest.fixture(scope="session")
 def fixture_path() -> Path:
     assert FIXTURE.is_file(), f"{FIXTURE} is missing: it is committed; rebuild with tools/make_tiny_moe.py"

@@ -1,5 +1,17 @@
-"""The benchmark's pure parts: Belady's floor on a trace worked out by hand, the KV cache size."""
-from edgemoe_llamacpp.bench import belady, kv_cache_bytes
+"""The benchmark: Belady's floor on a trace worked out by hand, the KV cache size; a stock that crashes, no
+memory controller, stock with the repack off."""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import stock
+
+from edgemoe_llamacpp import bench, cgroup
+from edgemoe_llamacpp.bench import STOCK_RUNTIME_ENV, belady, format_table, kv_cache_bytes, run_bench
+from edgemoe_llamacpp.cli import main as cli
+
+TOOLS = Path(__file__).parent.parent / "tools"
 
 
 def test_belady_by_hand():
@@ -19,3 +31,77 @@ def test_belady_prompt_steps_are_not_decode():
 def test_kv_cache_bytes_of_fixture(fixture_path):
     # F16 K and V: 2 x 8 layers x 512 positions x 4 kv heads x (64 + 64) dims = 4 MiB
     assert kv_cache_bytes(str(fixture_path), 512) == 2 * 8 * 512 * 4 * (64 + 64)
+
+
+def report_section(tmp_path, result: dict, monkeypatch) -> str:
+    """tools/bench_report.py's BENCHMARKS.md section for `result` (the plot left out: no matplotlib needed)."""
+    sys.path.insert(0, str(TOOLS))
+    try:
+        import bench_report
+    finally:
+        sys.path.remove(str(TOOLS))
+    monkeypatch.setattr(bench_report, "ROOT", tmp_path)
+    monkeypatch.setattr(bench_report, "plot", lambda r, out: None)
+    path = tmp_path / "result.json"
+    path.write_text(json.dumps(result))
+    return bench_report.section(path)
+
+
+@pytest.mark.skipif(cgroup.memory_controller().kind == "none", reason=cgroup.memory_controller().reason)
+def test_bench_records_a_crashed_stock_and_still_measures_edgemoe(fixture_path, tmp_path, monkeypatch):
+    """Stock dies with SIGSEGV (a stand-in llama_cpp, as stock 0.3.36 does in its AMX repack): the runs are
+    recorded with the signal, edgemoe is measured under the real memory limit, the ratio is marked absent."""
+    monkeypatch.setenv(STOCK_RUNTIME_ENV, str(stock.write_crashing_standin(tmp_path / "standin")))
+    result = run_bench(str(fixture_path), ["50%"], runs=1, tokens=4, progress=False)
+    assert result["cgroup"] and result["memory_limit"]["kind"] == cgroup.memory_controller().kind
+    assert result["stock_repack"] is True and result["stock_runtime"] == str(tmp_path / "standin")
+    assert result["calibration"]["stock"]["signal"] == "SIGSEGV"          # calibrated on edgemoe alone
+    assert result["calibration"]["edgemoe"]["ok"]
+    b = result["budgets"][0]
+    died = b["pairs"][0]["stock"]
+    assert (died["ok"], died["returncode"], died["signal"]) == (False, -11, "SIGSEGV")
+    assert died["error"] == ["stock llama.cpp died with SIGSEGV"]
+    assert b["stock"]["died"] == {"SIGSEGV": 1} and b["stock"]["failed"] == 1
+    assert b["edgemoe"]["failed"] == 0 and b["edgemoe"]["decode_tok_s"]["median"] > 0
+    assert b["edgemoe"]["peak_bytes"]["median"] <= b["limit_bytes"]
+    assert b["decode_ratio"]["median"] is None
+    assert b["decode_ratio"]["absent"] == "stock llama.cpp died with SIGSEGV in 1 of 1 runs"
+    table = format_table(result)
+    assert "stock (1 failed: 1 died with SIGSEGV)" in table and "absent (stock llama.cpp died with SIGSEGV" in table
+    assert "Stock llama.cpp died with SIGSEGV" in table.splitlines()[1]
+    assert "stock llama.cpp died with SIGSEGV" in report_section(tmp_path, result, monkeypatch)
+
+
+def test_bench_without_a_memory_controller_says_why_and_runs_stock_with_repack_off(fixture_path, tmp_path,
+                                                                                    monkeypatch, capsys):
+    """`edgemoe bench --stock-repack off` where no cgroup can be written: the reason is in the JSON, the
+    printed header and the report; stock really ran with use_extra_bufts=False."""
+    reason = "cgroup v2: memory is not one of its controllers (a test)"
+    monkeypatch.setattr(cgroup, "memory_controller", lambda: cgroup.Controller("none", None, reason))
+    out = tmp_path / "bench.json"
+    assert cli(["bench", str(fixture_path), "--memory-budget", "50%", "--runs", "1", "--tokens", "4",
+                "--allowance", "1MB", "--stock-repack", "off", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    result = json.loads(out.read_text())
+    assert result["memory_limit"] == {"kind": "none", "path": None, "reason": reason} and not result["cgroup"]
+    assert result["stock_repack"] is False
+    b = result["budgets"][0]
+    assert b["limit_bytes"] is None
+    st = b["pairs"][0]["stock"]
+    assert st["ok"] and st["stock_repack"] is False and st["use_extra_bufts"] is False, st
+    assert b["decode_ratio"]["median"] > 0 and "absent" not in b["decode_ratio"]
+    assert f"NOT memory-limited ({reason})" in printed
+    assert f"Memory limit: none, runs are NOT memory-limited ({reason})." in printed
+    assert "Stock: llama.cpp's CPU repack off (use_extra_bufts=False)" in printed
+    section = report_section(tmp_path, result, monkeypatch)
+    assert f"NOT memory-limited: {reason}" in section
+    assert "stock ran with llama.cpp's CPU repack off" in section and "--stock-repack off" in section
+
+
+@pytest.mark.stock
+def test_bench_stock_child_uses_llama_cpps_default_repack(fixture_path):
+    """The stock run bench makes by default gives llama.cpp its default (the CPU repack on)."""
+    run = bench._child(str(fixture_path), "100%", True, 2, "import os\n", 128, None, None)
+    if run.get("signal"):
+        pytest.fail(run["error"][0], pytrace=False)
+    assert run["ok"] and run["use_extra_bufts"] is True and run["stock_repack"] is True, run

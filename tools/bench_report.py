@@ -9,7 +9,7 @@ import argparse
 import json
 from pathlib import Path
 
-from edgemoe_llamacpp.bench import format_table
+from edgemoe_llamacpp.bench import format_table, memory_limit_note
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -298,13 +298,20 @@ def section(path: Path) -> str:
     png = path.with_suffix(".png")
     plot(r, png)
     m = r["machine"]
+    ml = memory_limit_note(r)
     if r["cgroup"]:
-        limited = (f"each run in its own cgroup-v1 memory limit = dense + budget + KV cache "
+        limited = (f"each run in its own {ml['kind']} memory limit = dense + budget + KV cache "
                    f"({r['kv_cache_bytes'] / 2**20:.1f} MiB) + allowance ({r['allowance_bytes'] / 2**20:.0f} MiB: "
                    "the process's own memory besides the model, measured by an unlimited run of each engine, "
                    "+ 96 MiB for the library and kernel pages that run does not show)")
     else:
-        limited = "NOT memory-limited: no writable cgroup on that machine (stock ran unlimited)"
+        limited = f"NOT memory-limited: {ml['reason']} (both engines ran unlimited)"
+    if r.get("stock_repack") is False:
+        limited += "; stock ran with llama.cpp's CPU repack off (use_extra_bufts=False)"
+    died = sorted({p["stock"]["signal"] for b in r["budgets"] for p in b.get("pairs", []) if p["stock"].get("signal")})
+    if died:
+        limited += (f"; stock llama.cpp died with {', '.join(died)} (runs recorded, edgemoe still measured, "
+                    "ratios absent where no pair has both)")
     return "\n".join([
         f"## {path.stem}: {Path(r['model']).name}",
         "",
@@ -352,8 +359,16 @@ def config_flags(r: dict) -> str:
     if not r.get("policy"):
         return ""
     return f" --runs {r['budgets'][0]['stock']['runs']} --policy {r['policy']} --predictor {r['predictor'] or 'none'}" + \
+        (" --stock-repack off" if r.get("stock_repack") is False else "") + \
         (f" --prefetch-depth {r['prefetch_depth']}" if r["predictor"] else "") + \
         (f" --substitute {r['substitute']} --stock-model {r['stock_model']}" if r.get("substitute") is not None else "")
+
+
+def ratio(d: dict) -> str:
+    """A median ratio, or why it is missing (stock died in every pair)."""
+    if d["median"] is None:
+        return f"- ({d['absent']})" if d.get("absent") else "-"
+    return f"{d['median']:.2f}x"
 
 
 def configurations_section(results: dict[Path, dict]) -> str:
@@ -373,7 +388,7 @@ def configurations_section(results: dict[Path, dict]) -> str:
             rows.append(f"| {path.stem} | {r['policy']} | {r['predictor'] or '-'} | "
                         f"{r['prefetch_depth'] if r['predictor'] else '-'} | {sub} | {b['budget']} | "
                         f"{med('decode_tok_s', b['stock'])} | {med('decode_tok_s')} | "
-                        f"{b['decode_ratio']['median']:.2f}x | {'-' if mb is None else f'{mb / 1e6:.1f}'} | "
+                        f"{ratio(b['decode_ratio'])} | {'-' if mb is None else f'{mb / 1e6:.1f}'} | "
                         f"{b.get('edgemoe_bytes_vs_floor') or 0:.2f}x | {med('prefetches_per_token')} | "
                         f"{med('prefetch_wasted_per_token')} | {med('substituted_per_token')} |")
     return "\n".join([
