@@ -88,8 +88,9 @@ def edgemoe(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     return proc
 
 
-STANDIN = '''"""A llama_cpp stand-in for the tests: the real package, except that a Llama dies with {sig} as it loads
-(as stock llama-cpp-python 0.3.36 does in its AMX repack on some Intel Xeons)."""
+STANDIN = '''"""A llama_cpp stand-in for the tests: the real package, except that a Llama dies with {sig} as it loads with
+llama.cpp's CPU repack on (use_extra_bufts, its default), as stock llama-cpp-python 0.3.36 does in its AMX
+repack on some Intel Xeons. With the repack off it loads."""
 import os
 import resource
 import signal
@@ -99,19 +100,25 @@ _here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _here]
 del sys.modules[__name__]
 import llama_cpp as _real  # noqa: E402  -- the real package, now under this name in sys.modules
+import llama_cpp.llama_cpp as _lc  # noqa: E402
+
+_init = _real.Llama.__init__
 
 
-def _die(self, *args, **kwargs):
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))        # no core file
-    os.kill(os.getpid(), signal.{sig})
+def _init_or_die(self, *args, **kwargs):
+    if _lc.llama_model_default_params().use_extra_bufts:    # the params this Llama is about to load with
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))     # no core file
+        os.kill(os.getpid(), signal.{sig})
+    _init(self, *args, **kwargs)
 
 
-_real.Llama.__init__ = _die
+_real.Llama.__init__ = _init_or_die
 '''
 
 
 def write_crashing_standin(where: Path, sig: str = "SIGSEGV") -> Path:
-    """A directory for EDGEMOE_STOCK_RUNTIME whose llama_cpp is the real one with a Llama that kills itself."""
+    """A directory for EDGEMOE_STOCK_RUNTIME whose llama_cpp is the real one with a Llama that kills itself
+    when it would repack (llama.cpp's default)."""
     (where / "llama_cpp").mkdir(parents=True)
     (where / "llama_cpp" / "__init__.py").write_text(STANDIN.format(sig=sig))
     return where

@@ -75,8 +75,10 @@ def test_bench_records_a_crashed_stock_and_still_measures_edgemoe(fixture_path, 
 def test_bench_without_a_memory_controller_says_why_and_runs_stock_with_repack_off(fixture_path, tmp_path,
                                                                                     monkeypatch, capsys):
     """`edgemoe bench --stock-repack off` where no cgroup can be written: the reason is in the JSON, the
-    printed header and the report; stock really ran with use_extra_bufts=False."""
+    printed header and the report; stock really ran with use_extra_bufts=False, so a stock whose repack
+    crashes (the stand-in) is measured."""
     reason = "cgroup v2: memory is not one of its controllers (a test)"
+    monkeypatch.setenv(STOCK_RUNTIME_ENV, str(stock.write_crashing_standin(tmp_path / "standin")))
     monkeypatch.setattr(cgroup, "memory_controller", lambda: cgroup.Controller("none", None, reason))
     out = tmp_path / "bench.json"
     assert cli(["bench", str(fixture_path), "--memory-budget", "50%", "--runs", "1", "--tokens", "4",

@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import pytest
+import stock
 
 
 def edgemoe(*args: str) -> subprocess.CompletedProcess:
@@ -11,11 +12,13 @@ def edgemoe(*args: str) -> subprocess.CompletedProcess:
                           check=False)
 
 
+@pytest.mark.stock
 def test_run_json_edgemoe_and_stock_agree(fixture_path):
     runs = {}
     for engine in ("edgemoe", "stock"):
-        extra = ["--memory-budget", "25%", "--trace"] if engine == "edgemoe" else ["--stock"]
-        proc = edgemoe("run", str(fixture_path), "-p", "def parse(self, ", "-n", "12", "--json", *extra)
+        args = ("run", str(fixture_path), "-p", "def parse(self, ", "-n", "12", "--json")
+        proc = edgemoe(*args, "--memory-budget", "25%", "--trace") if engine == "edgemoe" else \
+            stock.edgemoe(*args, "--stock")
         assert proc.returncode == 0, proc.stderr
         runs[engine] = json.loads(proc.stdout)
     ed, st = runs["edgemoe"], runs["stock"]

@@ -7,9 +7,9 @@ import sys
 import time
 from pathlib import Path
 
-import llama_cpp
 import numpy as np
 import pytest
+import stock
 
 from edgemoe_llamacpp import quant, runtime
 from edgemoe_llamacpp.cli import main as cli
@@ -34,6 +34,7 @@ def mixed(fixture_path, tmp_path_factory):
     return convert(fixture_path, tmp_path_factory.mktemp("conv") / "mixed.gguf", plan, progress=False)
 
 
+@pytest.mark.stock
 def test_uniform_file_loads_in_stock_llama_cpp(fixture_path, tmp_path):
     before = sha256_file(fixture_path)
     out = convert(fixture_path, tmp_path / "q4k.gguf", uniform_plan(read_layout(fixture_path), "Q4_K"),
@@ -43,9 +44,7 @@ def test_uniform_file_loads_in_stock_llama_cpp(fixture_path, tmp_path):
     assert out.expert_bytes == read_layout(fixture_path).expert_bytes * 144 // 272   # Q4_K vs Q8_0 rows
     assert all(r.offset % os.sysconf("SC_PAGE_SIZE") == 0 for t in out.expert_tensors for r in [t.slice(0)])
     assert verify(out.path)["checksums"] == "ok"
-    llm = llama_cpp.Llama(model_path=out.path, n_ctx=256, verbose=False)    # plain llama-cpp-python
-    tokens, logits = greedy(llm, PROMPT, 16)
-    llm.close()
+    tokens, logits = stock.greedy(out.path, PROMPT, 16, tmp_path / "logits.npy")    # plain llama-cpp-python
     assert len(set(tokens)) > 4 and np.isfinite(logits).all()
 
 
@@ -185,6 +184,7 @@ def test_plan_spends_bits_where_the_output_moves(fixture_path, prof, tmp_path):
     assert quant.bits_per_weight("Q2_K") == 2.625
 
 
+@pytest.mark.stock
 def test_per_layer_plan_file_loads_in_stock_llama_cpp(fixture_path, tmp_path):
     import json
 
@@ -196,9 +196,7 @@ def test_per_layer_plan_file_loads_in_stock_llama_cpp(fixture_path, tmp_path):
     conv = read_layout(out)
     assert not conv.mixed and {(t.layer < 4, t.type) for t in conv.expert_tensors} == {(True, "Q4_K"),
                                                                                        (False, "Q6_K")}
-    llm = llama_cpp.Llama(model_path=str(out), n_ctx=128, verbose=False)
-    tokens, _ = greedy(llm, PROMPT, 8)
-    llm.close()
+    tokens, _ = stock.greedy(out, PROMPT, 8, tmp_path / "logits.npy", n_ctx=128)
     assert len(tokens) == 8
 
 

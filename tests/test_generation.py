@@ -1,4 +1,5 @@
-"""The fixture is a trained model: greedy generation through the real llama.cpp reads like stdlib code.
+"""The fixture is a trained model: greedy generation through the real llama.cpp (stock, in a child process:
+tests/stock.py) reads like stdlib code.
 
 Greedy with llama-cpp-python's usual repeat_penalty=1.1 (still deterministic argmax): without it, a model
 this small falls into repeating one line, as greedy decoding of small models does."""
@@ -10,7 +11,7 @@ import tokenize
 from pathlib import Path
 
 import pytest
-from llama_cpp import Llama
+import stock
 
 IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 PROMPTS = ["import os\nimport sys\n\n\ndef ", "class Parser:\n    def ", "    def __init__(self, "]
@@ -43,18 +44,15 @@ def name_tokens(text: str) -> list[str]:
     return out
 
 
+@pytest.mark.stock
 def test_greedy_generation_is_stdlib_like(fixture_path, stdlib_words):
-    llm = Llama(model_path=str(fixture_path), n_ctx=512, verbose=False, seed=0)
+    texts = stock.complete(fixture_path, PROMPTS, max_tokens=64, n_ctx=512, seed=0, repeat_penalty=1.1)
     n_known = total = structure = 0
-    texts = []
-    for prompt in PROMPTS:
-        text = llm.create_completion(prompt, max_tokens=64, temperature=0.0, repeat_penalty=1.1)["choices"][0]["text"]
-        texts.append(text)
+    for prompt, text in zip(PROMPTS, texts, strict=True):
         names = name_tokens(prompt + text)[len(name_tokens(prompt)):]
         n_known += sum(known(n, stdlib_words) for n in names)
         structure += sum(keyword.iskeyword(n) or n == "self" for n in names)
         total += len(names)
-    llm.close()
     report = "\n---\n".join(texts)
     assert total >= 20, report
     assert n_known / total >= 0.9, report       # identifiers made of the stdlib's words
