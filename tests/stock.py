@@ -98,6 +98,8 @@ import sys
 
 _here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _here]
+if {real!r}:
+    sys.path.insert(0, {real!r})                             # the llama_cpp this one stands in for
 del sys.modules[__name__]
 import llama_cpp as _real  # noqa: E402  -- the real package, now under this name in sys.modules
 import llama_cpp.llama_cpp as _lc  # noqa: E402
@@ -116,9 +118,11 @@ _real.Llama.__init__ = _init_or_die
 '''
 
 
-def write_crashing_standin(where: Path, sig: str = "SIGSEGV") -> Path:
-    """A directory for EDGEMOE_STOCK_RUNTIME whose llama_cpp is the real one with a Llama that kills itself
-    when it would repack (llama.cpp's default)."""
+def write_crashing_standin(where: Path, sig: str = "SIGSEGV", real: str | os.PathLike | None = None) -> Path:
+    """A directory for EDGEMOE_STOCK_RUNTIME (or PYTHONPATH) whose llama_cpp is the real one, with a Llama that
+    kills itself when it would repack (llama.cpp's default). The real one: the llama_cpp package in directory
+    `real`, or else the next one on sys.path."""
     (where / "llama_cpp").mkdir(parents=True)
-    (where / "llama_cpp" / "__init__.py").write_text(STANDIN.format(sig=sig))
+    real = str(Path(real).resolve()) if real else ""
+    (where / "llama_cpp" / "__init__.py").write_text(STANDIN.format(sig=sig, real=real))
     return where

@@ -2,10 +2,11 @@
 repack on some Intel Xeons), the suite runs to the end: the tests that compare against stock fail and name the
 signal, and every other test passes.
 
-Simulated with a stand-in llama_cpp (tests/stock.py: the real package, but a Llama kills itself with SIGSEGV as
-it loads) given as EDGEMOE_STOCK_RUNTIME to a pytest session in a subprocess. The session runs every test
-marked `stock`, then tests that do not compare against stock, the in-process stock with the repack off among
-them (that one is about edgemoe's own output, and the repack is what crashes).
+Simulated with stand-ins for llama_cpp (tests/stock.py: the real package, but a Llama that would repack kills
+itself with SIGSEGV as it loads), one for the stock runtime (EDGEMOE_STOCK_RUNTIME) and one first on
+PYTHONPATH for everything else, pytest included, as on such a host. A pytest session in a subprocess runs
+every test marked `stock`, then tests that do not compare against stock, the in-process stock with the repack
+off among them (that one is about edgemoe's own output, and the repack is what crashes).
 """
 from __future__ import annotations
 
@@ -37,7 +38,11 @@ def pytest(*args: str, env: dict) -> subprocess.CompletedProcess:
 
 
 def test_a_crashing_stock_fails_the_stock_tests_by_signal_and_the_session_runs_on(tmp_path):
-    env = {**os.environ, stock.STOCK_RUNTIME_ENV: str(stock.write_crashing_standin(tmp_path / "standin"))}
+    real_stock = os.environ.get(stock.STOCK_RUNTIME_ENV)
+    env = {**os.environ,
+           stock.STOCK_RUNTIME_ENV: str(stock.write_crashing_standin(tmp_path / "stock", real=real_stock)),
+           "PYTHONPATH": os.pathsep.join(p for p in (str(stock.write_crashing_standin(tmp_path / "here")),
+                                                     os.environ.get("PYTHONPATH")) if p)}
     listed = pytest("--collect-only", "-q", "-m", "stock", "tests", env=env)
     assert listed.returncode == 0, listed.stdout[-3000:] + listed.stderr[-3000:]
     marked = [line.strip() for line in listed.stdout.splitlines() if "::" in line]
@@ -46,6 +51,7 @@ def test_a_crashing_stock_fails_the_stock_tests_by_signal_and_the_session_runs_o
     junit = tmp_path / "junit.xml"
     run = pytest(f"--junitxml={junit}", *marked, *OTHERS, env=env)
     out = run.stdout
+    print(out[out.rfind("short test summary info") - 32:])       # shown with -rA: the nested session's summary
     assert run.returncode == 1, out[-5000:] + run.stderr[-3000:]          # tests failed; pytest was not killed
     assert re.search(rf"=+ {len(marked)} failed, {len(OTHERS)} passed in ", out), out[-5000:]   # ran to the end
     results = outcomes(junit)
