@@ -329,8 +329,11 @@ attempt("null pointer", runtime.register_expert_types, base, 256, [12, 12, 12, 1
 attempt("no experts", runtime.register_expert_types, base, 256, [], [])
 attempt("set on nothing", runtime.set_expert, base, 0, 12, ptr[0])
 out["lookup nothing"] = runtime.lookup_expert(base, 0)
+attempt("check nothing", runtime.check_registered, "blk.0.x", base, [12], [ptr[0]])
 attempt("register", runtime.register_expert_types, base, 256, [12, 8, 14, 10], ptr)
 out["lookup 1"] = runtime.lookup_expert(base, 1) == (8, ptr[1])
+attempt("check", runtime.check_registered, "blk.0.x", base, [12, 8, 14, 10], ptr)
+attempt("check other types", runtime.check_registered, "blk.0.x", base, [12, 12, 14, 10], ptr)
 attempt("set out of range", runtime.set_expert, base, 4, 12, ptr[0])
 attempt("set bad type", runtime.set_expert, base, 0, 9, ptr[0])
 attempt("set", runtime.set_expert, base, 0, 0, ptr[3])
@@ -353,6 +356,10 @@ def test_registry_api_validates_its_arguments():
     for case in ("null pointer", "no experts", "set out of range", "lookup out of range"):
         assert "invalid arguments" in out[case], (case, out[case])
     assert "no tensor registered" in out["set on nothing"]
+    # the check edgemoe_llamacpp.Llama makes after a load: the registry llama.cpp computes with holds the file's types
+    assert out["check"] == "ok"
+    assert "blk.0.x: llama.cpp's ggml-cpu" in out["check nothing"] and "nothing registered" in out["check nothing"]
+    assert "type 8 at" in out["check other types"] and "expected type 12" in out["check other types"]
     assert out["lookup nothing"] is None and out["lookup gone"] is None
     assert out["register"] == out["set"] == "ok" and out["lookup 1"] and out["lookup 0"]
     assert out["unregister"] is True and out["again"] is False
