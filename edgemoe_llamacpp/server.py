@@ -19,8 +19,9 @@ from llama_cpp.server.model import LlamaProxy
 from llama_cpp.server.settings import ModelSettings, ServerSettings
 from pydantic import Field, ValidationError, field_validator, model_validator
 
+from .arguments import MAX_THREADS
 from .errors import EdgeMoEError
-from .llama import MAX_THREADS, Llama
+from .llama import Llama
 from .predict import MAX_DEPTH, PREDICTORS
 from .residency import POLICIES
 

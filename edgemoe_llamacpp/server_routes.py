@@ -41,6 +41,7 @@ from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 from starlette_context.middleware import RawContextMiddleware
 from starlette_context.plugins import RequestIdPlugin
 
+from .arguments import check_text
 from .errors import ArgumentError, LlamaClosedError
 from .llama import Llama
 from .server_errors import EdgeMoERoute, ServerBusyError, error_answer, install_error_handlers
@@ -130,7 +131,7 @@ def prepare(body, llama: llama_cpp.Llama, kwargs: dict) -> None:
     if body.logit_bias is not None and body.logit_bias_type == "tokens":
         bias = {}
         for text, score in body.logit_bias.items():
-            Llama._check_text("logit_bias", text)
+            check_text("logit_bias", text)
             for token in llama.tokenize(text.encode("utf-8"), add_bos=False, special=True):
                 bias[str(token)] = score
         kwargs["logit_bias"] = bias
@@ -215,7 +216,7 @@ async def detokenize(body: DetokenizeInputRequest,
 
 
 def _tokens(llama: llama_cpp.Llama, text: str) -> list[int]:
-    Llama._check_text("input", text)
+    check_text("input", text)
     return llama.tokenize(text.encode("utf-8"), special=True)
 
 
