@@ -225,7 +225,7 @@ def strategies(box: Sandbox) -> dict[str, st.SearchStrategy]:
                      opt("--repeat-penalty", small(1)), opt("--n-threads", small(1, 2)), opt("--stock"),
                      opt("--json"), opt("--trace"), *cache),
         # work-size values stay small (a valid --tokens 600 --batch 1 --reference scores 1,200 evaluations)
-        "ppl": build([st.just("ppl"), model], opt("--tokens", small(64, 128)), opt("--n-ctx", small(32, 64, 100000)),
+        "ppl": build([st.just("ppl"), model, st.just("--tokens"), small(64, 128)], opt("--n-ctx", small(32, 64, 100000)),
                      opt("--batch", small(1, 32)), opt("--memory-budget", budget), opt("--reference", model),
                      opt("--text", paths), opt("--json"),
                      st.one_of(st.just([]), small(0).map(lambda v: ["--substitute", v]))),
@@ -235,8 +235,9 @@ def strategies(box: Sandbox) -> dict[str, st.SearchStrategy]:
                        opt("--config_file", paths), opt("--policy", policy)),
     }
     spec = {k: v.map(lambda a: (a, [])) for k, v in plain.items()}
+    # the default --tokens (16384) is minutes of work: a valid profile case always names a small one
     spec["profile"] = with_outputs(build(
-        [st.just("profile"), model, st.just("--out"), outs], opt("--tokens", small(64, 256, 600)),
+        [st.just("profile"), model, st.just("--out"), outs, st.just("--tokens"), small(64, 256, 600)],
         opt("--samples", small(1, 4, 10**9)), opt("--n-ctx", small(64, 256)), opt("--text", paths), opt("--force")),
         ("--out",))
     spec["convert"] = with_outputs(build(
