@@ -20,7 +20,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, fields
 
 from . import runtime
-from .errors import BudgetError
+from .errors import ArgumentError, BudgetError
 from .layout import LOWBIT, MoELayout
 
 log = logging.getLogger(__name__)
@@ -112,7 +112,7 @@ class ExpertCache:
     def __init__(self, layout: MoELayout, budget: int | None, *, policy: str = "distance", threads: int = 4,
                  prefetch_threads: int = 2, substitute: float | None = None):
         if policy not in POLICIES:
-            raise BudgetError(f"unknown cache policy {policy!r}; choose from {', '.join(POLICIES)}")
+            raise ArgumentError(f"unknown cache policy {policy!r}; choose from {', '.join(POLICIES)}")
         self.layout = layout
         self.budget = budget
         self.policy = policy
@@ -160,6 +160,7 @@ class ExpertCache:
         if budget is None or budget >= self.full_cost:
             self.substitute = None      # nothing is ever missed for long: every expert runs at full precision
         if budget is not None and budget < self.min_budget:
+            self.close()                # the file and the reader threads are already open
             raise BudgetError(f"memory budget {budget:,} bytes cannot hold one layer's {layout.n_expert_used} "
                               f"chosen experts ({self.min_budget:,} bytes)")
 

@@ -156,3 +156,22 @@ def test_broken_pipe_is_quiet(model):
     proc = subprocess.run(f"{sys.executable} -m edgemoe_llamacpp inspect {model} --json | head -c 10", shell=True,
                           capture_output=True, text=True, timeout=120, check=False)
     assert "Traceback" not in proc.stderr and "Broken pipe" not in proc.stderr, proc.stderr
+
+
+def test_cache_closes_its_file_when_the_budget_is_refused(fixture_path):
+    """ExpertCache opens the model and starts its readers before it can size one layer's experts: a refused
+    budget closes them again."""
+    import os
+
+    from edgemoe_llamacpp.errors import ArgumentError, BudgetError
+    from edgemoe_llamacpp.layout import read_layout
+    from edgemoe_llamacpp.residency import ExpertCache
+
+    layout = read_layout(fixture_path)
+    before = set(os.listdir("/proc/self/fd"))
+    for _ in range(3):
+        with pytest.raises(BudgetError, match="cannot hold"):
+            ExpertCache(layout, 1000)
+    assert set(os.listdir("/proc/self/fd")) <= before
+    with pytest.raises(ArgumentError, match="policy"):
+        ExpertCache(layout, None, policy="fifo")
