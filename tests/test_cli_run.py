@@ -15,7 +15,7 @@ def edgemoe(*args: str) -> subprocess.CompletedProcess:
 @pytest.mark.stock
 def test_run_json_edgemoe_and_stock_agree(fixture_path):
     runs = {}
-    for engine in ("edgemoe", "stock"):
+    for engine in ("stock", "edgemoe"):         # stock first: a stock that dies fails the test by its signal
         args = ("run", str(fixture_path), "-p", "def parse(self, ", "-n", "12", "--json")
         proc = edgemoe(*args, "--memory-budget", "25%", "--trace") if engine == "edgemoe" else \
             stock.edgemoe(*args, "--stock")
