@@ -6,6 +6,7 @@ import functools
 import logging
 import os
 import threading
+from dataclasses import dataclass, field
 
 import jinja2
 import llama_cpp
@@ -140,6 +141,27 @@ def stock_llama(model_path: str, *, use_extra_bufts: bool = True, **kwargs) -> l
         return llama_cpp.Llama(model_path=str(model_path), **kwargs)
 
 
+@dataclass
+class TokenCounts:
+    """Tokens a Llama evaluated for prompts and tokens it sampled, since it was loaded (what `edgemoe serve`'s
+    /metrics reports as prompt tokens processed and tokens generated)."""
+
+    prompt: int = 0                 # evaluated, other than a token just sampled (a reused prefix is not)
+    generated: int = 0              # sampled
+    _last: int | None = field(default=None, repr=False)    # the token sampled last, until it is evaluated
+
+    def sampled(self, token: int) -> None:
+        self.generated += 1
+        self._last = token
+
+    def evaluated(self, tokens) -> None:
+        n = len(tokens)
+        if n and self._last is not None and tokens[0] == self._last:
+            n -= 1                  # the sampled token, fed back
+        self._last = None
+        self.prompt += n
+
+
 class Llama(llama_cpp.Llama):
     """Drop-in `llama_cpp.Llama` for MoE GGUFs: same constructor and methods, plus
 
@@ -171,6 +193,7 @@ class Llama(llama_cpp.Llama):
         self._edgemoe_guard = CallGuard()        # one call at a time; closed; the open stream
         self._edgemoe_formatting = False         # a chat handler is formatting messages, no completion yet
         self._edgemoe_logits: tuple[int, int] | None = None   # token positions whose logits sample() may use
+        self._edgemoe_tokens = TokenCounts()
         options = {"memory_budget": memory_budget, "policy": policy, "fetch_threads": fetch_threads,
                    "predictor": predictor, "prefetch_depth": prefetch_depth, "prefetch_threads": prefetch_threads,
                    "substitute": substitute}
@@ -316,6 +339,7 @@ class Llama(llama_cpp.Llama):
                 self._edgemoe_checks.tokens(tokens, "tokens")
                 check_context(self.n_tokens + len(tokens), self._n_ctx)
             super().eval(tokens)
+            self._edgemoe_tokens.evaluated(tokens)
             self._edgemoe_hook.take_error()
             if len(tokens):
                 last = len(tokens) % self.n_batch or self.n_batch   # llama.cpp keeps the last batch's logits
@@ -324,12 +348,14 @@ class Llama(llama_cpp.Llama):
 
     def sample(self, *args, **kwargs):
         with self._edgemoe_call(generation=True) as outer:
-            if not outer:
-                return super().sample(*args, **kwargs)
-            call = bind(llama_cpp.Llama.sample, self, args, kwargs)
-            self._edgemoe_checks.sampling(call, llama_cpp.Llama.sample)
-            check_sample_position(call["idx"], self._edgemoe_logits)
-            return super().sample(**call)
+            if outer:
+                call = bind(llama_cpp.Llama.sample, self, args, kwargs)
+                self._edgemoe_checks.sampling(call, llama_cpp.Llama.sample)
+                check_sample_position(call["idx"], self._edgemoe_logits)
+                args, kwargs = (), call
+            token = super().sample(*args, **kwargs)
+            self._edgemoe_tokens.sampled(token)
+            return token
 
     def _init_sampler(self, *args, **kwargs):
         sampler = super()._init_sampler(*args, **kwargs)
@@ -402,10 +428,12 @@ class Llama(llama_cpp.Llama):
     def _stats_now(self) -> dict:
         return {"routes": self._edgemoe_hook.routes, **self._edgemoe_cache.summary(),
                 "predictor": self._edgemoe_predictor,
-                "prefetch_depth": self._edgemoe_lookahead.depth if self._edgemoe_lookahead else 0}
+                "prefetch_depth": self._edgemoe_lookahead.depth if self._edgemoe_lookahead else 0,
+                "tokens": {"prompt": self._edgemoe_tokens.prompt, "generated": self._edgemoe_tokens.generated}}
 
     def edgemoe_stats(self) -> dict:
-        """Per-layer and total hits, misses, bytes fetched/evicted, stall seconds, resident expert bytes.
+        """Per-layer and total hits, misses, bytes fetched/evicted, stall seconds, resident expert bytes; tokens
+        evaluated for prompts and tokens sampled.
 
         Never waits: while another thread is inside a call, it returns the figures as of the last evaluation."""
         return self._edgemoe_guard.read(self._stats_now, lambda: self._edgemoe_snapshot)

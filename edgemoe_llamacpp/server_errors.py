@@ -29,7 +29,7 @@ class ServerBusyError(Exception):
         self.retry_after = retry_after
 
 
-def _body(message: str, kind: str, code: str | None = None, param: str | None = None, **extra: Any) -> dict:
+def error_body(message: str, kind: str, code: str | None = None, param: str | None = None, **extra: Any) -> dict:
     return {"error": {"message": message, "type": kind, "param": param, "code": code}, **extra}
 
 
@@ -37,13 +37,13 @@ def _validation_body(exc: RequestValidationError) -> tuple[int, dict]:
     errors = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
               for e in exc.errors()]         # no "input" (it echoes the request) and no "ctx"
     if any(e["type"] == "json_invalid" for e in errors):
-        return 400, _body("the request body is not valid JSON", "invalid_request_error", "invalid_json",
-                          detail=errors)
+        return 400, error_body("the request body is not valid JSON", "invalid_request_error", "invalid_json",
+                               detail=errors)
     first = errors[0] if errors else {"loc": [], "msg": "invalid request"}
     where = ".".join(str(x) for x in first["loc"][1:] or first["loc"])
     more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
-    return 422, _body(f"{where}: {first['msg']}{more}" if where else first["msg"] + more, "invalid_request_error",
-                      "validation_error", where or None, detail=errors)
+    return 422, error_body(f"{where}: {first['msg']}{more}" if where else first["msg"] + more,
+                           "invalid_request_error", "validation_error", where or None, detail=errors)
 
 
 def error_answer(exc: Exception) -> tuple[int, dict, dict]:
@@ -52,16 +52,16 @@ def error_answer(exc: Exception) -> tuple[int, dict, dict]:
         status, body = _validation_body(exc)
         return status, body, {}
     if isinstance(exc, ServerBusyError):
-        return 503, _body(str(exc), "server_busy", "server_busy"), {"Retry-After": str(exc.retry_after)}
+        return 503, error_body(str(exc), "server_busy", "server_busy"), {"Retry-After": str(exc.retry_after)}
     if isinstance(exc, (LlamaBusyError, LlamaClosedError)):      # a model switch or close raced this request
-        return 503, _body("the model is not available right now; try again", "server_busy", "server_busy"), \
+        return 503, error_body("the model is not available right now; try again", "server_busy", "server_busy"), \
             {"Retry-After": "1"}
     if isinstance(exc, ContextLengthError):
-        return 400, _body(str(exc), "invalid_request_error", "context_length_exceeded", "prompt"), {}
+        return 400, error_body(str(exc), "invalid_request_error", "context_length_exceeded", "prompt"), {}
     if isinstance(exc, ArgumentError):
-        return 400, _body(str(exc), "invalid_request_error"), {}
+        return 400, error_body(str(exc), "invalid_request_error"), {}
     log.error("request failed", exc_info=exc)
-    return 500, _body("internal server error; the server's log has the details", "internal_server_error"), {}
+    return 500, error_body("internal server error; the server's log has the details", "internal_server_error"), {}
 
 
 def error_response(exc: Exception) -> JSONResponse:

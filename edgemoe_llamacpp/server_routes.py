@@ -4,7 +4,7 @@ llama-cpp-python's generation routes take a lock that a waiting request breaks (
 a stream before they know whether it can run. Here every route that uses the model waits its turn at a
 `ModelGate` (a bounded queue: 503 with Retry-After beyond it), and a streamed completion is opened, its
 arguments and prompt checked, before the response starts, so a bad request gets 400 rather than a 200 with an
-empty stream. /v1/models and /edgemoe/stats read without waiting for anyone.
+empty stream. /v1/models, /edgemoe/stats, /health and /metrics read without waiting for anyone.
 """
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import asyncio
 import hmac
 import inspect
 import json
+import logging
 import math
 import time
 
@@ -21,7 +22,7 @@ from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
 from fastapi.middleware import Middleware
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials
 from llama_cpp.server import app as lcp_app
@@ -41,10 +42,14 @@ from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 from starlette_context.middleware import RawContextMiddleware
 from starlette_context.plugins import RequestIdPlugin
 
+from . import server_metrics
 from .arguments import check_text
 from .errors import ArgumentError, LlamaClosedError
 from .llama import Llama
-from .server_errors import EdgeMoERoute, ServerBusyError, error_answer, install_error_handlers
+from .server_errors import EdgeMoERoute, ServerBusyError, error_answer, error_body, install_error_handlers
+from .server_metrics import RequestCounter, RequestCounts, Snapshot
+
+log = logging.getLogger("edgemoe.server")
 
 COPILOT_PATH = "/v1/engines/copilot-codex/completions"
 SEND_TIMEOUT_S = 120
@@ -94,6 +99,23 @@ class Server:
     def __init__(self, settings, proxy):
         self.settings, self.proxy = settings, proxy
         self.gate = ModelGate(settings.queue_size)
+        self.requests = RequestCounts()
+
+    def model_stats(self) -> tuple[str | None, dict | None]:
+        """(alias, edgemoe_stats()) of the loaded model, never waiting; stats None while a model loads (or is
+        closed to load another)."""
+        model = self.proxy._current_model
+        try:
+            stats = model.edgemoe_stats() if isinstance(model, Llama) else None
+        except LlamaClosedError:
+            stats = None
+        return self.proxy._current_model_alias, stats
+
+    def snapshot(self) -> Snapshot:
+        alias, stats = self.model_stats()
+        return Snapshot(model=alias if stats is not None else None, stats=stats, running=self.gate.busy,
+                        waiting=self.gate.waiting, queue_size=self.gate.queue_size,
+                        requests=dict(self.requests.answered), in_flight=self.requests.in_flight)
 
     async def run(self, model: str | None, call):
         """call(llama, alias) in a worker thread, the model held for the duration."""
@@ -229,14 +251,29 @@ async def get_models(server: Server = Depends(get_server)) -> ModelList:  # noqa
 async def edgemoe_stats(server: Server = Depends(get_server)) -> dict:  # noqa: B008
     """Residency statistics of the loaded model (hits, misses, bytes fetched/evicted, resident bytes), as of
     its last evaluation, and the request queue. Never waits for a running request."""
-    model = server.proxy._current_model
-    try:
-        stats = model.edgemoe_stats() if isinstance(model, Llama) else None
-    except LlamaClosedError:        # being switched for another model
-        stats = None
-    return {"model": server.proxy._current_model_alias, "stats": stats,
+    alias, stats = server.model_stats()
+    return {"model": alias, "stats": stats,
             "queue": {"running": server.gate.busy, "waiting": server.gate.waiting,
                       "queue_size": server.gate.queue_size}}
+
+
+async def health(server: Server = Depends(get_server)) -> JSONResponse:  # noqa: B008
+    """llama-server's readiness answer: 200 {"status": "ok"} with a model loaded, 503 while one loads. Public,
+    as llama-server's is: it says nothing but whether the server can serve."""
+    if server.model_stats()[1] is None:
+        return JSONResponse({"error": {"code": 503, "message": "Loading model", "type": "unavailable_error"}},
+                            status_code=503)
+    return JSONResponse({"status": "ok"})
+
+
+async def metrics(request: Request) -> Response:
+    """Prometheus metrics: the loaded model's expert-cache counters, request counts, the queue, the process.
+    Never waits for a running request."""
+    reg = request.app.state.edgemoe_metrics
+    if reg is None:
+        return JSONResponse(error_body("GET /metrics needs prometheus_client: pip install 'edgemoe-llamacpp[server]'",
+                                       "not_implemented", "not_implemented"), status_code=501)
+    return Response(server_metrics.exposition(reg), media_type=server_metrics.CONTENT_TYPE)
 
 
 OURS = {"/v1/completions": create_completion, COPILOT_PATH: create_completion,
@@ -247,7 +284,7 @@ OURS = {"/v1/completions": create_completion, COPILOT_PATH: create_completion,
 
 def build_router() -> APIRouter:
     """llama-cpp-python's routes (paths, documentation, key check), each with edgemoe's endpoint where it has
-    one, on the error-answering route class; then /edgemoe/stats."""
+    one, on the error-answering route class; then /edgemoe/stats, /metrics and (no key) /health."""
     router = APIRouter(route_class=EdgeMoERoute)
     for route in lcp_app.router.routes:
         if not isinstance(route, APIRoute):
@@ -258,6 +295,12 @@ def build_router() -> APIRouter:
                              responses=route.responses, include_in_schema=route.include_in_schema, name=route.name)
     router.add_api_route("/edgemoe/stats", edgemoe_stats, methods=["GET"], tags=["edgemoe"],
                          dependencies=[Depends(lcp_app.authenticate)])
+    router.add_api_route("/metrics", metrics, methods=["GET"], tags=["edgemoe"], response_class=Response,
+                         dependencies=[Depends(lcp_app.authenticate)],
+                         responses={200: {"content": {server_metrics.CONTENT_TYPE: {"schema": {"type": "string"}}},
+                                          "description": "Prometheus text format"}})
+    router.add_api_route("/health", health, methods=["GET"], tags=["edgemoe"],
+                         responses={503: {"description": "A model is loading"}})
     return router
 
 
@@ -281,7 +324,14 @@ def build_app(settings, proxy) -> FastAPI:
                   middleware=[Middleware(RawContextMiddleware, plugins=(RequestIdPlugin(),))])
     app.add_middleware(CORSMiddleware, allow_origins=["*"], allow_credentials=True, allow_methods=["*"],
                        allow_headers=["*"])
-    app.state.edgemoe = Server(settings, proxy)
+    app.state.edgemoe = server = Server(settings, proxy)
+    app.add_middleware(RequestCounter, counts=server.requests)
+    try:
+        app.state.edgemoe_metrics = server_metrics.registry(server.snapshot)
+    except ImportError:
+        app.state.edgemoe_metrics = None
+        log.warning("GET /metrics is off: prometheus_client is not installed (pip install "
+                    "'edgemoe-llamacpp[server]')")
     app.dependency_overrides[lcp_app.authenticate] = key_check(settings.api_key)
     app.include_router(build_router())
     install_error_handlers(app)

@@ -33,10 +33,11 @@ def serve_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "edgemoe_llamacpp", "serve", *args]
 
 
-def start_server(args: list[str], log: Path, *, key: str | None = KEY, env: dict | None = None):
+def start_server(args: list[str], log: Path, *, key: str | None = KEY, env: dict | None = None,
+                 port: int | None = None):
     """`edgemoe serve ARGS --port P` in the background, its output in `log` (a full pipe would stall it);
-    returns (process, base URL) once /edgemoe/stats answers."""
-    port = free_port()
+    returns (process, base URL) once /edgemoe/stats answers. `port`: the one a config file in ARGS gives."""
+    port = port or free_port()
     with open(log, "w") as out:
         proc = subprocess.Popen(serve_command(*args, "--port", str(port)), stdout=out, stderr=out,
                                 env={**os.environ, **(env or {})})
