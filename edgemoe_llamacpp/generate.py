@@ -14,13 +14,13 @@ from .errors import EdgeMoEError
 
 def kv_cache_bytes(path: str, n_ctx: int) -> int:
     """F16 K and V for every layer at n_ctx (llama.cpp's default cache type)."""
-    from gguf import GGUFReader
+    from .layout import read_header
 
-    r = GGUFReader(path)
-    arch = r.fields["general.architecture"].contents()
+    fields = read_header(path).fields
+    arch = fields["general.architecture"].contents()
 
     def get(key, default=None):
-        f = r.fields.get(f"{arch}.{key}")
+        f = fields.get(f"{arch}.{key}")
         v = f.contents() if f is not None else default
         return max(v) if isinstance(v, list) else v
 
@@ -33,7 +33,10 @@ def kv_cache_bytes(path: str, n_ctx: int) -> int:
 
 def check_context_memory(model: str, n_ctx: int) -> None:
     """Refuse a context whose KV cache cannot fit in the memory this machine has free (llama.cpp would
-    allocate it and the kernel would kill the process)."""
+    allocate it and the kernel would kill the process). A file that is no MoE GGUF is refused first."""
+    from .layout import read_layout
+
+    read_layout(model)
     try:
         need = kv_cache_bytes(model, n_ctx)
     except (KeyError, TypeError, ZeroDivisionError, ValueError):

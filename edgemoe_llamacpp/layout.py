@@ -195,6 +195,11 @@ class GGUFHeader:
     data_offset: int
 
 
+def read_header(path: str | os.PathLike) -> GGUFHeader:
+    """A GGUF's header (metadata and tensor infos), every length checked; BadModelError if unreadable."""
+    return _open_reader(Path(path))
+
+
 def _open_reader(path: Path) -> GGUFHeader:
     """`path`'s GGUF header, read with exact preads and no readahead.
 

@@ -108,6 +108,8 @@ def test_temporaries_are_unpredictable(tmp_path):
     (["convert", "{model}", "{dir}/o.gguf", "--plan", "{listplan}"], ["JSON object"]),
     (["convert", "{model}", "{dir}/o.gguf", "--plan", "{intplan}"], ["type names"]),
     (["convert", "{model}", "{dir}/o.gguf", "--uniform", "Q4_K", "--lowbit", "Q8_0"], ["no smaller"]),
+    (["ppl", "{trunc}", "--tokens", "600"], ["truncated"]),
+    (["run", "{trunc}", "-p", "x", "-n", "2"], ["truncated"]),
 ])
 def test_one_line_errors(model, tmp_path, argv, words):
     from edgemoe_llamacpp.layout import read_layout
@@ -117,9 +119,11 @@ def test_one_line_errors(model, tmp_path, argv, words):
     (tmp_path / "garbage.npz").write_bytes(b"PK\x03\x04" + bytes(200))
     names = [t.name for t in read_layout(model).expert_tensors]
     (tmp_path / "list.json").write_text("[1, 2]")
+    (tmp_path / "trunc.gguf").write_bytes(model.read_bytes()[:100_000])
     (tmp_path / "int.json").write_text(json.dumps({n: 12 for n in names}))
     subs = {"model": model, "dir": tmp_path / "d", "tiny": tmp_path / "tiny.txt", "garbage": tmp_path / "garbage.npz",
-            "missing": tmp_path / "missing.npz", "listplan": tmp_path / "list.json", "intplan": tmp_path / "int.json"}
+            "missing": tmp_path / "missing.npz", "listplan": tmp_path / "list.json", "intplan": tmp_path / "int.json",
+            "trunc": tmp_path / "trunc.gguf"}
     before = sha(model)
     one_line_error(edgemoe(*[a.format(**subs) for a in argv]), *words)
     assert sha(model) == before
