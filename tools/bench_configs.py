@@ -48,8 +48,9 @@ def main() -> int:
     args = ap.parse_args()
     configs = [parse_config(c) for c in args.configs]
     layout = read_layout(args.model)
-    if cgroup.own_memory_cgroup() is None:
-        sys.exit("error: needs a writable cgroup-v1 memory controller to limit memory")
+    ctrl = cgroup.memory_controller()
+    if ctrl.path is None:
+        sys.exit(f"error: needs a writable cgroup memory controller (v1 or v2) to limit memory: {ctrl.reason}")
     kv = bench.kv_cache_bytes(args.model, args.n_ctx)
     bandwidth = bench.disk_bandwidth(args.model)
     allowance = bench.measure_allowance(args.model, n_ctx=args.n_ctx)
