@@ -47,7 +47,7 @@ def check_options(*, memory_budget, policy, fetch_threads, predictor, prefetch_d
     if isinstance(memory_budget, (float, np.floating)) and not math.isfinite(memory_budget):
         raise BudgetError(f"memory budget {memory_budget} is not a finite size")
     if policy not in POLICIES:
-        raise BudgetError(f"unknown cache policy {policy!r}; choose from {', '.join(POLICIES)}")
+        raise ArgumentError(f"unknown cache policy {policy!r}; choose from {', '.join(POLICIES)}")
     if predictor is not None and predictor not in PREDICTORS:
         raise ArgumentError(f"unknown predictor {predictor!r}; choose from {', '.join(PREDICTORS)} or None")
     for name, value, hi in (("fetch_threads", fetch_threads, MAX_THREADS),

@@ -259,7 +259,7 @@ def test_embeddings_need_an_embedding_model(llm):
     ({"prefetch_threads": 0}, ArgumentError, "prefetch_threads must be an integer from 1"),
     ({"prefetch_depth": 0}, ArgumentError, "prefetch_depth must be an integer from 1 to 3"),
     ({"prefetch_depth": 4}, ArgumentError, "prefetch_depth must be an integer from 1 to 3"),
-    ({"policy": "fifo"}, BudgetError, "unknown cache policy"),
+    ({"policy": "fifo"}, ArgumentError, "unknown cache policy"),
     ({"predictor": "oracle"}, ArgumentError, "unknown predictor"),
     ({"substitute": float("nan")}, ArgumentError, "substitute is a share"),
 ])
