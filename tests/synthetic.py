@@ -7,11 +7,15 @@ import gguf
 import numpy as np
 
 
-def write_gguf(path: Path, arch: str, kv: dict[str, int], tensors: dict[str, tuple[int, ...]]) -> Path:
-    """Write `tensors` (name -> numpy shape, F32 zeros-plus-index) with `{arch}.<key>` integer metadata."""
+def write_gguf(path: Path, arch: str, kv: dict[str, int], tensors: dict[str, tuple[int, ...]],
+               arrays: dict[str, list] | None = None) -> Path:
+    """Write `tensors` (name -> numpy shape, F32 zeros-plus-index) with `{arch}.<key>` integer metadata and
+    any other metadata `arrays` (key -> list)."""
     w = gguf.GGUFWriter(str(path), arch)
     for key, value in kv.items():
         w.add_uint32(f"{arch}.{key}", value)
+    for key, values in (arrays or {}).items():
+        w.add_array(key, values)
     for i, (name, shape) in enumerate(tensors.items()):
         w.add_tensor(name, np.full(shape, float(i), dtype=np.float32))
     w.write_header_to_file()

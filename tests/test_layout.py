@@ -7,7 +7,6 @@ import struct
 import subprocess
 import sys
 
-import gguf
 import numpy as np
 import pytest
 from gguf import GGUFReader
@@ -156,17 +155,9 @@ def read_pages(path, pages) -> None:
 
 def long_header_moe(path):
     """A MoE GGUF whose metadata spans several pages (a tokenizer-like string array), like real models'."""
-    w = gguf.GGUFWriter(str(path), "qwen3moe")
-    for key, value in {"block_count": 2, "expert_count": 4, "expert_used_count": 2}.items():
-        w.add_uint32(f"qwen3moe.{key}", value)
-    w.add_array("tokenizer.ggml.tokens", [f"token-{i:05d}" for i in range(3000)])
-    for i, (name, shape) in enumerate(moe_tensors(2, 4, d=64, ff=64).items()):
-        w.add_tensor(name, np.full(shape, float(i), dtype=np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
+    return write_gguf(path, "qwen3moe", {"block_count": 2, "expert_count": 4, "expert_used_count": 2},
+                      moe_tensors(2, 4, d=64, ff=64),
+                      arrays={"tokenizer.ggml.tokens": [f"token-{i:05d}" for i in range(3000)]})
 
 
 @pytest.fixture(params=["fixture", "long-header"])
