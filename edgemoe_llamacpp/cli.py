@@ -191,8 +191,8 @@ def _plan_from_args(args: argparse.Namespace):
         from pathlib import Path
 
         try:
-            raw = json.loads(Path(args.plan).read_text())
-        except (OSError, ValueError) as e:
+            raw = json.loads(files.read_bytes(args.plan, "plan"))
+        except ValueError as e:
             raise EdgeMoEError(f"{args.plan}: unreadable plan ({e})") from None
         if not isinstance(raw, dict):
             raise EdgeMoEError(f"{args.plan}: a plan is a JSON object of expert tensor name -> type or list of "

@@ -67,10 +67,6 @@ def windows(ids: list[int], n_ctx: int) -> list[list[int]]:
 
 def read_texts(paths) -> list[str]:
     """The text of each file; an unreadable one (missing, a directory, no permission) is an EdgeMoEError."""
-    out = []
-    for p in paths:
-        try:
-            out.append(Path(p).read_text(encoding="utf-8", errors="replace"))
-        except OSError as e:
-            raise EdgeMoEError(f"{p}: cannot read text ({e.strerror or e})") from None
-    return out
+    from .files import read_bytes
+
+    return [read_bytes(p, "text file").decode("utf-8", errors="replace") for p in paths]

@@ -46,6 +46,18 @@ def check_output(out: str | os.PathLike, *, inputs=(), force: bool = False, what
     return out
 
 
+def read_bytes(path: str | os.PathLike, what: str = "file") -> bytes:
+    """The bytes of a regular file the user named; a FIFO, device or directory is refused (reading one could
+    block for ever), as is anything unreadable, with one line."""
+    path = Path(path)
+    try:
+        if not path.is_file():
+            raise EdgeMoEError(f"{path}: not a regular {what}" if path.exists() else f"{path}: no such {what}")
+        return path.read_bytes()
+    except OSError as e:
+        raise EdgeMoEError(f"{path}: cannot read the {what} ({e.strerror or e})") from None
+
+
 def temporary_beside(dst: Path) -> Path:
     """A new, empty, unpredictably named file in dst's directory; its name starts with `.NAME.PID.` so
     that a later run can remove it if this process is killed (`clear_dead_temporaries`)."""

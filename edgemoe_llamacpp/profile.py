@@ -14,6 +14,7 @@ Per-expert statistics (use counts, mean gate weight) follow from ids and weights
 """
 from __future__ import annotations
 
+import io
 import json
 import time
 import zipfile
@@ -122,7 +123,7 @@ class Profile:
 
     def __init__(self, path: str | Path, layout: MoELayout | None = None):
         try:
-            with np.load(path, allow_pickle=False) as z:
+            with np.load(io.BytesIO(files.read_bytes(path, "profile")), allow_pickle=False) as z:
                 self.meta = json.loads(str(z["meta"]))
                 for name in self.ARRAYS:
                     setattr(self, name, z[name])

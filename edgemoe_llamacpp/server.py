@@ -19,6 +19,7 @@ from llama_cpp.server.model import LlamaProxy
 from llama_cpp.server.settings import ModelSettings, ServerSettings
 from pydantic import Field, ValidationError, field_validator, model_validator
 
+from . import files
 from .arguments import MAX_THREADS
 from .errors import EdgeMoEError
 from .llama import Llama
@@ -80,10 +81,9 @@ class EdgeMoEServerSettings(ServerSettings):
             if self.api_key is not None:
                 raise ValueError("give the API key once: api_key (or API_KEY) or api_key_file, not both")
             try:
-                key = Path(self.api_key_file).read_text(encoding="utf-8").strip()
-            except (OSError, UnicodeDecodeError) as e:
-                raise ValueError(f"cannot read the API key file {self.api_key_file}: "
-                                 f"{getattr(e, 'strerror', None) or e}") from None
+                key = files.read_bytes(self.api_key_file, "API key file").decode("utf-8").strip()
+            except (EdgeMoEError, UnicodeDecodeError) as e:
+                raise ValueError(f"cannot read the API key file {self.api_key_file}: {e}") from None
             if not key:
                 raise ValueError(f"the API key file {self.api_key_file} is empty")
             self.api_key = key
@@ -118,10 +118,7 @@ def settings_error(err: ValidationError, source: Optional[str] = None) -> EdgeMo
 def load_config_file(path: str) -> tuple[ServerSettings, List[ModelSettings]]:
     """A JSON or YAML config file in llama-cpp-python's format, models with edgemoe's keys; environment
     variables fill server settings the file leaves out, as they do for flags (API_KEY)."""
-    try:
-        data = Path(path).read_bytes()
-    except OSError as e:
-        raise EdgeMoEError(f"{path}: cannot read the config file ({e.strerror})") from None
+    data = files.read_bytes(path, "config file")
     if path.endswith((".yaml", ".yml")):
         import yaml
 

@@ -66,8 +66,16 @@ class Sandbox:
         (work / "dir").mkdir()
         (work / "readonly.txt").write_text("read only\n")
         (work / "readonly.txt").chmod(0o444)
+        (work / "link.gguf").symlink_to(work / "model.gguf")
+        (work / "dangling.gguf").symlink_to(work / "gone.gguf")
+        (work / "loop.gguf").symlink_to(work / "loop.gguf")
+        os.mkfifo(work / "fifo.gguf")                       # opening it for reading would block for ever
+        shutil.copyfile(FIXTURE, work / "spaced é model.gguf")
+        (work / "-dash.gguf").write_bytes(b"GGUF")
+        (work / ("x" * 250 + ".gguf")).write_bytes(b"GGUF\x03\x00\x00\x00")
         self._make_profile()
-        shutil.copytree(work, self.pristine)
+        shutil.copytree(work, self.pristine, symlinks=True,
+                        ignore=lambda d, names: [n for n in names if n.endswith("fifo.gguf")])
         self.hashes = self._hash_all()
 
     def _uniform_plan(self, type_name: str) -> dict:
@@ -88,7 +96,8 @@ class Sandbox:
         names = ["model.gguf", "text.txt", "tiny.txt", "existing.txt", "garbage.gguf", "empty.gguf",
                  "truncated.gguf", "plan.json", "list-plan.json", "int-plan.json", "profile.npz", "damaged.npz",
                  "dir", "readonly.txt", "missing.gguf", "nodir/out.gguf", "config.json", "bad-config.json",
-                 "bad.yaml"]
+                 "bad.yaml", "link.gguf", "dangling.gguf", "loop.gguf", "fifo.gguf", "spaced é model.gguf",
+                 "-dash.gguf", "x" * 250 + ".gguf"]
         return [str(w / n) for n in names] + [str(w), "", str(w / "dir") + "/"]
 
     def new_outputs(self) -> list[str]:
@@ -114,6 +123,16 @@ class Sandbox:
             src = self.pristine / Path(p).relative_to(self.work)
             Path(p).unlink(missing_ok=True)
             shutil.copy2(src, p)
+        for src in self.pristine.rglob("*"):              # symlinks a case replaced or removed
+            dst = self.work / src.relative_to(self.pristine)
+            if src.is_symlink() and not (dst.is_symlink() and os.readlink(dst) == os.readlink(src)):
+                if dst.is_dir() and not dst.is_symlink():
+                    shutil.rmtree(dst)
+                dst.unlink(missing_ok=True)
+                dst.symlink_to(os.readlink(src))
+        if not (self.work / "fifo.gguf").exists():
+            (self.work / "fifo.gguf").unlink(missing_ok=True)
+            os.mkfifo(self.work / "fifo.gguf")
         for d in sorted((p for p in self.work.rglob("*") if p.is_dir()), reverse=True):
             if not (self.pristine / d.relative_to(self.work)).exists():
                 shutil.rmtree(d, ignore_errors=True)
@@ -232,7 +251,7 @@ def strategies(box: Sandbox) -> dict[str, st.SearchStrategy]:
         "serve": build([st.just("serve"), model], opt("--memory_budget", budget), opt("--port", small(8000, 99999)),
                        opt("--n_ctx", small(64, 512)), opt("--n_batch", small(64)), opt("--fetch_threads", small(1, 4)),
                        opt("--api_key", st.just("k")), opt("--host", st.sampled_from(["127.0.0.1", "0.0.0.0"])),
-                       opt("--config_file", paths), opt("--policy", policy)),
+                       opt("--config_file", paths), opt("--api_key_file", paths), opt("--policy", policy)),
     }
     spec = {k: v.map(lambda a: (a, [])) for k, v in plain.items()}
     # the default --tokens (16384) is minutes of work: a valid profile case always names a small one

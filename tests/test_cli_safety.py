@@ -1,6 +1,7 @@
 """The CLI loses no file, never crashes and explains every mistake in one line (exit 2)."""
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -110,6 +111,12 @@ def test_temporaries_are_unpredictable(tmp_path):
     (["convert", "{model}", "{dir}/o.gguf", "--uniform", "Q4_K", "--lowbit", "Q8_0"], ["no smaller"]),
     (["ppl", "{trunc}", "--tokens", "600"], ["truncated"]),
     (["run", "{trunc}", "-p", "x", "-n", "2"], ["truncated"]),
+    # a FIFO would block a plain open() for ever
+    (["ppl", "{model}", "--tokens", "600", "--text", "{fifo}"], ["not a regular"]),
+    (["convert", "{model}", "{dir}/o.gguf", "--plan", "{fifo}"], ["not a regular"]),
+    (["convert", "{model}", "{dir}/o.gguf", "--profile", "{fifo}", "--expert-bits", "4"], ["not a regular"]),
+    (["serve", "{model}", "--config_file", "{fifo}"], ["not a regular"]),
+    (["serve", "{model}", "--api_key_file", "{fifo}"], ["not a regular"]),
 ])
 def test_one_line_errors(model, tmp_path, argv, words):
     from edgemoe_llamacpp.layout import read_layout
@@ -120,10 +127,11 @@ def test_one_line_errors(model, tmp_path, argv, words):
     names = [t.name for t in read_layout(model).expert_tensors]
     (tmp_path / "list.json").write_text("[1, 2]")
     (tmp_path / "trunc.gguf").write_bytes(model.read_bytes()[:100_000])
+    os.mkfifo(tmp_path / "fifo")
     (tmp_path / "int.json").write_text(json.dumps({n: 12 for n in names}))
     subs = {"model": model, "dir": tmp_path / "d", "tiny": tmp_path / "tiny.txt", "garbage": tmp_path / "garbage.npz",
             "missing": tmp_path / "missing.npz", "listplan": tmp_path / "list.json", "intplan": tmp_path / "int.json",
-            "trunc": tmp_path / "trunc.gguf"}
+            "trunc": tmp_path / "trunc.gguf", "fifo": tmp_path / "fifo"}
     before = sha(model)
     one_line_error(edgemoe(*[a.format(**subs) for a in argv]), *words)
     assert sha(model) == before
