@@ -97,8 +97,9 @@ def generate(model: str, prompt: str, *, max_tokens: int, memory_budget=None, st
         raise EdgeMoEError(f"{model}: llama.cpp could not load it ({e})") from None
     try:
         n_prompt = len(llm.tokenize(prompt.encode()))
-        if n_prompt >= llm.n_ctx():
-            raise EdgeMoEError(f"the prompt is {n_prompt} tokens; it does not fit a context of {llm.n_ctx()} "
+        window = min(llm.n_ctx(), len(llm.input_ids))   # llama.cpp pads n_ctx; llama-cpp-python's buffer does not
+        if n_prompt >= window:
+            raise EdgeMoEError(f"the prompt is {n_prompt} tokens; it does not fit a context of {window} "
                                f"with room to generate (raise --n-ctx)")
         clock = llm.eval = _EvalClock(llm)
         start = _io()

@@ -247,6 +247,10 @@ class Llama(llama_cpp.Llama):
             # pages after the start-up drop, and the budget no longer holds.
             with llama_params(use_extra_bufts=False, cb_eval=hook.callback):
                 super().__init__(model_path, *args, **kwargs)
+            # llama.cpp pads the context (to 256 tokens); llama-cpp-python takes the padded size as its window
+            # but sizes its token buffer by the n_ctx asked for, and a prompt between the two overran that
+            # buffer (ValueError deep in eval). The window is what the buffer holds.
+            self._n_ctx = min(self._n_ctx, len(self.input_ids))
             new = [m for m in runtime.file_mappings(model_path) if m not in before]
             if not new or any("w" in perms for *_, perms in new):
                 raise EdgeMoEError(f"{model_path}: llama.cpp did not map the file read-only; cannot stream")

@@ -95,6 +95,9 @@ def test_temporaries_are_unpredictable(tmp_path):
     (["run", "{model}", "-p", "x", "-n", "-100"], ["-n"]),
     (["run", "{model}", "-p", "", "-n", "4"], ["empty"]),
     (["run", "{model}", "-p", "x " * 600, "-n", "4"], ["does not fit"]),
+    # llama.cpp pads a context of 16 to 256; the prompt (20 tokens) fits the padding, not the buffer
+    (["run", "{model}", "-p", "é" * 10, "--n-ctx", "16"], ["does not fit"]),
+    (["run", "{model}", "-p", "é" * 10, "--n-ctx", "16", "--stock"], ["does not fit"]),
     (["run", "{model}", "-p", "x", "-n", "4", "--memory-budget", "9" * 400], ["budget"]),
     (["run", "{model}", "-p", "x", "--n-ctx", "-5"], ["--n-ctx"]),
     (["run", "{model}", "-p", "x", "--temperature", "nan"], ["--temperature"]),
