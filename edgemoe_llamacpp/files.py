@@ -19,10 +19,11 @@ TMP_SUFFIX = ".tmp"
 
 
 def _same_file(a: Path, b: Path) -> bool:
+    """Is `a` the file `b` (same inode, or, where either cannot be stat'ed, the same resolved path)?"""
     try:
         return os.path.samefile(a, b)
-    except OSError:
-        return a.resolve() == b.resolve()
+    except OSError:                         # missing, a symlink loop, no permission
+        return os.path.realpath(a) == os.path.realpath(b)
 
 
 def check_output(out: str | os.PathLike, *, inputs=(), force: bool = False, what: str = "output") -> Path:

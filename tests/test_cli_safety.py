@@ -114,6 +114,7 @@ def test_temporaries_are_unpredictable(tmp_path):
     (["convert", "{model}", "{dir}/o.gguf", "--uniform", "Q4_K", "--lowbit", "Q8_0"], ["no smaller"]),
     (["ppl", "{trunc}", "--tokens", "600"], ["truncated"]),
     (["run", "{trunc}", "-p", "x", "-n", "2"], ["truncated"]),
+    (["convert", "{model}", "{loop}", "--uniform", "Q4_K"], ["exists"]),
     # a FIFO would block a plain open() for ever
     (["ppl", "{model}", "--tokens", "600", "--text", "{fifo}"], ["not a regular"]),
     (["convert", "{model}", "{dir}/o.gguf", "--plan", "{fifo}"], ["not a regular"]),
@@ -131,10 +132,12 @@ def test_one_line_errors(model, tmp_path, argv, words):
     (tmp_path / "list.json").write_text("[1, 2]")
     (tmp_path / "trunc.gguf").write_bytes(model.read_bytes()[:100_000])
     os.mkfifo(tmp_path / "fifo")
+    (tmp_path / "loop.gguf").symlink_to(tmp_path / "loop.gguf")
     (tmp_path / "int.json").write_text(json.dumps({n: 12 for n in names}))
     subs = {"model": model, "dir": tmp_path / "d", "tiny": tmp_path / "tiny.txt", "garbage": tmp_path / "garbage.npz",
             "missing": tmp_path / "missing.npz", "listplan": tmp_path / "list.json", "intplan": tmp_path / "int.json",
-            "trunc": tmp_path / "trunc.gguf", "fifo": tmp_path / "fifo"}
+            "trunc": tmp_path / "trunc.gguf", "fifo": tmp_path / "fifo",
+            "loop": tmp_path / "loop.gguf"}
     before = sha(model)
     one_line_error(edgemoe(*[a.format(**subs) for a in argv]), *words)
     assert sha(model) == before
