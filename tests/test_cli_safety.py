@@ -89,7 +89,7 @@ def test_temporaries_are_unpredictable(tmp_path):
     (["ppl", "{model}", "--tokens", "0"], ["--tokens"]),
     (["ppl", "{model}", "--tokens", "100"], ["window"]),
     (["ppl", "{model}", "--tokens", "600", "--n-ctx", "64", "--text", "{tiny}"], ["window"]),
-    (["ppl", "{model}", "--tokens", "600", "--text", "{dir}"], ["cannot read"]),
+    (["ppl", "{model}", "--tokens", "600", "--text", "{dir}"], ["not a regular text file"]),
     (["run", "{model}", "-p", "x", "-n", "0"], ["-n"]),
     (["run", "{model}", "-p", "x", "-n", "-1"], ["-n"]),
     (["run", "{model}", "-p", "x", "-n", "-100"], ["-n"]),
