@@ -76,7 +76,6 @@ def generate(model: str, prompt: str, *, max_tokens: int, memory_budget=None, st
              **llama_kwargs) -> dict:
     """Generate once and measure: prompt and decode speed (timed per evaluation), storage bytes read and
     major faults of this process for the prompt and for decoding, and the expert statistics (edgemoe)."""
-    from .layout import read_layout
     from .llama import Llama, stock_llama
 
     if not prompt:
@@ -86,9 +85,7 @@ def generate(model: str, prompt: str, *, max_tokens: int, memory_budget=None, st
     threads = n_threads or os.cpu_count() or 1
     kwargs = dict(n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, seed=seed, verbose=False,
                   **llama_kwargs)
-    if stock:
-        read_layout(model)      # the same clear errors for a bad file
-    check_context_memory(model, n_ctx)
+    check_context_memory(model, n_ctx)      # reads the layout first: a bad file fails here, stock or not
     try:
         llm = stock_llama(model, **kwargs) if stock else \
             Llama(model, memory_budget=memory_budget, record_routing=record_routing, policy=policy,
