@@ -113,7 +113,7 @@ print(json.dumps({**out, **seen}))
 
 def stock_env() -> dict | None:
     """The environment of a stock run: with EDGEMOE_STOCK_RUNTIME set (a directory holding another
-    llama_cpp package, e.g. an unpatched build from `tools/build_runtime.py --stock --target DIR`), that
+    llama_cpp package, e.g. an unpatched build from `edgemoe build-runtime --stock --target DIR`), that
     package comes first on PYTHONPATH; otherwise None (this interpreter's llama_cpp)."""
     where = os.environ.get(STOCK_RUNTIME_ENV)
     if not where:

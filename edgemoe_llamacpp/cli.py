@@ -404,11 +404,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_ppl)
 
+    p = sub.add_parser("build-runtime", help="build llama-cpp-python with edgemoe's patches (cached) and install it")
+    from . import runtime_build
+    runtime_build.add_arguments(p)
+    p.set_defaults(func=runtime_build.run)
+
     p = sub.add_parser("serve", help="OpenAI-compatible server (llama-cpp-python's) with experts streamed")
     p.add_argument("model_path", nargs="?", metavar="MODEL", help="path to a MoE GGUF file")
     p.add_argument("--config_file", help="JSON or YAML config in llama-cpp-python's format (models may add "
                    "memory_budget, policy, predictor, prefetch_depth, prefetch_threads, fetch_threads, substitute)")
-    if _server_available():
+    if _server_available() and _llama_cpp_available():
         from llama_cpp.server.cli import add_args_from_model
 
         from .server import EdgeMoESettings
@@ -425,8 +430,23 @@ def build_parser() -> argparse.ArgumentParser:
 def _server_available() -> bool:
     import importlib.util
 
-    return all(importlib.util.find_spec(m) for m in ("fastapi", "uvicorn", "sse_starlette", "pydantic_settings",
-                                                      "starlette_context"))
+    def found(module: str) -> bool:
+        try:
+            return importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError):      # a parent missing, or a module blocked in sys.modules
+            return False
+
+    return all(map(found, ("fastapi", "uvicorn", "sse_starlette", "pydantic_settings", "starlette_context")))
+
+
+def _llama_cpp_available() -> bool:
+    try:
+        import llama_cpp  # noqa: F401
+    except ModuleNotFoundError as e:
+        if e.name != "llama_cpp":
+            raise
+        return False
+    return True
 
 
 def _underscore_flags(argv: list[str]) -> list[str]:
@@ -438,6 +458,10 @@ def _underscore_flags(argv: list[str]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["serve"]:
+        if not _llama_cpp_available():
+            print("edgemoe: error: llama-cpp-python is not installed; build edgemoe's runtime: edgemoe build-runtime",
+                  file=sys.stderr)
+            return 2
         if not _server_available():
             print("edgemoe: error: serve needs the server extra: pip install 'edgemoe-llamacpp[server]'",
                   file=sys.stderr)
@@ -448,6 +472,12 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except EdgeMoEError as e:
         print(f"edgemoe: error: {e}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as e:
+        if e.name != "llama_cpp":
+            raise
+        print("edgemoe: error: llama-cpp-python is not installed; build edgemoe's runtime: edgemoe build-runtime",
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

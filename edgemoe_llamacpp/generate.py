@@ -117,6 +117,7 @@ def generate(model: str, prompt: str, *, max_tokens: int, memory_budget=None, st
         result["runtime"] = runtime.runtime_info()
         if not stock:
             result["stats"] = llm.edgemoe_stats()
+            result["hook_us_per_layer"] = result["stats"]["hook_us_per_layer"]
             if record_routing:
                 result["trace"] = llm.edgemoe_trace()
         return result

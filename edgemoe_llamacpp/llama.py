@@ -37,7 +37,8 @@ log = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
-def llama_params(*, use_extra_bufts: bool | None = None, cb_eval=None, mmap_prefetch: bool = True):
+def llama_params(*, use_extra_bufts: bool | None = None, cb_eval=None, cb_eval_user_data: int | None = None,
+                 mmap_prefetch: bool = True):
     """Make llama.cpp's default model/context params carry our settings while a Llama is built.
 
     `Llama()` has no keyword for either: it asks `llama_*_default_params()` at call time.
@@ -56,7 +57,7 @@ def llama_params(*, use_extra_bufts: bool | None = None, cb_eval=None, mmap_pref
         p = orig_ctx()
         if cb_eval is not None:
             p.cb_eval = cb_eval
-            p.cb_eval_user_data = None
+            p.cb_eval_user_data = cb_eval_user_data
         return p
 
     with _params_lock:
@@ -121,11 +122,11 @@ def require_runtime_for(layout: MoELayout) -> None:
     if layout.mixed and not runtime.patched():
         raise MixedTypesError(f"{layout.path} gives experts of one tensor different types; this "
                               f"llama-cpp-python ({llama_cpp.__version__}) is not built with edgemoe's patches "
-                              f"and would compute garbage from it. Build it: python tools/build_runtime.py")
+                              f"and would compute garbage from it. Build it: edgemoe build-runtime")
     if layout.lowbit_type and not runtime.patched():
         raise MixedTypesError(f"{layout.path} carries low-bit copies of its experts; this llama-cpp-python "
                               f"({llama_cpp.__version__}) is not built with edgemoe's patches and refuses such a "
-                              f"file. Build it: python tools/build_runtime.py")
+                              f"file. Build it: edgemoe build-runtime")
     if layout.needs_patched_runtime and "required_features" not in (layout.edgemoe or {}):
         raise MixedTypesError(f"{layout.path} was written by an older edgemoe convert: it does not name the features "
                               f"it needs (edgemoe.required_features), so llama.cpp refuses it. Convert it again")
@@ -245,7 +246,7 @@ class Llama(llama_cpp.Llama):
             # The load still reads the whole file (llama.cpp's MAP_POPULATE): mapped without it
             # (LLAMA_MMAP_PREFETCH=0, patches/0003), the dense weights' first faults read around into expert
             # pages after the start-up drop, and the budget no longer holds.
-            with llama_params(use_extra_bufts=False, cb_eval=hook.callback):
+            with llama_params(use_extra_bufts=False, **hook.cb_eval_args()):
                 super().__init__(model_path, *args, **kwargs)
             # llama.cpp pads the context (to 256 tokens); llama-cpp-python takes the padded size as its window
             # but sizes its token buffer by the n_ctx asked for, and a prompt between the two overran that
@@ -430,7 +431,9 @@ class Llama(llama_cpp.Llama):
             return self._edgemoe_trace
 
     def _stats_now(self) -> dict:
-        return {"routes": self._edgemoe_hook.routes, **self._edgemoe_cache.summary(),
+        hook = self._edgemoe_hook
+        return {"routes": hook.routes, "hook_us_per_layer": hook.us_per_call, "hook_native_filter": hook.native_filter,
+                **self._edgemoe_cache.summary(),
                 "predictor": self._edgemoe_predictor,
                 "prefetch_depth": self._edgemoe_lookahead.depth if self._edgemoe_lookahead else 0,
                 "tokens": {"prompt": self._edgemoe_tokens.prompt, "generated": self._edgemoe_tokens.generated}}
