@@ -45,8 +45,9 @@ class ExpertHook:
     probabilities, renormalised over the k chosen.
     """
 
-    def __init__(self, on_route=None, hidden_node: str | None = None, want_weights: bool = False):
+    def __init__(self, on_route=None, hidden_node: str | None = None, want_weights: bool = False, inject=None):
         self.on_route = on_route
+        self.inject = inject              # inject(layer, t): overwrite the node's ids first (inject.TraceInjector)
         self.hidden_node = hidden_node.encode() + b"-" if hidden_node else None
         self.want_weights = want_weights
         self._paths: dict[bytes, list[int]] = {}   # node name prefix -> src indices from topk, found once
@@ -100,6 +101,8 @@ class ExpertHook:
         if name[len(TOPK):TOPK_PREFIX] != b"-" or not layer.isdigit():
             return                                   # not a layer's topk node (e.g. a renamed view)
         self.routes += 1
+        if self.inject is not None:
+            self.inject(int(layer), t)
         if self.on_route is not None:
             ids = read_ids(t)
             hidden = None if self.hidden_node is None else self._read_source(t, self.hidden_node, layer)
@@ -131,6 +134,18 @@ def chosen_weights(probs: np.ndarray, ids: np.ndarray) -> np.ndarray:
     """The (T, k) router probabilities of the chosen experts, renormalised over the k chosen."""
     w = np.take_along_axis(probs, ids, axis=1)
     return w / w.sum(axis=1, keepdims=True)
+
+
+def write_ids(t: int, ids: np.ndarray) -> None:
+    """Overwrite a topk node's (T, k) expert ids in place (it is a strided view of the argsort's output)."""
+    k, n_tokens = (ctypes.c_int64 * 2).from_address(t + runtime.T_NE)
+    if ids.shape != (n_tokens, k):
+        raise RuntimeError(f"{_name(t).decode()} holds ({n_tokens}, {k}) ids; the trace gives {ids.shape}")
+    nb0, nb1 = (ctypes.c_size_t * 2).from_address(t + runtime.T_NB)
+    data = ctypes.c_void_p.from_address(t + runtime.T_DATA).value
+    raw = (ctypes.c_char * ((n_tokens - 1) * nb1 + k * nb0)).from_address(data)
+    view = np.lib.stride_tricks.as_strided(np.frombuffer(raw, dtype=np.int32), (n_tokens, k), (nb1, nb0))
+    view[...] = ids
 
 
 def read_ids(t: int) -> np.ndarray:

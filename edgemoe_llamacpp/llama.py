@@ -12,7 +12,7 @@ import jinja2
 import llama_cpp
 import llama_cpp.llama_cpp as lc
 
-from . import cgroup, quant, runtime
+from . import cgroup, loading, quant, runtime
 from .arguments import (
     ArgumentChecks,
     bind,
@@ -243,10 +243,9 @@ class Llama(llama_cpp.Llama):
                 # no longer be dropped. Drop them while nothing maps the file: the load then reads it in
                 # readahead-sized folios and the start-up drop (cache.attach) releases all but the edges.
                 cgroup.drop_file_cache(model_path)
-            # The load still reads the whole file (llama.cpp's MAP_POPULATE): mapped without it
-            # (LLAMA_MMAP_PREFETCH=0, patches/0003), the dense weights' first faults read around into expert
-            # pages after the start-up drop, and the budget no longer holds.
-            with llama_params(use_extra_bufts=False, **hook.cb_eval_args()):
+            # Under a budget the file is mapped without llama.cpp's whole-file read (LLAMA_MMAP_PREFETCH=0,
+            # patches/0003); loading.read_dense then reads the dense bytes only, with read-around off.
+            with llama_params(use_extra_bufts=False, mmap_prefetch=budget is None, **hook.cb_eval_args()):
                 super().__init__(model_path, *args, **kwargs)
             # llama.cpp pads the context (to 256 tokens); llama-cpp-python takes the padded size as its window
             # but sizes its token buffer by the n_ctx asked for, and a prompt between the two overran that
@@ -257,6 +256,8 @@ class Llama(llama_cpp.Llama):
                 raise EdgeMoEError(f"{model_path}: llama.cpp did not map the file read-only; cannot stream")
             base = new[0][0] - new[0][2]
             _check_mapped(layout, new, model_path)
+            if budget is not None:
+                loading.read_dense(layout, new)
             if layout.mixed or cache.substitute is not None:
                 _types.add(self, layout, base, every=cache.substitute is not None)
             if cache.substitute is not None:
