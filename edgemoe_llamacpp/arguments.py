@@ -3,7 +3,7 @@
 llama.cpp aborts the process, or reads out of bounds, on a token id outside the vocabulary, a grammar that
 does not parse, a non-finite sampling value or an empty prompt. Each check here raises ArgumentError (a
 ValueError, as llama-cpp-python raises) naming the bad value instead; a prompt over the context window is a
-ContextLengthError. The constructor's cache options are checked here too, before any file is read.
+ContextLengthError. (The constructor's cache options are checked by cache_config.CacheConfig.)
 """
 from __future__ import annotations
 
@@ -19,12 +19,9 @@ import llama_cpp
 import llama_cpp.llama_cpp as lc
 import numpy as np
 
-from .errors import ArgumentError, BudgetError, ContextLengthError, EdgeMoEError
-from .predict import MAX_DEPTH, PREDICTORS
-from .residency import POLICIES
+from .errors import ArgumentError, ContextLengthError, EdgeMoEError
 
 CONTEXT_EXCEEDED = re.compile(r"Requested tokens \((\d+)\) exceed context window of (\d+)")
-MAX_THREADS = 1024
 # llama.cpp parses GBNF recursively, one C++ frame per nesting level: deep nesting overflows the thread's stack
 MAX_GRAMMAR_DEPTH = 64
 MAX_GRAMMAR_BYTES = 1 << 20
@@ -39,24 +36,6 @@ def is_int(x) -> bool:
 
 def is_real(x) -> bool:
     return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool) and math.isfinite(x)
-
-
-def check_options(*, memory_budget, policy, fetch_threads, predictor, prefetch_depth, prefetch_threads,
-                  substitute) -> None:
-    """edgemoe's constructor options, refused with a clear error before any file is read."""
-    if isinstance(memory_budget, (float, np.floating)) and not math.isfinite(memory_budget):
-        raise BudgetError(f"memory budget {memory_budget} is not a finite size")
-    if policy not in POLICIES:
-        raise ArgumentError(f"unknown cache policy {policy!r}; choose from {', '.join(POLICIES)}")
-    if predictor is not None and predictor not in PREDICTORS:
-        raise ArgumentError(f"unknown predictor {predictor!r}; choose from {', '.join(PREDICTORS)} or None")
-    for name, value, hi in (("fetch_threads", fetch_threads, MAX_THREADS),
-                            ("prefetch_threads", prefetch_threads, MAX_THREADS),
-                            ("prefetch_depth", prefetch_depth, MAX_DEPTH)):
-        if not is_int(value) or not 1 <= value <= hi:
-            raise ArgumentError(f"{name} must be an integer from 1 to {hi}, not {value!r}")
-    if substitute is not None and not (is_real(substitute) and 0 <= substitute < 1):
-        raise ArgumentError(f"substitute is a share of the gate weight in [0, 1), not {substitute!r}")
 
 
 def grammar_depth(text: str) -> int:

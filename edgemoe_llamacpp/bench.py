@@ -1,6 +1,6 @@
 """`edgemoe bench`: stock llama-cpp-python vs edgemoe on one file, under one memory limit, in one run.
 
-Each run is a child process (`edgemoe run --json`) in a cgroup whose limit is
+Each run is a child process (what `edgemoe run --json` runs, given the cache's options) in a cgroup whose limit is
 dense bytes + budget + KV cache + an allowance for the interpreter, started with a cold page cache.
 Engines alternate run by run so drift on a shared machine hits both. The Belady floor replays the
 recorded routing with perfect knowledge of the future: the fewest expert bytes any cache could read.
@@ -18,11 +18,13 @@ import subprocess
 import sys
 import time
 from collections import defaultdict, deque
+from dataclasses import replace
 from pathlib import Path
 
 import psutil
 
 from . import cgroup
+from .cache_config import CacheConfig
 from .errors import EdgeMoEError
 from .generate import kv_cache_bytes
 from .layout import MoELayout, read_layout
@@ -88,11 +90,12 @@ def disk_bandwidth(path: str, nbytes: int = 256 << 20) -> float:
 
 
 STOCK_RUNTIME_ENV = "EDGEMOE_STOCK_RUNTIME"
-# The stock run: generate() as `edgemoe run --stock --json` calls it, with llama.cpp's CPU repack on or off, and
-# what llama.cpp was given (use_extra_bufts) read back from the Llama it built.
-STOCK_CHILD = """
+# One run: generate() as `edgemoe run --json` calls it, its arguments as JSON (edgemoe's cache options as a
+# CacheConfig's fields); for a stock run, what llama.cpp was given (use_extra_bufts) read back from the Llama it built.
+CHILD = """
 import json, sys
 import edgemoe_llamacpp.llama as L
+from edgemoe_llamacpp.cache_config import CacheConfig
 from edgemoe_llamacpp.errors import EdgeMoEError
 from edgemoe_llamacpp.generate import generate
 args = json.loads(sys.argv[1])
@@ -104,9 +107,11 @@ def spy(*a, **k):
     return llm
 L.stock_llama = spy
 try:
+    if "cache" in args:
+        args["cache"] = CacheConfig(**args["cache"])
     out = generate(**args)
 except EdgeMoEError as e:
-    sys.exit(f"error: {e}")
+    sys.exit(f"edgemoe: error: {e}")
 print(json.dumps({**out, **seen}))
 """
 
@@ -133,25 +138,19 @@ def signal_name(returncode: int) -> str | None:
         return f"signal {-returncode}"
 
 
-def _child(model: str, budget: str | None, stock: bool, tokens: int, prompt: str, n_ctx: int,
-           limit: int | None, n_threads: int | None, cache_options: dict | None = None, *,
-           stock_repack: bool = True, controller: cgroup.Controller | None = None) -> dict:
-    env = None
+def _child(model: str, *, stock: bool, tokens: int, prompt: str, n_ctx: int, limit: int | None,
+           n_threads: int | None = None, cache: CacheConfig | None = None, stock_repack: bool = True,
+           controller: cgroup.Controller | None = None) -> dict:
+    """One run of `model` in a child process under `limit` bytes (None: no limit), with a cold page cache:
+    stock llama-cpp-python (`stock_repack`: its CPU repack on), or edgemoe keeping experts as `cache` says
+    (routing recorded, for the Belady floor)."""
+    args = {"model": model, "prompt": prompt, "max_tokens": tokens, "n_ctx": n_ctx, "n_threads": n_threads}
     if stock:
-        args = {"model": model, "prompt": prompt, "max_tokens": tokens, "stock": True, "n_ctx": n_ctx,
-                "n_threads": n_threads, "use_extra_bufts": stock_repack}
-        cmd = [sys.executable, "-c", STOCK_CHILD, json.dumps(args)]
-        env = stock_env()
+        args.update(stock=True, use_extra_bufts=stock_repack)
     else:
-        cmd = [sys.executable, "-m", "edgemoe_llamacpp", "run", model, "-p", prompt, "-n", str(tokens), "--json",
-               "--n-ctx", str(n_ctx), "--memory-budget", budget or "none", "--trace"]
-        if cache_options:
-            cmd += ["--policy", cache_options["policy"], "--predictor", cache_options["predictor"] or "none",
-                    "--prefetch-depth", str(cache_options["prefetch_depth"])]
-            if cache_options.get("substitute") is not None:
-                cmd += ["--substitute", str(cache_options["substitute"])]
-        if n_threads:
-            cmd += ["--n-threads", str(n_threads)]
+        args.update(record_routing=True, cache=(cache or CacheConfig()).to_dict())
+    cmd = [sys.executable, "-c", CHILD, json.dumps(args)]
+    env = stock_env() if stock else None
     cgroup.drop_file_cache(model)
     if limit is None:
         t0 = time.perf_counter()
@@ -217,8 +216,9 @@ def calibrate(model: str, *, prompt: str = PROMPT, n_ctx: int = 512, use_cgroup:
     dies (a crashing llama.cpp build) is recorded and left out; a failed edgemoe run is an error."""
     files = {True: stock_model or model, False: model}
     unlimited = psutil.virtual_memory().total if use_cgroup else None
-    calib = {stock: _child(files[stock], "100%", stock, 4, prompt, n_ctx, unlimited, n_threads,
-                           stock_repack=stock_repack, controller=controller)
+    calib = {stock: _child(files[stock], stock=stock, tokens=4, prompt=prompt, n_ctx=n_ctx, limit=unlimited,
+                           n_threads=n_threads, cache=CacheConfig(memory_budget="100%"), stock_repack=stock_repack,
+                           controller=controller)
              for stock in (True, False) if ("stock" if stock else "edgemoe") in engines}
     summary = {("stock" if stock else "edgemoe"): {k: c.get(k) for k in ("ok", "returncode", "signal", "error",
                                                                           "peak_bytes", "rss_anon_bytes")}
@@ -245,10 +245,10 @@ def measure_allowance(model: str, *, prompt: str = PROMPT, n_ctx: int = 512, use
 
 def run_bench(model: str, budgets: list[str], *, runs: int = 3, tokens: int = 64, prompt: str = PROMPT,
               n_ctx: int = 512, use_cgroup: bool = True, allowance: int | None = None,
-              n_threads: int | None = None, progress: bool = True, policy: str = "distance",
-              predictor: str | None = None, prefetch_depth: int = 1, substitute: float | None = None,
+              n_threads: int | None = None, progress: bool = True, cache: CacheConfig | None = None,
               stock_model: str | None = None, stock_repack: bool = True) -> dict:
-    """Stock and edgemoe alternately, cold cache, per budget. `stock_model`: the file stock runs when `model`
+    """Stock and edgemoe alternately, cold cache, per budget; edgemoe keeps its experts as `cache` says, at
+    each of `budgets` in turn (its own memory_budget is not used). `stock_model`: the file stock runs when `model`
     is one only edgemoe loads (low-bit copies, per-expert types): the one it was converted from.
     `stock_repack`: stock with llama.cpp's CPU repack (its default) or without (edgemoe's compute path).
     A stock run that dies is recorded with its signal; edgemoe is still measured, and that budget's ratio
@@ -256,6 +256,7 @@ def run_bench(model: str, budgets: list[str], *, runs: int = 3, tokens: int = 64
     from tqdm import tqdm
 
     layout: MoELayout = read_layout(model)
+    cache = cache or CacheConfig()
     stock_model = stock_model or model
     if stock_model != model:
         stock_layout = read_layout(stock_model)
@@ -282,7 +283,7 @@ def run_bench(model: str, budgets: list[str], *, runs: int = 3, tokens: int = 64
         "allowance_bytes": allowance, "calibration": calibration, "cgroup": use_cgroup,
         "memory_limit": controller.to_dict(), "disk_bandwidth_bps": bandwidth,
         "tokens": tokens, "n_ctx": n_ctx, "prompt": prompt, "machine": _machine(),
-        "policy": policy, "predictor": predictor, "prefetch_depth": prefetch_depth, "substitute": substitute,
+        **cache.to_dict(budget=False),
         "stock_model": str(stock_model), "stock_repack": stock_repack,
         "stock_runtime": os.environ.get(STOCK_RUNTIME_ENV) or None, "lowbit_type": layout.lowbit_type,
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "budgets": [],
@@ -301,9 +302,9 @@ def run_bench(model: str, budgets: list[str], *, runs: int = 3, tokens: int = 64
             for stock in order:
                 bar.set_postfix(budget=spec, engine="stock" if stock else "edgemoe")
                 pair["stock" if stock else "edgemoe"] = _child(
-                    stock_model if stock else model, spec, stock, tokens, prompt, n_ctx, limit, n_threads,
-                    {"policy": policy, "predictor": predictor, "prefetch_depth": prefetch_depth,
-                     "substitute": substitute}, stock_repack=stock_repack, controller=controller)
+                    stock_model if stock else model, stock=stock, tokens=tokens, prompt=prompt, n_ctx=n_ctx,
+                    limit=limit, n_threads=n_threads, cache=replace(cache, memory_budget=spec),
+                    stock_repack=stock_repack, controller=controller)
                 bar.update()
             pairs.append(pair)
         entry = {"budget": spec, "budget_bytes": budget, "limit_bytes": limit,

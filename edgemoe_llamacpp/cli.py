@@ -80,10 +80,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from .generate import generate
 
-    result = generate(args.model, args.prompt, max_tokens=args.n, memory_budget=args.memory_budget,
-                      stock=args.stock, n_ctx=args.n_ctx, n_threads=args.n_threads,
-                      temperature=args.temperature, seed=args.seed, record_routing=args.trace,
-                      repeat_penalty=args.repeat_penalty, **_cache_options(args))
+    result = generate(args.model, args.prompt, max_tokens=args.n, cache=cache_config(args), stock=args.stock,
+                      n_ctx=args.n_ctx, n_threads=args.n_threads, temperature=args.temperature, seed=args.seed,
+                      record_routing=args.trace, repeat_penalty=args.repeat_penalty)
     if args.json:
         print(json.dumps(result))
         return 0
@@ -108,31 +107,42 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cache_options(args: argparse.Namespace) -> dict:
-    return {"policy": args.policy, "predictor": None if args.predictor == "none" else args.predictor,
-            "prefetch_depth": args.prefetch_depth, "substitute": args.substitute}
-
-
-def _add_cache_options(p: argparse.ArgumentParser) -> None:
+def add_cache_options(p: argparse.ArgumentParser, *, budgets: bool = False) -> None:
+    """The expert cache's options (cache_config.CacheConfig) as flags of `p`; with `budgets`, --memory-budget
+    takes several (bench measures each)."""
+    from .cache_config import MAX_THREADS, CacheConfig
     from .predict import MAX_DEPTH, PREDICTORS
     from .residency import POLICIES
-
-    p.add_argument("--policy", choices=POLICIES, default="distance", help="which expert to evict (default "
-                   "distance)")
-    p.add_argument("--predictor", choices=(*PREDICTORS, "none"), default="none",
-                   help="predict the next layers' experts and read them ahead (default none)")
-    p.add_argument("--prefetch-depth", dest="prefetch_depth", type=int, choices=range(1, MAX_DEPTH + 1),
-                   default=1, help="MoE layers ahead to prefetch (default 1)")
-    _add_substitute(p)
-
-
-def _add_substitute(p: argparse.ArgumentParser) -> None:
     from .substitute import DEFAULT_THRESHOLD
 
+    default = CacheConfig()
+
+    def explain(name: str) -> str:       # argparse formats help with %
+        value = getattr(default, name)
+        return CacheConfig.help(name).replace("%", "%%") + ("" if value is None else f" (default: {value})")
+
+    if budgets:
+        p.add_argument("--memory-budget", nargs="+", required=True, help="budgets, e.g. 25%% 50%% 100%%")
+    else:
+        p.add_argument("--memory-budget", help=explain("memory_budget"))
+    p.add_argument("--policy", choices=POLICIES, default=default.policy, help=explain("policy"))
+    p.add_argument("--predictor", choices=(*PREDICTORS, "none"), default="none", help=explain("predictor"))
+    p.add_argument("--prefetch-depth", dest="prefetch_depth", type=int, choices=range(1, MAX_DEPTH + 1),
+                   default=default.prefetch_depth, help=explain("prefetch_depth"))
+    for name in ("prefetch_threads", "fetch_threads"):
+        p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=_int(1, MAX_THREADS),
+                       default=getattr(default, name), help=explain(name))
     p.add_argument("--substitute", type=_float(0, 1, hi_open=True), nargs="?", const=DEFAULT_THRESHOLD, default=None,
-                   metavar="SHARE", help="run a missed expert from its low-bit copy (convert --lowbit) when the "
-                   f"experts ranked above it carry more than SHARE of the gate weight (default {DEFAULT_THRESHOLD}"
-                   " if given without a value); changes the output")
+                   metavar="SHARE", help=f"{explain('substitute')} Without SHARE: {DEFAULT_THRESHOLD}.")
+
+
+def cache_config(args: argparse.Namespace, **override):
+    """The CacheConfig of the flags add_cache_options added (`override`: fields set otherwise, as bench's budget)."""
+    from .cache_config import CacheConfig
+
+    options = {name: getattr(args, name) for name in CacheConfig.names()}
+    options["predictor"] = None if options["predictor"] == "none" else options["predictor"]
+    return CacheConfig(**{**options, **override})
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -144,7 +154,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                        use_cgroup=not args.no_cgroup, n_threads=args.n_threads,
                        allowance=None if args.allowance is None else parse_budget(args.allowance, 0),
                        stock_model=args.stock_model, stock_repack=args.stock_repack == "on",
-                       **_cache_options(args))
+                       cache=cache_config(args, memory_budget=None))
     if args.json:
         files.write_text(args.json, json.dumps(result, indent=1) + "\n")
     m = result["memory_limit"]
@@ -266,8 +276,7 @@ def cmd_ppl(args: argparse.Namespace) -> int:
     if args.batch is not None and args.batch > args.n_ctx:
         raise EdgeMoEError(f"--batch {args.batch} is longer than the window (--n-ctx {args.n_ctx})")
     result = perplexity(args.model, texts=read_texts(args.text) if args.text else None, tokens=args.tokens,
-                        n_ctx=args.n_ctx, reference=args.reference, batch=args.batch,
-                        memory_budget=args.memory_budget, substitute=args.substitute)
+                        n_ctx=args.n_ctx, reference=args.reference, batch=args.batch, cache=cache_config(args))
     if args.json:
         print(json.dumps(result))
     else:
@@ -306,7 +315,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             raise server.settings_error(e) from None
     for m in model_settings:
         layout = read_layout(m.model)      # a bad file or budget fails here, before the server starts
-        parse_budget(m.memory_budget, layout.expert_bytes)
+        m.cache_config().budget(layout.expert_bytes)
     warning = server.exposure_warning(server_settings)
     if warning:
         print(f"edgemoe: {warning}", file=sys.stderr)
@@ -318,6 +327,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .cache_config import CacheConfig
+
     ap = argparse.ArgumentParser(prog="edgemoe", description="Run Mixture-of-Experts GGUFs larger than RAM "
                                  "with llama-cpp-python, experts streamed from storage.")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -330,7 +341,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="path to a MoE GGUF file")
     p.add_argument("-p", "--prompt", required=True)
     p.add_argument("-n", "--n", type=_int(1, MAX_CTX), default=128, help="tokens to generate (default 128)")
-    p.add_argument("--memory-budget", help="expert memory: bytes, 800MB, 1.5GiB or 50%% of expert bytes")
     p.add_argument("--stock", action="store_true", help="plain llama-cpp-python, for comparison")
     p.add_argument("--json", action="store_true", help="print one JSON object with text, speed and stats")
     p.add_argument("--n-ctx", dest="n_ctx", type=_int(1, MAX_CTX), default=512)
@@ -339,12 +349,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeat-penalty", dest="repeat_penalty", type=_float(0, 1e6, lo_open=True), default=1.0)
     p.add_argument("--seed", type=_int(0, 2**32 - 1), default=0)
     p.add_argument("--trace", action="store_true", help="with --json: include every layer's chosen experts")
-    _add_cache_options(p)
+    add_cache_options(p)
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("bench", help="stock vs edgemoe under memory limits, alternating runs, cold cache")
     p.add_argument("model", help="path to a MoE GGUF file")
-    p.add_argument("--memory-budget", nargs="+", required=True, help="budgets, e.g. 25%% 50%% 100%%")
     p.add_argument("--runs", type=_int(1, 1000), default=3, help="runs per engine and budget (default 3)")
     p.add_argument("--tokens", type=_int(1, MAX_CTX), default=64, help="tokens generated per run (default 64)")
     p.add_argument("--n-ctx", dest="n_ctx", type=_int(2, MAX_CTX), default=512)
@@ -358,7 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stock-repack", dest="stock_repack", choices=("on", "off"), default="on",
                    help="stock with llama.cpp's CPU repack (on, its default) or without (off: the compute path "
                    "edgemoe uses, and a baseline where the repack crashes)")
-    _add_cache_options(p)
+    add_cache_options(p, budgets=True)
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("profile", help="record routing and expert inputs on calibration text")
@@ -396,11 +405,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text", nargs="+", help="text files (default: the stdlib validation split)")
     p.add_argument("--tokens", type=_int(1, 1 << 30), default=16384, help="tokens to score (default 16384)")
     p.add_argument("--n-ctx", dest="n_ctx", type=_int(2, MAX_CTX), default=512, help="window length (default 512)")
-    p.add_argument("--memory-budget", help="expert memory budget while scoring (default: none)")
     p.add_argument("--reference", help="also KL divergence and top-1 agreement against this model (e.g. the source)")
     p.add_argument("--batch", type=_int(1, MAX_CTX), default=None, help="tokens per evaluation (default: the window); 1 scores "
                    "as decoding runs, token by token, which is where --substitute acts")
-    _add_substitute(p)
+    add_cache_options(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_ppl)
 
@@ -412,7 +420,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="OpenAI-compatible server (llama-cpp-python's) with experts streamed")
     p.add_argument("model_path", nargs="?", metavar="MODEL", help="path to a MoE GGUF file")
     p.add_argument("--config_file", help="JSON or YAML config in llama-cpp-python's format (models may add "
-                   "memory_budget, policy, predictor, prefetch_depth, prefetch_threads, fetch_threads, substitute)")
+                   f"{', '.join(CacheConfig.names())})")
     if _server_available() and _llama_cpp_available():
         from llama_cpp.server.cli import add_args_from_model
 

@@ -4,12 +4,16 @@ from __future__ import annotations
 import os
 import resource
 import time
+from typing import TYPE_CHECKING
 
 import numpy as np
 import psutil
 
 from . import runtime
 from .errors import EdgeMoEError
+
+if TYPE_CHECKING:
+    from .cache_config import CacheConfig
 
 
 def kv_cache_bytes(path: str, n_ctx: int) -> int:
@@ -69,13 +73,12 @@ class _EvalClock:
                 "decode_evals": len(decode), "prefill_s": t_prompt, "decode_s": t_decode}
 
 
-def generate(model: str, prompt: str, *, max_tokens: int, memory_budget=None, stock: bool = False,
+def generate(model: str, prompt: str, *, max_tokens: int, cache: CacheConfig | None = None, stock: bool = False,
              n_ctx: int = 512, n_threads: int | None = None, temperature: float = 0.0, seed: int = 0,
-             repeat_penalty: float = 1.0, record_routing: bool = False, policy: str = "distance",
-             predictor: str | None = None, prefetch_depth: int = 1, substitute: float | None = None,
-             **llama_kwargs) -> dict:
+             repeat_penalty: float = 1.0, record_routing: bool = False, **llama_kwargs) -> dict:
     """Generate once and measure: prompt and decode speed (timed per evaluation), storage bytes read and
-    major faults of this process for the prompt and for decoding, and the expert statistics (edgemoe)."""
+    major faults of this process for the prompt and for decoding, and the expert statistics (edgemoe, whose
+    experts are kept as `cache` says; stock ignores it)."""
     from .llama import Llama, stock_llama
 
     if not prompt:
@@ -88,8 +91,9 @@ def generate(model: str, prompt: str, *, max_tokens: int, memory_budget=None, st
     check_context_memory(model, n_ctx)      # reads the layout first: a bad file fails here, stock or not
     try:
         llm = stock_llama(model, **kwargs) if stock else \
-            Llama(model, memory_budget=memory_budget, record_routing=record_routing, policy=policy,
-                  predictor=predictor, prefetch_depth=prefetch_depth, substitute=substitute, **kwargs)
+            Llama(model, cache=cache, record_routing=record_routing, **kwargs)
+    except EdgeMoEError:
+        raise                               # ours (some are ValueErrors too) already say what is wrong
     except ValueError as e:
         raise EdgeMoEError(f"{model}: llama.cpp could not load it ({e})") from None
     try:

@@ -13,21 +13,13 @@ import llama_cpp
 import llama_cpp.llama_cpp as lc
 
 from . import cgroup, loading, quant, runtime
-from .arguments import (
-    ArgumentChecks,
-    bind,
-    check_context,
-    check_options,
-    check_sample_position,
-    context_errors,
-    is_int,
-)
+from .arguments import ArgumentChecks, bind, check_context, check_sample_position, context_errors, is_int
+from .cache_config import CacheConfig
 from .errors import ArgumentError, BudgetError, EdgeMoEError, MixedTypesError
 from .guard import CallGuard, Stream, serialised
 from .hook import ExpertHook
 from .layout import MoELayout, read_layout
 from .predict import Lookahead, make_predictor
-from .residency import ExpertCache, parse_budget
 from .sampling import sample_within_grammar
 from .substitute import ExpertPointers, weight_above
 
@@ -164,18 +156,19 @@ class TokenCounts:
 
 
 class Llama(llama_cpp.Llama):
-    """Drop-in `llama_cpp.Llama` for MoE GGUFs: same constructor and methods, plus
+    """Drop-in `llama_cpp.Llama` for MoE GGUFs: same constructor and methods, plus the expert cache's options,
+    as keywords or as one `cache=CacheConfig(...)` (edgemoe_llamacpp.cache_config), not both:
 
     memory_budget: bytes held by experts in memory: an int, "1.5GiB", "800MB", or "50%" of the expert
         bytes; None for no limit (experts are still tracked).
     policy: which expert to evict: "distance" (default: the least often chosen, weighted by how soon its
         layer runs again), "lru", "lfu" or "hobbit" (recency + frequency + layer distance, per sequence).
-    fetch_threads: parallel readers for expert fetches.
+    fetch_threads: parallel readers for expert fetches (default 4).
     predictor: guess the next layers' experts and read them ahead while this layer computes: "gate"
         (the next routers applied to this layer's FFN input), "table" (co-occurrence counts, learned as it
         runs), "frequency", or None (no prefetch). Needs a memory budget below 100%.
-    prefetch_depth: how many MoE layers ahead to prefetch (1-3).
-    prefetch_threads: background readers for prefetches.
+    prefetch_depth: how many MoE layers ahead to prefetch (1-3, default 1).
+    prefetch_threads: background readers for prefetches (default 2).
     substitute: run a missed expert from its low-bit copy (a file from `edgemoe convert --lowbit`) when the
         experts ranked above it carry more than this share of the token's gate weight (HOBBIT; 0.6 is its
         Mixtral setting); None (default) runs every expert at full precision: output identical to stock.
@@ -188,31 +181,26 @@ class Llama(llama_cpp.Llama):
     prompt against the context window when it is created, not at its first chunk.
     """
 
-    def __init__(self, model_path: str, *args, memory_budget: str | int | None = None, policy: str = "distance",
-                 fetch_threads: int = 4, record_routing: bool = False, predictor: str | None = None,
-                 prefetch_depth: int = 1, prefetch_threads: int = 2, substitute: float | None = None, **kwargs):
+    def __init__(self, model_path: str, *args, cache: CacheConfig | None = None, record_routing: bool = False,
+                 **kwargs):
         self._edgemoe_guard = CallGuard()        # one call at a time; closed; the open stream
         self._edgemoe_formatting = False         # a chat handler is formatting messages, no completion yet
         self._edgemoe_logits: tuple[int, int] | None = None   # token positions whose logits sample() may use
         self._edgemoe_tokens = TokenCounts()
-        options = {"memory_budget": memory_budget, "policy": policy, "fetch_threads": fetch_threads,
-                   "predictor": predictor, "prefetch_depth": prefetch_depth, "prefetch_threads": prefetch_threads,
-                   "substitute": substitute}
-        check_options(**options)
-        self._edgemoe_options = {**options, "record_routing": record_routing}   # for pickling
+        self._edgemoe_config = config = CacheConfig.take(kwargs, cache)   # checked before any file is read
+        self._edgemoe_record_routing = record_routing
         if kwargs.get("use_mmap") is False or kwargs.get("use_mlock"):
             raise EdgeMoEError("edgemoe streams experts through llama.cpp's file mapping: use_mmap must stay "
                                "on and use_mlock off")
         layout = read_layout(model_path)
         require_runtime_for(layout)
-        budget = parse_budget(memory_budget, layout.expert_bytes)
-        if substitute is not None and not layout.lowbit_type:
+        budget = config.budget(layout.expert_bytes)
+        if config.substitute is not None and not layout.lowbit_type:
             raise EdgeMoEError(f"{model_path} has no low-bit copies of its experts to substitute; write them "
                                f"with: edgemoe convert IN OUT --uniform TYPE --lowbit Q2_K")
         self._edgemoe_layout = layout
         self._edgemoe_pointers = None
-        self._edgemoe_cache = cache = ExpertCache(layout, budget, policy=policy, threads=fetch_threads,
-                                                  prefetch_threads=prefetch_threads, substitute=substitute)
+        self._edgemoe_cache = cache = config.make_cache(layout)
         limit = cgroup.memory_limit()
         if limit is not None and limit < layout.dense_bytes + cache.min_budget:
             cache.close()
@@ -221,11 +209,11 @@ class Llama(llama_cpp.Llama):
                               f"{layout.dense_bytes:,} of dense weights and {cache.min_budget:,} for one "
                               f"layer's chosen experts")
         self._edgemoe_trace: list[tuple[int, list[list[int]]]] | None = [] if record_routing else None
-        self._edgemoe_lookahead, self._edgemoe_predictor = None, predictor
-        if predictor is not None:
+        self._edgemoe_lookahead = None
+        if config.predictor is not None:
             try:
-                pred = make_predictor(predictor, model_path, layout)
-                self._edgemoe_lookahead = Lookahead(pred, cache, layout, prefetch_depth)
+                pred = make_predictor(config.predictor, model_path, layout)
+                self._edgemoe_lookahead = Lookahead(pred, cache, layout, config.prefetch_depth)
             except BaseException:
                 cache.close()
                 raise
@@ -435,7 +423,7 @@ class Llama(llama_cpp.Llama):
         hook = self._edgemoe_hook
         return {"routes": hook.routes, "hook_us_per_layer": hook.us_per_call, "hook_native_filter": hook.native_filter,
                 **self._edgemoe_cache.summary(),
-                "predictor": self._edgemoe_predictor,
+                "predictor": self._edgemoe_config.predictor,
                 "prefetch_depth": self._edgemoe_lookahead.depth if self._edgemoe_lookahead else 0,
                 "tokens": {"prompt": self._edgemoe_tokens.prompt, "generated": self._edgemoe_tokens.generated}}
 
@@ -449,7 +437,8 @@ class Llama(llama_cpp.Llama):
     def __getstate__(self) -> dict:
         """llama_cpp.Llama pickles its constructor arguments (unpickling loads the model again): ours too."""
         with self._edgemoe_call():
-            return {**super().__getstate__(), **self._edgemoe_options}
+            return {**super().__getstate__(), **self._edgemoe_config.to_dict(),
+                    "record_routing": self._edgemoe_record_routing}
 
     def close(self) -> None:
         """Free the model; waits for a call in progress. Later calls raise LlamaClosedError."""

@@ -20,38 +20,47 @@ from llama_cpp.server.settings import ModelSettings, ServerSettings
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from . import files
-from .arguments import MAX_THREADS
+from .cache_config import MAX_THREADS, CacheConfig
 from .errors import EdgeMoEError
 from .llama import Llama
 from .predict import MAX_DEPTH, PREDICTORS
 from .residency import POLICIES
 
-CACHE_OPTIONS = ("memory_budget", "policy", "predictor", "prefetch_depth", "prefetch_threads", "fetch_threads",
-                 "substitute")
+CACHE_OPTIONS = CacheConfig.names()
+_DEFAULT_CACHE = CacheConfig()
+
+
+def _cache_field(name: str, **bounds):
+    """The model setting for CacheConfig's `name`: its default and help; `bounds` let pydantic name the bad value."""
+    return Field(default=getattr(_DEFAULT_CACHE, name), description=CacheConfig.help(name), **bounds)
 
 
 class EdgeMoEModelSettings(ModelSettings):
-    memory_budget: Optional[Union[str, int]] = Field(  # noqa: UP007 -- the flag builder reads typing.Union
-        default=None, description="Expert memory: bytes, 800MB, 1.5GiB or 50% of the expert bytes; "
-                                  "unset for no limit.")
-    policy: Literal[POLICIES] = Field(default="distance",
-                                      description=f"Expert cache policy: {', '.join(POLICIES)}.")
-    predictor: Optional[Literal[PREDICTORS]] = Field(
-        default=None, description=f"Predict the next layers' experts and read them ahead: {', '.join(PREDICTORS)}; "
-                                  "unset (or none) for no prefetch.")
-    prefetch_depth: int = Field(default=1, ge=1, le=MAX_DEPTH, description="MoE layers ahead to prefetch.")
-    prefetch_threads: int = Field(default=2, ge=1, le=MAX_THREADS, description="Background readers for prefetches.")
-    fetch_threads: int = Field(default=4, ge=1, le=MAX_THREADS, description="Parallel readers for expert fetches.")
-    substitute: Optional[float] = Field(
-        default=None, ge=0, lt=1, description="Run a missed expert from its low-bit copy (convert --lowbit) when "
-                                              "the experts ranked above it carry more than this share of the "
-                                              "gate weight; changes the output. Unset: never.")
+    # the flag builder reads typing.Optional and typing.Union, not `X | None`
+    memory_budget: Optional[Union[str, int]] = _cache_field("memory_budget")  # noqa: UP007
+    policy: Literal[POLICIES] = _cache_field("policy")
+    predictor: Optional[Literal[PREDICTORS]] = _cache_field("predictor")
+    prefetch_depth: int = _cache_field("prefetch_depth", ge=1, le=MAX_DEPTH)
+    prefetch_threads: int = _cache_field("prefetch_threads", ge=1, le=MAX_THREADS)
+    fetch_threads: int = _cache_field("fetch_threads", ge=1, le=MAX_THREADS)
+    substitute: Optional[float] = _cache_field("substitute", ge=0, lt=1)
     use_mlock: bool = Field(default=False, description="Must stay off: experts are streamed, not locked.")
 
     @field_validator("predictor", mode="before")
     @classmethod
     def _none_predictor(cls, value):
         return None if isinstance(value, str) and value.strip().lower() in ("", "none") else value
+
+    @model_validator(mode="after")
+    def _check_cache(self):
+        try:
+            self.cache_config()
+        except EdgeMoEError as e:           # as a ValueError, pydantic's report says which model it is
+            raise ValueError(str(e)) from None
+        return self
+
+    def cache_config(self) -> CacheConfig:
+        return CacheConfig(**{name: getattr(self, name) for name in CACHE_OPTIONS})
 
 
 class EdgeMoEServerSettings(ServerSettings):
@@ -185,12 +194,10 @@ class EdgeMoELlamaProxy(LlamaProxy):
 
     @staticmethod
     def load_llama_from_model_settings(settings: ModelSettings) -> llama_cpp.Llama:
-        extra = {}
-        if isinstance(settings, EdgeMoEModelSettings):
-            extra = {name: getattr(settings, name) for name in CACHE_OPTIONS}
+        cache = settings.cache_config() if isinstance(settings, EdgeMoEModelSettings) else None
         # llama-cpp-python's loader builds `llama_cpp.Llama(...)` from the settings: hand it ours
         original = llama_cpp.Llama
-        llama_cpp.Llama = functools.partial(Llama, **extra)
+        llama_cpp.Llama = functools.partial(Llama, cache=cache)
         try:
             return LlamaProxy.load_llama_from_model_settings(settings)
         except EdgeMoEError:

@@ -14,25 +14,28 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from tqdm import tqdm
 
 from edgemoe_llamacpp import bench, cgroup
+from edgemoe_llamacpp.cache_config import CacheConfig
+from edgemoe_llamacpp.errors import EdgeMoEError
 from edgemoe_llamacpp.layout import read_layout
-from edgemoe_llamacpp.predict import PREDICTORS
-from edgemoe_llamacpp.residency import POLICIES, parse_budget
+from edgemoe_llamacpp.residency import parse_budget
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def parse_config(text: str) -> dict:
+def parse_config(text: str) -> tuple[str, CacheConfig]:
+    """("POLICY[+PREDICTOR[:DEPTH]]", its CacheConfig)."""
     policy, _, rest = text.partition("+")
     predictor, _, depth = rest.partition(":")
-    if policy not in POLICIES or (predictor and predictor not in PREDICTORS):
-        raise SystemExit(f"bad configuration {text!r}: POLICY[+PREDICTOR[:DEPTH]], policies {POLICIES}, "
-                         f"predictors {PREDICTORS}")
-    return {"label": text, "policy": policy, "predictor": predictor or None, "prefetch_depth": int(depth or 1)}
+    try:
+        return text, CacheConfig(policy=policy, predictor=predictor or None, prefetch_depth=int(depth or 1))
+    except (EdgeMoEError, ValueError) as e:
+        raise SystemExit(f"bad configuration {text!r}: POLICY[+PREDICTOR[:DEPTH]] ({e})") from None
 
 
 def main() -> int:
@@ -65,19 +68,21 @@ def main() -> int:
     for spec in args.budgets:
         budget = parse_budget(spec, layout.expert_bytes)
         limit = layout.dense_bytes + budget + kv + allowance
-        runs: dict[str, list[dict]] = {"stock": [], **{c["label"]: [] for c in configs}}
+        runs: dict[str, list[dict]] = {"stock": [], **{label: [] for label, _ in configs}}
         for r in range(args.runs):
             shift = r % len(engines)
             for eng in engines[shift:] + engines[:shift]:
-                label = "stock" if eng is None else eng["label"]
+                label = "stock" if eng is None else eng[0]
                 bar.set_postfix(budget=spec, engine=label)
-                runs[label].append(bench._child(args.model, spec, eng is None, args.tokens, bench.PROMPT, args.n_ctx,
-                                                limit, None, eng))
+                runs[label].append(bench._child(args.model, stock=eng is None, tokens=args.tokens, prompt=bench.PROMPT,
+                                                n_ctx=args.n_ctx, limit=limit,
+                                                cache=None if eng is None else replace(eng[1], memory_budget=spec)))
                 bar.update()
         entry = {"budget": spec, "budget_bytes": budget, "limit_bytes": limit,
                  "stock": bench._engine_summary(runs["stock"]), "configs": []}
-        for c in configs:
-            entry["configs"].append({**c, **bench.compare(runs[c["label"]], runs["stock"], budget, expert_size)})
+        for label, config in configs:
+            entry["configs"].append({"label": label, **config.to_dict(budget=False),
+                                     **bench.compare(runs[label], runs["stock"], budget, expert_size)})
         result["budgets"].append(entry)
     bar.close()
     args.out.parent.mkdir(parents=True, exist_ok=True)

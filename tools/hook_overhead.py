@@ -13,6 +13,7 @@ import statistics
 
 import llama_cpp
 
+from edgemoe_llamacpp.cache_config import CacheConfig
 from edgemoe_llamacpp.generate import last_logits
 from edgemoe_llamacpp.llama import Llama, stock_llama
 
@@ -44,7 +45,7 @@ def main() -> None:
         pair = {}
         for engine in (("stock", "edgemoe") if i % 2 == 0 else ("edgemoe", "stock")):
             llm = stock_llama(args.model, use_extra_bufts=False, **kw) if engine == "stock" else \
-                Llama(args.model, memory_budget=None, **kw)
+                Llama(args.model, cache=CacheConfig(memory_budget=None), **kw)
             pair[engine] = decode_tok_s(llm, args.tokens)
             llm.close()
         pair["ratio"] = pair["edgemoe"] / pair["stock"]

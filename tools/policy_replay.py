@@ -25,6 +25,7 @@ from concurrent.futures import Future
 
 from edgemoe_llamacpp import corpus
 from edgemoe_llamacpp.bench import belady
+from edgemoe_llamacpp.cache_config import CacheConfig
 from edgemoe_llamacpp.layout import read_layout
 from edgemoe_llamacpp.llama import Llama
 from edgemoe_llamacpp.predict import PREDICTORS, GatePredictor, Lookahead, make_predictor, read_routers
@@ -34,6 +35,8 @@ PROMPTS = ["import os\nimport sys\n\n\ndef main(argv):\n    ", "class Parser:\n 
            '"""Utilities for reading configuration files."""\n\nimport re\n',
            "    def __init__(self, path, defaults=None):\n        self."]
 WINDOW = 256      # tokens per held-out window (--validation)
+# recording: every expert resident; the gate predictor makes the hook hand over each layer's FFN input
+RECORDING = CacheConfig(memory_budget=None, predictor="gate")
 
 
 class ReplayCache(ExpertCache):
@@ -88,7 +91,7 @@ class Recorder(Llama):
 
 def record(model: str, prompt: str, tokens: int) -> list:
     """[(layer, ids (T, k), ffn_inp (T, n_embd))] of one greedy completion."""
-    llm = Recorder(model, memory_budget=None, predictor="gate", n_ctx=512, verbose=False)
+    llm = Recorder(model, cache=RECORDING, n_ctx=512, verbose=False)
     llm.create_completion(prompt, max_tokens=tokens, temperature=0.0, repeat_penalty=1.1)
     llm.close()
     return llm.steps
@@ -96,7 +99,7 @@ def record(model: str, prompt: str, tokens: int) -> list:
 
 def record_text(model: str, windows: int, n_tokens: int = WINDOW) -> list[list]:
     """Steps of `windows` held-out windows, each token's layers in turn (as decoding would see them)."""
-    llm = Recorder(model, memory_budget=None, predictor="gate", n_ctx=512, logits_all=True, verbose=False)
+    llm = Recorder(model, cache=RECORDING, n_ctx=512, logits_all=True, verbose=False)
     ids = corpus.tokens(llm, corpus.split_texts("validation"), windows * n_tokens)
     traces = []
     for w in corpus.windows(ids, n_tokens)[:windows]:
@@ -121,12 +124,12 @@ def predictor_for(name: str, model: str, layout):
 def replay(model: str, layout, budget: int, policy: str, predictor: str | None, depth: int, steps: list,
            decay: float = USE_DECAY, horizon: int = 0) -> dict:
     """Decode counts over one recorded sequence: misses, prefetches and wasted prefetches."""
+    config = CacheConfig(memory_budget=budget, policy=policy)
     if horizon:
         future = [{(layer, int(e)) for e in ids.ravel()} for layer, ids, _ in steps]
-        cache = ForesightCache(layout, budget, policy=policy, future=future,
-                               horizon_steps=horizon * len(layout.moe_layers))
+        cache = config.make_cache(layout, ForesightCache, future=future, horizon_steps=horizon * len(layout.moe_layers))
     else:
-        cache = ReplayCache(layout, budget, policy=policy)
+        cache = config.make_cache(layout, ReplayCache)
     cache.use_decay = decay
     ahead = Lookahead(predictor_for(predictor, model, layout), cache, layout, depth) if predictor else None
     out = {"misses": 0, "prefetches": 0, "prefetch_wasted": 0}

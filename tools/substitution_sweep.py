@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from edgemoe_llamacpp import runtime
+from edgemoe_llamacpp.cache_config import CacheConfig
 from edgemoe_llamacpp.convert import convert, uniform_plan
 from edgemoe_llamacpp.layout import read_layout
 from edgemoe_llamacpp.perplexity import perplexity
@@ -54,7 +55,7 @@ def main() -> int:
     for th in args.thresholds:
         sub = None if th == "none" else float(th)
         r = perplexity(str(model), tokens=args.tokens, batch=1, reference=str(args.reference),
-                       memory_budget=args.budget, substitute=sub)
+                       cache=CacheConfig(memory_budget=args.budget, substitute=sub))
         t = r.pop("stats")["total"]
         chosen = t["hits"] + t["misses"]
         rows.append({"threshold": sub, "perplexity": r["perplexity"], "kld": r["kld"], "same_top1": r["same_top1"],
