@@ -18,8 +18,10 @@ from .cache_config import CacheConfig
 from .errors import ArgumentError, BudgetError, EdgeMoEError, MixedTypesError
 from .guard import CallGuard, Stream, serialised
 from .hook import ExpertHook
+from .inject import InjectedLlama, TraceInjector, injecting_callback
 from .layout import MoELayout, read_layout
 from .predict import Lookahead, make_predictor
+from .routing_trace import RoutingTrace
 from .sampling import sample_within_grammar
 from .substitute import ExpertPointers, weight_above
 
@@ -124,14 +126,21 @@ def require_runtime_for(layout: MoELayout) -> None:
                               f"it needs (edgemoe.required_features), so llama.cpp refuses it. Convert it again")
 
 
-def stock_llama(model_path: str, *, use_extra_bufts: bool = True, **kwargs) -> llama_cpp.Llama:
-    """Plain llama-cpp-python, optionally without the CPU repack (the same compute path edgemoe uses)."""
+def stock_llama(model_path: str, *, use_extra_bufts: bool = True, route_trace=None, **kwargs) -> llama_cpp.Llama:
+    """Plain llama-cpp-python, optionally without the CPU repack (the same compute path edgemoe uses), and for
+    benchmarks optionally computing a routing trace's experts (inject.InjectedLlama, no cache)."""
     layout = read_layout(model_path)
     if layout.needs_patched_runtime:
         what = "per-expert types" if layout.mixed else "low-bit copies of its experts"
         raise MixedTypesError(f"{model_path} has {what}: only edgemoe_llamacpp.Llama runs it")
-    with llama_params(use_extra_bufts=use_extra_bufts):
-        return llama_cpp.Llama(model_path=str(model_path), **kwargs)
+    if route_trace is None:
+        with llama_params(use_extra_bufts=use_extra_bufts):
+            return llama_cpp.Llama(model_path=str(model_path), **kwargs)
+    trace = route_trace if isinstance(route_trace, RoutingTrace) else RoutingTrace.load(route_trace)
+    injector = TraceInjector(trace.for_layout(layout))
+    callback = injecting_callback(injector)
+    with llama_params(use_extra_bufts=use_extra_bufts, cb_eval=callback):
+        return InjectedLlama(model_path=str(model_path), injector=injector, callback=callback, **kwargs)
 
 
 @dataclass
@@ -173,6 +182,9 @@ class Llama(llama_cpp.Llama):
         experts ranked above it carry more than this share of the token's gate weight (HOBBIT; 0.6 is its
         Mixtral setting); None (default) runs every expert at full precision: output identical to stock.
     record_routing: keep every layer's chosen experts (`edgemoe_trace()`), for profiles and benchmarks.
+    route_trace: benchmarks and replay only: a routing trace (edgemoe_llamacpp.routing_trace: a path or a
+        RoutingTrace) whose experts replace the router's choice at every MoE layer, by token position. The
+        output is then not the model's own; `edgemoe_stats()["routing"]` says "injected: <source>".
 
     Unlike llama_cpp.Llama, it is safe to share: calls on one instance are serialised by a lock (a stream
     takes it for each step), a call after close() raises LlamaClosedError, and arguments llama.cpp would crash
@@ -182,13 +194,14 @@ class Llama(llama_cpp.Llama):
     """
 
     def __init__(self, model_path: str, *args, cache: CacheConfig | None = None, record_routing: bool = False,
-                 **kwargs):
+                 route_trace=None, **kwargs):
         self._edgemoe_guard = CallGuard()        # one call at a time; closed; the open stream
         self._edgemoe_formatting = False         # a chat handler is formatting messages, no completion yet
         self._edgemoe_logits: tuple[int, int] | None = None   # token positions whose logits sample() may use
         self._edgemoe_tokens = TokenCounts()
         self._edgemoe_config = config = CacheConfig.take(kwargs, cache)   # checked before any file is read
         self._edgemoe_record_routing = record_routing
+        self._edgemoe_route_trace = route_trace
         if kwargs.get("use_mmap") is False or kwargs.get("use_mlock"):
             raise EdgeMoEError("edgemoe streams experts through llama.cpp's file mapping: use_mmap must stay "
                                "on and use_mlock off")
@@ -200,6 +213,10 @@ class Llama(llama_cpp.Llama):
                                f"with: edgemoe convert IN OUT --uniform TYPE --lowbit Q2_K")
         self._edgemoe_layout = layout
         self._edgemoe_pointers = None
+        self._edgemoe_injector = None
+        if route_trace is not None:
+            trace = route_trace if isinstance(route_trace, RoutingTrace) else RoutingTrace.load(route_trace)
+            self._edgemoe_injector = TraceInjector(trace.for_layout(layout))
         self._edgemoe_cache = cache = config.make_cache(layout)
         limit = cgroup.memory_limit()
         if limit is not None and limit < layout.dense_bytes + cache.min_budget:
@@ -219,7 +236,8 @@ class Llama(llama_cpp.Llama):
                 raise
         hidden = self._edgemoe_lookahead.predictor.hidden_node if self._edgemoe_lookahead else None
         self._edgemoe_hook = hook = ExpertHook(on_route=self._on_route, hidden_node=hidden,
-                                               want_weights=cache.substitute is not None)
+                                               want_weights=cache.substitute is not None,
+                                               inject=self._edgemoe_injector)
         before = set(runtime.file_mappings(model_path))
         if before:
             log.warning("%s is already mapped in this process: pages another instance keeps mapped cannot be "
@@ -332,6 +350,8 @@ class Llama(llama_cpp.Llama):
             if outer:
                 self._edgemoe_checks.tokens(tokens, "tokens")
                 check_context(self.n_tokens + len(tokens), self._n_ctx)
+            if self._edgemoe_injector is not None:
+                self._edgemoe_injector.position = self.n_tokens
             super().eval(tokens)
             self._edgemoe_tokens.evaluated(tokens)
             self._edgemoe_hook.take_error()
@@ -424,6 +444,7 @@ class Llama(llama_cpp.Llama):
         return {"routes": hook.routes, "hook_us_per_layer": hook.us_per_call, "hook_native_filter": hook.native_filter,
                 **self._edgemoe_cache.summary(),
                 "predictor": self._edgemoe_config.predictor,
+                "routing": "router" if self._edgemoe_injector is None else f"injected: {self._edgemoe_injector.source}",
                 "prefetch_depth": self._edgemoe_lookahead.depth if self._edgemoe_lookahead else 0,
                 "tokens": {"prompt": self._edgemoe_tokens.prompt, "generated": self._edgemoe_tokens.generated}}
 
@@ -438,7 +459,7 @@ class Llama(llama_cpp.Llama):
         """llama_cpp.Llama pickles its constructor arguments (unpickling loads the model again): ours too."""
         with self._edgemoe_call():
             return {**super().__getstate__(), **self._edgemoe_config.to_dict(),
-                    "record_routing": self._edgemoe_record_routing}
+                    "record_routing": self._edgemoe_record_routing, "route_trace": self._edgemoe_route_trace}
 
     def close(self) -> None:
         """Free the model; waits for a call in progress. Later calls raise LlamaClosedError."""
