@@ -140,11 +140,12 @@ def signal_name(returncode: int) -> str | None:
 
 def _child(model: str, *, stock: bool, tokens: int, prompt: str, n_ctx: int, limit: int | None,
            n_threads: int | None = None, cache: CacheConfig | None = None, stock_repack: bool = True,
-           controller: cgroup.Controller | None = None) -> dict:
+           controller: cgroup.Controller | None = None, route_trace: str | None = None) -> dict:
     """One run of `model` in a child process under `limit` bytes (None: no limit), with a cold page cache:
     stock llama-cpp-python (`stock_repack`: its CPU repack on), or edgemoe keeping experts as `cache` says
     (routing recorded, for the Belady floor)."""
-    args = {"model": model, "prompt": prompt, "max_tokens": tokens, "n_ctx": n_ctx, "n_threads": n_threads}
+    args = {"model": model, "prompt": prompt, "max_tokens": tokens, "n_ctx": n_ctx, "n_threads": n_threads,
+            "route_trace": route_trace}
     if stock:
         args.update(stock=True, use_extra_bufts=stock_repack)
     else:
@@ -197,11 +198,17 @@ def _engine_summary(runs: list[dict]) -> dict:
         "decode_read_bytes_per_token": _spread([per_token(r, "decode_read_bytes") for r in ok]),
         "decode_major_faults_per_token": _spread([per_token(r, "decode_major_faults") for r in ok]),
         "peak_bytes": _spread([r["peak_bytes"] for r in ok]),
+        "load_s": _spread([r.get("load_s") for r in ok]),
+        "load_read_bytes": _spread([r.get("load_read_bytes") for r in ok]),
     }
     stats = [r["stats"] for r in ok if "stats" in r]
     if stats:
         out["hit_rate"] = _spread([s["total"]["hit_rate"] for s in stats])
         out["stall_s"] = _spread([s["total"]["stall_s"] for s in stats])
+        # bytes fetched on demand per second of stall: what the cache's reads achieve while decoding waits
+        out["fetch_bps"] = _spread([s["total"]["bytes_fetched"] / s["total"]["stall_s"] for s in stats
+                                    if s["total"]["stall_s"] > 0 and s["total"]["bytes_fetched"]])
+        out["hook_us_per_layer"] = _spread([s.get("hook_us_per_layer") for s in stats])
         for key in ("prefetches", "prefetch_used", "prefetch_wasted", "substituted"):
             out[f"{key}_per_token"] = _spread([s["total"][key] / r["decode_evals"] for s, r in
                                                zip(stats, [r for r in ok if "stats" in r]) if r["decode_evals"]])
@@ -210,7 +217,8 @@ def _engine_summary(runs: list[dict]) -> dict:
 
 def calibrate(model: str, *, prompt: str = PROMPT, n_ctx: int = 512, use_cgroup: bool = True,
               n_threads: int | None = None, stock_model: str | None = None, engines=("stock", "edgemoe"),
-              stock_repack: bool = True, controller: cgroup.Controller | None = None) -> tuple[int, dict]:
+              stock_repack: bool = True, controller: cgroup.Controller | None = None,
+              route_trace: str | None = None) -> tuple[int, dict]:
     """Memory a process running `model` needs besides the model's pages and the KV cache (see
     ALLOWANCE_MARGIN): the most any of `engines` needed, and each engine's calibration run. A stock run that
     dies (a crashing llama.cpp build) is recorded and left out; a failed edgemoe run is an error."""
@@ -218,7 +226,7 @@ def calibrate(model: str, *, prompt: str = PROMPT, n_ctx: int = 512, use_cgroup:
     unlimited = psutil.virtual_memory().total if use_cgroup else None
     calib = {stock: _child(files[stock], stock=stock, tokens=4, prompt=prompt, n_ctx=n_ctx, limit=unlimited,
                            n_threads=n_threads, cache=CacheConfig(memory_budget="100%"), stock_repack=stock_repack,
-                           controller=controller)
+                           controller=controller, route_trace=route_trace)
              for stock in (True, False) if ("stock" if stock else "edgemoe") in engines}
     summary = {("stock" if stock else "edgemoe"): {k: c.get(k) for k in ("ok", "returncode", "signal", "error",
                                                                           "peak_bytes", "rss_anon_bytes")}
@@ -246,13 +254,14 @@ def measure_allowance(model: str, *, prompt: str = PROMPT, n_ctx: int = 512, use
 def run_bench(model: str, budgets: list[str], *, runs: int = 3, tokens: int = 64, prompt: str = PROMPT,
               n_ctx: int = 512, use_cgroup: bool = True, allowance: int | None = None,
               n_threads: int | None = None, progress: bool = True, cache: CacheConfig | None = None,
-              stock_model: str | None = None, stock_repack: bool = True) -> dict:
+              stock_model: str | None = None, stock_repack: bool = True, route_trace: str | None = None) -> dict:
     """Stock and edgemoe alternately, cold cache, per budget; edgemoe keeps its experts as `cache` says, at
     each of `budgets` in turn (its own memory_budget is not used). `stock_model`: the file stock runs when `model`
     is one only edgemoe loads (low-bit copies, per-expert types): the one it was converted from.
     `stock_repack`: stock with llama.cpp's CPU repack (its default) or without (edgemoe's compute path).
     A stock run that dies is recorded with its signal; edgemoe is still measured, and that budget's ratio
-    is marked absent when no pair has both."""
+    is marked absent when no pair has both. `route_trace`: both engines compute that trace's routing (the
+    results say `routing: injected`), for workloads shaped like models this machine does not hold."""
     from tqdm import tqdm
 
     layout: MoELayout = read_layout(model)
@@ -275,7 +284,7 @@ def run_bench(model: str, budgets: list[str], *, runs: int = 3, tokens: int = 64
     if allowance is None:
         allowance, calibration = calibrate(model, prompt=prompt, n_ctx=n_ctx, use_cgroup=use_cgroup,
                                            n_threads=n_threads, stock_model=stock_model, stock_repack=stock_repack,
-                                           controller=controller if use_cgroup else None)
+                                           controller=controller if use_cgroup else None, route_trace=route_trace)
     result = {
         "model": str(model), "arch": layout.arch, "n_layer": layout.n_layer, "n_expert": layout.n_expert,
         "n_expert_used": layout.n_expert_used, "dense_bytes": layout.dense_bytes,
@@ -286,6 +295,8 @@ def run_bench(model: str, budgets: list[str], *, runs: int = 3, tokens: int = 64
         **cache.to_dict(budget=False),
         "stock_model": str(stock_model), "stock_repack": stock_repack,
         "stock_runtime": os.environ.get(STOCK_RUNTIME_ENV) or None, "lowbit_type": layout.lowbit_type,
+        "routing": "router" if route_trace is None else f"injected: {_trace_source(route_trace)}",
+        "route_trace": route_trace,
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "budgets": [],
     }
     bar = tqdm(total=len(budgets) * runs * 2, desc="bench", unit="run", disable=not progress)
@@ -304,7 +315,7 @@ def run_bench(model: str, budgets: list[str], *, runs: int = 3, tokens: int = 64
                 pair["stock" if stock else "edgemoe"] = _child(
                     stock_model if stock else model, stock=stock, tokens=tokens, prompt=prompt, n_ctx=n_ctx,
                     limit=limit, n_threads=n_threads, cache=replace(cache, memory_budget=spec),
-                    stock_repack=stock_repack, controller=controller)
+                    stock_repack=stock_repack, controller=controller, route_trace=route_trace)
                 bar.update()
             pairs.append(pair)
         entry = {"budget": spec, "budget_bytes": budget, "limit_bytes": limit,
@@ -312,6 +323,8 @@ def run_bench(model: str, budgets: list[str], *, runs: int = 3, tokens: int = 64
                  **compare([p["edgemoe"] for p in pairs], [p["stock"] for p in pairs], budget, expert_size)}
         if "floor_bytes_per_token" in entry:
             entry["floor_io_s_per_token"] = entry["floor_bytes_per_token"] / bandwidth
+        fetch = entry["edgemoe"].get("fetch_bps", {}).get("median")
+        entry["fetch_efficiency"] = fetch / bandwidth if fetch and bandwidth else None
         entry["pairs"] = pairs
         result["budgets"].append(entry)
     bar.close()
@@ -321,6 +334,12 @@ def run_bench(model: str, budgets: list[str], *, runs: int = 3, tokens: int = 64
         if best and "floor_io_s_per_token" in b:
             b["floor_tok_s"] = 1 / (1 / best + b["floor_io_s_per_token"])
     return result
+
+
+def _trace_source(path: str) -> str:
+    from .routing_trace import RoutingTrace
+
+    return RoutingTrace.load(path).source
 
 
 def compare(runs: list[dict], stock_runs: list[dict], budget: int, expert_size: float) -> dict:
@@ -393,6 +412,16 @@ def format_table(result: dict) -> str:
                         f"{_mb(b['floor_bytes_per_token']):.2f} | | | | " +
                         (f"edgemoe reads {b['edgemoe_bytes_vs_floor']:.2f}x the floor |"
                          if b["edgemoe_bytes_vs_floor"] else "edgemoe read nothing: the load kept every expert |"))
+    loads = [(b["budget"], eng, b[eng]) for b in result["budgets"] for eng in ("stock", "edgemoe")
+             if b[eng].get("load_s", {}).get("median") is not None]
+    if loads:
+        rows += ["", "| budget | engine | load s (median) | bytes read at load (median) | fetch efficiency |",
+                 "|---|---|---|---|---|"]
+        for spec, eng, s in loads:
+            eff = next((b.get("fetch_efficiency") for b in result["budgets"] if b["budget"] == spec), None) \
+                if eng == "edgemoe" else None
+            rows.append(f"| {spec} | {eng} | {s['load_s']['median']:.2f} | "
+                        f"{fmt(_mb(s['load_read_bytes']['median']), '{:,.0f}')} MB | {fmt(eff, '{:.0%}')} |")
     return "\n".join(rows)
 
 
@@ -419,7 +448,11 @@ def header(result: dict) -> list[str]:
                    if r.get("stock", {}).get("signal")})
     if died:
         stock += f" Stock llama.cpp died with {', '.join(died)}: its runs are recorded, ratios marked absent."
-    return [limit, stock]
+    lines = [limit, stock]
+    if result.get("routing", "router") != "router":
+        lines.append(f"Routing: {result['routing']} (both engines compute the trace's experts at every MoE layer, "
+                     f"not the router's: a benchmark workload, not the model's own output).")
+    return lines
 
 
 def _mb(x):

@@ -82,11 +82,14 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     result = generate(args.model, args.prompt, max_tokens=args.n, cache=cache_config(args), stock=args.stock,
                       n_ctx=args.n_ctx, n_threads=args.n_threads, temperature=args.temperature, seed=args.seed,
-                      record_routing=args.trace, repeat_penalty=args.repeat_penalty)
+                      record_routing=args.trace, repeat_penalty=args.repeat_penalty,
+                      route_trace=_route_trace(args))
     if args.json:
         print(json.dumps(result))
         return 0
     print(args.prompt + result["text"])
+    if result["routing"] != "router":
+        print(f"--- routing {result['routing']}: the trace's experts, not the router's (benchmark/replay)")
     print(f"--- {result['engine']}: {result['tokens']} tokens, prefill {result['prefill_tok_s']:.1f} tok/s, "
           f"decode {result['decode_tok_s']:.1f} tok/s, storage read {_mib(result['storage_read_bytes'])}")
     stats = result.get("stats")
@@ -145,6 +148,21 @@ def cache_config(args: argparse.Namespace, **override):
     return CacheConfig(**{**options, **override})
 
 
+def _route_trace(args: argparse.Namespace) -> str | None:
+    """--route-trace, checked before any model loads (a bad trace is a one-line error)."""
+    if args.route_trace is None:
+        return None
+    from .layout import read_layout
+    from .routing_trace import RoutingTrace
+
+    RoutingTrace.load(args.route_trace).for_layout(read_layout(args.model))
+    return args.route_trace
+
+
+ROUTE_TRACE_HELP = ("benchmarks and replay: compute this routing trace's experts at every MoE layer instead of the "
+                    "router's (a trace file from tools/make_trace.py, or an `edgemoe run --json --trace` output)")
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import format_table, run_bench
 
@@ -154,7 +172,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                        use_cgroup=not args.no_cgroup, n_threads=args.n_threads,
                        allowance=None if args.allowance is None else parse_budget(args.allowance, 0),
                        stock_model=args.stock_model, stock_repack=args.stock_repack == "on",
-                       cache=cache_config(args, memory_budget=None))
+                       cache=cache_config(args, memory_budget=None), route_trace=_route_trace(args))
     if args.json:
         files.write_text(args.json, json.dumps(result, indent=1) + "\n")
     m = result["memory_limit"]
@@ -349,6 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeat-penalty", dest="repeat_penalty", type=_float(0, 1e6, lo_open=True), default=1.0)
     p.add_argument("--seed", type=_int(0, 2**32 - 1), default=0)
     p.add_argument("--trace", action="store_true", help="with --json: include every layer's chosen experts")
+    p.add_argument("--route-trace", dest="route_trace", metavar="FILE", help=ROUTE_TRACE_HELP)
     add_cache_options(p)
     p.set_defaults(func=cmd_run)
 
@@ -367,6 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stock-repack", dest="stock_repack", choices=("on", "off"), default="on",
                    help="stock with llama.cpp's CPU repack (on, its default) or without (off: the compute path "
                    "edgemoe uses, and a baseline where the repack crashes)")
+    p.add_argument("--route-trace", dest="route_trace", metavar="FILE", help=ROUTE_TRACE_HELP)
     add_cache_options(p, budgets=True)
     p.set_defaults(func=cmd_bench)
 
