@@ -254,11 +254,12 @@ def measure_allowance(model: str, *, prompt: str = PROMPT, n_ctx: int = 512, use
 def run_bench(model: str, budgets: list[str], *, runs: int = 3, tokens: int = 64, prompt: str = PROMPT,
               n_ctx: int = 512, use_cgroup: bool = True, allowance: int | None = None,
               n_threads: int | None = None, progress: bool = True, cache: CacheConfig | None = None,
-              stock_model: str | None = None, stock_repack: bool = True, route_trace: str | None = None) -> dict:
+              stock_model: str | None = None, stock_repack: bool | str = True, route_trace: str | None = None) -> dict:
     """Stock and edgemoe alternately, cold cache, per budget; edgemoe keeps its experts as `cache` says, at
     each of `budgets` in turn (its own memory_budget is not used). `stock_model`: the file stock runs when `model`
     is one only edgemoe loads (low-bit copies, per-expert types): the one it was converted from.
-    `stock_repack`: stock with llama.cpp's CPU repack (its default) or without (edgemoe's compute path).
+    `stock_repack`: stock with llama.cpp's CPU repack (its default) or without (edgemoe's compute path), or
+    "both": two stock baselines per pair, the ratio taken against the repack-on one and also given against the other.
     A stock run that dies is recorded with its signal; edgemoe is still measured, and that budget's ratio
     is marked absent when no pair has both. `route_trace`: both engines compute that trace's routing (the
     results say `routing: injected`), for workloads shaped like models this machine does not hold."""
@@ -283,7 +284,8 @@ def run_bench(model: str, budgets: list[str], *, runs: int = 3, tokens: int = 64
     calibration = None
     if allowance is None:
         allowance, calibration = calibrate(model, prompt=prompt, n_ctx=n_ctx, use_cgroup=use_cgroup,
-                                           n_threads=n_threads, stock_model=stock_model, stock_repack=stock_repack,
+                                           n_threads=n_threads, stock_model=stock_model,
+                                           stock_repack=stock_repack in (True, "both"),
                                            controller=controller if use_cgroup else None, route_trace=route_trace)
     result = {
         "model": str(model), "arch": layout.arch, "n_layer": layout.n_layer, "n_expert": layout.n_expert,
@@ -299,7 +301,10 @@ def run_bench(model: str, budgets: list[str], *, runs: int = 3, tokens: int = 64
         "route_trace": route_trace,
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "budgets": [],
     }
-    bar = tqdm(total=len(budgets) * runs * 2, desc="bench", unit="run", disable=not progress)
+    both = stock_repack == "both"
+    engines = [("stock", True), ("stock_repack_off", False), ("edgemoe", None)] if both else \
+        [("stock", bool(stock_repack)), ("edgemoe", None)]
+    bar = tqdm(total=len(budgets) * runs * len(engines), desc="bench", unit="run", disable=not progress)
     expert_size = layout.expert_bytes / len(layout.experts)
     for spec in budgets:
         budget = parse_budget(spec, layout.expert_bytes)
@@ -308,19 +313,24 @@ def run_bench(model: str, budgets: list[str], *, runs: int = 3, tokens: int = 64
         limit = layout.dense_bytes + budget + kv + allowance if use_cgroup else None
         pairs = []
         for r in range(runs):
-            order = (True, False) if r % 2 == 0 else (False, True)
             pair = {}
-            for stock in order:
-                bar.set_postfix(budget=spec, engine="stock" if stock else "edgemoe")
-                pair["stock" if stock else "edgemoe"] = _child(
+            for name, repack in (engines if r % 2 == 0 else engines[::-1]):
+                bar.set_postfix(budget=spec, engine=name)
+                stock = name != "edgemoe"
+                pair[name] = _child(
                     stock_model if stock else model, stock=stock, tokens=tokens, prompt=prompt, n_ctx=n_ctx,
                     limit=limit, n_threads=n_threads, cache=replace(cache, memory_budget=spec),
-                    stock_repack=stock_repack, controller=controller, route_trace=route_trace)
+                    stock_repack=repack, controller=controller, route_trace=route_trace)
                 bar.update()
             pairs.append(pair)
         entry = {"budget": spec, "budget_bytes": budget, "limit_bytes": limit,
                  "stock": _engine_summary([p["stock"] for p in pairs]),
                  **compare([p["edgemoe"] for p in pairs], [p["stock"] for p in pairs], budget, expert_size)}
+        if both:        # the second baseline: stock without the CPU repack, the setting a careful user tries first
+            entry["stock_repack_off"] = _engine_summary([p["stock_repack_off"] for p in pairs])
+            entry["decode_ratio_vs_repack_off"] = _spread(
+                [p["edgemoe"]["decode_tok_s"] / p["stock_repack_off"]["decode_tok_s"] for p in pairs
+                 if p["edgemoe"]["ok"] and p["stock_repack_off"]["ok"] and p["stock_repack_off"]["decode_tok_s"]])
         if "floor_bytes_per_token" in entry:
             entry["floor_io_s_per_token"] = entry["floor_bytes_per_token"] / bandwidth
         fetch = entry["edgemoe"].get("fetch_bps", {}).get("median")
@@ -390,13 +400,15 @@ def format_table(result: dict) -> str:
             "|---|---|---|---|---|---|---|---|---|---|"]
     for b in result["budgets"]:
         limit = "none" if b["limit_bytes"] is None else f"{b['limit_bytes'] / 2**20:.0f} MiB"
-        for eng in ("stock", "edgemoe"):
+        for eng in [e for e in ("stock", "stock_repack_off", "edgemoe") if e in b]:
             s = b[eng]
             d = s["decode_tok_s"]
             hit = s.get("hit_rate", {}).get("median")
             ratio = fmt(b["decode_ratio"]["median"], "{:.2f}x") + \
                 f" ({fmt(b['decode_ratio']['min'], '{:.2f}')}-{fmt(b['decode_ratio']['max'], '{:.2f}')})" \
                 if eng == "edgemoe" else ""
+            if eng == "edgemoe" and "decode_ratio_vs_repack_off" in b:
+                ratio += f"; {fmt(b['decode_ratio_vs_repack_off']['median'], '{:.2f}x')} vs stock, repack off"
             if eng == "edgemoe" and b["decode_ratio"].get("absent"):
                 ratio = f"absent ({b['decode_ratio']['absent']})" if b["decode_ratio"]["median"] is None else \
                     f"{ratio}, without the pairs whose stock died ({b['decode_ratio']['absent']})"
@@ -412,8 +424,8 @@ def format_table(result: dict) -> str:
                         f"{_mb(b['floor_bytes_per_token']):.2f} | | | | " +
                         (f"edgemoe reads {b['edgemoe_bytes_vs_floor']:.2f}x the floor |"
                          if b["edgemoe_bytes_vs_floor"] else "edgemoe read nothing: the load kept every expert |"))
-    loads = [(b["budget"], eng, b[eng]) for b in result["budgets"] for eng in ("stock", "edgemoe")
-             if b[eng].get("load_s", {}).get("median") is not None]
+    loads = [(b["budget"], eng, b[eng]) for b in result["budgets"] for eng in ("stock", "stock_repack_off", "edgemoe")
+             if eng in b and b[eng].get("load_s", {}).get("median") is not None]
     if loads:
         rows += ["", "| budget | engine | load s (median) | bytes read at load (median) | fetch efficiency |",
                  "|---|---|---|---|---|"]
@@ -442,7 +454,9 @@ def header(result: dict) -> list[str]:
     limit = (f"Memory limit: {m['kind']} ({m['reason']})." if m["kind"] != "none" else
              f"Memory limit: none, runs are NOT memory-limited ({m['reason']}).")
     repack = result.get("stock_repack", True)
-    stock = (f"Stock: llama.cpp's CPU repack {'on (its default)' if repack else 'off (use_extra_bufts=False)'}"
+    setting = "on (its default), and off (use_extra_bufts=False) as a second baseline" if repack == "both" else \
+        "on (its default)" if repack else "off (use_extra_bufts=False)"
+    stock = (f"Stock: llama.cpp's CPU repack {setting}"
              + (f", llama_cpp from {result['stock_runtime']}" if result.get("stock_runtime") else "") + ".")
     died = sorted({r["stock"]["signal"] for b in result["budgets"] for r in b.get("pairs", [])
                    if r.get("stock", {}).get("signal")})

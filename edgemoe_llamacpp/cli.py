@@ -171,7 +171,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     result = run_bench(args.model, args.memory_budget, runs=args.runs, tokens=args.tokens, n_ctx=args.n_ctx,
                        use_cgroup=not args.no_cgroup, n_threads=args.n_threads,
                        allowance=None if args.allowance is None else parse_budget(args.allowance, 0),
-                       stock_model=args.stock_model, stock_repack=args.stock_repack == "on",
+                       stock_model=args.stock_model, stock_repack={"on": True, "off": False}.get(args.stock_repack, "both"),
                        cache=cache_config(args, memory_budget=None), route_trace=_route_trace(args))
     if args.json:
         files.write_text(args.json, json.dumps(result, indent=1) + "\n")
@@ -383,9 +383,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace the --json file if it exists")
     p.add_argument("--stock-model", dest="stock_model", help="the file stock runs (default: MODEL); for a MODEL "
                    "only edgemoe can load, e.g. one with low-bit copies, give the file it was converted from")
-    p.add_argument("--stock-repack", dest="stock_repack", choices=("on", "off"), default="on",
+    p.add_argument("--stock-repack", dest="stock_repack", choices=("on", "off", "both"), default="on",
                    help="stock with llama.cpp's CPU repack (on, its default) or without (off: the compute path "
-                   "edgemoe uses, and a baseline where the repack crashes)")
+                   "edgemoe uses, and a baseline where the repack crashes), or both baselines in every pair")
     p.add_argument("--route-trace", dest="route_trace", metavar="FILE", help=ROUTE_TRACE_HELP)
     add_cache_options(p, budgets=True)
     p.set_defaults(func=cmd_bench)
