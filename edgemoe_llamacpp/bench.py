@@ -326,6 +326,8 @@ def run_bench(model: str, budgets: list[str], *, runs: int = 3, tokens: int = 64
         entry = {"budget": spec, "budget_bytes": budget, "limit_bytes": limit,
                  "stock": _engine_summary([p["stock"] for p in pairs]),
                  **compare([p["edgemoe"] for p in pairs], [p["stock"] for p in pairs], budget, expert_size)}
+        texts = {p[name]["text"] for p in pairs for name, _ in engines if p[name]["ok"]}
+        entry["same_text"] = len(texts) == 1 if texts else None      # greedy: every engine, every run
         if both:        # the second baseline: stock without the CPU repack, the setting a careful user tries first
             entry["stock_repack_off"] = _engine_summary([p["stock_repack_off"] for p in pairs])
             entry["decode_ratio_vs_repack_off"] = _spread(
@@ -419,6 +421,8 @@ def format_table(result: dict) -> str:
                         f"{fmt(_mb(s['decode_read_bytes_per_token']['median']), '{:.2f}')} | "
                         f"{fmt(s['decode_major_faults_per_token']['median'])} | {fmt(hit, '{:.1%}')} | "
                         f"{fmt(_mib(s['peak_bytes']['median']), '{:.0f}')} | {ratio} |")
+        if b.get("same_text") is False:
+            rows.append(f"| {b['budget']} | | **output differs between runs or engines** | | | | | | | |")
         if "floor_bytes_per_token" in b:
             rows.append(f"| {b['budget']} | | Belady floor | {fmt(b.get('floor_tok_s'))} | | "
                         f"{_mb(b['floor_bytes_per_token']):.2f} | | | | " +
