@@ -14,6 +14,7 @@ matmuls (ffn_norm) and the layer's residual add (ffn_inp) have yet to read it.
 from __future__ import annotations
 
 import ctypes
+import struct
 import time
 
 import llama_cpp
@@ -96,7 +97,8 @@ class ExpertHook:
             if ctypes.c_int32.from_address(t + runtime.T_TYPE).value != GGML_TYPE_I32:
                 raise RuntimeError("ffn_moe_topk is not I32: unexpected llama.cpp graph")
             self._checked = True
-        name = _name(t)
+        head = ctypes.string_at(t, _HEAD_BYTES)       # one foreign read: name, shape, strides, data pointer
+        name = head[runtime.T_NAME:].split(b"\0", 1)[0]
         layer = name[TOPK_PREFIX:]
         if name[len(TOPK):TOPK_PREFIX] != b"-" or not layer.isdigit():
             return                                   # not a layer's topk node (e.g. a renamed view)
@@ -104,7 +106,7 @@ class ExpertHook:
         if self.inject is not None:
             self.inject(int(layer), t)
         if self.on_route is not None:
-            ids = read_ids(t)
+            ids = _ids_from_head(head)
             hidden = None if self.hidden_node is None else self._read_source(t, self.hidden_node, layer)
             weights = None
             if self.want_weights:
@@ -148,13 +150,24 @@ def write_ids(t: int, ids: np.ndarray) -> None:
     view[...] = ids
 
 
+_HEAD_BYTES = runtime.T_NAME + runtime.GGML_MAX_NAME
+_NE = struct.Struct("<qq")          # ne[0], ne[1]
+_NB = struct.Struct("<QQ")          # nb[0], nb[1]
+_PTR = struct.Struct("<Q")
+
+
 def read_ids(t: int) -> np.ndarray:
     """The (T, k) expert ids of a topk node: a strided I32 view (row stride nb[1] = n_expert * 4)."""
-    k, n_tokens = (ctypes.c_int64 * 2).from_address(t + runtime.T_NE)
-    nb0, nb1 = (ctypes.c_size_t * 2).from_address(t + runtime.T_NB)
-    data = ctypes.c_void_p.from_address(t + runtime.T_DATA).value
+    return _ids_from_head(ctypes.string_at(t, _HEAD_BYTES))
+
+
+def _ids_from_head(head: bytes) -> np.ndarray:
+    """read_ids from the node's first bytes already read (the hook's per-layer path: two foreign reads in all)."""
+    k, n_tokens = _NE.unpack_from(head, runtime.T_NE)
+    (data,) = _PTR.unpack_from(head, runtime.T_DATA)
     if n_tokens == 1:       # decoding: one contiguous row
-        return np.frombuffer((ctypes.c_int32 * k).from_address(data), dtype=np.int32).reshape(1, k).copy()
+        return np.frombuffer(ctypes.string_at(data, 4 * k), dtype=np.int32).reshape(1, k).copy()
+    nb0, nb1 = _NB.unpack_from(head, runtime.T_NB)
     raw = (ctypes.c_char * ((n_tokens - 1) * nb1 + k * nb0)).from_address(data)
     flat = np.frombuffer(raw, dtype=np.int32)
     return np.lib.stride_tricks.as_strided(flat, (n_tokens, k), (nb1, nb0)).copy()
