@@ -8,7 +8,7 @@ import os
 import sys
 
 from . import files
-from .errors import EdgeMoEError
+from .errors import BudgetError, EdgeMoEError
 from .residency import parse_budget
 
 
@@ -313,9 +313,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
             model_settings = [parse_model_from_args(server.EdgeMoEModelSettings, args)]
         except ValidationError as e:
             raise server.settings_error(e) from None
-    for m in model_settings:
-        layout = read_layout(m.model)      # a bad file or budget fails here, before the server starts
-        m.cache_config().budget(layout.expert_bytes)
+    for m in model_settings:               # a bad file or cache option fails here, before the server starts
+        layout = read_layout(m.model)
+        try:
+            m.cache_config().make_cache(layout).close()
+        except BudgetError as e:
+            raise BudgetError(f"{m.model}: {e}") from None
     warning = server.exposure_warning(server_settings)
     if warning:
         print(f"edgemoe: {warning}", file=sys.stderr)
