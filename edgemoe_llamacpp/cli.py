@@ -146,7 +146,8 @@ def cache_config(args: argparse.Namespace, **override):
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .bench import format_table, run_bench
+    from .bench import run_bench
+    from .bench_report import format_table
 
     if args.json:
         files.check_output(args.json, inputs=[args.model, args.stock_model], force=args.force, what="--json")
