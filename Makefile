@@ -1,8 +1,8 @@
 # Two commands on a fresh machine: `make demo` (the main job on the bundled tiny model) and `make test`.
-# tools/build_runtime.py compiles llama-cpp-python 0.3.36 with patches/ (~8 min on 2 cores) once and caches
-# the wheel under ~/.cache/edgemoe-llamacpp/wheels keyed by the patches' hash; later venvs install it in
-# seconds. `make test` also builds an unpatched llama-cpp-python (cached the same way) into .runtime/stock,
-# for the tests that show a stock build refuses files with per-expert types.
+# `edgemoe build-runtime` compiles llama-cpp-python 0.3.36 with edgemoe's patches (~8 min on 2 cores) once and
+# caches the wheel under ~/.cache/edgemoe-llamacpp/wheels, keyed by the patches, the llama-cpp-python version and
+# the instruction-set target (portable by default); later venvs install it in seconds. `make test` also builds an
+# unpatched llama-cpp-python (cached the same way) into .runtime/stock, for the tests that compare with stock.
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -15,15 +15,15 @@ export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc)
 
 STOCK  := .runtime/stock
 
-$(VENV)/.installed: pyproject.toml tools/build_runtime.py $(wildcard patches/*.patch)
+$(VENV)/.installed: pyproject.toml edgemoe_llamacpp/runtime_build.py $(wildcard edgemoe_llamacpp/patches/*.patch)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) tools/build_runtime.py --python $(PY)
 	$(PY) -m pip install -e '.[dev]'
+	$(VENV)/bin/edgemoe build-runtime
 	touch $@
 
 $(STOCK)/.installed: $(VENV)/.installed
-	$(PY) tools/build_runtime.py --stock --target $(STOCK)
+	$(VENV)/bin/edgemoe build-runtime --stock --target $(STOCK)
 	touch $@
 
 install: $(VENV)/.installed

@@ -8,7 +8,12 @@ __all__ = ["BadModelError", "BudgetError", "EdgeMoEError", "Llama", "MoELayout",
 
 def __getattr__(name: str):
     if name == "Llama":          # imported on first use: llama_cpp loads native libraries
-        from .llama import Llama
-
+        try:
+            from .llama import Llama
+        except ModuleNotFoundError as e:
+            if e.name != "llama_cpp":
+                raise
+            raise ModuleNotFoundError("llama-cpp-python is not installed; build edgemoe's runtime into this "
+                                      "environment: edgemoe build-runtime", name="llama_cpp") from None
         return Llama
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -10,15 +10,14 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
-import math
 import re
 from dataclasses import dataclass
 from typing import Any
 
 import llama_cpp
 import llama_cpp.llama_cpp as lc
-import numpy as np
 
+from .checks import is_int, is_real
 from .errors import ArgumentError, ContextLengthError, EdgeMoEError
 
 CONTEXT_EXCEEDED = re.compile(r"Requested tokens \((\d+)\) exceed context window of (\d+)")
@@ -28,14 +27,6 @@ MAX_GRAMMAR_BYTES = 1 << 20
 # llama_cpp.Llama's real-valued sampling arguments (None stands for the default)
 SAMPLING_REALS = ("temperature", "temp", "top_p", "min_p", "typical_p", "frequency_penalty", "presence_penalty",
                   "repeat_penalty", "tfs_z", "mirostat_tau", "mirostat_eta")
-
-
-def is_int(x) -> bool:
-    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
-
-
-def is_real(x) -> bool:
-    return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def grammar_depth(text: str) -> int:

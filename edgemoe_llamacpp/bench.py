@@ -118,7 +118,7 @@ print(json.dumps({**out, **seen}))
 
 def stock_env() -> dict | None:
     """The environment of a stock run: with EDGEMOE_STOCK_RUNTIME set (a directory holding another
-    llama_cpp package, e.g. an unpatched build from `tools/build_runtime.py --stock --target DIR`), that
+    llama_cpp package, e.g. an unpatched build from `edgemoe build-runtime --stock --target DIR`), that
     package comes first on PYTHONPATH; otherwise None (this interpreter's llama_cpp)."""
     where = os.environ.get(STOCK_RUNTIME_ENV)
     if not where:
@@ -140,11 +140,12 @@ def signal_name(returncode: int) -> str | None:
 
 def _child(model: str, *, stock: bool, tokens: int, prompt: str, n_ctx: int, limit: int | None,
            n_threads: int | None = None, cache: CacheConfig | None = None, stock_repack: bool = True,
-           controller: cgroup.Controller | None = None) -> dict:
+           controller: cgroup.Controller | None = None, route_trace: str | None = None) -> dict:
     """One run of `model` in a child process under `limit` bytes (None: no limit), with a cold page cache:
     stock llama-cpp-python (`stock_repack`: its CPU repack on), or edgemoe keeping experts as `cache` says
     (routing recorded, for the Belady floor)."""
-    args = {"model": model, "prompt": prompt, "max_tokens": tokens, "n_ctx": n_ctx, "n_threads": n_threads}
+    args = {"model": model, "prompt": prompt, "max_tokens": tokens, "n_ctx": n_ctx, "n_threads": n_threads,
+            "route_trace": route_trace}
     if stock:
         args.update(stock=True, use_extra_bufts=stock_repack)
     else:
@@ -197,11 +198,17 @@ def _engine_summary(runs: list[dict]) -> dict:
         "decode_read_bytes_per_token": _spread([per_token(r, "decode_read_bytes") for r in ok]),
         "decode_major_faults_per_token": _spread([per_token(r, "decode_major_faults") for r in ok]),
         "peak_bytes": _spread([r["peak_bytes"] for r in ok]),
+        "load_s": _spread([r.get("load_s") for r in ok]),
+        "load_read_bytes": _spread([r.get("load_read_bytes") for r in ok]),
     }
     stats = [r["stats"] for r in ok if "stats" in r]
     if stats:
         out["hit_rate"] = _spread([s["total"]["hit_rate"] for s in stats])
         out["stall_s"] = _spread([s["total"]["stall_s"] for s in stats])
+        # bytes fetched on demand per second of stall: what the cache's reads achieve while decoding waits
+        out["fetch_bps"] = _spread([s["total"]["bytes_fetched"] / s["total"]["stall_s"] for s in stats
+                                    if s["total"]["stall_s"] > 0 and s["total"]["bytes_fetched"]])
+        out["hook_us_per_layer"] = _spread([s.get("hook_us_per_layer") for s in stats])
         for key in ("prefetches", "prefetch_used", "prefetch_wasted", "substituted"):
             out[f"{key}_per_token"] = _spread([s["total"][key] / r["decode_evals"] for s, r in
                                                zip(stats, [r for r in ok if "stats" in r]) if r["decode_evals"]])
@@ -210,7 +217,8 @@ def _engine_summary(runs: list[dict]) -> dict:
 
 def calibrate(model: str, *, prompt: str = PROMPT, n_ctx: int = 512, use_cgroup: bool = True,
               n_threads: int | None = None, stock_model: str | None = None, engines=("stock", "edgemoe"),
-              stock_repack: bool = True, controller: cgroup.Controller | None = None) -> tuple[int, dict]:
+              stock_repack: bool = True, controller: cgroup.Controller | None = None,
+              route_trace: str | None = None) -> tuple[int, dict]:
     """Memory a process running `model` needs besides the model's pages and the KV cache (see
     ALLOWANCE_MARGIN): the most any of `engines` needed, and each engine's calibration run. A stock run that
     dies (a crashing llama.cpp build) is recorded and left out; a failed edgemoe run is an error."""
@@ -218,7 +226,7 @@ def calibrate(model: str, *, prompt: str = PROMPT, n_ctx: int = 512, use_cgroup:
     unlimited = psutil.virtual_memory().total if use_cgroup else None
     calib = {stock: _child(files[stock], stock=stock, tokens=4, prompt=prompt, n_ctx=n_ctx, limit=unlimited,
                            n_threads=n_threads, cache=CacheConfig(memory_budget="100%"), stock_repack=stock_repack,
-                           controller=controller)
+                           controller=controller, route_trace=route_trace)
              for stock in (True, False) if ("stock" if stock else "edgemoe") in engines}
     summary = {("stock" if stock else "edgemoe"): {k: c.get(k) for k in ("ok", "returncode", "signal", "error",
                                                                           "peak_bytes", "rss_anon_bytes")}
@@ -246,13 +254,15 @@ def measure_allowance(model: str, *, prompt: str = PROMPT, n_ctx: int = 512, use
 def run_bench(model: str, budgets: list[str], *, runs: int = 3, tokens: int = 64, prompt: str = PROMPT,
               n_ctx: int = 512, use_cgroup: bool = True, allowance: int | None = None,
               n_threads: int | None = None, progress: bool = True, cache: CacheConfig | None = None,
-              stock_model: str | None = None, stock_repack: bool = True) -> dict:
+              stock_model: str | None = None, stock_repack: bool | str = True, route_trace: str | None = None) -> dict:
     """Stock and edgemoe alternately, cold cache, per budget; edgemoe keeps its experts as `cache` says, at
     each of `budgets` in turn (its own memory_budget is not used). `stock_model`: the file stock runs when `model`
     is one only edgemoe loads (low-bit copies, per-expert types): the one it was converted from.
-    `stock_repack`: stock with llama.cpp's CPU repack (its default) or without (edgemoe's compute path).
+    `stock_repack`: stock with llama.cpp's CPU repack (its default) or without (edgemoe's compute path), or
+    "both": two stock baselines per pair, the ratio taken against the repack-on one and also given against the other.
     A stock run that dies is recorded with its signal; edgemoe is still measured, and that budget's ratio
-    is marked absent when no pair has both."""
+    is marked absent when no pair has both. `route_trace`: both engines compute that trace's routing (the
+    results say `routing: injected`), for workloads shaped like models this machine does not hold."""
     from tqdm import tqdm
 
     layout: MoELayout = read_layout(model)
@@ -274,8 +284,9 @@ def run_bench(model: str, budgets: list[str], *, runs: int = 3, tokens: int = 64
     calibration = None
     if allowance is None:
         allowance, calibration = calibrate(model, prompt=prompt, n_ctx=n_ctx, use_cgroup=use_cgroup,
-                                           n_threads=n_threads, stock_model=stock_model, stock_repack=stock_repack,
-                                           controller=controller if use_cgroup else None)
+                                           n_threads=n_threads, stock_model=stock_model,
+                                           stock_repack=stock_repack in (True, "both"),
+                                           controller=controller if use_cgroup else None, route_trace=route_trace)
     result = {
         "model": str(model), "arch": layout.arch, "n_layer": layout.n_layer, "n_expert": layout.n_expert,
         "n_expert_used": layout.n_expert_used, "dense_bytes": layout.dense_bytes,
@@ -286,9 +297,14 @@ def run_bench(model: str, budgets: list[str], *, runs: int = 3, tokens: int = 64
         **cache.to_dict(budget=False),
         "stock_model": str(stock_model), "stock_repack": stock_repack,
         "stock_runtime": os.environ.get(STOCK_RUNTIME_ENV) or None, "lowbit_type": layout.lowbit_type,
+        "routing": "router" if route_trace is None else f"injected: {_trace_source(route_trace)}",
+        "route_trace": route_trace,
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "budgets": [],
     }
-    bar = tqdm(total=len(budgets) * runs * 2, desc="bench", unit="run", disable=not progress)
+    both = stock_repack == "both"
+    engines = [("stock", True), ("stock_repack_off", False), ("edgemoe", None)] if both else \
+        [("stock", bool(stock_repack)), ("edgemoe", None)]
+    bar = tqdm(total=len(budgets) * runs * len(engines), desc="bench", unit="run", disable=not progress)
     expert_size = layout.expert_bytes / len(layout.experts)
     for spec in budgets:
         budget = parse_budget(spec, layout.expert_bytes)
@@ -297,21 +313,28 @@ def run_bench(model: str, budgets: list[str], *, runs: int = 3, tokens: int = 64
         limit = layout.dense_bytes + budget + kv + allowance if use_cgroup else None
         pairs = []
         for r in range(runs):
-            order = (True, False) if r % 2 == 0 else (False, True)
             pair = {}
-            for stock in order:
-                bar.set_postfix(budget=spec, engine="stock" if stock else "edgemoe")
-                pair["stock" if stock else "edgemoe"] = _child(
+            for name, repack in (engines if r % 2 == 0 else engines[::-1]):
+                bar.set_postfix(budget=spec, engine=name)
+                stock = name != "edgemoe"
+                pair[name] = _child(
                     stock_model if stock else model, stock=stock, tokens=tokens, prompt=prompt, n_ctx=n_ctx,
                     limit=limit, n_threads=n_threads, cache=replace(cache, memory_budget=spec),
-                    stock_repack=stock_repack, controller=controller)
+                    stock_repack=repack, controller=controller, route_trace=route_trace)
                 bar.update()
             pairs.append(pair)
         entry = {"budget": spec, "budget_bytes": budget, "limit_bytes": limit,
                  "stock": _engine_summary([p["stock"] for p in pairs]),
                  **compare([p["edgemoe"] for p in pairs], [p["stock"] for p in pairs], budget, expert_size)}
+        if both:        # the second baseline: stock without the CPU repack, the setting a careful user tries first
+            entry["stock_repack_off"] = _engine_summary([p["stock_repack_off"] for p in pairs])
+            entry["decode_ratio_vs_repack_off"] = _spread(
+                [p["edgemoe"]["decode_tok_s"] / p["stock_repack_off"]["decode_tok_s"] for p in pairs
+                 if p["edgemoe"]["ok"] and p["stock_repack_off"]["ok"] and p["stock_repack_off"]["decode_tok_s"]])
         if "floor_bytes_per_token" in entry:
             entry["floor_io_s_per_token"] = entry["floor_bytes_per_token"] / bandwidth
+        fetch = entry["edgemoe"].get("fetch_bps", {}).get("median")
+        entry["fetch_efficiency"] = fetch / bandwidth if fetch and bandwidth else None
         entry["pairs"] = pairs
         result["budgets"].append(entry)
     bar.close()
@@ -321,6 +344,12 @@ def run_bench(model: str, budgets: list[str], *, runs: int = 3, tokens: int = 64
         if best and "floor_io_s_per_token" in b:
             b["floor_tok_s"] = 1 / (1 / best + b["floor_io_s_per_token"])
     return result
+
+
+def _trace_source(path: str) -> str:
+    from .routing_trace import RoutingTrace
+
+    return RoutingTrace.load(path).source
 
 
 def compare(runs: list[dict], stock_runs: list[dict], budget: int, expert_size: float) -> dict:

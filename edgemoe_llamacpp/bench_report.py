@@ -6,7 +6,8 @@ from pathlib import Path
 
 
 def format_table(result: dict) -> str:
-    """The table `edgemoe bench` prints: per budget, stock and edgemoe (medians, min-max) and the Belady floor."""
+    """The table `edgemoe bench` prints: per budget, stock and edgemoe (medians, min-max) and the Belady floor;
+    load times."""
     def fmt(x, spec="{:.1f}"):
         return "-" if x is None else spec.format(x)
 
@@ -16,13 +17,15 @@ def format_table(result: dict) -> str:
             "|---|---|---|---|---|---|---|---|---|---|"]
     for b in result["budgets"]:
         limit = "none" if b["limit_bytes"] is None else f"{b['limit_bytes'] / 2**20:.0f} MiB"
-        for eng in ("stock", "edgemoe"):
+        for eng in [e for e in ("stock", "stock_repack_off", "edgemoe") if e in b]:
             s = b[eng]
             d = s["decode_tok_s"]
             hit = s.get("hit_rate", {}).get("median")
             ratio = fmt(b["decode_ratio"]["median"], "{:.2f}x") + \
                 f" ({fmt(b['decode_ratio']['min'], '{:.2f}')}-{fmt(b['decode_ratio']['max'], '{:.2f}')})" \
                 if eng == "edgemoe" else ""
+            if eng == "edgemoe" and "decode_ratio_vs_repack_off" in b:
+                ratio += f"; {fmt(b['decode_ratio_vs_repack_off']['median'], '{:.2f}x')} vs stock, repack off"
             if eng == "edgemoe" and b["decode_ratio"].get("absent"):
                 ratio = f"absent ({b['decode_ratio']['absent']})" if b["decode_ratio"]["median"] is None else \
                     f"{ratio}, without the pairs whose stock died ({b['decode_ratio']['absent']})"
@@ -38,6 +41,16 @@ def format_table(result: dict) -> str:
                         f"{_mb(b['floor_bytes_per_token']):.2f} | | | | " +
                         (f"edgemoe reads {b['edgemoe_bytes_vs_floor']:.2f}x the floor |"
                          if b["edgemoe_bytes_vs_floor"] else "edgemoe read nothing: the load kept every expert |"))
+    loads = [(b["budget"], eng, b[eng]) for b in result["budgets"] for eng in ("stock", "stock_repack_off", "edgemoe")
+             if eng in b and b[eng].get("load_s", {}).get("median") is not None]
+    if loads:
+        rows += ["", "| budget | engine | load s (median) | bytes read at load (median) | fetch efficiency |",
+                 "|---|---|---|---|---|"]
+        for spec, eng, s in loads:
+            eff = next((b.get("fetch_efficiency") for b in result["budgets"] if b["budget"] == spec), None) \
+                if eng == "edgemoe" else None
+            rows.append(f"| {spec} | {eng} | {s['load_s']['median']:.2f} | "
+                        f"{fmt(_mb(s['load_read_bytes']['median']), '{:,.0f}')} MB | {fmt(eff, '{:.0%}')} |")
     return "\n".join(rows)
 
 
@@ -58,13 +71,19 @@ def header(result: dict) -> list[str]:
     limit = (f"Memory limit: {m['kind']} ({m['reason']})." if m["kind"] != "none" else
              f"Memory limit: none, runs are NOT memory-limited ({m['reason']}).")
     repack = result.get("stock_repack", True)
-    stock = (f"Stock: llama.cpp's CPU repack {'on (its default)' if repack else 'off (use_extra_bufts=False)'}"
+    setting = "on (its default), and off (use_extra_bufts=False) as a second baseline" if repack == "both" else \
+        "on (its default)" if repack else "off (use_extra_bufts=False)"
+    stock = (f"Stock: llama.cpp's CPU repack {setting}"
              + (f", llama_cpp from {result['stock_runtime']}" if result.get("stock_runtime") else "") + ".")
     died = sorted({r["stock"]["signal"] for b in result["budgets"] for r in b.get("pairs", [])
                    if r.get("stock", {}).get("signal")})
     if died:
         stock += f" Stock llama.cpp died with {', '.join(died)}: its runs are recorded, ratios marked absent."
-    return [limit, stock]
+    lines = [limit, stock]
+    if result.get("routing", "router") != "router":
+        lines.append(f"Routing: {result['routing']} (both engines compute the trace's experts at every MoE layer, "
+                     f"not the router's: a benchmark workload, not the model's own output).")
+    return lines
 
 
 def _mb(x):

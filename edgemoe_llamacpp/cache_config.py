@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 
-from .arguments import is_int, is_real
+from .checks import is_int, is_real
 from .errors import ArgumentError, BudgetError, EdgeMoEError
 from .layout import MoELayout
 from .predict import MAX_DEPTH, PREDICTORS

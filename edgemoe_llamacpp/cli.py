@@ -82,11 +82,14 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     result = generate(args.model, args.prompt, max_tokens=args.n, cache=cache_config(args), stock=args.stock,
                       n_ctx=args.n_ctx, n_threads=args.n_threads, temperature=args.temperature, seed=args.seed,
-                      record_routing=args.trace, repeat_penalty=args.repeat_penalty)
+                      record_routing=args.trace, repeat_penalty=args.repeat_penalty,
+                      route_trace=_route_trace(args))
     if args.json:
         print(json.dumps(result))
         return 0
     print(args.prompt + result["text"])
+    if result["routing"] != "router":
+        print(f"--- routing {result['routing']}: the trace's experts, not the router's (benchmark/replay)")
     print(f"--- {result['engine']}: {result['tokens']} tokens, prefill {result['prefill_tok_s']:.1f} tok/s, "
           f"decode {result['decode_tok_s']:.1f} tok/s, storage read {_mib(result['storage_read_bytes'])}")
     stats = result.get("stats")
@@ -145,6 +148,21 @@ def cache_config(args: argparse.Namespace, **override):
     return CacheConfig(**{**options, **override})
 
 
+def _route_trace(args: argparse.Namespace) -> str | None:
+    """--route-trace, checked before any model loads (a bad trace is a one-line error)."""
+    if args.route_trace is None:
+        return None
+    from .layout import read_layout
+    from .routing_trace import RoutingTrace
+
+    RoutingTrace.load(args.route_trace).for_layout(read_layout(args.model))
+    return args.route_trace
+
+
+ROUTE_TRACE_HELP = ("benchmarks and replay: compute this routing trace's experts at every MoE layer instead of the "
+                    "router's (a trace file from tools/make_trace.py, or an `edgemoe run --json --trace` output)")
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import run_bench
     from .bench_report import format_table
@@ -154,8 +172,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     result = run_bench(args.model, args.memory_budget, runs=args.runs, tokens=args.tokens, n_ctx=args.n_ctx,
                        use_cgroup=not args.no_cgroup, n_threads=args.n_threads,
                        allowance=None if args.allowance is None else parse_budget(args.allowance, 0),
-                       stock_model=args.stock_model, stock_repack=args.stock_repack == "on",
-                       cache=cache_config(args, memory_budget=None))
+                       stock_model=args.stock_model, stock_repack={"on": True, "off": False}.get(args.stock_repack, "both"),
+                       cache=cache_config(args, memory_budget=None), route_trace=_route_trace(args))
     if args.json:
         files.write_text(args.json, json.dumps(result, indent=1) + "\n")
     m = result["memory_limit"]
@@ -353,6 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeat-penalty", dest="repeat_penalty", type=_float(0, 1e6, lo_open=True), default=1.0)
     p.add_argument("--seed", type=_int(0, 2**32 - 1), default=0)
     p.add_argument("--trace", action="store_true", help="with --json: include every layer's chosen experts")
+    p.add_argument("--route-trace", dest="route_trace", metavar="FILE", help=ROUTE_TRACE_HELP)
     add_cache_options(p)
     p.set_defaults(func=cmd_run)
 
@@ -368,9 +387,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace the --json file if it exists")
     p.add_argument("--stock-model", dest="stock_model", help="the file stock runs (default: MODEL); for a MODEL "
                    "only edgemoe can load, e.g. one with low-bit copies, give the file it was converted from")
-    p.add_argument("--stock-repack", dest="stock_repack", choices=("on", "off"), default="on",
+    p.add_argument("--stock-repack", dest="stock_repack", choices=("on", "off", "both"), default="on",
                    help="stock with llama.cpp's CPU repack (on, its default) or without (off: the compute path "
-                   "edgemoe uses, and a baseline where the repack crashes)")
+                   "edgemoe uses, and a baseline where the repack crashes), or both baselines in every pair")
+    p.add_argument("--route-trace", dest="route_trace", metavar="FILE", help=ROUTE_TRACE_HELP)
     add_cache_options(p, budgets=True)
     p.set_defaults(func=cmd_bench)
 
@@ -416,11 +436,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_ppl)
 
+    p = sub.add_parser("build-runtime", help="build llama-cpp-python with edgemoe's patches (cached) and install it")
+    from . import runtime_build
+    runtime_build.add_arguments(p)
+    p.set_defaults(func=runtime_build.run)
+
     p = sub.add_parser("serve", help="OpenAI-compatible server (llama-cpp-python's) with experts streamed")
     p.add_argument("model_path", nargs="?", metavar="MODEL", help="path to a MoE GGUF file")
     p.add_argument("--config_file", help="JSON or YAML config in llama-cpp-python's format (models may add "
                    f"{', '.join(CacheConfig.names())})")
-    if _server_available():
+    if _server_available() and _llama_cpp_available():
         from llama_cpp.server.cli import add_args_from_model
 
         from .server import EdgeMoESettings
@@ -437,8 +462,23 @@ def build_parser() -> argparse.ArgumentParser:
 def _server_available() -> bool:
     import importlib.util
 
-    return all(importlib.util.find_spec(m) for m in ("fastapi", "uvicorn", "sse_starlette", "pydantic_settings",
-                                                      "starlette_context"))
+    def found(module: str) -> bool:
+        try:
+            return importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError):      # a parent missing, or a module blocked in sys.modules
+            return False
+
+    return all(map(found, ("fastapi", "uvicorn", "sse_starlette", "pydantic_settings", "starlette_context")))
+
+
+def _llama_cpp_available() -> bool:
+    try:
+        import llama_cpp  # noqa: F401
+    except ModuleNotFoundError as e:
+        if e.name != "llama_cpp":
+            raise
+        return False
+    return True
 
 
 def _underscore_flags(argv: list[str]) -> list[str]:
@@ -450,6 +490,10 @@ def _underscore_flags(argv: list[str]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["serve"]:
+        if not _llama_cpp_available():
+            print("edgemoe: error: llama-cpp-python is not installed; build edgemoe's runtime: edgemoe build-runtime",
+                  file=sys.stderr)
+            return 2
         if not _server_available():
             print("edgemoe: error: serve needs the server extra: pip install 'edgemoe-llamacpp[server]'",
                   file=sys.stderr)
@@ -460,6 +504,12 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except EdgeMoEError as e:
         print(f"edgemoe: error: {e}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as e:
+        if e.name != "llama_cpp":
+            raise
+        print("edgemoe: error: llama-cpp-python is not installed; build edgemoe's runtime: edgemoe build-runtime",
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

@@ -75,10 +75,12 @@ class _EvalClock:
 
 def generate(model: str, prompt: str, *, max_tokens: int, cache: CacheConfig | None = None, stock: bool = False,
              n_ctx: int = 512, n_threads: int | None = None, temperature: float = 0.0, seed: int = 0,
-             repeat_penalty: float = 1.0, record_routing: bool = False, **llama_kwargs) -> dict:
-    """Generate once and measure: prompt and decode speed (timed per evaluation), storage bytes read and
-    major faults of this process for the prompt and for decoding, and the expert statistics (edgemoe, whose
-    experts are kept as `cache` says; stock ignores it)."""
+             repeat_penalty: float = 1.0, record_routing: bool = False, route_trace: str | None = None,
+             **llama_kwargs) -> dict:
+    """Generate once and measure: load time and bytes, prompt and decode speed (timed per evaluation), storage
+    bytes read and major faults of this process for the prompt and for decoding, and the expert statistics
+    (edgemoe, whose experts are kept as `cache` says; stock ignores it). `route_trace`: both engines compute
+    that trace's routing instead of the router's (benchmarks and replay only; the result says so)."""
     from .llama import Llama, stock_llama
 
     if not prompt:
@@ -89,14 +91,16 @@ def generate(model: str, prompt: str, *, max_tokens: int, cache: CacheConfig | N
     kwargs = dict(n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, seed=seed, verbose=False,
                   **llama_kwargs)
     check_context_memory(model, n_ctx)      # reads the layout first: a bad file fails here, stock or not
+    loading = _io(), time.perf_counter()
     try:
-        llm = stock_llama(model, **kwargs) if stock else \
-            Llama(model, cache=cache, record_routing=record_routing, **kwargs)
+        llm = stock_llama(model, route_trace=route_trace, **kwargs) if stock else \
+            Llama(model, cache=cache, record_routing=record_routing, route_trace=route_trace, **kwargs)
     except EdgeMoEError:
         raise                               # ours (some are ValueErrors too) already say what is wrong
     except ValueError as e:
         raise EdgeMoEError(f"{model}: llama.cpp could not load it ({e})") from None
     try:
+        load_s, load_read = time.perf_counter() - loading[1], _io()[0] - loading[0][0]
         n_prompt = len(llm.tokenize(prompt.encode()))
         window = min(llm.n_ctx(), len(llm.input_ids))   # llama.cpp pads n_ctx; llama-cpp-python's buffer does not
         if n_prompt >= window:
@@ -113,6 +117,8 @@ def generate(model: str, prompt: str, *, max_tokens: int, cache: CacheConfig | N
             "engine": "stock" if stock else "edgemoe", "model": str(model), "text": choice["text"],
             "finish_reason": choice["finish_reason"], "prompt_tokens": out["usage"]["prompt_tokens"],
             "tokens": out["usage"]["completion_tokens"], **clock.figures(),
+            "load_s": load_s, "load_read_bytes": load_read,
+            "routing": "router" if route_trace is None else f"injected: {_trace_source(llm)}",
             "storage_read_bytes": end[0] - start[0],
             "prefill_read_bytes": first[0] - start[0], "decode_read_bytes": end[0] - first[0],
             "major_faults": end[1] - start[1], "decode_major_faults": end[1] - first[1],
@@ -121,11 +127,17 @@ def generate(model: str, prompt: str, *, max_tokens: int, cache: CacheConfig | N
         result["runtime"] = runtime.runtime_info()
         if not stock:
             result["stats"] = llm.edgemoe_stats()
+            result["hook_us_per_layer"] = result["stats"]["hook_us_per_layer"]
             if record_routing:
                 result["trace"] = llm.edgemoe_trace()
         return result
     finally:
         llm.close()
+
+
+def _trace_source(llm) -> str:
+    injector = getattr(llm, "edgemoe_injector", None) or getattr(llm, "_edgemoe_injector", None)
+    return injector.source
 
 
 def _io() -> tuple[int, int]:

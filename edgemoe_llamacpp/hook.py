@@ -2,8 +2,9 @@
 
 llama.cpp's scheduler asks the callback about every graph node (`ask=True`); for the nodes we want it
 computes the graph up to that node and calls again with `ask=False`. `ffn_moe_topk-N` completes before
-layer N's expert matmuls run, so the experts can be fetched just in time. The `ask` path runs ~40 times
-per layer per token: one 12-byte compare, nothing else.
+layer N's expert matmuls run, so the experts can be fetched just in time. The scheduler asks about every node
+(~40 per layer per token); the patched runtime answers those in C (`llama_eval_prefix_filter`, patches/0004) and
+calls Python at the topk nodes only. On a runtime without it, Python answers each `ask` with a 12-byte compare.
 
 A predictor may want a layer's FFN input too (`ffn_inp-N` or `ffn_norm-N`). Asking for that node would cost
 another graph split per layer; instead it is found among the topk node's sources (topk <- argsort <- probs
@@ -13,6 +14,7 @@ matmuls (ffn_norm) and the layer's residual add (ffn_inp) have yet to read it.
 from __future__ import annotations
 
 import ctypes
+import time
 
 import llama_cpp
 import numpy as np
@@ -29,6 +31,12 @@ SOURCE_SEARCH_DEPTH = 8              # how many hops up from topk a wanted node 
 PROBS = b"ffn_moe_probs-"              # the router's probabilities (T, n_expert), topk's grandparent
 
 
+class PrefixFilterParams(ctypes.Structure):
+    """llama.h's llama_eval_prefix_filter_params (patches/0004)."""
+    _fields_ = [("cb", llama_cpp.ggml_backend_sched_eval_callback), ("cb_user_data", ctypes.c_void_p),
+                ("prefix", ctypes.c_char * 64)]
+
+
 class ExpertHook:
     """Owns the CFUNCTYPE object llama.cpp calls; hands each layer's expert ids to `on_route`.
 
@@ -37,8 +45,9 @@ class ExpertHook:
     probabilities, renormalised over the k chosen.
     """
 
-    def __init__(self, on_route=None, hidden_node: str | None = None, want_weights: bool = False):
+    def __init__(self, on_route=None, hidden_node: str | None = None, want_weights: bool = False, inject=None):
         self.on_route = on_route
+        self.inject = inject              # inject(layer, t): overwrite the node's ids first (inject.TraceInjector)
         self.hidden_node = hidden_node.encode() + b"-" if hidden_node else None
         self.want_weights = want_weights
         self._paths: dict[bytes, list[int]] = {}   # node name prefix -> src indices from topk, found once
@@ -46,15 +55,39 @@ class ExpertHook:
         self.routes = 0
         self._checked = False
         self.callback = llama_cpp.ggml_backend_sched_eval_callback(self._cb)   # keep: C holds a pointer
+        self.hook_ns = 0                  # time spent in the callback at topk nodes (the Python per layer)
+        self.calls = 0
+        self._filter = None
+        native = runtime.eval_prefix_filter()
+        if native is not None:            # the patched runtime answers `ask` in C and calls us at topk only
+            self._filter = PrefixFilterParams(self.callback, None, TOPK + b"-")
+            self._filter_fn = llama_cpp.ggml_backend_sched_eval_callback(native)
+
+    def cb_eval_args(self) -> dict:
+        """cb_eval and cb_eval_user_data for llama_context_params (llama.llama_params takes them as keywords)."""
+        if self._filter is None:
+            return {"cb_eval": self.callback}
+        return {"cb_eval": self._filter_fn, "cb_eval_user_data": ctypes.addressof(self._filter)}
+
+    @property
+    def native_filter(self) -> bool:
+        return self._filter is not None
+
+    @property
+    def us_per_call(self) -> float | None:
+        return self.hook_ns / self.calls / 1e3 if self.calls else None
 
     def _cb(self, t: int, ask: bool, _user_data) -> bool:
         if ask:
             return ctypes.string_at(t + runtime.T_NAME, len(TOPK)) == TOPK
+        t0 = time.perf_counter_ns()
         try:
             self._on_topk(t)
         except BaseException as e:  # noqa: BLE001 -- must not unwind through C; re-raised after the eval
             if self.error is None:
                 self.error = e
+        self.hook_ns += time.perf_counter_ns() - t0
+        self.calls += 1
         return True
 
     def _on_topk(self, t: int) -> None:
@@ -68,6 +101,8 @@ class ExpertHook:
         if name[len(TOPK):TOPK_PREFIX] != b"-" or not layer.isdigit():
             return                                   # not a layer's topk node (e.g. a renamed view)
         self.routes += 1
+        if self.inject is not None:
+            self.inject(int(layer), t)
         if self.on_route is not None:
             ids = read_ids(t)
             hidden = None if self.hidden_node is None else self._read_source(t, self.hidden_node, layer)
@@ -99,6 +134,18 @@ def chosen_weights(probs: np.ndarray, ids: np.ndarray) -> np.ndarray:
     """The (T, k) router probabilities of the chosen experts, renormalised over the k chosen."""
     w = np.take_along_axis(probs, ids, axis=1)
     return w / w.sum(axis=1, keepdims=True)
+
+
+def write_ids(t: int, ids: np.ndarray) -> None:
+    """Overwrite a topk node's (T, k) expert ids in place (it is a strided view of the argsort's output)."""
+    k, n_tokens = (ctypes.c_int64 * 2).from_address(t + runtime.T_NE)
+    if ids.shape != (n_tokens, k):
+        raise RuntimeError(f"{_name(t).decode()} holds ({n_tokens}, {k}) ids; the trace gives {ids.shape}")
+    nb0, nb1 = (ctypes.c_size_t * 2).from_address(t + runtime.T_NB)
+    data = ctypes.c_void_p.from_address(t + runtime.T_DATA).value
+    raw = (ctypes.c_char * ((n_tokens - 1) * nb1 + k * nb0)).from_address(data)
+    view = np.lib.stride_tricks.as_strided(np.frombuffer(raw, dtype=np.int32), (n_tokens, k), (nb1, nb0))
+    view[...] = ids
 
 
 def read_ids(t: int) -> np.ndarray:

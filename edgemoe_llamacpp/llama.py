@@ -12,14 +12,16 @@ import jinja2
 import llama_cpp
 import llama_cpp.llama_cpp as lc
 
-from . import cgroup, quant, runtime
+from . import cgroup, loading, quant, runtime
 from .arguments import ArgumentChecks, bind, check_context, check_sample_position, context_errors, is_int
 from .cache_config import CacheConfig
 from .errors import ArgumentError, BudgetError, EdgeMoEError, MixedTypesError
 from .guard import CallGuard, Stream, serialised
 from .hook import ExpertHook
+from .inject import InjectedLlama, TraceInjector, injecting_callback
 from .layout import MoELayout, read_layout
 from .predict import Lookahead, make_predictor
+from .routing_trace import RoutingTrace
 from .sampling import sample_within_grammar
 from .substitute import ExpertPointers, weight_above
 
@@ -29,7 +31,8 @@ log = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
-def llama_params(*, use_extra_bufts: bool | None = None, cb_eval=None, mmap_prefetch: bool = True):
+def llama_params(*, use_extra_bufts: bool | None = None, cb_eval=None, cb_eval_user_data: int | None = None,
+                 mmap_prefetch: bool = True):
     """Make llama.cpp's default model/context params carry our settings while a Llama is built.
 
     `Llama()` has no keyword for either: it asks `llama_*_default_params()` at call time.
@@ -48,7 +51,7 @@ def llama_params(*, use_extra_bufts: bool | None = None, cb_eval=None, mmap_pref
         p = orig_ctx()
         if cb_eval is not None:
             p.cb_eval = cb_eval
-            p.cb_eval_user_data = None
+            p.cb_eval_user_data = cb_eval_user_data
         return p
 
     with _params_lock:
@@ -113,24 +116,31 @@ def require_runtime_for(layout: MoELayout) -> None:
     if layout.mixed and not runtime.patched():
         raise MixedTypesError(f"{layout.path} gives experts of one tensor different types; this "
                               f"llama-cpp-python ({llama_cpp.__version__}) is not built with edgemoe's patches "
-                              f"and would compute garbage from it. Build it: python tools/build_runtime.py")
+                              f"and would compute garbage from it. Build it: edgemoe build-runtime")
     if layout.lowbit_type and not runtime.patched():
         raise MixedTypesError(f"{layout.path} carries low-bit copies of its experts; this llama-cpp-python "
                               f"({llama_cpp.__version__}) is not built with edgemoe's patches and refuses such a "
-                              f"file. Build it: python tools/build_runtime.py")
+                              f"file. Build it: edgemoe build-runtime")
     if layout.needs_patched_runtime and "required_features" not in (layout.edgemoe or {}):
         raise MixedTypesError(f"{layout.path} was written by an older edgemoe convert: it does not name the features "
                               f"it needs (edgemoe.required_features), so llama.cpp refuses it. Convert it again")
 
 
-def stock_llama(model_path: str, *, use_extra_bufts: bool = True, **kwargs) -> llama_cpp.Llama:
-    """Plain llama-cpp-python, optionally without the CPU repack (the same compute path edgemoe uses)."""
+def stock_llama(model_path: str, *, use_extra_bufts: bool = True, route_trace=None, **kwargs) -> llama_cpp.Llama:
+    """Plain llama-cpp-python, optionally without the CPU repack (the same compute path edgemoe uses), and for
+    benchmarks optionally computing a routing trace's experts (inject.InjectedLlama, no cache)."""
     layout = read_layout(model_path)
     if layout.needs_patched_runtime:
         what = "per-expert types" if layout.mixed else "low-bit copies of its experts"
         raise MixedTypesError(f"{model_path} has {what}: only edgemoe_llamacpp.Llama runs it")
-    with llama_params(use_extra_bufts=use_extra_bufts):
-        return llama_cpp.Llama(model_path=str(model_path), **kwargs)
+    if route_trace is None:
+        with llama_params(use_extra_bufts=use_extra_bufts):
+            return llama_cpp.Llama(model_path=str(model_path), **kwargs)
+    trace = route_trace if isinstance(route_trace, RoutingTrace) else RoutingTrace.load(route_trace)
+    injector = TraceInjector(trace.for_layout(layout))
+    callback = injecting_callback(injector)
+    with llama_params(use_extra_bufts=use_extra_bufts, cb_eval=callback):
+        return InjectedLlama(model_path=str(model_path), injector=injector, callback=callback, **kwargs)
 
 
 @dataclass
@@ -172,6 +182,9 @@ class Llama(llama_cpp.Llama):
         experts ranked above it carry more than this share of the token's gate weight (HOBBIT; 0.6 is its
         Mixtral setting); None (default) runs every expert at full precision: output identical to stock.
     record_routing: keep every layer's chosen experts (`edgemoe_trace()`), for profiles and benchmarks.
+    route_trace: benchmarks and replay only: a routing trace (edgemoe_llamacpp.routing_trace: a path or a
+        RoutingTrace) whose experts replace the router's choice at every MoE layer, by token position. The
+        output is then not the model's own; `edgemoe_stats()["routing"]` says "injected: <source>".
 
     Unlike llama_cpp.Llama, it is safe to share: calls on one instance are serialised by a lock (a stream
     takes it for each step), a call after close() raises LlamaClosedError, and arguments llama.cpp would crash
@@ -181,13 +194,14 @@ class Llama(llama_cpp.Llama):
     """
 
     def __init__(self, model_path: str, *args, cache: CacheConfig | None = None, record_routing: bool = False,
-                 **kwargs):
+                 route_trace=None, **kwargs):
         self._edgemoe_guard = CallGuard()        # one call at a time; closed; the open stream
         self._edgemoe_formatting = False         # a chat handler is formatting messages, no completion yet
         self._edgemoe_logits: tuple[int, int] | None = None   # token positions whose logits sample() may use
         self._edgemoe_tokens = TokenCounts()
         self._edgemoe_config = config = CacheConfig.take(kwargs, cache)   # checked before any file is read
         self._edgemoe_record_routing = record_routing
+        self._edgemoe_route_trace = route_trace
         if kwargs.get("use_mmap") is False or kwargs.get("use_mlock"):
             raise EdgeMoEError("edgemoe streams experts through llama.cpp's file mapping: use_mmap must stay "
                                "on and use_mlock off")
@@ -196,6 +210,10 @@ class Llama(llama_cpp.Llama):
         budget = config.budget_for(layout)
         self._edgemoe_layout = layout
         self._edgemoe_pointers = None
+        self._edgemoe_injector = None
+        if route_trace is not None:
+            trace = route_trace if isinstance(route_trace, RoutingTrace) else RoutingTrace.load(route_trace)
+            self._edgemoe_injector = TraceInjector(trace.for_layout(layout))
         self._edgemoe_cache = cache = config.make_cache(layout)
         limit = cgroup.memory_limit()
         if limit is not None and limit < layout.dense_bytes + cache.min_budget:
@@ -215,7 +233,8 @@ class Llama(llama_cpp.Llama):
                 raise
         hidden = self._edgemoe_lookahead.predictor.hidden_node if self._edgemoe_lookahead else None
         self._edgemoe_hook = hook = ExpertHook(on_route=self._on_route, hidden_node=hidden,
-                                               want_weights=cache.substitute is not None)
+                                               want_weights=cache.substitute is not None,
+                                               inject=self._edgemoe_injector)
         before = set(runtime.file_mappings(model_path))
         if before:
             log.warning("%s is already mapped in this process: pages another instance keeps mapped cannot be "
@@ -227,10 +246,9 @@ class Llama(llama_cpp.Llama):
                 # no longer be dropped. Drop them while nothing maps the file: the load then reads it in
                 # readahead-sized folios and the start-up drop (cache.attach) releases all but the edges.
                 cgroup.drop_file_cache(model_path)
-            # The load still reads the whole file (llama.cpp's MAP_POPULATE): mapped without it
-            # (LLAMA_MMAP_PREFETCH=0, patches/0003), the dense weights' first faults read around into expert
-            # pages after the start-up drop, and the budget no longer holds.
-            with llama_params(use_extra_bufts=False, cb_eval=hook.callback):
+            # Under a budget the file is mapped without llama.cpp's whole-file read (LLAMA_MMAP_PREFETCH=0,
+            # patches/0003); loading.read_dense then reads the dense bytes only, with read-around off.
+            with llama_params(use_extra_bufts=False, mmap_prefetch=budget is None, **hook.cb_eval_args()):
                 super().__init__(model_path, *args, **kwargs)
             # llama.cpp pads the context (to 256 tokens); llama-cpp-python takes the padded size as its window
             # but sizes its token buffer by the n_ctx asked for, and a prompt between the two overran that
@@ -241,6 +259,8 @@ class Llama(llama_cpp.Llama):
                 raise EdgeMoEError(f"{model_path}: llama.cpp did not map the file read-only; cannot stream")
             base = new[0][0] - new[0][2]
             _check_mapped(layout, new, model_path)
+            if budget is not None:
+                loading.read_dense(layout, new)
             if layout.mixed or cache.substitute is not None:
                 _types.add(self, layout, base, every=cache.substitute is not None)
             if cache.substitute is not None:
@@ -327,6 +347,8 @@ class Llama(llama_cpp.Llama):
             if outer:
                 self._edgemoe_checks.tokens(tokens, "tokens")
                 check_context(self.n_tokens + len(tokens), self._n_ctx)
+            if self._edgemoe_injector is not None:
+                self._edgemoe_injector.position = self.n_tokens
             super().eval(tokens)
             self._edgemoe_tokens.evaluated(tokens)
             self._edgemoe_hook.take_error()
@@ -415,8 +437,11 @@ class Llama(llama_cpp.Llama):
             return self._edgemoe_trace
 
     def _stats_now(self) -> dict:
-        return {"routes": self._edgemoe_hook.routes, **self._edgemoe_cache.summary(),
+        hook = self._edgemoe_hook
+        return {"routes": hook.routes, "hook_us_per_layer": hook.us_per_call, "hook_native_filter": hook.native_filter,
+                **self._edgemoe_cache.summary(),
                 "predictor": self._edgemoe_config.predictor,
+                "routing": "router" if self._edgemoe_injector is None else f"injected: {self._edgemoe_injector.source}",
                 "prefetch_depth": self._edgemoe_lookahead.depth if self._edgemoe_lookahead else 0,
                 "tokens": {"prompt": self._edgemoe_tokens.prompt, "generated": self._edgemoe_tokens.generated}}
 
@@ -431,7 +456,7 @@ class Llama(llama_cpp.Llama):
         """llama_cpp.Llama pickles its constructor arguments (unpickling loads the model again): ours too."""
         with self._edgemoe_call():
             return {**super().__getstate__(), **self._edgemoe_config.to_dict(),
-                    "record_routing": self._edgemoe_record_routing}
+                    "record_routing": self._edgemoe_record_routing, "route_trace": self._edgemoe_route_trace}
 
     def close(self) -> None:
         """Free the model; waits for a call in progress. Later calls raise LlamaClosedError."""

@@ -90,7 +90,7 @@ def profile(model_path: str, out: str, *, texts=None, text_label: str = "stdlib 
                            f"half of what is available; ask for fewer (--samples)")
     rec = _Recorder(layout, n_embd, samples, seed)
     hook = ExpertHook(on_route=rec.route, hidden_node=FFN_INPUT.get(layout.arch, "ffn_norm"), want_weights=True)
-    with llama_params(use_extra_bufts=False, cb_eval=hook.callback):
+    with llama_params(use_extra_bufts=False, **hook.cb_eval_args()):
         llm = llama_cpp.Llama(model_path=str(model_path), n_ctx=n_ctx, n_batch=n_ctx, logits_all=True,
                               verbose=False)
     try:

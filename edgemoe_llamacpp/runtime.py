@@ -129,6 +129,15 @@ def _through_libllama() -> ctypes.CDLL:
     return ctypes.CDLL(lc._lib._name, handle=lc._lib._handle)
 
 
+def eval_prefix_filter() -> int | None:
+    """The address of llama_eval_prefix_filter (patches/0004) in the libllama llama-cpp-python loaded, or None."""
+    try:
+        fn = _through_libllama().llama_eval_prefix_filter
+    except AttributeError:
+        return None
+    return ctypes.cast(fn, ctypes.c_void_p).value
+
+
 class _DlInfo(ctypes.Structure):
     _fields_ = [("dli_fname", ctypes.c_char_p), ("dli_fbase", ctypes.c_void_p),
                 ("dli_sname", ctypes.c_char_p), ("dli_saddr", ctypes.c_void_p)]
@@ -205,7 +214,7 @@ def _registry() -> _Registry | None:
 
 
 def patched() -> bool:
-    """Is llama-cpp-python built with edgemoe's patches (patches/, tools/build_runtime.py)? Asked of the CPU backend
+    """Is llama-cpp-python built with edgemoe's patches (`edgemoe build-runtime`)? Asked of the CPU backend
     llama.cpp computes with."""
     return _registry() is not None
 
@@ -214,7 +223,7 @@ def _require_registry() -> _Registry:
     reg = _registry()
     if reg is None:
         raise RuntimeError("this llama-cpp-python is not built with edgemoe's patches (ABI "
-                           f"{EDGEMOE_ABI}): python tools/build_runtime.py")
+                           f"{EDGEMOE_ABI}); build it: edgemoe build-runtime")
     return reg
 
 

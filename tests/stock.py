@@ -25,6 +25,16 @@ import numpy as np
 import llama_cpp
 
 a = json.loads(sys.argv[1])
+if not a.get("repack", True):                   # llama.cpp's CPU repack off: the kernels edgemoe runs
+    import llama_cpp.llama_cpp as lc
+    _defaults = lc.llama_model_default_params
+
+    def _no_repack():
+        p = _defaults()
+        p.use_extra_bufts = False
+        return p
+
+    lc.llama_model_default_params = _no_repack
 llm = llama_cpp.Llama(model_path=a["path"], n_ctx=a["n_ctx"], seed=a.get("seed", 0), verbose=False)
 
 
@@ -66,10 +76,13 @@ def _run(args: dict, timeout: float = 600) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def greedy(path, prompt: str, n: int, out: Path, *, n_ctx: int = 256) -> tuple[list[int], np.ndarray]:
-    """Plain llama_cpp.Llama (llama.cpp's defaults, the CPU repack on): n argmax tokens after `prompt`, and the
-    logits before each and after the last, (n + 1, vocab); `out` is where the child leaves them (.npy)."""
-    info = _run({"op": "greedy", "path": str(path), "prompt": prompt, "n": n, "n_ctx": n_ctx, "out": str(out)})
+def greedy(path, prompt: str, n: int, out: Path, *, n_ctx: int = 256,
+           repack: bool = True) -> tuple[list[int], np.ndarray]:
+    """Plain llama_cpp.Llama (llama.cpp's defaults, the CPU repack on unless `repack` is False): n argmax tokens
+    after `prompt`, and the logits before each and after the last, (n + 1, vocab); `out` is where the child leaves
+    them (.npy)."""
+    info = _run({"op": "greedy", "path": str(path), "prompt": prompt, "n": n, "n_ctx": n_ctx, "out": str(out),
+                 "repack": repack})
     return info["tokens"], np.load(out)
 
 

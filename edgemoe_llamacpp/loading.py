@@ -1,0 +1,61 @@
+"""Loading under a budget: read the dense weights, not the experts.
+
+Stock llama.cpp reads the whole file at load (MAP_POPULATE + MADV_WILLNEED). Under a memory budget edgemoe maps it
+without that (LLAMA_MMAP_PREFETCH=0, patches/0003) and then, before the first evaluation:
+- advises MADV_RANDOM over the whole mapping, so no page fault reads around the faulting page (a first touch of
+  a dense tensor would otherwise read up to a readahead window of the expert bytes beside it, and a later
+  refault the same);
+- reads the dense byte ranges (everything but the expert tensors and their low-bit copies) with readahead(2) on
+  the file, in exact ranges: the first evaluation then faults them in from the page cache, reading nothing more.
+Experts are read by the cache, by explicit readahead of their own ranges, which MADV_RANDOM does not affect.
+"""
+from __future__ import annotations
+
+import os
+
+from . import runtime
+from .layout import MoELayout
+
+
+def expert_spans(layout: MoELayout) -> list[tuple[int, int]]:
+    """Every expert tensor's and low-bit copy's [start, end) file range, merged, ascending."""
+    spans = [(t.offset, t.offset + t.nbytes) for t in layout.expert_tensors]
+    spans += [(t.low.offset, t.low.offset + t.low.stride * t.count) for t in layout.expert_tensors if t.low]
+    merged: list[tuple[int, int]] = []
+    for a, b in sorted(spans):
+        if merged and a <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], b))
+        else:
+            merged.append((a, b))
+    return merged
+
+
+def dense_spans(layout: MoELayout) -> list[tuple[int, int]]:
+    """The file's [start, end) ranges outside the expert tensors: header, metadata, dense tensors."""
+    out, at = [], 0
+    for a, b in expert_spans(layout):
+        if a > at:
+            out.append((at, a))
+        at = max(at, b)
+    if at < layout.file_size:
+        out.append((at, layout.file_size))
+    return out
+
+
+def dense_read_bytes(layout: MoELayout) -> int:
+    """Bytes the dense reads cover, whole pages (what a budgeted load should read, give or take)."""
+    return sum(b - a for a, b in (runtime.page_span(s, e - s) for s, e in dense_spans(layout)))
+
+
+def read_dense(layout: MoELayout, mappings: list[tuple[int, int, int, str]]) -> None:
+    """After llama.cpp mapped the file (`mappings`: runtime.file_mappings rows, the pieces llama.cpp kept mapped)
+    without populating it: read-around off, then the dense bytes."""
+    for start, end, _, _ in mappings:
+        runtime.madvise(start, end - start, runtime.MADV_RANDOM)
+    fd = os.open(layout.path, os.O_RDONLY)
+    try:
+        for start, end in dense_spans(layout):
+            a, b = runtime.page_span(start, end - start)
+            runtime.readahead(fd, a, b - a)
+    finally:
+        os.close(fd)
