@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field, fields
 import numpy as np
 
 from .checks import is_int, is_real
-from .errors import ArgumentError, BudgetError
+from .errors import ArgumentError, BudgetError, EdgeMoEError
 from .layout import MoELayout
 from .predict import MAX_DEPTH, PREDICTORS
 from .residency import POLICIES, ExpertCache, parse_budget
@@ -73,13 +73,19 @@ class CacheConfig:
             del out["memory_budget"]
         return out
 
-    def budget(self, expert_bytes: int) -> int | None:
-        """The budget in bytes for a model with `expert_bytes` of experts; None for no limit."""
-        return parse_budget(self.memory_budget, expert_bytes)
+    def budget_for(self, layout: MoELayout) -> int | None:
+        """The budget in bytes for the model of `layout` (None: no limit), once these options are known to suit
+        it: substitution needs a file with low-bit copies."""
+        budget = parse_budget(self.memory_budget, layout.expert_bytes)
+        if self.substitute is not None and not layout.lowbit_type:
+            raise EdgeMoEError(f"{layout.path} has no low-bit copies of its experts to substitute; write them "
+                               f"with: edgemoe convert IN OUT --uniform TYPE --lowbit Q2_K")
+        return budget
 
     def make_cache(self, layout: MoELayout, cache_class: type[ExpertCache] = ExpertCache, **extra) -> ExpertCache:
-        """The expert cache of `layout` under these options (`extra`: a subclass's own arguments)."""
-        return cache_class(layout, self.budget(layout.expert_bytes), policy=self.policy, threads=self.fetch_threads,
+        """The expert cache of `layout` under these options (`extra`: a subclass's own arguments); a budget that
+        cannot hold one layer's chosen experts is refused here."""
+        return cache_class(layout, self.budget_for(layout), policy=self.policy, threads=self.fetch_threads,
                            prefetch_threads=self.prefetch_threads, substitute=self.substitute, **extra)
 
     @classmethod

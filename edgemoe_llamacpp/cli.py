@@ -8,7 +8,7 @@ import os
 import sys
 
 from . import files
-from .errors import EdgeMoEError
+from .errors import BudgetError, EdgeMoEError
 from .residency import parse_budget
 
 
@@ -164,7 +164,8 @@ ROUTE_TRACE_HELP = ("benchmarks and replay: compute this routing trace's experts
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .bench import format_table, run_bench
+    from .bench import run_bench
+    from .bench_report import format_table
 
     if args.json:
         files.check_output(args.json, inputs=[args.model, args.stock_model], force=args.force, what="--json")
@@ -331,9 +332,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
             model_settings = [parse_model_from_args(server.EdgeMoEModelSettings, args)]
         except ValidationError as e:
             raise server.settings_error(e) from None
-    for m in model_settings:
-        layout = read_layout(m.model)      # a bad file or budget fails here, before the server starts
-        m.cache_config().budget(layout.expert_bytes)
+    for m in model_settings:               # a bad file or cache option fails here, before the server starts
+        layout = read_layout(m.model)
+        try:
+            m.cache_config().make_cache(layout).close()
+        except BudgetError as e:
+            raise BudgetError(f"{m.model}: {e}") from None
     warning = server.exposure_warning(server_settings)
     if warning:
         print(f"edgemoe: {warning}", file=sys.stderr)

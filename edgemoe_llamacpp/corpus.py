@@ -66,7 +66,20 @@ def windows(ids: list[int], n_ctx: int) -> list[list[int]]:
 
 
 def read_texts(paths) -> list[str]:
-    """The text of each file; an unreadable one (missing, a directory, no permission) is an EdgeMoEError."""
+    """The text of each file. A file that is not UTF-8 text with something in it (missing, a directory, no
+    permission, binary, empty) is an EdgeMoEError: scoring or calibrating on it would measure nothing useful."""
     from .files import read_bytes
 
-    return [read_bytes(p, "text file").decode("utf-8", errors="replace") for p in paths]
+    texts = []
+    for path in paths:
+        data = read_bytes(path, "text file")
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise EdgeMoEError(f"{path}: not UTF-8 text (byte {data[e.start]:#04x} at offset {e.start})") from None
+        if "\0" in text:
+            raise EdgeMoEError(f"{path}: not text (a NUL byte at offset {data.index(0)})")
+        if not text.strip():
+            raise EdgeMoEError(f"{path}: the text file is {'empty' if not data else 'only whitespace'}")
+        texts.append(text)
+    return texts

@@ -207,10 +207,7 @@ class Llama(llama_cpp.Llama):
                                "on and use_mlock off")
         layout = read_layout(model_path)
         require_runtime_for(layout)
-        budget = config.budget(layout.expert_bytes)
-        if config.substitute is not None and not layout.lowbit_type:
-            raise EdgeMoEError(f"{model_path} has no low-bit copies of its experts to substitute; write them "
-                               f"with: edgemoe convert IN OUT --uniform TYPE --lowbit Q2_K")
+        budget = config.budget_for(layout)
         self._edgemoe_layout = layout
         self._edgemoe_pointers = None
         self._edgemoe_injector = None

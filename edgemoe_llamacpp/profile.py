@@ -32,6 +32,7 @@ from .hook import ExpertHook
 from .layout import MoELayout, read_layout
 
 FORMAT = ("edgemoe-profile", 1)
+ZIP_MAGIC = b"PK"             # an .npz file is a zip archive
 # the node holding the FFN input, per architecture (llama.cpp's build_* names it)
 FFN_INPUT = {"gpt-oss": "attn_post_norm"}
 
@@ -120,10 +121,15 @@ class Profile:
     With `layout`, also that its layers, expert count and ids fit that model."""
 
     ARRAYS = ("ids", "weights", "inputs", "input_weights", "input_count")
+    INTEGERS = ("ids", "input_count")           # the others hold floating-point numbers
 
     def __init__(self, path: str | Path, layout: MoELayout | None = None):
+        data = files.read_bytes(path, "profile")
+        if not data.startswith(ZIP_MAGIC):
+            raise EdgeMoEError(f"{path}: not an edgemoe profile (a profile is an .npz file, a zip archive; "
+                               f"this one starts with {data[:8]!r})")
         try:
-            with np.load(io.BytesIO(files.read_bytes(path, "profile")), allow_pickle=False) as z:
+            with np.load(io.BytesIO(data), allow_pickle=False) as z:
                 self.meta = json.loads(str(z["meta"]))
                 for name in self.ARRAYS:
                     setattr(self, name, z[name])
@@ -143,12 +149,19 @@ class Profile:
             n_l, n_e = len(self.meta["moe_layers"]), int(self.meta["n_expert"])
         except (KeyError, TypeError, ValueError):
             raise bad("its metadata lacks moe_layers or n_expert") from None
+        for name in self.ARRAYS:
+            kind = getattr(self, name).dtype.kind
+            if kind not in ("iu" if name in self.INTEGERS else "f"):
+                raise bad(f"{name} is an array of {getattr(self, name).dtype}, not of "
+                          f"{'integers' if name in self.INTEGERS else 'floating-point numbers'}")
         if self.ids.ndim != 3 or self.ids.shape[1] != n_l or self.weights.shape != self.ids.shape:
             raise bad(f"ids {self.ids.shape} and weights {self.weights.shape} are not [tokens, {n_l}, k]")
         if self.inputs.ndim != 4 or self.inputs.shape[:2] != (n_l, n_e) or \
                 self.input_weights.shape != self.inputs.shape[:3] or self.input_count.shape != (n_l, n_e):
             raise bad(f"sample arrays {self.inputs.shape}, {self.input_weights.shape}, {self.input_count.shape} "
                       f"do not fit {n_l} layers x {n_e} experts")
+        if not self.ids.shape[0]:
+            raise bad("it holds no tokens")
         if self.ids.size and (self.ids.min() < 0 or self.ids.max() >= n_e):
             raise bad(f"expert ids outside [0, {n_e})")
         if self.input_count.size and (self.input_count.min() < 0 or self.input_count.max() > self.inputs.shape[2]):

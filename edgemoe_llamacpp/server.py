@@ -142,6 +142,11 @@ def load_config_file(path: str) -> tuple[ServerSettings, List[ModelSettings]]:
             raise EdgeMoEError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(config, dict) or not all(isinstance(k, str) for k in config):
         raise EdgeMoEError(f"{path}: a config file is a mapping of settings, with a list of models")
+    models = config.get("models")
+    for i, m in enumerate(models if isinstance(models, list) else []):
+        if not isinstance(m, dict) or not all(isinstance(k, str) for k in m):    # llama-cpp-python would crash
+            raise EdgeMoEError(f"{path}: models.{i}: a model is a mapping of settings (model: PATH, ...), not "
+                               f"{str(m)[:40]!r}")
     try:
         parsed = EdgeMoEConfigFileSettings(**config)
     except ValidationError as e:

@@ -1,17 +1,14 @@
 """The benchmark: Belady's floor on a trace worked out by hand, the KV cache size; a stock that crashes, no
 memory controller, stock with the repack off."""
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import stock
 
-from edgemoe_llamacpp import bench, cgroup
-from edgemoe_llamacpp.bench import STOCK_RUNTIME_ENV, belady, format_table, kv_cache_bytes, run_bench
+from edgemoe_llamacpp import bench, bench_report, cgroup
+from edgemoe_llamacpp.bench import STOCK_RUNTIME_ENV, belady, kv_cache_bytes, run_bench
+from edgemoe_llamacpp.bench_report import format_table
 from edgemoe_llamacpp.cli import main as cli
-
-TOOLS = Path(__file__).parent.parent / "tools"
 
 
 def test_belady_by_hand():
@@ -33,18 +30,11 @@ def test_kv_cache_bytes_of_fixture(fixture_path):
     assert kv_cache_bytes(str(fixture_path), 512) == 2 * 8 * 512 * 4 * (64 + 64)
 
 
-def report_section(tmp_path, result: dict, monkeypatch) -> str:
-    """tools/bench_report.py's BENCHMARKS.md section for `result` (the plot left out: no matplotlib needed)."""
-    sys.path.insert(0, str(TOOLS))
-    try:
-        import bench_report
-    finally:
-        sys.path.remove(str(TOOLS))
-    monkeypatch.setattr(bench_report, "ROOT", tmp_path)
-    monkeypatch.setattr(bench_report, "plot", lambda r, out: None)
+def report_section(tmp_path, result: dict) -> str:
+    """BENCHMARKS.md's section for `result`, stored under tmp_path as tools/bench_report.py reads it (no plot)."""
     path = tmp_path / "result.json"
     path.write_text(json.dumps(result))
-    return bench_report.section(path)
+    return bench_report.section(path, json.loads(path.read_text()), root=tmp_path)
 
 
 @pytest.mark.skipif(cgroup.memory_controller().kind == "none", reason=cgroup.memory_controller().reason)
@@ -69,7 +59,7 @@ def test_bench_records_a_crashed_stock_and_still_measures_edgemoe(fixture_path, 
     table = format_table(result)
     assert "stock (1 failed: 1 died with SIGSEGV)" in table and "absent (stock llama.cpp died with SIGSEGV" in table
     assert "Stock llama.cpp died with SIGSEGV" in table.splitlines()[1]
-    assert "stock llama.cpp died with SIGSEGV" in report_section(tmp_path, result, monkeypatch)
+    assert "stock llama.cpp died with SIGSEGV" in report_section(tmp_path, result)
 
 
 def test_bench_without_a_memory_controller_says_why_and_runs_stock_with_repack_off(fixture_path, tmp_path,
@@ -95,7 +85,7 @@ def test_bench_without_a_memory_controller_says_why_and_runs_stock_with_repack_o
     assert f"NOT memory-limited ({reason})" in printed
     assert f"Memory limit: none, runs are NOT memory-limited ({reason})." in printed
     assert "Stock: llama.cpp's CPU repack off (use_extra_bufts=False)" in printed
-    section = report_section(tmp_path, result, monkeypatch)
+    section = report_section(tmp_path, result)
     assert f"NOT memory-limited: {reason}" in section
     assert "stock ran with llama.cpp's CPU repack off" in section and "--stock-repack off" in section
 

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from edgemoe_llamacpp.cli import main
@@ -80,6 +81,18 @@ def test_temporaries_are_unpredictable(tmp_path):
     assert a != b and a.parent == tmp_path and a.name.startswith(".x.gguf.")
 
 
+def write_profile(path: Path, moe_layers, ids: np.ndarray, n_expert: int = 16, samples: int = 2,
+                  n_embd: int = 8) -> None:
+    """A profile file whose metadata is sound, with `ids` as given and the other arrays of the right shapes."""
+    n_l = len(moe_layers)
+    meta = {"format": ["edgemoe-profile", 1], "moe_layers": list(moe_layers), "n_expert": n_expert}
+    with open(path, "wb") as f:
+        np.savez(f, meta=json.dumps(meta), ids=ids, weights=np.full(ids.shape, 0.5, np.float32),
+                 inputs=np.zeros((n_l, n_expert, samples, n_embd), np.float16),
+                 input_weights=np.zeros((n_l, n_expert, samples), np.float32),
+                 input_count=np.zeros((n_l, n_expert), np.int32))
+
+
 @pytest.mark.parametrize("argv, words", [
     (["ppl", "{model}", "--tokens", "600", "--batch", "-3"], ["--batch"]),
     (["ppl", "{model}", "--tokens", "600", "--batch", "1000"], ["--batch"]),
@@ -88,8 +101,19 @@ def test_temporaries_are_unpredictable(tmp_path):
     (["ppl", "{model}", "--n-ctx", "100000"], ["window"]),
     (["ppl", "{model}", "--tokens", "0"], ["--tokens"]),
     (["ppl", "{model}", "--tokens", "100"], ["window"]),
+    (["ppl", "{model}", "--tokens", "100", "--text", "{tiny}"], ["window"]),
     (["ppl", "{model}", "--tokens", "600", "--n-ctx", "64", "--text", "{tiny}"], ["window"]),
     (["ppl", "{model}", "--tokens", "600", "--text", "{dir}"], ["not a regular text file"]),
+    (["ppl", "{model}", "--tokens", "600", "--text", "{binary}"], ["not UTF-8 text (byte 0xff at offset 2)"]),
+    (["ppl", "{model}", "--tokens", "600", "--text", "{tiny}", "{empty}"], ["empty.txt: the text file is empty"]),
+    (["ppl", "{model}", "--tokens", "600", "--text", "{nul}"], ["not text (a NUL byte at offset 3)"]),
+    (["profile", "{model}", "--out", "{dir}/p.npz", "--tokens", "600", "--text", "{binary}"], ["not UTF-8 text"]),
+    (["profile", "{model}", "--out", "{dir}/p.npz", "--tokens", "600", "--text", "{empty}"], ["is empty"]),
+    (["profile", "{model}", "--out", "{dir}/p.npz", "--tokens", "600", "--text", "{dir}"], ["not a regular"]),
+    (["run", "{model}", "-p", "x", "--policy", "fifo"], ["--policy", "invalid choice: 'fifo'"]),
+    (["run", "{model}", "-p", "x", "--predictor", "oracle", "--memory-budget", "lots"], ["invalid choice: 'oracle'"]),
+    (["bench", "{model}", "--memory-budget", "50%", "--policy", "fifo"], ["invalid choice: 'fifo'"]),
+    (["ppl", "{model}", "--tokens", "600", "--fetch-threads", "0"], ["--fetch-threads"]),
     (["run", "{model}", "-p", "x", "-n", "0"], ["-n"]),
     (["run", "{model}", "-p", "x", "-n", "-1"], ["-n"]),
     (["run", "{model}", "-p", "x", "-n", "-100"], ["-n"]),
@@ -109,6 +133,13 @@ def test_temporaries_are_unpredictable(tmp_path):
     (["convert", "{model}", "{dir}/o.gguf", "--profile", "{model}", "--expert-bits", "nan"], ["--expert-bits"]),
     (["convert", "{model}", "{dir}/o.gguf", "--profile", "{garbage}", "--expert-bits", "4"], ["profile"]),
     (["convert", "{model}", "{dir}/o.gguf", "--profile", "{missing}", "--expert-bits", "4"], ["profile"]),
+    (["convert", "{model}", "{dir}/o.gguf", "--profile", "{tiny}", "--expert-bits", "4"], ["zip archive"]),
+    (["convert", "{model}", "{dir}/o.gguf", "--profile", "{strings}", "--expert-bits", "4"],
+     ["damaged profile: ids is an array of <U1, not of integers"]),
+    (["convert", "{model}", "{dir}/o.gguf", "--profile", "{floatids}", "--expert-bits", "4"],
+     ["damaged profile: ids is an array of float32"]),
+    (["convert", "{model}", "{dir}/o.gguf", "--profile", "{notokens}", "--expert-bits", "4"],
+     ["damaged profile: it holds no tokens"]),
     (["convert", "{model}", "{dir}/o.gguf", "--plan", "{listplan}"], ["JSON object"]),
     (["convert", "{model}", "{dir}/o.gguf", "--plan", "{intplan}"], ["type names"]),
     (["convert", "{model}", "{dir}/o.gguf", "--uniform", "Q4_K", "--lowbit", "Q8_0"], ["no smaller"]),
@@ -134,10 +165,19 @@ def test_one_line_errors(model, tmp_path, argv, words):
     os.mkfifo(tmp_path / "fifo")
     (tmp_path / "loop.gguf").symlink_to(tmp_path / "loop.gguf")
     (tmp_path / "int.json").write_text(json.dumps({n: 12 for n in names}))
+    (tmp_path / "binary.txt").write_bytes(b"x=\xff\xfe" + bytes(range(256)))
+    (tmp_path / "empty.txt").write_bytes(b"")
+    (tmp_path / "nul.txt").write_bytes(b"abc\0def")
+    layers = read_layout(model).moe_layers
+    write_profile(tmp_path / "strings.npz", layers, ids=np.full((4, len(layers), 2), "a"))
+    write_profile(tmp_path / "floatids.npz", layers, ids=np.full((4, len(layers), 2), 0.5, np.float32))
+    write_profile(tmp_path / "notokens.npz", layers, ids=np.zeros((0, len(layers), 2), np.int16))
     subs = {"model": model, "dir": tmp_path / "d", "tiny": tmp_path / "tiny.txt", "garbage": tmp_path / "garbage.npz",
             "missing": tmp_path / "missing.npz", "listplan": tmp_path / "list.json", "intplan": tmp_path / "int.json",
             "trunc": tmp_path / "trunc.gguf", "fifo": tmp_path / "fifo",
-            "loop": tmp_path / "loop.gguf"}
+            "loop": tmp_path / "loop.gguf", "binary": tmp_path / "binary.txt", "empty": tmp_path / "empty.txt",
+            "nul": tmp_path / "nul.txt", "strings": tmp_path / "strings.npz", "floatids": tmp_path / "floatids.npz",
+            "notokens": tmp_path / "notokens.npz"}
     before = sha(model)
     one_line_error(edgemoe(*[a.format(**subs) for a in argv]), *words)
     assert sha(model) == before
@@ -145,8 +185,6 @@ def test_one_line_errors(model, tmp_path, argv, words):
 
 def test_profile_with_out_of_range_ids(model, tmp_path):
     """A profile whose ids point past the model's experts is refused, not indexed with."""
-    import numpy as np
-
     prof = tmp_path / "p.npz"
     assert edgemoe("profile", model, "--out", prof, "--tokens", 512, "--samples", 4).returncode == 0
     with np.load(prof) as z:
@@ -193,3 +231,25 @@ def test_cache_closes_its_file_when_the_budget_is_refused(fixture_path):
     assert set(os.listdir("/proc/self/fd")) <= before
     with pytest.raises(ArgumentError, match="policy"):
         ExpertCache(layout, None, policy="fifo")
+
+
+@pytest.mark.parametrize(("text", "needle"), [
+    ("models: [5]\n", "{config}: models.0: a model is a mapping of settings (model: PATH, ...), not '5'"),
+    ("models:\n  - {{1: 2}}\n", "{config}: models.0: a model is a mapping of settings"),
+    ("models:\n  - model: {model}\n    memory_budget: lots\n",
+     "{config}: models.0: memory budget 'lots' is not a size"),
+    ("models:\n  - model: {model}\n    predictor: oracle\n", "{config}: models.0.predictor: Input should be"),
+    ("models:\n  - model: {model}\n  - model: {model}\n    memory_budget: 1%\n",
+     "{model}: memory budget"),
+    ("models:\n  - model: {model}\n    substitute: 0.5\n", "{model} has no low-bit copies of its experts"),
+    ("models:\n  - model: {config}\n", "{config}: not a GGUF file"),
+])
+def test_bad_server_config_files(model, tmp_path, text, needle):
+    """Every model of a config file is checked before the server starts (the address is one no machine
+    listens on, so a config that passed would fail there, not serve)."""
+    pytest.importorskip("uvicorn")
+    config = tmp_path / "server.yaml"
+    config.write_text("host: 192.0.2.1\n" + text.format(model=model, config=config))
+    proc = edgemoe("serve", "--config_file", config, timeout=120)
+    one_line_error(proc, needle.format(model=model, config=config))
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr

@@ -9,7 +9,7 @@ import argparse
 import json
 from pathlib import Path
 
-from edgemoe_llamacpp.bench import format_table, memory_limit_note
+from edgemoe_llamacpp import bench_report
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -297,107 +297,7 @@ def section(path: Path) -> str:
         return configs_section(path, r)
     png = path.with_suffix(".png")
     plot(r, png)
-    m = r["machine"]
-    ml = memory_limit_note(r)
-    if r["cgroup"]:
-        limited = (f"each run in its own {ml['kind']} memory limit = dense + budget + KV cache "
-                   f"({r['kv_cache_bytes'] / 2**20:.1f} MiB) + allowance ({r['allowance_bytes'] / 2**20:.0f} MiB: "
-                   "the process's own memory besides the model, measured by an unlimited run of each engine, "
-                   "+ 96 MiB for the library and kernel pages that run does not show)")
-    else:
-        limited = f"NOT memory-limited: {ml['reason']} (both engines ran unlimited)"
-    if r.get("stock_repack") is False:
-        limited += "; stock ran with llama.cpp's CPU repack off (use_extra_bufts=False)"
-    died = sorted({p["stock"]["signal"] for b in r["budgets"] for p in b.get("pairs", []) if p["stock"].get("signal")})
-    if died:
-        limited += (f"; stock llama.cpp died with {', '.join(died)} (runs recorded, edgemoe still measured, "
-                    "ratios absent where no pair has both)")
-    return "\n".join([
-        f"## {path.stem}: {Path(r['model']).name}",
-        "",
-        (f"{r['arch']}, {r['n_layer']} layers, {r['n_expert']} experts top-{r['n_expert_used']}; "
-        f"dense {r['dense_bytes'] / 1e6:.1f} MB, experts {r['expert_bytes'] / 1e9:.3f} GB "
-        f"({r['expert_bytes'] / (r['n_layer'] * r['n_expert']) / 1e6:.2f} MB each). "
-        f"{r['tokens']} tokens generated greedily after a {len(r['prompt'])}-character prompt; "
-        f"{limited}; cold page cache before every run; engines alternate run by run. "
-        f"Disk: {r['disk_bandwidth_bps'] / 1e9:.2f} GB/s cold 1 MiB reads. "
-        f"Machine: {m['cpu']}, {m['cpus']} cores, {m['memory_bytes'] / 2**30:.0f} GiB, Linux {m['kernel']}, "
-        f"Python {m['python']}; {r['date']}." + config_note(r) + (f" {r['note']}" if r.get("note") else "")),
-        "",
-        ("Storage MB/token and major faults/token are for the decode phase, from `/proc/self/io` and "
-        "`getrusage` of the engine's process; the ratio is the median of per-pair ratios; the Belady row is "
-        "the fewest expert bytes any cache of that budget could read for the recorded routing, and the "
-        "speed it implies (unpressured compute + those reads at the measured disk speed)."),
-        "",
-        format_table(r),
-        "",
-        f"![decode tok/s vs budget]({png.relative_to(ROOT).as_posix()})",
-        "",
-        "Command:",
-        "",
-        "```sh",
-        r.get("command", f"edgemoe bench {r['model']} --memory-budget "
-                         f"{' '.join(b['budget'] for b in r['budgets'])}{config_flags(r)} --json "
-                         f"{path.relative_to(ROOT)}"),
-        "```",
-        "",
-    ])
-
-
-def config_note(r: dict) -> str:
-    if not r.get("policy"):
-        return ""
-    ahead = f"predictor {r['predictor']}, prefetch depth {r['prefetch_depth']}" if r["predictor"] else "no predictor"
-    sub = ""
-    if r.get("substitute") is not None:
-        sub = (f", low-bit substitution above {r['substitute']} ({r['lowbit_type']} copies; stock ran "
-               f"{Path(r['stock_model']).name}, the file it was converted from)")
-    return f" edgemoe: policy {r['policy']}, {ahead}{sub}."
-
-
-def config_flags(r: dict) -> str:
-    if not r.get("policy"):
-        return ""
-    return f" --runs {r['budgets'][0]['stock']['runs']} --policy {r['policy']} --predictor {r['predictor'] or 'none'}" + \
-        (" --stock-repack off" if r.get("stock_repack") is False else "") + \
-        (f" --prefetch-depth {r['prefetch_depth']}" if r["predictor"] else "") + \
-        (f" --substitute {r['substitute']} --stock-model {r['stock_model']}" if r.get("substitute") is not None else "")
-
-
-def ratio(d: dict) -> str:
-    """A median ratio, or why it is missing (stock died in every pair)."""
-    if d["median"] is None:
-        return f"- ({d['absent']})" if d.get("absent") else "-"
-    return f"{d['median']:.2f}x"
-
-
-def configurations_section(results: dict[Path, dict]) -> str:
-    """One row per (edgemoe configuration, budget) of the bench results that name their configuration."""
-    rows = [("| result | policy | predictor | depth | substitution | budget | stock tok/s | edgemoe tok/s | "
-            "edgemoe/stock | MB/token | x Belady floor | prefetched/token | wasted/token | ran low/token |"),
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for path, r in results.items():
-        for b in r["budgets"]:
-            ed = b["edgemoe"]
-
-            def med(key, entry=ed):
-                v = entry.get(key, {}).get("median")
-                return "-" if v is None else f"{v:.2f}"
-            mb = ed["decode_read_bytes_per_token"]["median"]
-            sub = "-" if r.get("substitute") is None else f"{r['lowbit_type']} above {r['substitute']}"
-            rows.append(f"| {path.stem} | {r['policy']} | {r['predictor'] or '-'} | "
-                        f"{r['prefetch_depth'] if r['predictor'] else '-'} | {sub} | {b['budget']} | "
-                        f"{med('decode_tok_s', b['stock'])} | {med('decode_tok_s')} | "
-                        f"{ratio(b['decode_ratio'])} | {'-' if mb is None else f'{mb / 1e6:.1f}'} | "
-                        f"{b.get('edgemoe_bytes_vs_floor') or 0:.2f}x | {med('prefetches_per_token')} | "
-                        f"{med('prefetch_wasted_per_token')} | {med('substituted_per_token')} |")
-    return "\n".join([
-        "## bench configurations: policy x predictor x substitution on the I/O-scale model", "",
-        ("Medians of the `edgemoe bench` results below that record their cache configuration (each its own "
-        "invocation: stock and edgemoe alternate within it, so compare the edgemoe/stock ratios across rows "
-        "rather than raw speeds; the machine is shared and timing is noisy). MB/token is storage read per "
-        "decoded token (`/proc/self/io`); the Belady floor is that run's own."), "", *rows, "",
-        *[f"{path.stem}: {r['note']}" for path, r in results.items() if r.get("note")], ""])
+    return bench_report.section(path, r, root=ROOT, image=png)
 
 
 def main() -> None:
@@ -410,7 +310,7 @@ def main() -> None:
             ("Generated by `python tools/bench_report.py` from the JSON under `bench/results/`. "
             "Every figure is measured on this project's machines (shared, noisy: medians of several runs)."), ""]
     configured = {f: r for f in files if (r := json.loads(f.read_text())).get("policy")}
-    extra = [configurations_section(configured)] if configured else []
+    extra = [bench_report.configurations_section(configured)] if configured else []
     args.out.write_text("\n".join(head + extra + [section(f) for f in files]))
     print(f"wrote {args.out} from {len(files)} result file(s)")
 

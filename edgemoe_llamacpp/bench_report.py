@@ -1,0 +1,201 @@
+"""`edgemoe bench` results as text: the table `edgemoe bench` prints, and BENCHMARKS.md's sections for them
+(tools/bench_report.py assembles the file and draws the plots)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def format_table(result: dict) -> str:
+    """The table `edgemoe bench` prints: per budget, stock and edgemoe (medians, min-max) and the Belady floor;
+    load times."""
+    def fmt(x, spec="{:.1f}"):
+        return "-" if x is None else spec.format(x)
+
+    rows = [*header(result), "",
+            ("| budget | limit | engine | decode tok/s (median, min-max) | prefill tok/s | storage MB/token | "
+            "major faults/token | hit rate | peak MiB | edgemoe/stock decode |"),
+            "|---|---|---|---|---|---|---|---|---|---|"]
+    for b in result["budgets"]:
+        limit = "none" if b["limit_bytes"] is None else f"{b['limit_bytes'] / 2**20:.0f} MiB"
+        for eng in [e for e in ("stock", "stock_repack_off", "edgemoe") if e in b]:
+            s = b[eng]
+            d = s["decode_tok_s"]
+            hit = s.get("hit_rate", {}).get("median")
+            ratio = fmt(b["decode_ratio"]["median"], "{:.2f}x") + \
+                f" ({fmt(b['decode_ratio']['min'], '{:.2f}')}-{fmt(b['decode_ratio']['max'], '{:.2f}')})" \
+                if eng == "edgemoe" else ""
+            if eng == "edgemoe" and "decode_ratio_vs_repack_off" in b:
+                ratio += f"; {fmt(b['decode_ratio_vs_repack_off']['median'], '{:.2f}x')} vs stock, repack off"
+            if eng == "edgemoe" and b["decode_ratio"].get("absent"):
+                ratio = f"absent ({b['decode_ratio']['absent']})" if b["decode_ratio"]["median"] is None else \
+                    f"{ratio}, without the pairs whose stock died ({b['decode_ratio']['absent']})"
+            died = ", ".join(f"{n} died with {sig}" for sig, n in s.get("died", {}).items())
+            failed = f" ({s['failed']} failed{': ' + died if died else ''})" if s["failed"] else ""
+            rows.append(f"| {b['budget']} | {limit} | {eng}{failed} | {fmt(d['median'])} "
+                        f"({fmt(d['min'])}-{fmt(d['max'])}) | {fmt(s['prefill_tok_s']['median'])} | "
+                        f"{fmt(_mb(s['decode_read_bytes_per_token']['median']), '{:.2f}')} | "
+                        f"{fmt(s['decode_major_faults_per_token']['median'])} | {fmt(hit, '{:.1%}')} | "
+                        f"{fmt(_mib(s['peak_bytes']['median']), '{:.0f}')} | {ratio} |")
+        if b.get("same_text") is False:
+            rows.append(f"| {b['budget']} | | **output differs between runs or engines** | | | | | | | |")
+        if "floor_bytes_per_token" in b:
+            rows.append(f"| {b['budget']} | | Belady floor | {fmt(b.get('floor_tok_s'))} | | "
+                        f"{_mb(b['floor_bytes_per_token']):.2f} | | | | " +
+                        (f"edgemoe reads {b['edgemoe_bytes_vs_floor']:.2f}x the floor |"
+                         if b["edgemoe_bytes_vs_floor"] else "edgemoe read nothing: the load kept every expert |"))
+    loads = [(b["budget"], eng, b[eng]) for b in result["budgets"] for eng in ("stock", "stock_repack_off", "edgemoe")
+             if eng in b and b[eng].get("load_s", {}).get("median") is not None]
+    if loads:
+        rows += ["", "| budget | engine | load s (median) | bytes read at load (median) | fetch efficiency |",
+                 "|---|---|---|---|---|"]
+        for spec, eng, s in loads:
+            eff = next((b.get("fetch_efficiency") for b in result["budgets"] if b["budget"] == spec), None) \
+                if eng == "edgemoe" else None
+            rows.append(f"| {spec} | {eng} | {s['load_s']['median']:.2f} | "
+                        f"{fmt(_mb(s['load_read_bytes']['median']), '{:,.0f}')} MB | {fmt(eff, '{:.0%}')} |")
+    return "\n".join(rows)
+
+
+def memory_limit_note(result: dict) -> dict:
+    """The results' memory_limit (kind, path, reason); results written before it was recorded have only the
+    "cgroup" flag, and every machine that wrote them had cgroup v1."""
+    if "memory_limit" in result:
+        return result["memory_limit"]
+    if result.get("cgroup"):
+        return {"kind": "cgroup-v1", "path": None, "reason": "cgroup v1 memory controller"}
+    return {"kind": "none", "path": None, "reason": "no writable cgroup memory controller (its reason was not "
+            "recorded then)"}
+
+
+def header(result: dict) -> list[str]:
+    """The lines above the table: how memory was limited (or why it was not) and how stock ran."""
+    m = memory_limit_note(result)
+    limit = (f"Memory limit: {m['kind']} ({m['reason']})." if m["kind"] != "none" else
+             f"Memory limit: none, runs are NOT memory-limited ({m['reason']}).")
+    repack = result.get("stock_repack", True)
+    setting = "on (its default), and off (use_extra_bufts=False) as a second baseline" if repack == "both" else \
+        "on (its default)" if repack else "off (use_extra_bufts=False)"
+    stock = (f"Stock: llama.cpp's CPU repack {setting}"
+             + (f", llama_cpp from {result['stock_runtime']}" if result.get("stock_runtime") else "") + ".")
+    died = sorted({r["stock"]["signal"] for b in result["budgets"] for r in b.get("pairs", [])
+                   if r.get("stock", {}).get("signal")})
+    if died:
+        stock += f" Stock llama.cpp died with {', '.join(died)}: its runs are recorded, ratios marked absent."
+    lines = [limit, stock]
+    if result.get("routing", "router") != "router":
+        lines.append(f"Routing: {result['routing']} (both engines compute the trace's experts at every MoE layer, "
+                     f"not the router's: a benchmark workload, not the model's own output).")
+    return lines
+
+
+def _mb(x):
+    return None if x is None else x / 1e6
+
+
+def _mib(x):
+    return None if x is None else x / 2**20
+
+
+def section(path: Path, r: dict, *, root: Path, image: Path | None = None) -> str:
+    """BENCHMARKS.md's section for the result `r` read from `path` (paths shown relative to `root`), with the
+    plot `image` if there is one."""
+    m = r["machine"]
+    ml = memory_limit_note(r)
+    if r["cgroup"]:
+        limited = (f"each run in its own {ml['kind']} memory limit = dense + budget + KV cache "
+                   f"({r['kv_cache_bytes'] / 2**20:.1f} MiB) + allowance ({r['allowance_bytes'] / 2**20:.0f} MiB: "
+                   "the process's own memory besides the model, measured by an unlimited run of each engine, "
+                   "+ 96 MiB for the library and kernel pages that run does not show)")
+    else:
+        limited = f"NOT memory-limited: {ml['reason']} (both engines ran unlimited)"
+    if r.get("stock_repack") is False:
+        limited += "; stock ran with llama.cpp's CPU repack off (use_extra_bufts=False)"
+    died = sorted({p["stock"]["signal"] for b in r["budgets"] for p in b.get("pairs", []) if p["stock"].get("signal")})
+    if died:
+        limited += (f"; stock llama.cpp died with {', '.join(died)} (runs recorded, edgemoe still measured, "
+                    "ratios absent where no pair has both)")
+    return "\n".join([
+        f"## {path.stem}: {Path(r['model']).name}",
+        "",
+        (f"{r['arch']}, {r['n_layer']} layers, {r['n_expert']} experts top-{r['n_expert_used']}; "
+        f"dense {r['dense_bytes'] / 1e6:.1f} MB, experts {r['expert_bytes'] / 1e9:.3f} GB "
+        f"({r['expert_bytes'] / (r['n_layer'] * r['n_expert']) / 1e6:.2f} MB each). "
+        f"{r['tokens']} tokens generated greedily after a {len(r['prompt'])}-character prompt; "
+        f"{limited}; cold page cache before every run; engines alternate run by run. "
+        f"Disk: {r['disk_bandwidth_bps'] / 1e9:.2f} GB/s cold 1 MiB reads. "
+        f"Machine: {m['cpu']}, {m['cpus']} cores, {m['memory_bytes'] / 2**30:.0f} GiB, Linux {m['kernel']}, "
+        f"Python {m['python']}; {r['date']}." + config_note(r) + (f" {r['note']}" if r.get("note") else "")),
+        "",
+        ("Storage MB/token and major faults/token are for the decode phase, from `/proc/self/io` and "
+        "`getrusage` of the engine's process; the ratio is the median of per-pair ratios; the Belady row is "
+        "the fewest expert bytes any cache of that budget could read for the recorded routing, and the "
+        "speed it implies (unpressured compute + those reads at the measured disk speed)."),
+        "",
+        format_table(r),
+        "",
+        *([f"![decode tok/s vs budget]({image.relative_to(root).as_posix()})", ""] if image else []),
+        "Command:",
+        "",
+        "```sh",
+        r.get("command", f"edgemoe bench {r['model']} --memory-budget "
+                         f"{' '.join(b['budget'] for b in r['budgets'])}{config_flags(r)} --json "
+                         f"{path.relative_to(root)}"),
+        "```",
+        "",
+    ])
+
+
+def config_note(r: dict) -> str:
+    if not r.get("policy"):
+        return ""
+    ahead = f"predictor {r['predictor']}, prefetch depth {r['prefetch_depth']}" if r["predictor"] else "no predictor"
+    sub = ""
+    if r.get("substitute") is not None:
+        sub = (f", low-bit substitution above {r['substitute']} ({r['lowbit_type']} copies; stock ran "
+               f"{Path(r['stock_model']).name}, the file it was converted from)")
+    return f" edgemoe: policy {r['policy']}, {ahead}{sub}."
+
+
+def config_flags(r: dict) -> str:
+    if not r.get("policy"):
+        return ""
+    return f" --runs {r['budgets'][0]['stock']['runs']} --policy {r['policy']} --predictor {r['predictor'] or 'none'}" + \
+        (" --stock-repack off" if r.get("stock_repack") is False else "") + \
+        (f" --prefetch-depth {r['prefetch_depth']}" if r["predictor"] else "") + \
+        (f" --substitute {r['substitute']} --stock-model {r['stock_model']}" if r.get("substitute") is not None else "")
+
+
+def ratio(d: dict) -> str:
+    """A median ratio, or why it is missing (stock died in every pair)."""
+    if d["median"] is None:
+        return f"- ({d['absent']})" if d.get("absent") else "-"
+    return f"{d['median']:.2f}x"
+
+
+def configurations_section(results: dict[Path, dict]) -> str:
+    """One row per (edgemoe configuration, budget) of the bench results that name their configuration."""
+    rows = [("| result | policy | predictor | depth | substitution | budget | stock tok/s | edgemoe tok/s | "
+            "edgemoe/stock | MB/token | x Belady floor | prefetched/token | wasted/token | ran low/token |"),
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for path, r in results.items():
+        for b in r["budgets"]:
+            ed = b["edgemoe"]
+
+            def med(key, entry=ed):
+                v = entry.get(key, {}).get("median")
+                return "-" if v is None else f"{v:.2f}"
+            mb = ed["decode_read_bytes_per_token"]["median"]
+            sub = "-" if r.get("substitute") is None else f"{r['lowbit_type']} above {r['substitute']}"
+            rows.append(f"| {path.stem} | {r['policy']} | {r['predictor'] or '-'} | "
+                        f"{r['prefetch_depth'] if r['predictor'] else '-'} | {sub} | {b['budget']} | "
+                        f"{med('decode_tok_s', b['stock'])} | {med('decode_tok_s')} | "
+                        f"{ratio(b['decode_ratio'])} | {'-' if mb is None else f'{mb / 1e6:.1f}'} | "
+                        f"{b.get('edgemoe_bytes_vs_floor') or 0:.2f}x | {med('prefetches_per_token')} | "
+                        f"{med('prefetch_wasted_per_token')} | {med('substituted_per_token')} |")
+    return "\n".join([
+        "## bench configurations: policy x predictor x substitution on the I/O-scale model", "",
+        ("Medians of the `edgemoe bench` results below that record their cache configuration (each its own "
+        "invocation: stock and edgemoe alternate within it, so compare the edgemoe/stock ratios across rows "
+        "rather than raw speeds; the machine is shared and timing is noisy). MB/token is storage read per "
+        "decoded token (`/proc/self/io`); the Belady floor is that run's own."), "", *rows, "",
+        *[f"{path.stem}: {r['note']}" for path, r in results.items() if r.get("note")], ""])
