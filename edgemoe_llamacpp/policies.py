@@ -140,7 +140,8 @@ class Policy:
 
     def _head(self, heap: list) -> tuple | None:
         """The heap's first live entry (stale ones dropped on the way), or None."""
-        while heap and not self._live(heap[0]):
+        stamp = self.stamp
+        while heap and stamp.get(heap[0][-1]) != heap[0][-2]:
             heapq.heappop(heap)
             self._entries -= 1
             self.ops += 1
@@ -261,13 +262,12 @@ class Distance(Policy):
 
     def ranked(self):
         """Merge the layers' heaps: only each layer's first expert is scored against the others."""
-        w, n = self.weight, self.n_layers
-        steps = [(pos - self.current) % n or n for pos in range(n)]       # layer_steps, by position
-        heads = []                                     # (keep score, stamp, position): as order_key
+        w, n, current = self.weight, self.n_layers, self.current
+        heads = []                           # (keep score, stamp, position): as order_key, and where
         for pos, heap in enumerate(self.heaps):
             entry = self._head(heap)
             if entry is not None:
-                heads.append(((w + entry[0]) / steps[pos], entry[1], pos))
+                heads.append(((w + entry[0]) / ((pos - current) % n or n), entry[1], pos))
         heapq.heapify(heads)
         self.ops += n
         popped = []
@@ -280,7 +280,7 @@ class Distance(Policy):
                 yield popped[-1][1][-1]
                 entry = self._head(heap)
                 if entry is not None:
-                    heapq.heappush(heads, ((w + entry[0]) / steps[pos], entry[1], pos))
+                    heapq.heappush(heads, ((w + entry[0]) / ((pos - current) % n or n), entry[1], pos))
                     self.ops += 1
         finally:
             for heap, entry in popped:
