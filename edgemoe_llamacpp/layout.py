@@ -93,6 +93,13 @@ class Expert(NamedTuple):
         return sum(r.size for r in self.ranges)
 
 
+class ExpertUID(NamedTuple):
+    """What the expert cache fetches and evicts: one expert of one layer, or (low) its low-bit copy."""
+    layer: int
+    expert: int
+    low: bool = False
+
+
 @dataclass(frozen=True)
 class MoELayout:
     path: str

@@ -120,10 +120,10 @@ class TablePredictor(Predictor):
         self.freq = np.zeros((self.n_pos, self.n_expert))
 
     def _add(self, pos: int, depth: int, src: np.ndarray, dst: np.ndarray) -> None:
-        table = self.counts[pos, depth - 1]
-        for i in range(src.shape[1]):
-            for j in range(dst.shape[1]):
-                np.add.at(table, (src[:, i], dst[:, j]), 1)
+        """Count each token's pairs (expert chosen at pos, expert chosen at pos + depth), all in one bincount."""
+        n = self.n_expert
+        pairs = src.astype(np.intp)[:, :, None] * n + dst[:, None, :]          # (T, k, k) cells of the table
+        self.counts[pos, depth - 1] += np.bincount(pairs.ravel(), minlength=n * n).reshape(n, n)
 
     def fit(self, routing):
         for pos, dst in enumerate(routing):

@@ -1,10 +1,8 @@
 """Predictors on routing recorded through the real llama.cpp from held-out text, and on traces by hand."""
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 
+from edgemoe_llamacpp import corpus
 from edgemoe_llamacpp.layout import read_layout
 from edgemoe_llamacpp.predict import (
     FrequencyPredictor,
@@ -14,11 +12,8 @@ from edgemoe_llamacpp.predict import (
     read_routers,
     recall_at_k,
 )
-
-# tools/ is not a package: the recall tool's recorder and the fixture's own train/validation split
-sys.path.insert(0, str(Path(__file__).parent.parent / "tools"))
-import predictor_recall
-from make_tiny_moe import Config, read_corpus
+from edgemoe_llamacpp.replay import synthetic_layout
+from edgemoe_llamacpp.routing import record
 
 TOKENS = 1024        # two windows of held-out text
 
@@ -26,9 +21,9 @@ TOKENS = 1024        # two windows of held-out text
 @pytest.fixture(scope="module")
 def recorded(fixture_path):
     """Routing and ffn_inp of every layer for held-out text, and routing of training text (the fixture's split)."""
-    train, val = read_corpus(Config())
-    _, train_routing, _ = predictor_recall.record(str(fixture_path), train, TOKENS, seed=0, hidden=False)
-    _, routing, hidden = predictor_recall.record(str(fixture_path), val, TOKENS, seed=None, hidden=True)
+    train, val = list(corpus.split_texts("train")), list(corpus.split_texts("validation"))
+    _, train_routing, _ = record(str(fixture_path), train, TOKENS, seed=0, hidden=False)
+    _, routing, hidden = record(str(fixture_path), val, TOKENS, seed=None, hidden=True)
     return read_layout(fixture_path), train_routing, routing, hidden
 
 
@@ -89,6 +84,26 @@ def test_table_learns_a_deterministic_routing_online_and_frequency_ranks_by_coun
     assert table.predict(layers[-1], 1).size == 0      # nothing after the last layer
     counts = freq.freq[1]
     assert list(freq.predict(layers[0], 1)[:3]) == list(np.argsort(-counts, kind="stable")[:3])
+
+
+def test_table_counts_the_pairs_the_loop_of_add_at_counted():
+    """One bincount per update counts what k x k np.add.at calls did: every (source, destination) pair of every
+    token, repeated experts and int16 profile ids included."""
+    layout = synthetic_layout(4, 256, 3)
+    table = TablePredictor(layout)
+    rng = np.random.default_rng(0)
+    for tokens, dtype in ((1, np.int32), (7, np.int16), (300, np.int32)):
+        src = rng.integers(0, 256, (tokens, 3)).astype(dtype)
+        dst = rng.integers(0, 256, (tokens, 3)).astype(dtype)
+        src[0] = [5, 5, 255]                             # a repeat, and the highest expert
+        expected = table.counts[1, 1].copy()
+        for i in range(src.shape[1]):                   # the update as it was
+            for j in range(dst.shape[1]):
+                np.add.at(expected, (src[:, i], dst[:, j]), 1)
+        table._add(1, 2, src, dst)
+        assert np.array_equal(table.counts[1, 1], expected)
+        assert table.counts[1, 1].sum() == expected.sum() > 0
+    assert table.counts[1, 1][5, dst[0]].min() >= 2 and not table.counts[0].any()
 
 
 def test_unknown_predictor_is_refused(fixture_path):

@@ -1,7 +1,7 @@
 """Recall@k of every expert predictor at depth 1-3 on held-out text, through the real llama.cpp.
 
 Text is the Python standard library split into train and validation files exactly as
-tools/make_tiny_moe.py split it for training the fixture (its `read_corpus`). The train split's routing
+tools/make_tiny_moe.py split it for training the fixture (edgemoe_llamacpp.corpus). The train split's routing
 (recorded through llama.cpp) teaches the table and frequency predictors; every predictor is then scored on
 the validation split: recall@k = the fraction of the experts a layer really chose that are among the k
 the predictor ranked first (k = the model's top-k). Depth 0 of gate lookahead is the layer's own router
@@ -18,14 +18,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-from make_tiny_moe import Config, read_corpus
-from tqdm import tqdm
 
-from edgemoe_llamacpp.hook import ExpertHook
+from edgemoe_llamacpp import corpus
 from edgemoe_llamacpp.layout import read_layout
-from edgemoe_llamacpp.llama import llama_params
 from edgemoe_llamacpp.predict import (
-    FFN_INP,
     MAX_DEPTH,
     FrequencyPredictor,
     GatePredictor,
@@ -33,50 +29,7 @@ from edgemoe_llamacpp.predict import (
     read_routers,
     recall_at_k,
 )
-
-N_CTX = 512
-
-
-def tokens_of(llm, texts: list[str], n: int, seed: int | None) -> np.ndarray:
-    """The first n tokens of `texts` (in a seeded random file order if seed is given), documents separated by
-    the end-of-text token, as the fixture was trained."""
-    order = np.random.default_rng(seed).permutation(len(texts)) if seed is not None else range(len(texts))
-    out: list[int] = []
-    for i in order:
-        out += llm.tokenize(texts[i].encode("utf-8"), add_bos=False, special=False) + [llm.token_eos()]
-        if len(out) >= n:
-            break
-    return np.asarray(out[:n // N_CTX * N_CTX], dtype=np.int32)
-
-
-def record(model: str, texts: list[str], n: int, *, seed: int | None, hidden: bool):
-    """Routing (and ffn_inp) of every MoE layer for n tokens of `texts`, in independent windows of N_CTX.
-    Returns (tokens, routing[pos] (N, k), hidden[pos] (N, n_embd) or None)."""
-    layout = read_layout(model)
-    pos = {layer: i for i, layer in enumerate(layout.moe_layers)}
-    ids: list[list[np.ndarray]] = [[] for _ in pos]
-    hid: list[list[np.ndarray]] = [[] for _ in pos]
-
-    def on_route(layer, chosen, h, _weights):
-        ids[pos[layer]].append(chosen)
-        if h is not None:
-            hid[pos[layer]].append(h)
-
-    import llama_cpp
-
-    hook = ExpertHook(on_route=on_route, hidden_node=FFN_INP if hidden else None)
-    with llama_params(use_extra_bufts=False, cb_eval=hook.callback):
-        # logits for every token: otherwise llama.cpp computes the last layer for the last token only
-        llm = llama_cpp.Llama(model, n_ctx=N_CTX, n_batch=N_CTX, logits_all=True, verbose=False)
-    tokens = tokens_of(llm, texts, n, seed)
-    for s in tqdm(range(0, len(tokens), N_CTX), desc=Path(model).name, unit="window"):
-        llm.reset()
-        llm.eval(tokens[s:s + N_CTX].tolist())
-        hook.take_error()
-    llm.close()
-    routing = [np.concatenate(x) for x in ids]
-    assert all(len(r) == len(tokens) for r in routing), "a layer was not routed for every token"
-    return tokens, routing, [np.concatenate(x) for x in hid] if hidden else None
+from edgemoe_llamacpp.routing import N_CTX, record
 
 
 def mixture(logits: np.ndarray, table_scores: np.ndarray) -> np.ndarray:
@@ -131,8 +84,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0, help="order of the train files sampled")
     ap.add_argument("--json")
     args = ap.parse_args()
-    cfg = Config()
-    train_txt, val_txt = read_corpus(cfg)
+    train_txt, val_txt = list(corpus.split_texts("train")), list(corpus.split_texts("validation"))
     layout = read_layout(args.model)
     t0 = time.time()
     _, train_routing, _ = record(args.model, train_txt, args.train_tokens, seed=args.seed, hidden=False)
@@ -154,8 +106,8 @@ def main() -> None:
         models.append({"model": other, "tokens": n, "same_routing_as_fixture": agree,
                        "identical_layers": same,
                        "recall": measure(other, read_layout(other), train_routing, o_routing, o_hidden)})
-    result = {"kind": "predictor_recall", "split": "tools/make_tiny_moe.py read_corpus (validation: "
-              f"{cfg.val_percent}% of stdlib files by path hash)", "train_tokens": len(train_routing[0]),
+    result = {"kind": "predictor_recall", "split": "edgemoe_llamacpp.corpus.split_texts (validation: "
+              f"{corpus.VAL_PERCENT}% of stdlib files by path hash)", "train_tokens": len(train_routing[0]),
               "n_expert": layout.n_expert, "k": layout.n_expert_used, "moe_layers": len(layout.moe_layers),
               "chance": chance, "seconds": time.time() - t0, "models": models,
               "command": "python tools/predictor_recall.py " + " ".join(
