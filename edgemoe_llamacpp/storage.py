@@ -174,7 +174,10 @@ class ExpertStorage:
         aligned block around each edge, then read its dense pages back one page at a time (this fd reads
         without readahead): the block's folios then end at the edge, and its expert pages can be dropped."""
         block = runtime.MAX_FOLIO_PAGES * runtime.PAGE
-        edges = {x for span in spans for x in span if x % block}
+        # an edge whose expert-side page dropped has no straddling folio (a load that read the dense ranges in
+        # exact pieces, loading.read_dense, leaves none): nothing to split or read back there
+        edges = {x for a, b in spans for x, page in ((a, a), (b, b - runtime.PAGE))
+                 if x % block and b > a and runtime.mincore_pages(self.base + page, runtime.PAGE)[0] & 1}
         for x in sorted(edges):
             lo, hi = clip((x // block * block, x // block * block + block), self.mapped)
             dense = [(lo, hi)]
