@@ -4,8 +4,8 @@ recency = the step of the last use / steps so far, frequency = uses / the highes
 sequence), nearness = 1 - MoE layers until the expert's layer runs again / L. The step and the highest count
 change at every step, so two experts of one layer can change places with neither being touched: no heap by
 a fixed key holds the order. Dominance does: an expert last used no later, used no more often and touched
-earlier than another scores no higher (float division and addition are monotone), and on a tie its older
-stamp sends it first. So each layer's first victim is on the layer's Pareto front of
+earlier than another scores no higher (float division and addition are monotone, the weights not negative),
+and on a tie its older stamp sends it first. So each layer's first victim is on the layer's Pareto front of
 (last use, count, stamp), which changes only when a member of the front leaves: an expert coming in has the
 newest stamp and never pushes one out. A batch scores every layer's front (a few experts) and orders all the
 experts of a layer only once it takes a victim from it: O(L + layers evicted from x experts per layer).

@@ -95,6 +95,8 @@ class Policy:
         `defer` (reads in flight: evicting one waits for it) only after all others. All that may go if they
         free less."""
         chosen, later, freed = [], [], 0
+        if need <= 0:
+            return chosen
         order = self.ranked()
         try:
             for uid in order:

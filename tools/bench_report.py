@@ -143,6 +143,25 @@ def hook_section(path: Path, r: dict) -> str:
         f"--json {path.relative_to(ROOT)}"), "```", ""])
 
 
+def microbench_section(path: Path, r: dict) -> str:
+    rows = ["| layout | experts held | policy | before: median us | after: median us | before/after |",
+            "|---|---|---|---|---|---|"]
+    for x in r["rows"]:
+        before, after = x.get("before", {}).get("median_us"), x["after"]["median_us"]
+        rows.append(f"| {x['layers']} x {x['experts_per_layer']} | {x['held']:,} ({x['budget_fraction']:.0%}) | "
+                    f"{x['policy']} | {'-' if before is None else f'{before:,.0f}'} | {after:,.0f} | "
+                    f"{'-' if before is None else f'{before / after:.1f}x'} |")
+    load = ", ".join(f"{v:.1f}" for v in r["load_average"])
+    return "\n".join([
+        f"## {path.stem}: the cache's bookkeeping per layer", "",
+        ("One `ExpertCache.ensure()` with 8 misses, the cache full, no I/O (`tools/cache_microbench.py`: synthetic "
+        "layouts of one-page experts, each layer asking for 8 experts it does not hold). Before: the cache at "
+        f"{r['before_revision']}, which sorted every resident expert on each miss; after: incremental "
+        f"orders, victims chosen once per call. The least median of a few runs, {r['rows'][0]['after']['samples']} "
+        f"layers each; load average {load} on {r['cpus']} CPUs (shared)."), "", *rows, "",
+        "```sh", r["command"], "```", ""])
+
+
 def server_section(path: Path, r: dict) -> str:
     st = r["stats"]
     return "\n".join([
@@ -291,6 +310,8 @@ def section(path: Path) -> str:
         return recall_section(path, r)
     if r.get("kind") == "hook_overhead":
         return hook_section(path, r)
+    if r.get("kind") == "cache_microbench":
+        return microbench_section(path, r)
     if r.get("kind") == "substitution":
         return substitution_section(path, r)
     if r.get("kind") == "bench_configs":
