@@ -70,9 +70,24 @@ def temporary_beside(dst: Path) -> Path:
     return Path(name)
 
 
+def _umask() -> int:
+    """This process's umask, read without changing it (/proc), else by setting and restoring it."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def commit(tmp: Path, dst: Path) -> None:
-    """fsync `tmp`, rename it over `dst`, fsync the directory."""
+    """fsync `tmp`, give it the mode a newly created file gets (mkstemp made it 0600), rename it over `dst`,
+    fsync the directory."""
     with open(tmp, "rb+") as fh:
+        os.fchmod(fh.fileno(), 0o666 & ~_umask())
         os.fsync(fh.fileno())
     os.replace(tmp, dst)
     with contextlib.suppress(OSError):

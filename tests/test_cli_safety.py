@@ -72,6 +72,11 @@ def test_convert_leaves_no_predictable_temporary(model, tmp_path):
     assert main(["convert", str(model), str(out), "--uniform", "Q8_0", "--save-plan", str(tmp_path / "p.json")]) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.gguf", "out.gguf", "p.json"]
     assert json.loads((tmp_path / "p.json").read_text())
+    # outputs get the mode any new file gets (0666 less the umask), not the temporary's 0600
+    mask = os.umask(0o022)
+    os.umask(mask)
+    for name in ("out.gguf", "p.json"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~mask, name
 
 
 def test_temporaries_are_unpredictable(tmp_path):
