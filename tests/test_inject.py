@@ -100,6 +100,7 @@ def test_injected_routing_changes_the_output(fixture_path, trace):
 
 
 @pytest.mark.stock
+@pytest.mark.repack_off
 def test_stock_and_edgemoe_agree_under_the_trace(fixture_path, trace, tmp_path):
     _, path = trace
     out = tmp_path / "stock.npy"
