@@ -36,8 +36,8 @@ def format_table(result: dict) -> str:
                         f"{fmt(_mb(s['decode_read_bytes_per_token']['median']), '{:.2f}')} | "
                         f"{fmt(s['decode_major_faults_per_token']['median'])} | {fmt(hit, '{:.1%}')} | "
                         f"{fmt(_mib(s['peak_bytes']['median']), '{:.0f}')} | {ratio} |")
-        if b.get("same_text") is False:
-            rows.append(f"| {b['budget']} | | **output differs between runs or engines** | | | | | | | |")
+        if b.get("same_text") is False:          # on edgemoe's compute path (repack off)
+            rows.append(f"| {b['budget']} | | **output differs between runs or engines on the same kernels** | | | | | | | |")
         if "floor_bytes_per_token" in b:
             rows.append(f"| {b['budget']} | | Belady floor | {fmt(b.get('floor_tok_s'))} | | "
                         f"{_mb(b['floor_bytes_per_token']):.2f} | | | | " +
