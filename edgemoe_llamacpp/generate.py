@@ -81,6 +81,7 @@ def generate(model: str, prompt: str, *, max_tokens: int, cache: CacheConfig | N
     bytes read and major faults of this process for the prompt and for decoding, and the expert statistics
     (edgemoe, whose experts are kept as `cache` says; stock ignores it). `route_trace`: both engines compute
     that trace's routing instead of the router's (benchmarks and replay only; the result says so)."""
+    from .inject import routing_label
     from .llama import Llama, stock_llama
 
     if not prompt:
@@ -118,7 +119,7 @@ def generate(model: str, prompt: str, *, max_tokens: int, cache: CacheConfig | N
             "finish_reason": choice["finish_reason"], "prompt_tokens": out["usage"]["prompt_tokens"],
             "tokens": out["usage"]["completion_tokens"], **clock.figures(),
             "load_s": load_s, "load_read_bytes": load_read,
-            "routing": "router" if route_trace is None else f"injected: {_trace_source(llm)}",
+            "routing": routing_label(getattr(llm, "_edgemoe_injector", None)),
             "storage_read_bytes": end[0] - start[0],
             "prefill_read_bytes": first[0] - start[0], "decode_read_bytes": end[0] - first[0],
             "major_faults": end[1] - start[1], "decode_major_faults": end[1] - first[1],
@@ -133,11 +134,6 @@ def generate(model: str, prompt: str, *, max_tokens: int, cache: CacheConfig | N
         return result
     finally:
         llm.close()
-
-
-def _trace_source(llm) -> str:
-    injector = getattr(llm, "edgemoe_injector", None) or getattr(llm, "_edgemoe_injector", None)
-    return injector.source
 
 
 def _io() -> tuple[int, int]:

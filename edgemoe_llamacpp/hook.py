@@ -140,13 +140,9 @@ def chosen_weights(probs: np.ndarray, ids: np.ndarray) -> np.ndarray:
 
 def write_ids(t: int, ids: np.ndarray) -> None:
     """Overwrite a topk node's (T, k) expert ids in place (it is a strided view of the argsort's output)."""
-    k, n_tokens = (ctypes.c_int64 * 2).from_address(t + runtime.T_NE)
-    if ids.shape != (n_tokens, k):
-        raise RuntimeError(f"{_name(t).decode()} holds ({n_tokens}, {k}) ids; the trace gives {ids.shape}")
-    nb0, nb1 = (ctypes.c_size_t * 2).from_address(t + runtime.T_NB)
-    data = ctypes.c_void_p.from_address(t + runtime.T_DATA).value
-    raw = (ctypes.c_char * ((n_tokens - 1) * nb1 + k * nb0)).from_address(data)
-    view = np.lib.stride_tricks.as_strided(np.frombuffer(raw, dtype=np.int32), (n_tokens, k), (nb1, nb0))
+    view = _ids_view(ctypes.string_at(t, _HEAD_BYTES))
+    if ids.shape != view.shape:
+        raise RuntimeError(f"{_name(t).decode()} holds {view.shape} ids; the trace gives {ids.shape}")
     view[...] = ids
 
 
@@ -164,13 +160,19 @@ def read_ids(t: int) -> np.ndarray:
 def _ids_from_head(head: bytes) -> np.ndarray:
     """read_ids from the node's first bytes already read (the hook's per-layer path: two foreign reads in all)."""
     k, n_tokens = _NE.unpack_from(head, runtime.T_NE)
-    (data,) = _PTR.unpack_from(head, runtime.T_DATA)
     if n_tokens == 1:       # decoding: one contiguous row
+        (data,) = _PTR.unpack_from(head, runtime.T_DATA)
         return np.frombuffer(ctypes.string_at(data, 4 * k), dtype=np.int32).reshape(1, k).copy()
+    return _ids_view(head).copy()
+
+
+def _ids_view(head: bytes) -> np.ndarray:
+    """The topk node's (T, k) ids in place: a strided, writable I32 view over its data (row stride nb[1])."""
+    k, n_tokens = _NE.unpack_from(head, runtime.T_NE)
     nb0, nb1 = _NB.unpack_from(head, runtime.T_NB)
+    (data,) = _PTR.unpack_from(head, runtime.T_DATA)
     raw = (ctypes.c_char * ((n_tokens - 1) * nb1 + k * nb0)).from_address(data)
-    flat = np.frombuffer(raw, dtype=np.int32)
-    return np.lib.stride_tricks.as_strided(flat, (n_tokens, k), (nb1, nb0)).copy()
+    return np.lib.stride_tricks.as_strided(np.frombuffer(raw, dtype=np.int32), (n_tokens, k), (nb1, nb0))
 
 
 def _name(t: int) -> bytes:

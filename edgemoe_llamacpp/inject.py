@@ -4,8 +4,8 @@ being evaluated. llama.cpp then gathers those experts' router weights and comput
 
 Rows are taken by token position (the trace wraps around), so a prompt and the tokens after it replay the same
 routing whichever engine runs them: `edgemoe_llamacpp.Llama(route_trace=...)`, or `InjectedLlama`, a plain
-`llama_cpp.Llama` with the same injecting callback and no cache (the stock side of a comparison). Output made
-this way is not the model's own; every result that comes from it says `routing: injected`.
+`llama_cpp.Llama` with the same hook (`ExpertHook(inject=...)`) and no cache (the stock side of a comparison).
+Output made this way is not the model's own; every result that comes from it says `routing: injected`.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import llama_cpp
 import numpy as np
 
 from . import runtime
-from .hook import TOPK, TOPK_PREFIX, _name, write_ids
+from .hook import ExpertHook, write_ids
 from .routing_trace import RoutingTrace
 
 
@@ -57,37 +57,21 @@ class TraceInjector:
         self.injected += 1
 
 
-def injecting_callback(injector: TraceInjector):
-    """A cb_eval for a plain llama_cpp.Llama: answers `ask` for topk nodes and injects there (no cache).
-    Errors are kept in the callback's `errors` list (nothing may unwind through C)."""
-    errors: list[BaseException] = []
-
-    def cb(t: int, ask: bool, _user_data) -> bool:
-        if ask:
-            return ctypes.string_at(t + runtime.T_NAME, len(TOPK)) == TOPK
-        try:
-            layer = _name(t)[TOPK_PREFIX:]
-            if layer.isdigit():
-                injector(int(layer), t)
-        except BaseException as e:  # noqa: BLE001 -- must not unwind through C
-            errors.append(e)
-        return True
-
-    fn = llama_cpp.ggml_backend_sched_eval_callback(cb)
-    fn.errors = errors
-    return fn
+def routing_label(injector: TraceInjector | None) -> str:
+    """What results say about their routing: "router", or "injected: <the trace's source>"."""
+    return "router" if injector is None else f"injected: {injector.source}"
 
 
 class InjectedLlama(llama_cpp.Llama):
-    """A plain llama_cpp.Llama computing a trace's routing: the stock side of an injected comparison. Build it
-    with the callback in the context params (llama.stock_llama(route_trace=...) does)."""
+    """A plain llama_cpp.Llama computing a trace's routing, no cache: the stock side of an injected comparison.
+    Build it with `hook.cb_eval_args()` in the context params (llama.stock_llama(route_trace=...) does)."""
 
-    def __init__(self, *args, injector: TraceInjector, callback, **kwargs):
-        self.edgemoe_injector, self._edgemoe_callback = injector, callback
+    def __init__(self, *args, hook: ExpertHook, **kwargs):
+        self._edgemoe_hook = hook
+        self._edgemoe_injector = hook.inject
         super().__init__(*args, **kwargs)
 
     def eval(self, tokens) -> None:
-        self.edgemoe_injector.position = self.n_tokens
+        self._edgemoe_injector.position = self.n_tokens
         super().eval(tokens)
-        if self._edgemoe_callback.errors:
-            raise self._edgemoe_callback.errors.pop(0)
+        self._edgemoe_hook.take_error()

@@ -18,7 +18,7 @@ from .cache_config import CacheConfig
 from .errors import ArgumentError, BudgetError, EdgeMoEError, MixedTypesError
 from .guard import CallGuard, Stream, serialised
 from .hook import ExpertHook
-from .inject import InjectedLlama, TraceInjector, injecting_callback
+from .inject import InjectedLlama, TraceInjector, routing_label
 from .layout import MoELayout, read_layout
 from .predict import Lookahead, make_predictor
 from .routing_trace import RoutingTrace
@@ -137,10 +137,9 @@ def stock_llama(model_path: str, *, use_extra_bufts: bool = True, route_trace=No
         with llama_params(use_extra_bufts=use_extra_bufts):
             return llama_cpp.Llama(model_path=str(model_path), **kwargs)
     trace = route_trace if isinstance(route_trace, RoutingTrace) else RoutingTrace.load(route_trace)
-    injector = TraceInjector(trace.for_layout(layout))
-    callback = injecting_callback(injector)
-    with llama_params(use_extra_bufts=use_extra_bufts, cb_eval=callback):
-        return InjectedLlama(model_path=str(model_path), injector=injector, callback=callback, **kwargs)
+    hook = ExpertHook(inject=TraceInjector(trace.for_layout(layout)))
+    with llama_params(use_extra_bufts=use_extra_bufts, **hook.cb_eval_args()):
+        return InjectedLlama(model_path=str(model_path), hook=hook, **kwargs)
 
 
 @dataclass
@@ -441,7 +440,7 @@ class Llama(llama_cpp.Llama):
         return {"routes": hook.routes, "hook_us_per_layer": hook.us_per_call, "hook_native_filter": hook.native_filter,
                 **self._edgemoe_cache.summary(),
                 "predictor": self._edgemoe_config.predictor,
-                "routing": "router" if self._edgemoe_injector is None else f"injected: {self._edgemoe_injector.source}",
+                "routing": routing_label(self._edgemoe_injector),
                 "prefetch_depth": self._edgemoe_lookahead.depth if self._edgemoe_lookahead else 0,
                 "tokens": {"prompt": self._edgemoe_tokens.prompt, "generated": self._edgemoe_tokens.generated}}
 

@@ -21,13 +21,7 @@ def expert_spans(layout: MoELayout) -> list[tuple[int, int]]:
     """Every expert tensor's and low-bit copy's [start, end) file range, merged, ascending."""
     spans = [(t.offset, t.offset + t.nbytes) for t in layout.expert_tensors]
     spans += [(t.low.offset, t.low.offset + t.low.stride * t.count) for t in layout.expert_tensors if t.low]
-    merged: list[tuple[int, int]] = []
-    for a, b in sorted(spans):
-        if merged and a <= merged[-1][1]:
-            merged[-1] = (merged[-1][0], max(merged[-1][1], b))
-        else:
-            merged.append((a, b))
-    return merged
+    return runtime.merge_spans(spans)
 
 
 def dense_spans(layout: MoELayout) -> list[tuple[int, int]]:

@@ -83,6 +83,17 @@ def page_span(offset: int, size: int) -> tuple[int, int]:
     return offset // PAGE * PAGE, (offset + size + PAGE - 1) // PAGE * PAGE
 
 
+def merge_spans(spans) -> list[tuple[int, int]]:
+    """[start, end) ranges sorted, overlapping or touching ones joined."""
+    merged: list[tuple[int, int]] = []
+    for a, b in sorted(spans):
+        if merged and a <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], b))
+        else:
+            merged.append((a, b))
+    return merged
+
+
 def file_mappings(path: str | os.PathLike) -> list[tuple[int, int, int, str]]:
     """(start, end, file offset, perms) of every mapping of `path` in this process (/proc/self/maps)."""
     real = os.path.realpath(path)

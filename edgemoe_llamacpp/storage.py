@@ -84,13 +84,8 @@ class ExpertStorage:
 
     # ------------------------------------------------------------------ fetch
     def _chunks(self, uids: list[ExpertUID]) -> list[tuple[int, int]]:
-        spans = sorted(s for u in uids for s in self.spans[u])
-        merged: list[list[int]] = []
-        for a, b in spans:                      # adjacent experts of one tensor become one sequential read
-            if merged and a <= merged[-1][1]:
-                merged[-1][1] = max(merged[-1][1], b)
-            else:
-                merged.append([a, b])
+        # adjacent experts of one tensor become one sequential read
+        merged = runtime.merge_spans(s for u in uids for s in self.spans[u])
         return [(off, min(READ_CHUNK, b - off)) for a, b in merged for off in range(a, b, READ_CHUNK)]
 
     def fetch(self, uids: list[ExpertUID]) -> int:

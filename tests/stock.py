@@ -35,7 +35,12 @@ if not a.get("repack", True):                   # llama.cpp's CPU repack off: th
         return p
 
     lc.llama_model_default_params = _no_repack
-llm = llama_cpp.Llama(model_path=a["path"], n_ctx=a["n_ctx"], seed=a.get("seed", 0), verbose=False)
+if a.get("trace"):                              # the trace's routing (edgemoe's injecting hook, no cache)
+    from edgemoe_llamacpp.llama import stock_llama
+    llm = stock_llama(a["path"], use_extra_bufts=a.get("repack", True), route_trace=a["trace"], n_ctx=a["n_ctx"],
+                      seed=a.get("seed", 0), verbose=False)
+else:
+    llm = llama_cpp.Llama(model_path=a["path"], n_ctx=a["n_ctx"], seed=a.get("seed", 0), verbose=False)
 
 
 def logits():
@@ -50,7 +55,9 @@ if a["op"] == "greedy":
         llm.eval([tokens[-1]])
         rows.append(logits())
     np.save(a["out"], np.stack(rows))
-    print(json.dumps({"tokens": tokens, "llama_cpp": llama_cpp.__file__}))
+    injector = getattr(llm, "_edgemoe_injector", None)
+    print(json.dumps({"tokens": tokens, "llama_cpp": llama_cpp.__file__,
+                      "injected": injector.injected if injector else None}))
 else:
     texts = [llm.create_completion(p, max_tokens=a["max_tokens"], temperature=0.0,
                                    repeat_penalty=a["repeat_penalty"])["choices"][0]["text"] for p in a["prompts"]]
@@ -84,6 +91,15 @@ def greedy(path, prompt: str, n: int, out: Path, *, n_ctx: int = 256,
     info = _run({"op": "greedy", "path": str(path), "prompt": prompt, "n": n, "n_ctx": n_ctx, "out": str(out),
                  "repack": repack})
     return info["tokens"], np.load(out)
+
+
+def greedy_injected(path, trace, prompt: str, n: int, out: Path, *,
+                    n_ctx: int = 256) -> tuple[list[int], np.ndarray, int]:
+    """greedy() with the repack off and every MoE layer computing `trace`'s experts (a routing trace file), and
+    the number of topk nodes the injection overwrote."""
+    info = _run({"op": "greedy", "path": str(path), "prompt": prompt, "n": n, "n_ctx": n_ctx, "out": str(out),
+                 "repack": False, "trace": str(trace)})
+    return info["tokens"], np.load(out), info["injected"]
 
 
 def complete(path, prompts: list[str], *, max_tokens: int, n_ctx: int = 512, seed: int = 0,

@@ -1,39 +1,16 @@
 """Routing from a trace (benchmarks and replay): llama.cpp computes the trace's experts, in both engines."""
-import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
-from stock import check
+import stock
 
 from edgemoe_llamacpp import Llama
-from edgemoe_llamacpp.bench import stock_env
 from edgemoe_llamacpp.generate import last_logits
 from edgemoe_llamacpp.layout import read_layout
 from edgemoe_llamacpp.routing_trace import RoutingTrace
 
 PROMPT = "import os\nimport sys\n\n\ndef "
 N = 12
-
-CHILD = r"""
-import json, sys
-import numpy as np
-from edgemoe_llamacpp.llama import stock_llama
-
-a = json.loads(sys.argv[1])
-llm = stock_llama(a["path"], use_extra_bufts=False, route_trace=a["trace"], n_ctx=256, verbose=False)
-def logits():
-    return np.ctypeslib.as_array(llm._ctx.get_logits_ith(-1), shape=(llm.n_vocab(),)).copy()
-llm.eval(llm.tokenize(a["prompt"].encode()))
-tokens, rows = [], [logits()]
-for _ in range(a["n"]):
-    tokens.append(int(rows[-1].argmax()))
-    llm.eval([tokens[-1]])
-    rows.append(logits())
-np.save(a["out"], np.stack(rows))
-print(json.dumps({"tokens": tokens, "injected": llm.edgemoe_injector.injected}))
-"""
 
 
 def random_trace(layout, n_tokens: int, seed: int) -> RoutingTrace:
@@ -103,16 +80,10 @@ def test_injected_routing_changes_the_output(fixture_path, trace):
 @pytest.mark.repack_off
 def test_stock_and_edgemoe_agree_under_the_trace(fixture_path, trace, tmp_path):
     _, path = trace
-    out = tmp_path / "stock.npy"
-    args = {"path": str(fixture_path), "trace": str(path), "prompt": PROMPT, "n": N, "out": str(out)}
-    proc = subprocess.run([sys.executable, "-c", CHILD, json.dumps(args)], capture_output=True, text=True,
-                          env=stock_env(), timeout=600, check=False)
-    check(proc)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    info = json.loads(proc.stdout.strip().splitlines()[-1])
+    want_tokens, want_logits, injected = stock.greedy_injected(fixture_path, path, PROMPT, N, tmp_path / "stock.npy")
     llm = Llama(str(fixture_path), route_trace=path, memory_budget="50%", n_ctx=256, verbose=False)
     tokens, logits = greedy(llm, PROMPT, N)
     llm.close()
-    assert info["injected"] > 0
-    assert tokens == info["tokens"]
-    np.testing.assert_array_equal(logits, np.load(out))
+    assert injected > 0
+    assert tokens == want_tokens
+    np.testing.assert_array_equal(logits, want_logits)
