@@ -285,7 +285,10 @@ def run_bench(model: str, budgets: list[str], *, runs: int = 3, tokens: int = 64
     if allowance is None:
         allowance, calibration = calibrate(model, prompt=prompt, n_ctx=n_ctx, use_cgroup=use_cgroup,
                                            n_threads=n_threads, stock_model=stock_model,
-                                           stock_repack=stock_repack in (True, "both"),
+                                           # with both baselines, the compute path edgemoe uses: the
+                                           # repack's anonymous copy of the experts is model memory, not the
+                                           # process's own
+                                           stock_repack=stock_repack is True,
                                            controller=controller if use_cgroup else None, route_trace=route_trace)
     result = {
         "model": str(model), "arch": layout.arch, "n_layer": layout.n_layer, "n_expert": layout.n_expert,

@@ -389,7 +389,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "only edgemoe can load, e.g. one with low-bit copies, give the file it was converted from")
     p.add_argument("--stock-repack", dest="stock_repack", choices=("on", "off", "both"), default="on",
                    help="stock with llama.cpp's CPU repack (on, its default) or without (off: the compute path "
-                   "edgemoe uses, and a baseline where the repack crashes), or both baselines in every pair")
+                   "edgemoe uses, and a baseline where the repack crashes), or both baselines in every pair (the memory "
+                   "allowance is then measured on the compute path edgemoe uses: the repack's copy of the experts "
+                   "is not the process's own memory)")
     p.add_argument("--route-trace", dest="route_trace", metavar="FILE", help=ROUTE_TRACE_HELP)
     add_cache_options(p, budgets=True)
     p.set_defaults(func=cmd_bench)

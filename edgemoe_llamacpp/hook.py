@@ -5,6 +5,8 @@ computes the graph up to that node and calls again with `ask=False`. `ffn_moe_to
 layer N's expert matmuls run, so the experts can be fetched just in time. The scheduler asks about every node
 (~40 per layer per token); the patched runtime answers those in C (`llama_eval_prefix_filter`, patches/0004) and
 calls Python at the topk nodes only. On a runtime without it, Python answers each `ask` with a 12-byte compare.
+With patches/0005 (`pass_resident`), a topk node whose experts are all marked in the owner's residency table
+does not call Python at all: C logs its ids and the hook hands them on later, in order (`drain`).
 
 A predictor may want a layer's FFN input too (`ffn_inp-N` or `ffn_norm-N`). Asking for that node would cost
 another graph split per layer; instead it is found among the topk node's sources (topk <- argsort <- probs
@@ -38,6 +40,26 @@ class PrefixFilterParams(ctypes.Structure):
                 ("prefix", ctypes.c_char * 64)]
 
 
+class ExpertFilterParams(ctypes.Structure):
+    """llama.h's llama_eval_expert_filter_params (patches/0005)."""
+    _fields_ = [("cb", llama_cpp.ggml_backend_sched_eval_callback), ("cb_user_data", ctypes.c_void_p),
+                ("prefix", ctypes.c_char * 64), ("resident", ctypes.c_void_p), ("n_layer", ctypes.c_int32),
+                ("n_expert", ctypes.c_int32), ("log", ctypes.c_void_p), ("log_cap", ctypes.c_int64),
+                ("log_len", ctypes.c_int64)]
+
+
+LOG_INTS = 1 << 16                  # the filter's log: 256 KiB, a few thousand decoded layers between drains
+
+
+def logged_routes(log: np.ndarray):
+    """(layer, ids (T, k)) of each node in a filter log (patches/0005: layer, tokens, k, then the ids)."""
+    i = 0
+    while i < len(log):
+        layer, n_tokens, k = (int(x) for x in log[i:i + 3])
+        yield layer, log[i + 3:i + 3 + n_tokens * k].reshape(n_tokens, k)
+        i += 3 + n_tokens * k
+
+
 class ExpertHook:
     """Owns the CFUNCTYPE object llama.cpp calls; hands each layer's expert ids to `on_route`.
 
@@ -56,13 +78,46 @@ class ExpertHook:
         self.routes = 0
         self._checked = False
         self.callback = llama_cpp.ggml_backend_sched_eval_callback(self._cb)   # keep: C holds a pointer
-        self.hook_ns = 0                  # time spent in the callback at topk nodes (the Python per layer)
-        self.calls = 0
+        self.hook_ns = 0                  # time spent in Python for the topk nodes (called, or logged and drained)
+        self.calls = 0                    # topk nodes the runtime called Python for
         self._filter = None
+        self._log = self._on_logged = None
         native = runtime.eval_prefix_filter()
         if native is not None:            # the patched runtime answers `ask` in C and calls us at topk only
             self._filter = PrefixFilterParams(self.callback, None, TOPK + b"-")
             self._filter_fn = llama_cpp.ggml_backend_sched_eval_callback(native)
+
+    def pass_resident(self, ready: np.ndarray, on_logged) -> bool:
+        """Let a layer whose chosen experts are all marked in `ready` ((layers, n_expert) uint8, kept current by
+        the owner) pass in C without calling Python; its ids are logged, and drain() (called before every
+        other layer the hook sees, and by the owner after each evaluation) hands them to
+        on_logged(layer, ids), in order. Call before the context is created. False if the runtime lacks
+        llama_eval_expert_filter (patches/0005): every layer then calls on_route as before."""
+        native = runtime.eval_expert_filter()
+        if native is None or self.inject is not None or not ready.flags.c_contiguous or ready.dtype != np.uint8:
+            return False
+        self._ready = ready               # C holds pointers to both arrays
+        self._log = np.zeros(LOG_INTS, dtype=np.int32)
+        self._on_logged = on_logged
+        self._filter = ExpertFilterParams(self.callback, None, TOPK + b"-", ready.ctypes.data, ready.shape[0],
+                                          ready.shape[1], self._log.ctypes.data, len(self._log), 0)
+        self._filter_fn = llama_cpp.ggml_backend_sched_eval_callback(native)
+        return True
+
+    def drain(self) -> None:
+        """Hand the layers the runtime let pass since the last drain to on_logged, in order."""
+        n = self._filter.log_len if self._log is not None else 0
+        if not n:
+            return
+        t0 = time.perf_counter_ns()
+        log = self._log[:n].copy()
+        self._filter.log_len = 0
+        try:
+            for layer, ids in logged_routes(log):
+                self.routes += 1
+                self._on_logged(layer, ids)
+        finally:
+            self.hook_ns += time.perf_counter_ns() - t0
 
     def cb_eval_args(self) -> dict:
         """cb_eval and cb_eval_user_data for llama_context_params (llama.llama_params takes them as keywords)."""
@@ -76,19 +131,21 @@ class ExpertHook:
 
     @property
     def us_per_call(self) -> float | None:
-        return self.hook_ns / self.calls / 1e3 if self.calls else None
+        """Python's time per routed layer: called at the node, or logged in C and drained."""
+        return self.hook_ns / self.routes / 1e3 if self.routes else None
 
     def _cb(self, t: int, ask: bool, _user_data) -> bool:
         if ask:
             return ctypes.string_at(t + runtime.T_NAME, len(TOPK)) == TOPK
-        t0 = time.perf_counter_ns()
+        self.calls += 1
         try:
+            self.drain()                  # the layers that passed in C come first, in order
+            t0 = time.perf_counter_ns()
             self._on_topk(t)
+            self.hook_ns += time.perf_counter_ns() - t0
         except BaseException as e:  # noqa: BLE001 -- must not unwind through C; re-raised after the eval
             if self.error is None:
                 self.error = e
-        self.hook_ns += time.perf_counter_ns() - t0
-        self.calls += 1
         return True
 
     def _on_topk(self, t: int) -> None:

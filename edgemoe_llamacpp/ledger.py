@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 
+import numpy as np
+
 from .layout import ExpertUID
 
 
@@ -40,11 +42,14 @@ class Ledger:
     """Resident experts and their cost in bytes (what the budget counts, reads in flight included), and the
     per-layer statistics of serving them."""
 
-    def __init__(self, layers):
+    def __init__(self, layers, n_expert: int):
         self.resident: dict[ExpertUID, int] = {}
         self.resident_bytes = 0
         self.unused: set[ExpertUID] = set()          # prefetched, not chosen yet
         self.stats = CacheStats({layer: LayerStats() for layer in layers})
+        # ready[layer, e] = 1: the full-precision expert is resident and read (the runtime's filter, patches/0005,
+        # lets a layer whose chosen experts are all ready pass without calling the hook)
+        self.ready = np.zeros((max(layers, default=-1) + 1, n_expert), dtype=np.uint8)
 
     def hit(self, uid: ExpertUID) -> bool:
         """`uid` was chosen and is resident; True if it is a prefetched expert's first use."""
@@ -54,15 +59,18 @@ class Ledger:
             return False
         self.unused.discard(uid)
         st.prefetch_used += 1
+        self._mark(uid, 1)          # waited for by the caller
         return True
 
-    def admit(self, uid: ExpertUID, cost: int) -> None:
+    def admit(self, uid: ExpertUID, cost: int, ready: bool = True) -> None:
         self.resident[uid] = cost
         self.resident_bytes += cost
+        if ready:
+            self._mark(uid, 1)
 
     def admit_prefetch(self, uid: ExpertUID, cost: int) -> None:
         """Counted from the start of its read: the budget covers reads in flight."""
-        self.admit(uid, cost)
+        self.admit(uid, cost, ready=False)
         self.unused.add(uid)
         st = self.stats.layers[uid.layer]
         st.prefetches += 1
@@ -71,6 +79,7 @@ class Ledger:
     def release(self, uid: ExpertUID) -> None:
         cost = self.resident.pop(uid)
         self.resident_bytes -= cost
+        self._mark(uid, 0)
         st = self.stats.layers[uid.layer]
         st.bytes_evicted += cost
         if uid in self.unused:
@@ -83,6 +92,11 @@ class Ledger:
         self.resident.clear()
         self.unused.clear()
         self.resident_bytes = 0
+        self.ready[...] = 0
+
+    def _mark(self, uid: ExpertUID, ready: int) -> None:
+        if not uid.low:
+            self.ready[uid.layer, uid.expert] = ready
 
     def kept_bytes(self, uids) -> int:
         """Resident bytes of those of `uids` that are resident."""

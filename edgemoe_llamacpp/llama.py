@@ -234,6 +234,9 @@ class Llama(llama_cpp.Llama):
         self._edgemoe_hook = hook = ExpertHook(on_route=self._on_route, hidden_node=hidden,
                                                want_weights=cache.substitute is not None,
                                                inject=self._edgemoe_injector)
+        if self._edgemoe_lookahead is None and cache.substitute is None:
+            # no layer needs Python when its experts are all resident: the runtime lets it pass (patches/0005)
+            hook.pass_resident(cache.ledger.ready, self._on_logged)
         before = set(runtime.file_mappings(model_path))
         if before:
             log.warning("%s is already mapped in this process: pages another instance keeps mapped cannot be "
@@ -272,7 +275,7 @@ class Llama(llama_cpp.Llama):
         self._edgemoe_checks = ArgumentChecks(n_vocab=self._n_vocab, vocab=self._model.vocab,
                                               logits_all=self._logits_all,
                                               embeddings=bool(self.context_params.embeddings))
-        self._edgemoe_snapshot = self._stats_now()
+        self._edgemoe_snapshot = self._counters()
 
     # ------------------------------------------------------------------ one call at a time
     def _edgemoe_call(self, generation: bool = False):
@@ -354,7 +357,7 @@ class Llama(llama_cpp.Llama):
             if len(tokens):
                 last = len(tokens) % self.n_batch or self.n_batch   # llama.cpp keeps the last batch's logits
                 self._edgemoe_logits = (self.n_tokens - (last if self._logits_all else 1), self.n_tokens)
-            self._edgemoe_snapshot = self._stats_now()
+            self._edgemoe_snapshot = self._counters()
 
     def sample(self, *args, **kwargs):
         with self._edgemoe_call(generation=True) as outer:
@@ -428,28 +431,42 @@ class Llama(llama_cpp.Llama):
         if self._edgemoe_lookahead is not None:
             self._edgemoe_lookahead(layer, ids, hidden)
 
+    def _on_logged(self, layer: int, ids) -> None:
+        if self._edgemoe_trace is not None:
+            self._edgemoe_trace.append((layer, ids.tolist()))
+        self._edgemoe_cache.hits(layer, ids)
+
     def edgemoe_trace(self) -> list[tuple[int, list[list[int]]]]:
         """(layer, chosen experts per token) for every MoE layer evaluation, in order (record_routing=True)."""
         with self._edgemoe_call():
             if self._edgemoe_trace is None:
                 raise EdgeMoEError("routing was not recorded: construct with record_routing=True")
+            self._edgemoe_hook.drain()
             return self._edgemoe_trace
 
-    def _stats_now(self) -> dict:
-        hook = self._edgemoe_hook
-        return {"routes": hook.routes, "hook_us_per_layer": hook.us_per_call, "hook_native_filter": hook.native_filter,
-                **self._edgemoe_cache.summary(),
+    def _counters(self) -> tuple:
+        """The figures edgemoe_stats() reports, copied cheaply: taken after every evaluation (a dict of the
+        cache's totals there would cost a large share of a small model's token), formatted when read."""
+        hook, tokens = self._edgemoe_hook, self._edgemoe_tokens
+        hook.drain()
+        return (hook.routes, hook.us_per_call, tokens.prompt, tokens.generated, self._edgemoe_cache.counters())
+
+    def _stats(self, counters: tuple) -> dict:
+        routes, us_per_call, prompt, generated, cache = counters
+        return {"routes": routes, "hook_us_per_layer": us_per_call, "hook_native_filter": self._edgemoe_hook.native_filter,
+                **self._edgemoe_cache.summary(cache),
                 "predictor": self._edgemoe_config.predictor,
                 "routing": routing_label(self._edgemoe_injector),
                 "prefetch_depth": self._edgemoe_lookahead.depth if self._edgemoe_lookahead else 0,
-                "tokens": {"prompt": self._edgemoe_tokens.prompt, "generated": self._edgemoe_tokens.generated}}
+                "tokens": {"prompt": prompt, "generated": generated}}
 
     def edgemoe_stats(self) -> dict:
         """Per-layer and total hits, misses, bytes fetched/evicted, stall seconds, resident expert bytes; tokens
         evaluated for prompts and tokens sampled.
 
         Never waits: while another thread is inside a call, it returns the figures as of the last evaluation."""
-        return self._edgemoe_guard.read(self._stats_now, lambda: self._edgemoe_snapshot)
+        return self._edgemoe_guard.read(lambda: self._stats(self._counters()),
+                                        lambda: self._stats(self._edgemoe_snapshot))
 
     def __getstate__(self) -> dict:
         """llama_cpp.Llama pickles its constructor arguments (unpickling loads the model again): ours too."""

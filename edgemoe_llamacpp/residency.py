@@ -14,7 +14,8 @@ import math
 import re
 import time
 from concurrent.futures import Future
-from dataclasses import asdict
+
+import numpy as np
 
 from .errors import ArgumentError, BudgetError
 from .hobbit_policy import Hobbit
@@ -78,7 +79,7 @@ class ExpertCache:
         self.substitute = substitute       # run a missed expert low when the experts above it weigh more
         self.layer_pos = {layer: i for i, layer in enumerate(layout.moe_layers)}
         self.eviction = self._make_policy(policy)
-        self.ledger = Ledger(layout.moe_layers)
+        self.ledger = Ledger(layout.moe_layers, layout.n_expert)
         self.storage = self.storage_class(layout, threads=threads, prefetch_threads=prefetch_threads)
         self.inflight: dict[ExpertUID, Future] = {}   # prefetch reads not yet waited for
         self.max_inflight = 0                       # bytes in flight at most; 0 = prefetch off
@@ -175,6 +176,15 @@ class ExpertCache:
             self.ledger.admit(u, cost[u])
             self.eviction.add(u)
         return low
+
+    def hits(self, layer: int, ids) -> None:
+        """Layer `layer` ran `ids` ((tokens, k)), every one of them ready (the runtime's filter let it pass):
+        counted, and ordered by the policy as ensure_ids would. With no budget nothing is ever evicted, so the
+        policy's order is never consulted: only the count is kept."""
+        if self.budget is not None:
+            self.ensure_ids(layer, ids)
+            return
+        self.ledger.stats.layers[layer].hits += ids.shape[1] if len(ids) == 1 else len(np.unique(ids))
 
     def _choose(self, layer: int, experts, above: dict[int, float] | None) -> tuple[list[ExpertUID], set[int]]:
         """The experts to serve, in the order asked (each once), a missed one by its low-bit copy where
@@ -278,16 +288,23 @@ class ExpertCache:
         """Expert bytes in memory as the kernel reports them (mincore over every expert tensor)."""
         return self.storage.measured_resident_bytes()
 
-    def summary(self) -> dict:
-        tot = self.ledger.stats.total()
-        lookups = tot.hits + tot.misses
+    def counters(self) -> tuple:
+        """What summary() reports, copied cheaply (plain numbers and per-layer dicts): taken after every
+        evaluation, formatted only when read."""
+        return (self.ledger.resident_bytes, len(self.ledger.resident), self.storage.pinned_edge_bytes,
+                {layer: vars(s).copy() for layer, s in self.ledger.stats.layers.items()})
+
+    def summary(self, counters: tuple | None = None) -> dict:
+        resident_bytes, resident_experts, pinned, layers = counters or self.counters()
+        tot = {k: sum(s[k] for s in layers.values()) for k in vars(LayerStats())}
+        lookups = tot["hits"] + tot["misses"]
         return {
-            "budget_bytes": self.budget, "policy": self.policy, "resident_expert_bytes": self.ledger.resident_bytes,
+            "budget_bytes": self.budget, "policy": self.policy, "resident_expert_bytes": resident_bytes,
             "substitute": self.substitute, "lowbit_type": self.layout.lowbit_type,
-            "resident_experts": len(self.ledger.resident), "expert_bytes": self.layout.expert_bytes,
-            "pinned_edge_bytes": self.storage.pinned_edge_bytes,
-            "total": {**asdict(tot), "hit_rate": tot.hits / lookups if lookups else None},
-            "layers": [{"layer": layer, **asdict(s)} for layer, s in self.ledger.stats.layers.items()],
+            "resident_experts": resident_experts, "expert_bytes": self.layout.expert_bytes,
+            "pinned_edge_bytes": pinned,
+            "total": {**tot, "hit_rate": tot["hits"] / lookups if lookups else None},
+            "layers": [{"layer": layer, **s} for layer, s in layers.items()],
         }
 
     def close(self) -> None:

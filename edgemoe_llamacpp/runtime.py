@@ -142,8 +142,17 @@ def _through_libllama() -> ctypes.CDLL:
 
 def eval_prefix_filter() -> int | None:
     """The address of llama_eval_prefix_filter (patches/0004) in the libllama llama-cpp-python loaded, or None."""
+    return _libllama_function("llama_eval_prefix_filter")
+
+
+def eval_expert_filter() -> int | None:
+    """The address of llama_eval_expert_filter (patches/0005) in the libllama llama-cpp-python loaded, or None."""
+    return _libllama_function("llama_eval_expert_filter")
+
+
+def _libllama_function(name: str) -> int | None:
     try:
-        fn = _through_libllama().llama_eval_prefix_filter
+        fn = getattr(_through_libllama(), name)
     except AttributeError:
         return None
     return ctypes.cast(fn, ctypes.c_void_p).value

@@ -24,6 +24,7 @@ PROMPT = "import os\n\n\ndef main():\n"
 # preset -> (arch, MoE layers of a 2-layer variant, experts, top-k, expert types gate/up/down, embedding width)
 EXPECT = {
     "qwen3-30b-a3b": ("qwen3moe", (0, 1), 128, 8, ("Q4_K", "Q4_K", "Q6_K"), 2048),
+    "qwen3-30b-a3b-narrow": ("qwen3moe", (0, 1), 128, 8, ("Q4_K", "Q4_K", "Q6_K"), 512),
     "olmoe-1b-7b": ("olmoe", (0, 1), 64, 8, ("Q4_K", "Q4_K", "Q6_K"), 2048),
     "deepseek-v2-lite": ("deepseek2", (1,), 64, 6, ("Q4_K", "Q4_K", "Q8_0"), 2048),   # 1408-wide rows: no K-quant
     "gpt-oss-20b": ("gpt-oss", (0, 1), 32, 4, ("MXFP4", "MXFP4", "MXFP4"), 2880),
@@ -60,7 +61,8 @@ def test_geometry_types_and_page_aligned_experts(scale_model):
     assert int(reader.fields[f"{arch}.embedding_length"].contents()) == n_embd
     assert len(reader.fields["tokenizer.ggml.tokens"].data) == 4096          # the fixture's vocabulary
     starts = [r.offset for x in layout.experts for r in x.ranges]
-    if preset == "gpt-oss-20b":             # 2880 x 2880 MXFP4 experts: 4,406,400 bytes, no whole pages
+    if preset in ("gpt-oss-20b", "qwen3-30b-a3b-narrow"):   # MXFP4 2880 x 2880: 4,406,400 bytes; the narrow
+        # preset's Q6_K down, 512 rows of 256: 107,520 bytes -- experts of no whole pages
         assert all(t.offset % PAGE == 0 for t in layout.expert_tensors)
     else:
         assert all(s % PAGE == 0 for s in starts) and all(t.stride % PAGE == 0 for t in layout.expert_tensors)

@@ -20,7 +20,8 @@ the weights have the standard deviation of a scaled normal init (1/sqrt(fan_in))
 and sinks zeros. Every value is finite, and activations stay finite through every layer.
 
 Layout: general.alignment is the page size, so every tensor starts on a page, and in every preset but
-gpt-oss (whose 2880-wide MXFP4 experts are 4,406,400 bytes) each expert slice is a whole number of pages:
+gpt-oss (whose 2880-wide MXFP4 experts are 4,406,400 bytes) and qwen3's narrow variant each expert slice is a
+whole number of pages:
 edgemoe fetches and evicts experts one by one without `edgemoe convert`. The file loads in stock llama.cpp.
 """
 from __future__ import annotations
@@ -84,6 +85,14 @@ PRESETS = {
         {"context_length": 40960, "feed_forward_length": 6144, "rope.freq_base": 1e6,
          "attention.layer_norm_rms_epsilon": 1e-6},
         "Qwen/Qwen3-30B-A3B config.json"),
+    # Qwen3-30B-A3B's depth, expert count and top-k at a quarter of its width: a token takes milliseconds, so
+    # a per-layer cost (the hook's) shows in decode speed (tools/hook_overhead.py); its Q6_K down slices are
+    # 107,520 bytes, no whole pages (like gpt-oss's), which matters under a budget only
+    "qwen3-30b-a3b-narrow": Preset(
+        "qwen3moe", 48, 512, 128, 8, 256, 8, 2, 64, ("Q4_K", "Q4_K", "Q6_K"),
+        {"context_length": 40960, "feed_forward_length": 1536, "rope.freq_base": 1e6,
+         "attention.layer_norm_rms_epsilon": 1e-6},
+        "Qwen/Qwen3-30B-A3B config.json, width / 4"),
     "olmoe-1b-7b": Preset(
         "olmoe", 16, 2048, 64, 8, 1024, 16, 16, 128, ("Q4_K", "Q4_K", "Q6_K"),
         {"context_length": 4096, "feed_forward_length": 1024, "rope.freq_base": 1e4,
