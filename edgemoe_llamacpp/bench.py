@@ -209,6 +209,9 @@ def _engine_summary(runs: list[dict]) -> dict:
         out["fetch_bps"] = _spread([s["total"]["bytes_fetched"] / s["total"]["stall_s"] for s in stats
                                     if s["total"]["stall_s"] > 0 and s["total"]["bytes_fetched"]])
         out["hook_us_per_layer"] = _spread([s.get("hook_us_per_layer") for s in stats])
+        parts = [r["decode_ms_per_token"] for r in ok if r.get("decode_ms_per_token")]
+        if parts:       # where a decoded token's time goes: waiting for reads, the hook's Python, the rest
+            out["decode_ms_per_token"] = {k: _spread([p[k] for p in parts]) for k in parts[0]}
         for key in ("prefetches", "prefetch_used", "prefetch_wasted", "substituted"):
             out[f"{key}_per_token"] = _spread([s["total"][key] / r["decode_evals"] for s, r in
                                                zip(stats, [r for r in ok if "stats" in r]) if r["decode_evals"]])
@@ -345,6 +348,7 @@ def run_bench(model: str, budgets: list[str], *, runs: int = 3, tokens: int = 64
             entry["floor_io_s_per_token"] = entry["floor_bytes_per_token"] / bandwidth
         fetch = entry["edgemoe"].get("fetch_bps", {}).get("median")
         entry["fetch_efficiency"] = fetch / bandwidth if fetch and bandwidth else None
+        entry["decode_vs_bound"] = _vs_bound(entry["edgemoe"], bandwidth)
         entry["pairs"] = pairs
         result["budgets"].append(entry)
     bar.close()
@@ -354,6 +358,17 @@ def run_bench(model: str, budgets: list[str], *, runs: int = 3, tokens: int = 64
         if best and "floor_io_s_per_token" in b:
             b["floor_tok_s"] = 1 / (1 / best + b["floor_io_s_per_token"])
     return result
+
+
+def _vs_bound(summary: dict, bandwidth: float) -> float | None:
+    """edgemoe's decode time per token over max(its compute time per token, its reads per token at the disk's
+    cold bandwidth): 1.0 when reads overlap compute completely, or run at disk speed with nothing else to do."""
+    tok_s = summary["decode_tok_s"]["median"]
+    compute = summary.get("decode_ms_per_token", {}).get("compute", {}).get("median")
+    read = summary["decode_read_bytes_per_token"]["median"]
+    if not tok_s or compute is None or read is None or not bandwidth:
+        return None
+    return (1e3 / tok_s) / max(compute, 1e3 * read / bandwidth)
 
 
 def _trace_source(path: str) -> str:

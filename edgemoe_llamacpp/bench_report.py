@@ -53,6 +53,15 @@ def format_table(result: dict) -> str:
                 if eng == "edgemoe" else None
             rows.append(f"| {spec} | {eng} | {s['load_s']['median']:.2f} | "
                         f"{fmt(_mb(s['load_read_bytes']['median']), '{:,.0f}')} MB | {fmt(eff, '{:.0%}')} |")
+    parts = [b for b in result["budgets"] if b["edgemoe"].get("decode_ms_per_token")]
+    if parts:
+        rows += ["", "| budget | edgemoe ms/token | compute | stall (reads) | hook CPU | x max(compute, reads at disk speed) |",
+                 "|---|---|---|---|---|---|"]
+        for b in parts:
+            d, tok_s = b["edgemoe"]["decode_ms_per_token"], b["edgemoe"]["decode_tok_s"]["median"]
+            rows.append(f"| {b['budget']} | {fmt(1e3 / tok_s if tok_s else None, '{:.1f}')} | "
+                        f"{d['compute']['median']:.1f} | {d['stall']['median']:.1f} | {d['hook_cpu']['median']:.2f} | "
+                        f"{fmt(b.get('decode_vs_bound'), '{:.2f}x')} |")
     return "\n".join(rows)
 
 

@@ -57,6 +57,9 @@ class _EvalClock:
 
     def __init__(self, llm):
         self.eval, self.calls, self.after_prompt = llm.eval, [], None
+        self.hook = getattr(llm, "_edgemoe_hook", None)
+        self.cache = getattr(llm, "_edgemoe_cache", None)
+        self.waits_after_prompt = None
 
     def __call__(self, tokens) -> None:
         start = time.perf_counter()
@@ -64,6 +67,25 @@ class _EvalClock:
         self.calls.append((len(tokens), time.perf_counter() - start))
         if self.after_prompt is None:
             self.after_prompt = _io()
+            self.waits_after_prompt = self._waits()
+
+    def _waits(self) -> tuple[float, float] | None:
+        """(seconds in the hook's Python, of which waiting for reads) so far; None for stock."""
+        if self.hook is None:
+            return None
+        self.hook.drain()
+        return self.hook.hook_ns / 1e9, sum(s.stall_s for s in self.cache.stats.layers.values())
+
+    def breakdown(self) -> dict:
+        """Decoding's time per token (ms): waiting for expert reads (stall), the hook's own Python (hook_cpu),
+        and the rest (compute: llama.cpp, and llama-cpp-python's per-token work)."""
+        end, start = self._waits(), self.waits_after_prompt
+        decode = self.calls[1:]
+        if end is None or start is None or not decode:
+            return {}
+        n, t = len(decode), sum(t for _, t in decode)
+        hook, stall = end[0] - start[0], end[1] - start[1]
+        return {"stall": 1e3 * stall / n, "hook_cpu": 1e3 * (hook - stall) / n, "compute": 1e3 * (t - hook) / n}
 
     def figures(self) -> dict:
         (n_prompt, t_prompt), decode = (self.calls[0] if self.calls else (0, 0.0)), self.calls[1:]
@@ -129,6 +151,7 @@ def generate(model: str, prompt: str, *, max_tokens: int, cache: CacheConfig | N
         if not stock:
             result["stats"] = llm.edgemoe_stats()
             result["hook_us_per_layer"] = result["stats"]["hook_us_per_layer"]
+            result["decode_ms_per_token"] = clock.breakdown()
             if record_routing:
                 result["trace"] = llm.edgemoe_trace()
         return result

@@ -54,6 +54,12 @@ def test_bench_records_a_crashed_stock_and_still_measures_edgemoe(fixture_path, 
     assert b["stock"]["died"] == {"SIGSEGV": 1} and b["stock"]["failed"] == 1
     assert b["edgemoe"]["failed"] == 0 and b["edgemoe"]["decode_tok_s"]["median"] > 0
     assert b["edgemoe"]["peak_bytes"]["median"] <= b["limit_bytes"]
+    parts = b["edgemoe"]["decode_ms_per_token"]            # where a decoded token's time went, adding up
+    total = sum(parts[k]["median"] for k in ("compute", "stall", "hook_cpu"))
+    assert parts["stall"]["median"] > 0 and parts["compute"]["median"] > 0 and parts["hook_cpu"]["median"] > 0
+    assert total == pytest.approx(1e3 / b["edgemoe"]["decode_tok_s"]["median"], rel=1e-6)
+    assert b["decode_vs_bound"] > 0
+    assert "| compute | stall (reads) | hook CPU |" in format_table(result)
     assert b["decode_ratio"]["median"] is None
     assert b["decode_ratio"]["absent"] == "stock llama.cpp died with SIGSEGV in 1 of 1 runs"
     table = format_table(result)

@@ -134,8 +134,10 @@ def hook_section(path: Path, r: dict) -> str:
         f"## {path.stem}: what the hook costs with nothing to fetch", "",
         (f"`{r['model']}`, no memory budget, {r['pairs']} alternating pairs of {r['tokens']} greedy decode tokens, "
         "both engines with the CPU repack off, llama.cpp's own timers. A small model is the worst case: "
-        "the cost per token is fixed (a graph split at each layer's `ffn_moe_topk` node plus the callback), "
-        "so its share shrinks as the model's compute per token grows (see the 100% rows above)."), "",
+        "the cost per token is fixed (a graph split at each layer's `ffn_moe_topk` node, the runtime's check of "
+        "the chosen experts against the residency table, and Python once per evaluation to count them), so its "
+        "share shrinks as the model's compute per token grows."
+        + (f" {r['note']}" if r.get("note") else "")), "",
         "| stock decode tok/s | edgemoe decode tok/s | edgemoe/stock (median of pairs, min-max) |",
         "|---|---|---|",
         f"| {r['stock']:.0f} | {r['edgemoe']:.0f} | {r['ratio']:.3f} ({r['min_ratio']:.3f}-{r['max_ratio']:.3f}) |",

@@ -36,6 +36,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--n-threads", type=int, default=None)
     ap.add_argument("--json", help="write the result here")
+    ap.add_argument("--note", help="conditions of the run, recorded in the result")
     args = ap.parse_args()
     kw = {"n_ctx": 512, "verbose": False}
     if args.n_threads:
@@ -47,6 +48,8 @@ def main() -> None:
             llm = stock_llama(args.model, use_extra_bufts=False, **kw) if engine == "stock" else \
                 Llama(args.model, cache=CacheConfig(memory_budget=None), **kw)
             pair[engine] = decode_tok_s(llm, args.tokens)
+            if engine == "edgemoe":
+                pair["hook_us_per_layer"] = llm.edgemoe_stats()["hook_us_per_layer"]
             llm.close()
         pair["ratio"] = pair["edgemoe"] / pair["stock"]
         rows.append(pair)
@@ -54,7 +57,9 @@ def main() -> None:
               f"ratio {pair['ratio']:.3f}")
     summary = {k: statistics.median(r[k] for r in rows) for k in ("stock", "edgemoe", "ratio")}
     summary.update(min_ratio=min(r["ratio"] for r in rows), max_ratio=max(r["ratio"] for r in rows),
-                   pairs=args.pairs, tokens=args.tokens, kind="hook_overhead", model=args.model)
+                   pairs=args.pairs, tokens=args.tokens, kind="hook_overhead", model=args.model,
+                   hook_us_per_layer=statistics.median(r["hook_us_per_layer"] for r in rows),
+                   runtime=llama_cpp.__version__, note=args.note, rows=rows)
     print(json.dumps(summary))
     if args.json:
         with open(args.json, "w") as f:
