@@ -208,3 +208,42 @@ def configurations_section(results: dict[Path, dict]) -> str:
         "rather than raw speeds; the machine is shared and timing is noisy). MB/token is storage read per "
         "decoded token (`/proc/self/io`); the Belady floor is that run's own."), "", *rows, "",
         *[f"{path.stem}: {r['note']}" for path, r in results.items() if r.get("note")], ""])
+
+
+def shapes_section(results: dict[Path, dict], extra: list[str] = ()) -> str:
+    """"Real-model shapes": one row per (file, budget) of the bench results that ran under injected routing
+    (files with a named model's geometry and quant mix, random weights, a generated trace), then `extra`
+    sections (the traces' statistics, the policy replay across presets)."""
+    rows = [("| result | geometry | file GB | budget | limit / file | stock tok/s (repack on) | stock tok/s "
+             "(repack off) | edgemoe tok/s | edgemoe/stock | edgemoe/stock repack off | MB/token | x Belady floor | "
+             "same tokens |"), "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for path, r in results.items():
+        geometry = f"{r['n_layer']} layers x {r['n_expert']} experts top-{r['n_expert_used']}"
+        for b in r["budgets"]:
+            def med(entry, key="decode_tok_s"):
+                v = (entry or {}).get(key, {}).get("median")
+                return "-" if v is None else f"{v:.2f}"
+            stock = b["stock"] if r.get("stock_repack") in (True, "both") else None
+            off = b.get("stock_repack_off") or (b["stock"] if r.get("stock_repack") is False else None)
+            vs_off = b.get("decode_ratio_vs_repack_off") or (b["decode_ratio"] if r.get("stock_repack") is False
+                                                             else None)
+            died = ", ".join(f"{n} of {stock['runs']} died with {sig}" for sig, n in stock["died"].items()) \
+                if stock and stock.get("died") else ""
+            mb = b["edgemoe"]["decode_read_bytes_per_token"]["median"]
+            floor = b.get("edgemoe_bytes_vs_floor")
+            same = {True: "yes", False: "NO"}.get(b.get("same_text"), "-")
+            rows.append(f"| {path.stem} | {geometry} | {r['file_bytes'] / 1e9:.1f} | {b['budget']} | "
+                        f"{b['limit_bytes'] / r['file_bytes']:.0%} | {med(stock)}{' (' + died + ')' if died else ''} | "
+                        f"{med(off)} | {med(b['edgemoe'])} | {ratio(b['decode_ratio']) if stock else '-'} | "
+                        f"{ratio(vs_off) if vs_off else '-'} | {'-' if mb is None else f'{mb / 1e6:.1f}'} | "
+                        f"{'-' if not floor else f'{floor:.2f}x'} | {same} |")
+    return "\n".join([
+        "## Real-model shapes", "",
+        ("Files with the geometry and quant mix of models people run (`tools/make_scale_model.py`: random weights) "
+         "under routing generated to match published statistics of those models (`tools/make_trace.py`), "
+         "injected at every MoE layer so both engines compute the same experts (`--route-trace`): benchmark "
+         "workloads, not the models' own output. Each bench alternates stock and edgemoe under one cgroup "
+         "memory limit per budget; medians of paired runs. Stock with llama.cpp's CPU repack (its default) keeps "
+         "an anonymous copy of the repacked experts, which the limit does not count as the process's own "
+         "memory; stock with the repack off is the setting a careful user tries first."), "", *rows, "",
+        *[f"{path.stem}: {r['note']}" for path, r in results.items() if r.get("note")], "", *extra])
