@@ -57,8 +57,8 @@ class _EvalClock:
 
     def __init__(self, llm):
         self.eval, self.calls, self.after_prompt = llm.eval, [], None
-        self.hook = getattr(llm, "_edgemoe_hook", None)
-        self.cache = getattr(llm, "_edgemoe_cache", None)
+        self.cache = getattr(llm, "_edgemoe_cache", None)   # stock has none (an injecting stock has a hook)
+        self.hook = llm._edgemoe_hook if self.cache is not None else None
         self.waits_after_prompt = None
 
     def __call__(self, tokens) -> None:

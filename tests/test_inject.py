@@ -87,3 +87,20 @@ def test_stock_and_edgemoe_agree_under_the_trace(fixture_path, trace, tmp_path):
     assert injected > 0
     assert tokens == want_tokens
     np.testing.assert_array_equal(logits, want_logits)
+
+
+def test_generate_measures_both_engines_under_a_trace(fixture_path, trace):
+    """What `edgemoe run --route-trace` and the bench call (here in one process, llama_cpp.Llama on this runtime,
+    repack off): the stock side has the injecting hook and no cache; both say they were injected, agree, and
+    edgemoe's decode time splits into its parts."""
+    from edgemoe_llamacpp.generate import generate
+
+    _, path = trace
+    runs = {True: generate(str(fixture_path), PROMPT, max_tokens=6, stock=True, route_trace=str(path),
+                           use_extra_bufts=False),
+            False: generate(str(fixture_path), PROMPT, max_tokens=6, route_trace=str(path))}
+    assert runs[True]["text"] == runs[False]["text"]
+    assert all(r["routing"].startswith("injected") for r in runs.values())
+    parts = runs[False]["decode_ms_per_token"]
+    assert sum(parts.values()) == pytest.approx(1e3 / runs[False]["decode_tok_s"])
+    assert "decode_ms_per_token" not in runs[True]
