@@ -155,7 +155,8 @@ def _child(model: str, *, stock: bool, tokens: int, prompt: str, n_ctx: int, lim
     cgroup.drop_file_cache(model)
     if limit is None:
         t0 = time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env,
+                              preexec_fn=cgroup.die_with_parent)
         run = cgroup.LimitedRun(proc.returncode, proc.stdout, proc.stderr, 0, 0, 0, 0, time.perf_counter() - t0)
     else:
         run = cgroup.run_limited(cmd, limit, env=env, controller=controller)

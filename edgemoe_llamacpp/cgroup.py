@@ -21,8 +21,10 @@ module-level name so the tests can point them at a fake tree.
 """
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
+import signal
 import subprocess
 import threading
 import time
@@ -336,6 +338,18 @@ class _Sampler(threading.Thread):
         return self.peak
 
 
+PR_SET_PDEATHSIG = 1      # linux/prctl.h
+
+
+def die_with_parent() -> None:
+    """In a child between fork and exec: the kernel kills it when the process that started it dies, so an
+    interrupted benchmark leaves no run behind holding memory, the disk and the CPUs."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        pass
+
+
 def run_limited(cmd: list[str], limit_bytes: int, *, timeout: float | None = None, env: dict | None = None,
                 controller: Controller | None = None) -> LimitedRun:
     """Run `cmd` in a fresh child cgroup limited to `limit_bytes` (memory + page cache, no swap)."""
@@ -358,6 +372,7 @@ def run_limited(cmd: list[str], limit_bytes: int, *, timeout: float | None = Non
         procs = cg / "cgroup.procs"
 
         def enter():
+            die_with_parent()
             _write(procs, str(os.getpid()))
 
         sampler = _Sampler(cg / "memory.current") if v2 and not (cg / "memory.peak").exists() else None

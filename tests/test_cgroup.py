@@ -267,3 +267,36 @@ def test_real_controller_counts_peak_and_oom_kill():
     assert 0 < run.peak_bytes <= 64 << 20
     ok = cgroup.run_limited([sys.executable, "-c", "b = bytearray(16 << 20)"], 64 << 20, timeout=120)
     assert ok.returncode == 0 and ok.oom_kills == 0 and 16 << 20 < ok.peak_bytes <= 64 << 20
+
+
+@pytest.mark.skipif(cgroup.memory_controller().kind == "none", reason="no writable memory controller here")
+def test_a_limited_run_dies_with_the_process_that_started_it(tmp_path):
+    """An interrupted bench must not leave its run behind: kill the parent, the child goes too."""
+    import signal
+    import subprocess
+    import time
+
+    marker = tmp_path / "child.pid"
+    child = f"import os, time; open({str(marker)!r}, 'w').write(str(os.getpid())); time.sleep(120)"
+    parent = ("import sys; from edgemoe_llamacpp import cgroup; "
+              f"cgroup.run_limited([sys.executable, '-c', {child!r}], 256 << 20)")
+    proc = subprocess.Popen([sys.executable, "-c", parent])
+    try:
+        for _ in range(200):
+            if marker.exists() and marker.read_text():
+                break
+            time.sleep(0.05)
+        pid = int(marker.read_text())
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        for _ in range(100):
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.05)
+        else:
+            os.kill(pid, signal.SIGKILL)
+            pytest.fail("the limited run outlived the process that started it")
+    finally:
+        proc.kill()
