@@ -12,7 +12,16 @@ import pytest
 
 from edgemoe_llamacpp.errors import EdgeMoEError
 from edgemoe_llamacpp.routing_trace import RoutingTrace
-from edgemoe_llamacpp.trace_gen import PRESETS, Geometry, TraceParams, compare, generate, make_trace, preset
+from edgemoe_llamacpp.trace_gen import (
+    PRESETS,
+    TOLERANCE,
+    Geometry,
+    TraceParams,
+    compare,
+    generate,
+    make_trace,
+    preset,
+)
 
 TOOL = Path(__file__).resolve().parent.parent / "tools" / "make_trace.py"
 TOKENS = 4096
@@ -22,7 +31,7 @@ def _within(name: str, trace: RoutingTrace, geometry=None) -> list[dict]:
     p = preset(name, geometry)
     rows = [r for r in compare(trace.stats(**p.stats_args), p.targets) if r["target"] is not None]
     assert {r["statistic"] for r in rows} == set(p.targets)
-    return [r for r in rows if abs(r["rel_error"]) > 0.10]
+    return [r for r in rows if abs(r["rel_error"]) > TOLERANCE]
 
 
 @pytest.mark.parametrize("name", list(PRESETS))
@@ -102,21 +111,45 @@ def test_bad_requests():
         make_trace("uniform", 0)
 
 
-def test_make_trace_tool(tmp_path):
-    out, stats = tmp_path / "t.npz", tmp_path / "stats.json"
-    stats.write_text(json.dumps({"other": {"kept": True}}))
-    proc = subprocess.run([sys.executable, str(TOOL), "uniform", "--tokens", "512", "--layers", "4", "--experts", "32",
-                           "--k", "4", "--seed", "7", "--out", str(out), "--stats-json", str(stats)],
-                          capture_output=True, text=True, timeout=300, check=False)
+def _tool(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(TOOL), *args], capture_output=True, text=True, timeout=300, check=False)
+
+
+def test_make_trace_tool_writes_a_trace(tmp_path):
+    out = tmp_path / "t.npz"
+    proc = _tool("uniform", "--tokens", "512", "--layers", "4", "--experts", "32", "--k", "4", "--seed", "7",
+                 "--out", str(out))
     assert proc.returncode == 0, proc.stderr[-2000:]
     trace = RoutingTrace.load(out)
     assert trace.ids.shape == (512, 4, 4) and trace.source == "generated:uniform seed=7"
-    doc = json.loads(stats.read_text())
-    assert doc["other"] == {"kept": True}
-    rows = {r["statistic"]: r for r in doc["uniform"]["rows"]}
     measured = trace.stats()
-    assert rows["repeat_next"]["measured"] == measured["repeat_next"] and rows["repeat_next"]["target"] == 4 / 32
-    assert f"| repeat_next | {measured['repeat_next']:.4g} | 0.125 |" in proc.stdout
-    again = subprocess.run([sys.executable, str(TOOL), "uniform", "--tokens", "16", "--out", str(out)],
-                           capture_output=True, text=True, timeout=300, check=False)
+    assert f"| uniform | repeat_next | {measured['repeat_next']:.4g} | 0.125 |" in proc.stdout
+    again = _tool("uniform", "--tokens", "16", "--out", str(out))
     assert again.returncode == 2 and "exists; pass --force" in again.stderr
+    assert _tool("--stats", "olmoe").returncode == 2
+
+
+def test_make_trace_tool_writes_every_presets_table(tmp_path):
+    stats = tmp_path / "stats.json"
+    proc = _tool("--stats", "--tokens", "256", "--seed", "3", "--seeds", "2", "--stats-json", str(stats))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    doc = json.loads(stats.read_text())
+    assert doc["tokens"] == 256 and doc["tolerance"] == TOLERANCE and list(doc["presets"]) == list(PRESETS)
+    for name, entry in doc["presets"].items():
+        p = preset(name)
+        assert entry["geometry"] == {"moe_layers": p.geometry.n_layers, "n_expert": p.geometry.n_expert,
+                                     "k": p.geometry.k}
+        assert entry["sources"] and entry["source"] == f"generated:{name} seed=3" and entry["seeds"] == [3, 4]
+        rows = {r["statistic"]: r for r in entry["rows"]}
+        seed3, seed4 = (make_trace(name, 256, seed=s).stats(**p.stats_args) for s in (3, 4))
+        for key, target in p.targets.items():
+            row = rows[key]
+            assert row["measured"] == seed3[key] and row["target"] == target
+            assert row["rel_error"] == pytest.approx((seed3[key] - target) / target)
+            assert row["range"] == [min(seed3[key], seed4[key]), max(seed3[key], seed4[key])]
+            assert abs(row["worst_rel_error_over_seeds"]) == pytest.approx(
+                max(abs(seed3[key] - target), abs(seed4[key] - target)) / target)
+            assert f"| {name} | {key} | {seed3[key]:.4g} | {target:.4g} |" in proc.stdout
+        assert entry["within_tolerance"] == (entry["worst_rel_error"] <= TOLERANCE)
+        assert entry["worst_rel_error_over_seeds"] >= entry["worst_rel_error"]
+    assert doc["all_within_tolerance"] == all(e["within_tolerance"] for e in doc["presets"].values())
