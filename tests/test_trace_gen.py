@@ -43,6 +43,14 @@ def test_presets_hit_their_targets(name):
     assert _within(name, trace) == []
 
 
+@pytest.mark.parametrize("seed", [2, 3, 4, 5])
+def test_olmoe_lands_on_other_seeds_too(seed):
+    # its first fit hit the means, but its next-layer lift moved by 6% (s.d.) from trace to trace and missed on
+    # some seeds; the refit's moves by 2.4% (20 seeds, none off by more than 9%). qwen3-30b-a3b's spread is
+    # in bench/results/trace-stats.json: it does not land on every seed.
+    assert _within("olmoe", make_trace("olmoe", TOKENS, seed=seed)) == []
+
+
 def test_uniform_takes_another_geometry():
     g = Geometry(6, 64, 6, first_layer=1)
     trace = make_trace("uniform", TOKENS, seed=2, geometry=g)
@@ -131,25 +139,33 @@ def test_make_trace_tool_writes_a_trace(tmp_path):
 
 def test_make_trace_tool_writes_every_presets_table(tmp_path):
     stats = tmp_path / "stats.json"
-    proc = _tool("--stats", "--tokens", "256", "--seed", "3", "--seeds", "2", "--stats-json", str(stats))
+    proc = _tool("--stats", "--tokens", "128", "--seed", "3", "--seeds", "2", "--stats-json", str(stats))
     assert proc.returncode == 0, proc.stderr[-2000:]
     doc = json.loads(stats.read_text())
-    assert doc["tokens"] == 256 and doc["tolerance"] == TOLERANCE and list(doc["presets"]) == list(PRESETS)
+    assert doc["tokens"] == 128 and doc["tolerance"] == TOLERANCE and list(doc["presets"]) == list(PRESETS)
     for name, entry in doc["presets"].items():
         p = preset(name)
         assert entry["geometry"] == {"moe_layers": p.geometry.n_layers, "n_expert": p.geometry.n_expert,
                                      "k": p.geometry.k}
         assert entry["sources"] and entry["source"] == f"generated:{name} seed=3" and entry["seeds"] == [3, 4]
         rows = {r["statistic"]: r for r in entry["rows"]}
-        seed3, seed4 = (make_trace(name, 256, seed=s).stats(**p.stats_args) for s in (3, 4))
+        seed3 = make_trace(name, 128, seed=3).stats(**p.stats_args)
         for key, target in p.targets.items():
             row = rows[key]
             assert row["measured"] == seed3[key] and row["target"] == target
             assert row["rel_error"] == pytest.approx((seed3[key] - target) / target)
-            assert row["range"] == [min(seed3[key], seed4[key]), max(seed3[key], seed4[key])]
-            assert abs(row["worst_rel_error_over_seeds"]) == pytest.approx(
-                max(abs(seed3[key] - target), abs(seed4[key] - target)) / target)
+            assert row["range"][0] <= seed3[key] <= row["range"][1]
+            assert abs(row["worst_rel_error_over_seeds"]) >= abs(row["rel_error"])
             assert f"| {name} | {key} | {seed3[key]:.4g} | {target:.4g} |" in proc.stdout
         assert entry["within_tolerance"] == (entry["worst_rel_error"] <= TOLERANCE)
         assert entry["worst_rel_error_over_seeds"] >= entry["worst_rel_error"]
     assert doc["all_within_tolerance"] == all(e["within_tolerance"] for e in doc["presets"].values())
+    # the range is over both seeds' traces (olmoe's are the cheapest to make again)
+    p = preset("olmoe")
+    seeds = [make_trace("olmoe", 128, seed=s).stats(**p.stats_args) for s in (3, 4)]
+    for row in doc["presets"]["olmoe"]["rows"]:
+        values = [s[row["statistic"]] for s in seeds]
+        assert row["range"] == [min(values), max(values)]
+        if row["target"] is not None:
+            worst = max(abs(v - row["target"]) for v in values) / row["target"]
+            assert abs(row["worst_rel_error_over_seeds"]) == pytest.approx(worst)

@@ -3,11 +3,12 @@ they are calibrated to.
 
     python tools/make_trace.py qwen3-30b-a3b --tokens 4096 --seed 0 --out bench/traces/qwen3.npz
     python tools/make_trace.py uniform --tokens 4096 --layers 16 --experts 64 --k 8 --out /tmp/u.npz
-    python tools/make_trace.py --stats --tokens 4096 --seed 0   # every preset -> bench/results/trace-stats.json
+    python tools/make_trace.py --stats --tokens 4096 --seed 0 --seeds 10   # -> bench/results/trace-stats.json
     python tools/make_trace.py olmoe --calibrate                # search the preset's parameters again
 
 A trace's table (statistic, measured, target, relative error) is printed as markdown. --stats generates a trace
-of every preset at its model's geometry, prints one table of them all and writes it as JSON (--stats-json).
+of every preset at its model's geometry (seed --seed), and the range of each statistic over --seeds traces (seeds
+from --seed), prints one table of them all and writes it as JSON (--stats-json).
 --calibrate runs a Nelder-Mead search of the preset's free parameters (common random numbers: the same
 seeds throughout), minimising the squared relative errors of the statistics, summed and averaged over a
 few traces (bias and spread alike), and prints the table of their means and the parameters to store in
@@ -26,19 +27,10 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from edgemoe_llamacpp import files
+from edgemoe_llamacpp import files, trace_gen
 from edgemoe_llamacpp.errors import EdgeMoEError
 from edgemoe_llamacpp.routing_trace import RoutingTrace
-from edgemoe_llamacpp.trace_gen import (
-    PRESETS,
-    TOLERANCE,
-    Geometry,
-    TraceParams,
-    compare,
-    generate,
-    make_trace,
-    preset,
-)
+from edgemoe_llamacpp.trace_gen import PRESETS, TOLERANCE, Geometry, TraceParams, compare, preset
 from edgemoe_llamacpp.trace_stats import trace_stats
 
 STATS_JSON = Path(__file__).resolve().parent.parent / "bench" / "results" / "trace-stats.json"
@@ -95,7 +87,7 @@ def objective(params: TraceParams, p, n_tokens: int, seeds: range) -> tuple[floa
     """The squared relative errors of the targeted statistics, summed over statistics and averaged over the
     traces of `seeds` (so a trace's spread from seed to seed counts as much as the mean's bias); and the rows
     of the statistics' means."""
-    runs = [trace_stats(generate(p.geometry, params, n_tokens, s), p.geometry.n_expert, **p.stats_args)
+    runs = [trace_stats(trace_gen.generate(p.geometry, params, n_tokens, s), p.geometry.n_expert, **p.stats_args)
             for s in seeds]
     loss = float(np.mean([sum(r["rel_error"] ** 2 for r in compare(run, p.targets) if r["target"] is not None)
                           for run in runs]))
@@ -166,7 +158,7 @@ def preset_stats(name: str, n_tokens: int, seed: int, geometry: Geometry | None 
     """A generated trace of preset `name` and the record of its statistics beside the preset's targets."""
     p = preset(name, geometry)
     start = time.perf_counter()
-    trace = make_trace(name, n_tokens, seed, geometry)
+    trace = trace_gen.make_trace(name, n_tokens, seed, geometry)
     seconds = time.perf_counter() - start
     stats = trace.stats(**p.stats_args)
     rows = compare(stats, p.targets)
@@ -181,7 +173,7 @@ def add_spread(name: str, entry: dict, n_tokens: int, seeds: range) -> None:
     """Add to each row of `entry` (the trace of seeds[0]) its range over the traces of `seeds` and their largest
     relative error (signed), and to the entry the worst of these: how much the statistics move from trace to trace."""
     p = preset(name)
-    runs = [entry["rows"]] + [compare(make_trace(name, n_tokens, s).stats(**p.stats_args), p.targets)
+    runs = [entry["rows"]] + [compare(trace_gen.make_trace(name, n_tokens, s).stats(**p.stats_args), p.targets)
                               for s in seeds[1:]]
     for i, row in enumerate(entry["rows"]):
         values = [run[i]["measured"] for run in runs]
