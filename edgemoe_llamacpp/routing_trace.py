@@ -126,16 +126,19 @@ class RoutingTrace:
         repeat_next          share of the selections at token t >= 1 whose expert layer l also chose at t-1
         within_window        share of the selections at t >= W whose expert was chosen at any of t-W..t-1 (W = 8)
         adjacent_jaccard     mean over t >= 1 of |S_t & S_t-1| / |S_t | S_t-1| (S_t: the k experts of token t)
-        experts_for_cover    the fewest experts (most used first) holding `cover` (0.9) of the layer's selections
+        experts_for_cover    the fewest experts (most used first) holding `cover` (0.9) of the layer's selections,
+                             over spans of `cover_tokens` tokens (default: the whole trace), averaged
         top_n_coverage       share of the layer's selections held by its `top_n` (n_expert / 2) most used experts
+                             (over the same spans)
         lru_hit              hit rate of an LRU cache of round(`residency` x n_expert) experts (0.4) per layer,
                              starting empty, each token's k experts looked up, then made most recent
         layer_recall         how predictable layer l+1's set is from layer l's: a co-occurrence table fitted on
-                             the first half of the tokens names k experts per token on the second half; the
-                             share of layer l+1's selections it names (trace_stats.layer_recall)
-        layer_recall_popularity  the same for always naming layer l+1's k most used experts of the first half
+                             one half of the tokens names k experts per token on the other half (both ways);
+                             the share of layer l+1's selections it names (trace_stats.layer_recall)
+        layer_recall_popularity  the same for always naming layer l+1's k most used experts of the fitting half
+        layer_recall_lift    layer_recall / layer_recall_popularity: what knowing layer l's choice adds
         layer_recall_chance  k / n_expert
-        Keyword arguments (window, cover, top_n, residency) change the parameters; they are echoed in "params".
+        Keyword arguments (window, cover, cover_tokens, top_n, residency) change the parameters; they are echoed in "params".
         A statistic the trace is too short for is None."""
         return trace_stats(self.ids, self.n_expert, **params)
 

@@ -76,25 +76,37 @@ def lru_hits(ids: np.ndarray, n_expert: int, capacity: int) -> np.ndarray:
     return hits / (n_tok * k)
 
 
-def layer_recall(m_a: np.ndarray, m_b: np.ndarray, k: int) -> tuple[float, float] | None:
-    """How well a co-occurrence table predicts layer b's set from layer a's (same token).
+def _recall(fit_a: np.ndarray, fit_b: np.ndarray, test_a: np.ndarray, test_b: np.ndarray, n_expert: int
+            ) -> tuple[int, int]:
+    """(hits of the co-occurrence table, hits of naming the most used experts) on the test tokens; ids (tokens, k).
+    Counted with bincount and gathers, not matrix products: on a busy machine BLAS's threads made those the
+    slowest part of the statistics."""
+    k = fit_a.shape[1]
+    pairs = (fit_a[:, :, None] * n_expert + fit_b[:, None, :]).ravel()
+    table = np.bincount(pairs, minlength=n_expert * n_expert).reshape(n_expert, n_expert).astype(np.float32)
+    scores = table[test_a].sum(1)                                        # (tokens, n_expert), exact counts
+    pred = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+    popular = np.argsort(-np.bincount(fit_b.ravel(), minlength=n_expert), kind="stable")[:k]
+    actual = membership(test_b, n_expert)
+    return int(actual[np.arange(len(pred))[:, None], pred].sum()), int(actual[:, popular].sum())
 
-    The table counts, over the first half of the tokens, how often expert i of layer a and expert j of layer b
-    were chosen together. On the second half, layer b's predicted set is the k experts with the largest
-    summed counts over the experts layer a chose; recall is the share of b's actual choices it names.
-    Returns (table recall, recall of predicting b's k most used experts of the first half every time)."""
-    half = len(m_a) // 2
+
+def layer_recall(ids_a: np.ndarray, ids_b: np.ndarray, n_expert: int) -> tuple[float, float] | None:
+    """How well a co-occurrence table predicts layer b's set from layer a's (same token; ids (tokens, k)).
+
+    The table counts, over one half of the tokens, how often expert i of layer a and expert j of layer b were
+    chosen together. On the other half, layer b's predicted set is the k experts with the largest summed
+    counts over the experts layer a chose; recall is the share of b's actual choices it names. Fitted on the
+    first half and scored on the second, then the other way round, hits summed (every token is scored once).
+    Returns (table recall, recall of naming b's k most used experts of the fitting half every time)."""
+    half = len(ids_a) // 2
     if half < 2:
         return None
-    fit_a, fit_b = m_a[:half].astype(np.float32), m_b[:half].astype(np.float32)
-    table = fit_a.T @ fit_b                                      # (n_expert, n_expert)
-    scores = m_a[half:].astype(np.float32) @ table               # (tokens, n_expert)
-    pred = np.argpartition(-scores, k - 1, axis=1)[:, :k]
-    rows = np.arange(len(pred))[:, None]
-    actual = m_b[half:]
-    recall = actual[rows, pred].sum() / actual.sum()
-    popular = np.argsort(-fit_b.sum(0), kind="stable")[:k]
-    return float(recall), float(actual[:, popular].sum() / actual.sum())
+    first, second = slice(0, half), slice(half, 2 * half)
+    a = _recall(ids_a[first], ids_b[first], ids_a[second], ids_b[second], n_expert)
+    b = _recall(ids_a[second], ids_b[second], ids_a[first], ids_b[first], n_expert)
+    total = 2 * half * ids_b.shape[1]
+    return (a[0] + b[0]) / total, (a[1] + b[1]) / total
 
 
 def _mean(values) -> float | None:
@@ -103,6 +115,7 @@ def _mean(values) -> float | None:
 
 
 def trace_stats(ids: np.ndarray, n_expert: int, *, window: int = WINDOW, cover: float = COVER,
+                cover_tokens: int | None = None,
                 top_n: int | None = None, residency: float = RESIDENCY) -> dict:
     """Every statistic, averaged over MoE layers (the layer pairs for recall), plus the per-layer values."""
     n_tok, n_layer, k = ids.shape
@@ -110,24 +123,27 @@ def trace_stats(ids: np.ndarray, n_expert: int, *, window: int = WINDOW, cover: 
     capacity = max(k, round(residency * n_expert))
     per = {"repeat_next": [], "within_window": [], "adjacent_jaccard": [], "experts_for_cover": [],
            "top_n_coverage": [], "lru_hit": [], "layer_recall": [], "layer_recall_popularity": []}
-    prev = None
     for li in range(n_layer):
         m = membership(ids[:, li], n_expert)
         per["repeat_next"].append(repeat_next(m))
         per["within_window"].append(within_window(m, window))
         per["adjacent_jaccard"].append(adjacent_jaccard(m))
-        cov = coverage(m) if n_tok else None
-        per["experts_for_cover"].append(None if cov is None else experts_for(cov, cover))
-        per["top_n_coverage"].append(None if cov is None else float(cov[min(top_n, n_expert) - 1]))
-        if prev is not None:
-            pair = layer_recall(prev, m, k)
+        # coverage over spans of cover_tokens (all whole spans; the whole trace if it is shorter or unset)
+        span = cover_tokens if cover_tokens and cover_tokens <= n_tok else n_tok
+        covs = [coverage(m[s:s + span]) for s in range(0, n_tok - span + 1, span)]
+        per["experts_for_cover"].append(float(np.mean([experts_for(c, cover) for c in covs])))
+        per["top_n_coverage"].append(float(np.mean([c[min(top_n, n_expert) - 1] for c in covs])))
+        if li:
+            pair = layer_recall(ids[:, li - 1], ids[:, li], n_expert)
             per["layer_recall"].append(None if pair is None else pair[0])
             per["layer_recall_popularity"].append(None if pair is None else pair[1])
-        prev = m
     per["lru_hit"] = [float(x) for x in lru_hits(ids, n_expert, capacity)] if n_tok else [None] * n_layer
     out = {name: _mean(values) for name, values in per.items()}
+    out["layer_recall_lift"] = None if not out["layer_recall_popularity"] else \
+        out["layer_recall"] / out["layer_recall_popularity"]
     out["layer_recall_chance"] = k / n_expert
-    out["params"] = {"window": window, "cover": cover, "top_n": top_n, "residency": residency,
+    out["params"] = {"window": window, "cover": cover, "cover_tokens": cover_tokens, "top_n": top_n,
+                     "residency": residency,
                      "lru_capacity": capacity}
     out["per_layer"] = per
     return out

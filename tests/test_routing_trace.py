@@ -171,7 +171,8 @@ def test_stats_of_a_constant_trace():
     assert s["repeat_next"] == s["within_window"] == s["adjacent_jaccard"] == 1.0
     assert s["experts_for_cover"] == 2 and s["top_n_coverage"] == 1.0
     assert s["lru_hit"] == pytest.approx(19 / 20)                 # the first token's misses are compulsory
-    assert s["layer_recall"] == s["layer_recall_popularity"] == 1.0 and s["layer_recall_chance"] == 0.25
+    assert s["layer_recall"] == s["layer_recall_popularity"] == s["layer_recall_lift"] == 1.0
+    assert s["layer_recall_chance"] == 0.25
 
 
 def test_stats_of_alternating_sets():
@@ -195,6 +196,13 @@ def test_within_window_and_coverage_counts():
     assert trace.stats(window=10)["within_window"] == 1.0
     # 10 experts used 10 times each out of 11: 90% needs 9 of them; the top 5 hold half
     assert trace.stats()["experts_for_cover"] == 9 and trace.stats(top_n=5)["top_n_coverage"] == 0.5
+    # expert 0 is chosen at tokens 0, 10, 20, ... but experts 1-10 alternate in blocks of 20 tokens
+    blocks = np.array([[[0 if t % 10 == 0 else 1 + (t // 20) % 2]] for t in range(100)], np.int32)
+    spans = RoutingTrace(blocks, (0,), 3, "b")
+    assert spans.stats(cover=0.85)["experts_for_cover"] == 2                  # whole trace: 45 + 45 + 10
+    assert spans.stats(cover=0.85, cover_tokens=20)["experts_for_cover"] == 1   # per span: 18 of 20
+    assert spans.stats(cover_tokens=20, top_n=1)["top_n_coverage"] == 0.9
+    assert spans.stats(cover_tokens=500)["params"]["cover_tokens"] == 500       # longer than the trace: all of it
 
 
 def test_layer_recall_finds_a_fixed_mapping():
