@@ -27,9 +27,9 @@ class CacheConfig:
 
     memory_budget: str | int | None = field(default=None, metadata={
         "help": "Expert memory: bytes, 800MB, 1.5GiB or 50% of the expert bytes; unset for no limit."})
-    policy: str = field(default="distance", metadata={
-        "help": f"Which expert to evict: {', '.join(POLICIES)} (distance: the least often chosen, weighted by "
-                "how soon its layer runs again)."})
+    policy: str = field(default="nextuse", metadata={
+        "help": f"Which expert to evict: {', '.join(POLICIES)} (nextuse: the one whose next use, estimated from "
+                "how often it is chosen and when its layer runs again, lies farthest)."})
     predictor: str | None = field(default=None, metadata={
         "help": f"Predict the next layers' experts and read them ahead: {', '.join(PREDICTORS)}; unset (or none) "
                 "for no prefetch."})

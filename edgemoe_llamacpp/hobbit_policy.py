@@ -49,8 +49,8 @@ class Hobbit(Policy):
                 members[uid] = (0, 0, stamp, uid)
         self.fronts = [None] * self.n_layers
 
-    def _count(self, uid):
-        c = self.seq_count[uid] = self.seq_count.get(uid, 0) + 1
+    def _count(self, uid, n):
+        c = self.seq_count[uid] = self.seq_count.get(uid, 0) + n
         self.top = max(self.top, c)
         self.last_use[uid] = self.step
 

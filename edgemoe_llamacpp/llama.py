@@ -169,8 +169,10 @@ class Llama(llama_cpp.Llama):
 
     memory_budget: bytes held by experts in memory: an int, "1.5GiB", "800MB", or "50%" of the expert
         bytes; None for no limit (experts are still tracked).
-    policy: which expert to evict: "distance" (default: the least often chosen, weighted by how soon its
-        layer runs again), "lru", "lfu" or "hobbit" (recency + frequency + layer distance, per sequence).
+    policy: which expert to evict: "nextuse" (default: the one whose next use, estimated from how often it
+        is chosen and when its layer runs again, lies farthest), "distance" (the least often chosen, weighted
+        by how soon its layer runs again), "lru", "lfu" or "hobbit" (recency + frequency + layer distance,
+        per sequence).
     fetch_threads: parallel readers for expert fetches (default 4).
     predictor: guess the next layers' experts and read them ahead while this layer computes: "gate"
         (the next routers applied to this layer's FFN input), "table" (co-occurrence counts, learned as it

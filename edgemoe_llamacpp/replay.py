@@ -12,7 +12,7 @@ import contextlib
 from concurrent.futures import Future
 
 from .layout import ExpertTensor, ExpertUID, LowCopy, MoELayout
-from .policies import USE_DECAY, Policy
+from .policies import Policy
 from .predict import Lookahead, Predictor
 from .residency import ExpertCache, make_policy
 from .runtime import PAGE
@@ -62,11 +62,12 @@ class ReplayStorage(ExpertStorage):
 
 
 class ReplayCache(ExpertCache):
-    """The cache's bookkeeping and policy over ReplayStorage; `use_decay` for the "distance" policy."""
+    """The cache's bookkeeping and policy over ReplayStorage; `use_decay` for a decaying policy (None: its
+    default)."""
 
     storage_class = ReplayStorage
 
-    def __init__(self, *args, use_decay: float = USE_DECAY, **kwargs):
+    def __init__(self, *args, use_decay: float | None = None, **kwargs):
         self.use_decay = use_decay
         super().__init__(*args, **kwargs)
 
@@ -88,8 +89,11 @@ class Foresight(Policy):
     def new_sequence(self):
         self.inner.new_sequence()
 
-    def use(self, uid):
-        self.inner.use(uid)
+    def use(self, uid, n=1.0):
+        self.inner.use(uid, n)
+
+    def token_weights(self, ages):
+        return self.inner.token_weights(ages)
 
     def add(self, uid):
         self.inner.add(uid)
@@ -139,7 +143,7 @@ COUNTS = ("misses", "prefetches", "prefetch_wasted")
 
 
 def replay(layout: MoELayout, budget: int, policy: str, steps: list, *, predictor: Predictor | None = None,
-           depth: int = 0, use_decay: float = USE_DECAY, horizon: int = 0) -> dict:
+           depth: int = 0, use_decay: float | None = None, horizon: int = 0) -> dict:
     """Decode counts (one-token steps) over one recorded sequence: misses, prefetches, wasted prefetches.
     `horizon` > 0 replays ForesightCache seeing that many tokens ahead."""
     if horizon:

@@ -21,7 +21,7 @@ from .errors import ArgumentError, BudgetError
 from .hobbit_policy import Hobbit
 from .layout import ExpertUID, MoELayout
 from .ledger import LayerStats, Ledger
-from .policies import LFU, LRU, POLICIES, USE_DECAY, Distance, Policy
+from .policies import LFU, LRU, POLICIES, USE_DECAY, Distance, NextUse, Policy
 from .storage import ExpertStorage, tensor_span
 
 # what callers import from here: the cache, its options and the page arithmetic tests check it with
@@ -57,10 +57,12 @@ def parse_budget(value: str | float | None, expert_bytes: int) -> int | None:
     return int(n)
 
 
-def make_policy(name: str, layer_pos: dict[int, int], *, use_decay: float = USE_DECAY) -> Policy:
-    """The eviction policy called `name` (one of POLICIES) over the MoE layers at `layer_pos`."""
-    if name == "distance":
-        return Distance(layer_pos, use_decay=use_decay)
+def make_policy(name: str, layer_pos: dict[int, int], *, use_decay: float | None = None) -> Policy:
+    """The eviction policy called `name` (one of POLICIES) over the MoE layers at `layer_pos`; `use_decay`
+    for a decaying one (None: its own default)."""
+    if name in ("distance", "nextuse"):
+        cls = Distance if name == "distance" else NextUse
+        return cls(layer_pos) if use_decay is None else cls(layer_pos, use_decay=use_decay)
     return {"lru": LRU, "lfu": LFU, "hobbit": Hobbit}[name](layer_pos)
 
 
@@ -112,20 +114,21 @@ class ExpertCache:
     stats = property(lambda self: self.ledger.stats)
 
     def attach(self, mapping_base: int, mapped: tuple[int, int] | None = None) -> None:
-        """Bind to llama.cpp's mapping of the file. A budget that holds every expert keeps what the load
-        read; a smaller one starts empty (a partial keep would leave large page-cache folios straddling
-        kept and dropped experts, resident but unaccounted)."""
+        """Bind to llama.cpp's mapping of the file. No budget, or one that holds every expert, keeps what the
+        load read: those experts start resident (and ready, so the runtime's filter lets their layers pass
+        from the first token), and only an expert the load left out is a miss at its first touch. A smaller
+        budget starts empty (a partial keep would leave large page-cache folios straddling kept and dropped
+        experts, resident but unaccounted)."""
         self.storage.attach(mapping_base, mapped)
-        if self.budget is None:
-            return
-        if self.budget >= self.storage.full_cost:
-            self.storage.drop_low_copies()
-            for uid, cost in self.storage.cost.items():
-                if not uid.low and self.storage.in_memory(uid):
-                    self.ledger.admit(uid, cost)
-                    self.eviction.add(uid)
-        else:
+        if self.budget is not None and self.budget < self.storage.full_cost:
             self.drop_all()
+            return
+        if self.budget is not None:
+            self.storage.drop_low_copies()
+        for uid, cost in self.storage.cost.items():
+            if not uid.low and self.storage.in_memory(uid):
+                self.ledger.admit(uid, cost)
+                self.eviction.add(uid)
 
     def drop_all(self) -> None:
         """Start-up: release every expert page the load pulled in; the cache starts empty. Edge pages the
@@ -142,10 +145,17 @@ class ExpertCache:
     # ------------------------------------------------------------------ the hook's calls
     def ensure_ids(self, layer: int, ids, above: dict[int, float] | None = None) -> set[int]:
         """`ids` is the (tokens, k) array of a topk node; a prompt batch asks for its union."""
-        return self.ensure(layer, ids[0] if len(ids) == 1 else sorted(set(ids.ravel().tolist())), above)
+        if len(ids) == 1:
+            return self.ensure(layer, ids[0], above)
+        # a prompt batch: its union, each expert used once per token that chose it (weighed by age)
+        experts, where = np.unique(ids, return_inverse=True)
+        ages = np.repeat(np.arange(len(ids) - 1, -1, -1), ids.shape[1])
+        uses = np.bincount(where.ravel(), weights=self.eviction.token_weights(ages), minlength=len(experts))
+        return self.ensure(layer, experts.tolist(), above, uses.tolist())
 
-    def ensure(self, layer: int, experts, above: dict[int, float] | None = None) -> set[int]:
+    def ensure(self, layer: int, experts, above: dict[int, float] | None = None, uses=None) -> set[int]:
         """Make `experts` of `layer` resident before llama.cpp computes them; evict by the policy to fit.
+        `uses`, beside `experts`, is what each choice counts (a prompt batch's tokens); 1 each by default.
 
         With substitution on and `above` (expert -> gate weight ranked above it, substitute.weight_above), a
         missed expert above the threshold is served by its low-bit copy. Returns the experts served low."""
@@ -155,8 +165,9 @@ class ExpertCache:
         self._needed = set(needed)
         st.substituted += len(low)
         resident, missing = self.ledger.resident, []
+        weight = dict(zip(experts, uses, strict=True)) if uses is not None else None
         for uid in needed:
-            self.eviction.use(uid)
+            self.eviction.use(uid, 1.0 if weight is None else weight[uid.expert])
             if uid not in resident:
                 missing.append(uid)
             elif self.ledger.hit(uid):

@@ -221,7 +221,7 @@ def strategies(box: Sandbox) -> dict[str, st.SearchStrategy]:
 
     budget = st.sampled_from(BUDGETS)
     prompt = st.sampled_from(["import os\n", "", "x" * 4000, "def f():", "\x00", "é" * 10])
-    policy = st.sampled_from(["distance", "lru", "lfu", "hobbit", "bogus"])
+    policy = st.sampled_from(["nextuse", "distance", "lru", "lfu", "hobbit", "bogus"])
     predictor = st.sampled_from(["none", "gate", "table", "frequency", "bogus"])
     types = st.sampled_from(TYPES)
     cache = [opt("--policy", policy), opt("--predictor", predictor), opt("--prefetch-depth", small(1, 2, 3, 4)),

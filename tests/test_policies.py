@@ -3,10 +3,12 @@ from __future__ import annotations
 
 from collections import defaultdict
 
+import numpy as np
+
 from edgemoe_llamacpp.hobbit_policy import Hobbit
 from edgemoe_llamacpp.layout import ExpertUID
-from edgemoe_llamacpp.policies import LFU, LRU, Distance
-from edgemoe_llamacpp.replay import Foresight
+from edgemoe_llamacpp.policies import LFU, LRU, Distance, NextUse
+from edgemoe_llamacpp.replay import Foresight, ReplayCache, synthetic_layout
 
 ONE = defaultdict(lambda: 1)        # every expert costs one unit
 
@@ -99,6 +101,33 @@ def test_hobbit_order_within_a_layer_changes_with_the_step_alone():
     assert h.victims(2, ONE, set(), ()) == [b, a]
 
 
+def test_nextuse_evicts_the_farthest_estimated_next_use():
+    """2 layers, decay 0.5: uses weigh 2 in token 1 and 4 in token 2. After token 2's layer 1: (0,0) has 2 + 4
+    = 6, (0,1) 2, (1,0) 6; p = 0.5 uses / 4 = 0.75, 0.25, 0.75. Serving layer 1, layer 0 runs next (1 step),
+    layer 1 in 2: next use (0,0) 1 + 2 (1/0.75 - 1) = 1.67, (0,1) 1 + 2 (4 - 1) = 7, (1,0) 2.67 layers away.
+    Distance ranks the other way round at the head: (w + uses) / steps = 10, 6, 5, so (1,0) goes first."""
+    steps = [(0, [0, 1]), (1, [0]), (0, [0]), (1, [0])]
+    got = []
+    for policy in (NextUse({0: 0, 1: 1}, use_decay=0.5), Distance({0: 0, 1: 1}, use_decay=0.5)):
+        serve(policy, steps, capacity=8)
+        got.append([(u.layer, u.expert) for u in policy.ranked()])
+        assert got[-1] == [(u.layer, u.expert) for u in sorted(policy.stamp, key=policy.order_key)]
+    assert got == [[(0, 1), (1, 0), (0, 0)], [(1, 0), (0, 1), (0, 0)]]
+    assert NextUse({0: 0, 1: 1}, use_decay=0.5).keep(2.0, 1) == -1.0    # p = 1: chosen at its layer's turn
+
+
+def test_a_prompt_batch_counts_every_token_weighed_by_age():
+    """Three prompt tokens choose (0 1), (0 2), (1 2): each expert is used once per token that chose it,
+    decayed by the token's age (2, 1, 0 tokens before the last) where the policy decays."""
+    ids = np.array([[0, 1], [0, 2], [1, 2]])
+    for policy, want in (("distance", {0: 0.25 + 0.5, 1: 0.25 + 1, 2: 0.5 + 1}), ("lfu", {0: 2, 1: 2, 2: 2})):
+        cache = ReplayCache(synthetic_layout(2, 4, 2), None, policy=policy, use_decay=0.5)
+        cache.ensure_ids(0, ids)
+        counts = cache.eviction.uses if policy == "distance" else cache.eviction.count
+        weight = getattr(cache.eviction, "weight", 1.0)
+        assert {u.expert: c / weight for u, c in counts.items()} == want
+
+
 def test_victims_spare_keep_and_take_deferred_ones_last():
     p = LRU({0: 0})
     a, b, c, d = (ExpertUID(0, e) for e in range(4))
@@ -113,7 +142,7 @@ def test_victims_spare_keep_and_take_deferred_ones_last():
 
 def test_heaps_give_back_what_a_walk_took():
     """A walk pops entries off the heaps; the experts not evicted are walked again in the same order."""
-    for policy in (LFU({0: 0, 1: 1}), Distance({0: 0, 1: 1}), Hobbit({0: 0, 1: 1})):
+    for policy in (LFU({0: 0, 1: 1}), Distance({0: 0, 1: 1}), NextUse({0: 0, 1: 1}), Hobbit({0: 0, 1: 1})):
         serve(policy, [(0, [0, 1]), (1, [0, 1]), (0, [0, 2]), (1, [2])], capacity=6)
         first = list(policy.ranked())
         assert policy.victims(2, ONE, set(), ()) == first[:2]

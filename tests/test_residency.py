@@ -3,8 +3,9 @@ fixture's routing recorded through llama.cpp; and a batch's policy work does not
 
 `SortingCache` is the reference: the bookkeeping and eviction order of ExpertCache as they were before the
 policies became incremental (ensure, prefetch, _evict_to, _eviction_order, _keep_score, _hobbit_score copied
-from edgemoe_llamacpp/residency.py at 419ab44), with storage taken out. It sorts every resident expert for
-each eviction. One difference, deliberate: a layer's chosen experts are visited in the order asked; the old
+from edgemoe_llamacpp/residency.py at 419ab44), with storage taken out, and since extended as the cache was:
+a prompt batch counts each expert once per token that chose it (decayed by the token's age), and "nextuse"
+sorts by its estimated next use. It sorts every resident expert for each eviction. One difference, deliberate: a layer's chosen experts are visited in the order asked; the old
 code iterated a set (hash order). That order only decides which of the experts chosen at the same step counts
 as more recently used, a tie either way; the reference visits them in the new order too. (Replaying the
 fixture with tools/policy_replay.py, the new code visiting in the old hash order gave all 252 figures of the
@@ -33,7 +34,8 @@ class SortingCache:
 
     def __init__(self, new: ReplayCache):
         self.cost, self.capacity, self.min_budget = new.cost, new.capacity, new.min_budget
-        self.substitute, self.policy, self.use_decay = new.substitute, new.policy, new.use_decay
+        self.substitute, self.policy = new.substitute, new.policy
+        self.use_decay = getattr(new.eviction, "use_decay", 0.95)
         self.layer_pos = dict(new.layer_pos)
         self.resident: OrderedDict = OrderedDict()
         self.resident_bytes = 0
@@ -44,9 +46,15 @@ class SortingCache:
         self.log: list = []
 
     def ensure_ids(self, layer, ids, above=None):
-        return self.ensure(layer, ids[0] if len(ids) == 1 else sorted(set(ids.ravel().tolist())), above)
+        if len(ids) == 1:
+            return self.ensure(layer, ids[0], above)
+        ages: dict = {}                 # a prompt batch: each expert counted once per token that chose it
+        for r, row in enumerate(ids.tolist()):
+            for e in row:
+                ages.setdefault(e, []).append(len(ids) - 1 - r)
+        return self.ensure(layer, sorted(ages), above, ages)
 
-    def ensure(self, layer, experts, above=None):
+    def ensure(self, layer, experts, above=None, ages=None):
         self.current = self.layer_pos[layer]
         if self.current == 0:
             self._next_token()
@@ -62,7 +70,7 @@ class SortingCache:
         self._needed = set(needed)
         missing = []
         for uid in needed:
-            self._count_use(uid)
+            self._count_use(uid, ages[uid.expert] if ages else [0])
             if uid in self.resident:
                 self.resident.move_to_end(uid)
                 if uid in self.unused:
@@ -77,10 +85,10 @@ class SortingCache:
                 self.resident_bytes += self.cost[u]
         return low
 
-    def _count_use(self, uid):
-        self.uses[uid] = self.uses.get(uid, 0.0) + self.weight
-        self.count[uid] = self.count.get(uid, 0) + 1
-        self.seq_count[uid] = self.seq_count.get(uid, 0) + 1
+    def _count_use(self, uid, ages):
+        self.uses[uid] = self.uses.get(uid, 0.0) + self.weight * sum(self.use_decay ** a for a in ages)
+        self.count[uid] = self.count.get(uid, 0) + len(ages)
+        self.seq_count[uid] = self.seq_count.get(uid, 0) + len(ages)
         self.last_use[uid] = self.step
 
     def new_sequence(self):
@@ -132,6 +140,8 @@ class SortingCache:
         if self.policy == "hobbit":
             top = max(self.seq_count.values(), default=0)
             return sorted(self.resident, key=lambda u: self._hobbit_score(u, top))
+        if self.policy == "nextuse":
+            return sorted(self.resident, key=self._next_use_score)
         return sorted(self.resident, key=self._keep_score)
 
     def _next_token(self):
@@ -142,6 +152,12 @@ class SortingCache:
 
     def _keep_score(self, uid):
         return (self.weight + self.uses.get(uid, 0.0)) / self._layer_steps(uid)
+
+    def _next_use_score(self, uid):
+        p = (1.0 - self.use_decay) * self.uses.get(uid, 0.0) / self.weight
+        if p <= 0.0:
+            return -math.inf
+        return -(self._layer_steps(uid) + len(self.layer_pos) * (1.0 / p - 1.0))
 
     def _layer_steps(self, uid):
         n = len(self.layer_pos)
@@ -194,7 +210,7 @@ def invented_routing(rng, n_layers, n_expert, k, sequences, prompt, tokens):
     return steps
 
 
-def replay_both(layout, budget, policy, steps, *, rng, depth=0, substitute=None, decay=0.95):
+def replay_both(layout, budget, policy, steps, *, rng, depth=0, substitute=None, decay=None):
     """Run `steps` through the cache and the reference with the same prefetches and substitution weights;
     return both logs of evictions."""
     new = LoggingCache(layout, budget, policy=policy, substitute=substitute, use_decay=decay)

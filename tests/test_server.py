@@ -355,7 +355,7 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, needle: str) -> Non
     (["--n_ctx", "-1"], "--n_ctx -1"),
     (["--n_batch", "-3"], "--n_batch -3"),
     (["--port", "99999"], "--port 99999: Input should be less than or equal to 65535"),
-    (["--policy", "fifo"], "--policy fifo: Input should be 'distance', 'lru', 'lfu' or 'hobbit'"),
+    (["--policy", "fifo"], "--policy fifo: Input should be 'nextuse', 'distance', 'lru', 'lfu' or 'hobbit'"),
     (["--predictor", "oracle"], "--predictor oracle"),
     (["--prefetch_depth", "9"], "--prefetch_depth 9"),
     (["--substitute", "1.5"], "--substitute 1.5"),

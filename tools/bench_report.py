@@ -79,7 +79,7 @@ def policy_section(path: Path, r: dict) -> str:
             cells = [b["decays"][d] for d in decays] + [b["foresight"][h] for h in hs]
             ahead.append(f"| {b['budget']} | {b['belady']:.2f} | " +
                          " | ".join(f"{m:.2f} ({m / b['belady']:.2f}x)" for m in cells) + " |")
-        ahead = [("The default policy (`distance`) at other use decays (the default is "
+        ahead = [("The then default policy (`distance`) at other use decays (its default is "
                   f"{r.get('use_decay', '?')}), and told the exact routing of the next H tokens (Belady within H "
                   "tokens, its own order beyond): how far ahead a predictor would have to see to come near the floor. "
                   "Misses per token (x Belady)."), "", *ahead, ""]
@@ -93,12 +93,89 @@ def policy_section(path: Path, r: dict) -> str:
         "the cache's and the predictors' own code with I/O stubbed (`tools/policy_replay.py`). Decode misses per "
         "token (experts llama.cpp waits for), and the ratio to Belady's MIN, the floor no cache can beat. The "
         "I/O-scale model routes exactly as the fixture does. `hobbit` is recency + frequency + layer distance "
-        "with equal weights, reset per sequence; `distance` is the default policy."), "", *rows, "",
+        "with equal weights, reset per sequence; `distance` was the default policy when this was measured "
+        "(`nextuse`, the default now, came later: see \"Real-model shapes\")."), "", *rows, "",
         ("With prediction: after each layer's router, the predictor's k best guesses for each of the next "
         "`depth` layers are read ahead (counted in the budget; never evicting the current layer's experts). A "
         "prefetch turns a miss into a hit but is a read too: reads/token = misses + prefetches, to compare "
         "with Belady's reads. Wasted = prefetched experts evicted before any use."), "", *pre, "", *ahead,
         "```sh", r["command"], "```", ""])
+
+
+def presets_section(path: Path, r: dict) -> str:
+    """Every policy (alone, with the table predictor, at other decays) on each workload and budget, as misses per
+    decoded token over Belady's; the geometric mean over all of them picks the default."""
+    names = [f"{x['policy']}{'+' + x['predictor'] if x['predictor'] else ''}{' d' + str(x['decay']) if x['decay'] else ''}"
+             for x in r["rows"][0]["runs"]]
+    head = ["| workload | budget | Belady misses/token | " + " | ".join(names) + " |",
+            "|---|---|---|" + "---|" * len(names)]
+    rows = [f"| {row['workload']} | {row['budget']} | {row['belady']:.2f} | " +
+            " | ".join("-" if x["vs_belady"] is None else f"{x['vs_belady']:.2f}x" for x in row["runs"]) + " |"
+            for row in r["rows"]]
+    mean = r["geomean_vs_belady"]
+    png = path.with_suffix(".png")
+    presets_plot(r, png)
+    shapes = ", ".join(f"{k}: {v['prompt']}-token prompt + {v['decoded']} decoded, {v['seeds']} seed(s)"
+                       for k, v in r["shapes"].items())
+    return "\n".join([
+        "### Cache policies on every workload: the default chosen by all of them", "",
+        ("Each policy replayed (`tools/policy_replay.py --presets`: the cache's own code, I/O stubbed) on generated "
+         f"traces of each preset ({shapes}) and on the fixture's own routing (held-out windows, teacher-forced; and "
+         "greedy completions). Decode misses per token over Belady's MIN. `+table`: the table predictor at depth 1, "
+         "fitted on another seed's trace (on the fixture: on the other routing source); its prefetches are reads "
+         "too. Gate lookahead is not replayed here: under generated routing its hidden states mean nothing (its "
+         "recall table stays on the fixture)."), "", *head, *rows, "",
+        "Geometric mean over every workload and budget (policies alone, default decays): " +
+        ", ".join(f"`{k}` {v:.3f}x" for k, v in sorted(mean.items(), key=lambda kv: kv[1])) +
+        f". Fewest: `{r['best']}`; the default policy is `{r['default']}`.", "",
+        f"![policies across workloads]({png.name})", "", "```sh", r["command"], "```", ""])
+
+
+def presets_plot(r: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    policies = list(r["geomean_vs_belady"])
+    rows = r["rows"]
+    fig, ax = plt.subplots(figsize=(9, 4.2), dpi=110)
+    width = 0.8 / len(policies)
+    for i, policy in enumerate(policies):
+        y = [next(x["vs_belady"] for x in row["runs"] if (x["policy"], x["predictor"], x["decay"]) ==
+                  (policy, None, None)) for row in rows]
+        ax.bar([j + i * width for j in range(len(rows))], y, width, label=policy)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(rows))])
+    ax.set_xticklabels([f"{row['workload']}\n{row['budget']}" for row in rows], fontsize=6, rotation=90)
+    ax.set_ylabel("decode misses / Belady's")
+    ax.set_yscale("log")
+    save(fig, ax, out, "Cache policies replayed on every workload and budget")
+
+
+def trace_stats_section(path: Path, r: dict) -> str:
+    """Each preset's generated trace: its statistics beside the published figures they are calibrated to."""
+    out = ["### Generated routing: statistics beside their published targets", "",
+           (f"Each preset's trace ({r['tokens']} tokens, seed {r['seed']}; `tools/make_trace.py`) measured by "
+            "`trace_stats.py`, beside the figure published for the model (blank: measured, not targeted). "
+            f"Tolerance {r['tolerance']:.0%} relative. The range is over seeds "
+            f"{'-'.join(map(str, next(iter(r['presets'].values()))['seeds']))}. Seed {r['seed']} within tolerance on every preset: "
+            f"{'yes' if r['all_within_tolerance'] else 'NO'}; every seed: "
+            f"{'yes' if r['all_within_tolerance_over_seeds'] else 'no'}."), ""]
+    for name, p in r["presets"].items():
+        g = p["geometry"]
+        out += [f"**{name}** ({g['moe_layers']} MoE layers x {g['n_expert']} experts, top-{g['k']}). Sources: "
+                + " ".join(p["sources"]), "",
+                "| statistic | target | measured | error | range over seeds | worst error over seeds |",
+                "|---|---|---|---|---|---|"]
+        for row in p["rows"]:
+            def pct(v):
+                return "" if v is None else f"{v:+.1%}"
+            lo, hi = row["range"]
+            out.append(f"| {row['statistic']} | {'' if row['target'] is None else format(row['target'], '.4g')} | "
+                       f"{row['measured']:.4g} | {pct(row['rel_error'])} | {lo:.4g}-{hi:.4g} | "
+                       f"{pct(row['worst_rel_error_over_seeds'])} |")
+        out.append("")
+    return "\n".join(out + ["```sh", r["command"], "```", ""])
 
 
 def recall_section(path: Path, r: dict) -> str:
@@ -327,6 +404,10 @@ def section(path: Path) -> str:
         return server_section(path, r)
     if r.get("kind") == "policy_replay":
         return policy_section(path, r)
+    if "presets" in r and "tolerance" in r:
+        return trace_stats_section(path, r)
+    if r.get("kind") == "policy_replay_presets":
+        return presets_section(path, r)
     if r.get("kind") == "predictor_recall":
         return recall_section(path, r)
     if r.get("kind") == "hook_overhead":
