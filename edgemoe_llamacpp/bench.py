@@ -389,7 +389,7 @@ def compare(runs: list[dict], stock_runs: list[dict], budget: int, expert_size: 
         out["decode_ratio"]["absent"] = (f"stock llama.cpp died with {', '.join(sorted(set(died)))} in "
                                          f"{len(died)} of {len(stock_runs)} runs")
     floors = [belady(r.pop("trace"), int(budget // expert_size))[1] * expert_size / r["decode_evals"]
-              for r in runs if r["ok"] and r.get("trace")]
+              for r in runs if r["ok"] and r.get("trace") and r["decode_evals"]]    # one token: no decode step
     for r in runs:
         r.pop("trace", None)
     if floors:

@@ -103,3 +103,14 @@ def test_bench_stock_child_uses_llama_cpps_default_repack(fixture_path):
     if run.get("signal"):
         pytest.fail(run["error"][0], pytrace=False)
     assert run["ok"] and run["use_extra_bufts"] is True and run["stock_repack"] is True, run
+
+
+def test_a_bench_of_one_token_has_no_decode_step_and_no_floor(fixture_path, tmp_path):
+    """`--tokens 1` generates the first token from the prompt's evaluation alone: no decode step, so no
+    Belady floor per decoded token (it divided by zero), and the run still completes and is reported."""
+    out = tmp_path / "bench.json"
+    assert cli(["bench", str(fixture_path), "--memory-budget", "50%", "--runs", "1", "--tokens", "1",
+                "--allowance", "1", "--no-cgroup", "--json", str(out)]) == 0
+    b = json.loads(out.read_text())["budgets"][0]
+    assert b["pairs"][0]["edgemoe"]["ok"] and b["pairs"][0]["edgemoe"]["decode_evals"] == 0
+    assert b.get("floor_bytes_per_token") is None
