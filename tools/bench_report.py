@@ -154,6 +154,9 @@ def presets_plot(r: dict, out: Path) -> None:
 
 def trace_stats_section(path: Path, r: dict) -> str:
     """Each preset's generated trace: its statistics beside the published figures they are calibrated to."""
+    def pct(v):
+        return "" if v is None else f"{v:+.1%}"
+
     out = ["### Generated routing: statistics beside their published targets", "",
            (f"Each preset's trace ({r['tokens']} tokens, seed {r['seed']}; `tools/make_trace.py`) measured by "
             "`trace_stats.py`, beside the figure published for the model (blank: measured, not targeted). "
@@ -168,8 +171,6 @@ def trace_stats_section(path: Path, r: dict) -> str:
                 "| statistic | target | measured | error | range over seeds | worst error over seeds |",
                 "|---|---|---|---|---|---|"]
         for row in p["rows"]:
-            def pct(v):
-                return "" if v is None else f"{v:+.1%}"
             lo, hi = row["range"]
             out.append(f"| {row['statistic']} | {'' if row['target'] is None else format(row['target'], '.4g')} | "
                        f"{row['measured']:.4g} | {pct(row['rel_error'])} | {lo:.4g}-{hi:.4g} | "

@@ -39,10 +39,9 @@ from tqdm import tqdm
 from edgemoe_llamacpp.bench import belady
 from edgemoe_llamacpp.cache_config import CacheConfig
 from edgemoe_llamacpp.layout import read_layout
-from edgemoe_llamacpp.policies import NEXTUSE_DECAY
 from edgemoe_llamacpp.predict import PREDICTORS, GatePredictor, TablePredictor, make_predictor, read_routers
 from edgemoe_llamacpp.replay import replay, synthetic_layout
-from edgemoe_llamacpp.residency import POLICIES, USE_DECAY, parse_budget
+from edgemoe_llamacpp.residency import POLICIES, make_policy, parse_budget
 from edgemoe_llamacpp.routing import record_completion, record_windows
 from edgemoe_llamacpp.trace_gen import PRESETS, make_trace
 
@@ -224,7 +223,7 @@ def main() -> None:
             print(f"{spec} {POLICIES[0]} foresight {h} tokens: misses/token {misses / n_tokens:.2f}")
         rows.append(row)
     result = {"kind": "policy_replay", "command": "python " + " ".join(sys.argv), "model": args.model,
-              "use_decay": NEXTUSE_DECAY if POLICIES[0] == "nextuse" else USE_DECAY, "validation": args.validation,
+              "use_decay": getattr(make_policy(POLICIES[0], {}), "use_decay", None), "validation": args.validation,
               "prompts": len(traces), "tokens": WINDOW if args.validation else args.tokens,
               "n_expert": layout.n_expert, "n_expert_used": layout.n_expert_used,
               "moe_layers": len(layout.moe_layers), "depths": args.depths, "budgets": rows}
