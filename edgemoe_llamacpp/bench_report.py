@@ -2,6 +2,7 @@
 (tools/bench_report.py assembles the file and draws the plots)."""
 from __future__ import annotations
 
+import statistics
 from pathlib import Path
 
 
@@ -63,6 +64,16 @@ def format_table(result: dict) -> str:
                         f"{d['compute']['median']:.1f} | {d['stall']['median']:.1f} | {d['hook_cpu']['median']:.2f} | "
                         f"{fmt(b.get('decode_vs_bound'), '{:.2f}x')} |")
     return "\n".join(rows)
+
+
+def disk_note(r: dict) -> str:
+    """The disk's cold read speed: once before the runs, and (newer results) again beside every pair."""
+    probes = [p["disk_bandwidth_bps"] for b in r["budgets"] for p in b.get("pairs", []) if "disk_bandwidth_bps" in p]
+    if not probes:
+        return f"{r['disk_bandwidth_bps'] / 1e9:.2f} GB/s cold 1 MiB reads"
+    return (f"{statistics.median(probes) / 1e9:.2f} GB/s cold 1 MiB reads (median of {len(probes)} measurements, "
+            f"one beside every pair, {min(probes) / 1e9:.2f}-{max(probes) / 1e9:.2f}; each run's fetch efficiency "
+            "and bound are taken against its pair's)")
 
 
 def memory_limit_note(result: dict) -> dict:
@@ -131,7 +142,7 @@ def section(path: Path, r: dict, *, root: Path, image: Path | None = None) -> st
         f"({r['expert_bytes'] / (r['n_layer'] * r['n_expert']) / 1e6:.2f} MB each). "
         f"{r['tokens']} tokens generated greedily after a {len(r['prompt'])}-character prompt; "
         f"{limited}; cold page cache before every run; engines alternate run by run. "
-        f"Disk: {r['disk_bandwidth_bps'] / 1e9:.2f} GB/s cold 1 MiB reads. "
+        f"Disk: {disk_note(r)}. "
         f"Machine: {m['cpu']}, {m['cpus']} cores, {m['memory_bytes'] / 2**30:.0f} GiB, Linux {m['kernel']}, "
         f"Python {m['python']}; {r['date']}." + config_note(r) + (f" {r['note']}" if r.get("note") else "")),
         "",

@@ -16,6 +16,7 @@ class LayerStats:
     bytes_fetched: int = 0          # read on demand, while llama.cpp waits
     bytes_evicted: int = 0
     stall_s: float = 0.0            # llama.cpp waiting for fetches, and for prefetches still in flight
+    evict_s: float = 0.0            # ... of which dropping victims to make room
     prefetches: int = 0             # experts read ahead on a prediction
     prefetch_bytes: int = 0
     prefetch_used: int = 0          # prefetched experts chosen before they were evicted

@@ -180,6 +180,7 @@ class ExpertCache:
         if self.budget is not None:    # with no limit, llama.cpp's mapping serves first touches: just count
             t0 = time.perf_counter()
             self._evict_to(self.capacity - need, keep=self._needed)
+            st.evict_s += time.perf_counter() - t0
             st.bytes_fetched += self.storage.fetch(missing)
             st.substituted_bytes += sum(cost[u] for u in missing if u.low)
             st.stall_s += time.perf_counter() - t0
