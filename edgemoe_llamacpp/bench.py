@@ -198,13 +198,6 @@ def _spread(values: list[float]) -> dict:
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
 
 
-def fetch_bps(run: dict) -> float | None:
-    """An edgemoe run's bytes fetched on demand per second of stall: what its reads achieved while decoding
-    waited (None without fetches)."""
-    t = run.get("stats", {}).get("total", {})
-    return t["bytes_fetched"] / t["stall_s"] if t.get("stall_s") and t.get("bytes_fetched") else None
-
-
 def _engine_summary(runs: list[dict]) -> dict:
     ok = [r for r in runs if r["ok"]]
 
@@ -229,8 +222,6 @@ def _engine_summary(runs: list[dict]) -> dict:
     if stats:
         out["hit_rate"] = _spread([s["total"]["hit_rate"] for s in stats])
         out["stall_s"] = _spread([s["total"]["stall_s"] for s in stats])
-        # bytes fetched on demand per second of stall: what the cache's reads achieve while decoding waits
-        out["fetch_bps"] = _spread([fetch_bps(r) for r in ok if "stats" in r])
         out["hook_us_per_layer"] = _spread([s.get("hook_us_per_layer") for s in stats])
         parts = [r["decode_ms_per_token"] for r in ok if r.get("decode_ms_per_token")]
         if parts:       # where a decoded token's time goes: waiting for reads, the hook's Python, the rest
@@ -317,7 +308,18 @@ def run_bench(model: str, budgets: list[str], *, runs: int = 3, tokens: int = 64
                                            # process's own
                                            stock_repack=stock_repack is True,
                                            controller=controller if use_cgroup else None, route_trace=route_trace)
+    # compute alone: the same run with every expert in memory (no budget, no memory limit), the time a token
+    # takes when nothing waits for reads; each budget's reads are judged by the time they add to it
+    reference = _child(model, stock=False, tokens=tokens, prompt=prompt, n_ctx=n_ctx, limit=None,
+                       n_threads=n_threads, cache=replace(cache, memory_budget=None), route_trace=route_trace)
+    compute_only = (reference.get("decode_ms_per_token") or {}).get("compute")
+    if compute_only is None:
+        log.warning("the compute-only run failed (%s): each run's own compute time stands in for it",
+                    reference.get("error"))
     result = {
+        "compute_only": {"ms_per_token": compute_only, "decode_tok_s": reference.get("decode_tok_s"),
+                         "ok": reference["ok"], "error": reference.get("error"),
+                         "decode_ms_per_token": reference.get("decode_ms_per_token")},
         "model": str(model), "arch": layout.arch, "n_layer": layout.n_layer, "n_expert": layout.n_expert,
         "n_expert_used": layout.n_expert_used, "dense_bytes": layout.dense_bytes,
         "expert_bytes": layout.expert_bytes, "file_bytes": layout.file_size, "kv_cache_bytes": kv,
@@ -375,10 +377,15 @@ def run_bench(model: str, budgets: list[str], *, runs: int = 3, tokens: int = 64
         disk = probes["median"]
         if "floor_bytes_per_token" in entry:
             entry["floor_io_s_per_token"] = entry["floor_bytes_per_token"] / disk
-        # bytes fetched on demand per second of stall, over the disk's speed measured beside that run
-        entry["fetch_efficiency"] = _spread([fetch_bps(p["edgemoe"]) / p["disk_bandwidth_bps"] for p in pairs
-                                             if fetch_bps(p["edgemoe"])])["median"]
-        entry["decode_vs_bound"] = _spread([_vs_bound(p["edgemoe"], p["disk_bandwidth_bps"]) for p in pairs])["median"]
+        # each run's reads by the time they added to a token (decoding less compute alone and the hook's Python),
+        # over the disk's speed measured beside that run; and its decode time over the bound
+        waits = [read_wait_ms(p["edgemoe"], compute_only) for p in pairs]
+        entry["read_wait_ms_per_token"] = _spread(waits)
+        entry["fetch_efficiency"] = _spread([
+            p["edgemoe"]["decode_read_bytes"] / p["edgemoe"]["decode_evals"] / (w / 1e3) / p["disk_bandwidth_bps"]
+            for p, w in zip(pairs, waits, strict=True) if w and w > 0])["median"]
+        entry["decode_vs_bound"] = _spread([_vs_bound(p["edgemoe"], compute_only, p["disk_bandwidth_bps"])
+                                            for p in pairs])["median"]
         entry["pairs"] = pairs
         result["budgets"].append(entry)
     bar.close()
@@ -390,15 +397,27 @@ def run_bench(model: str, budgets: list[str], *, runs: int = 3, tokens: int = 64
     return result
 
 
-def _vs_bound(run: dict, bandwidth: float) -> float | None:
-    """One edgemoe run's decode time per token over max(its compute time per token, its reads per token at the
+def read_wait_ms(run: dict, compute_only: float | None) -> float | None:
+    """What waiting for reads added to an edgemoe run's decoded token (ms): its time less compute alone and the
+    hook's Python. The wait is in the hook (queuing or waiting for reads) and in llama.cpp's page faults on pages
+    still being read. Without a compute-only figure, the run's own compute (the time outside the hook) stands in."""
+    parts = run.get("decode_ms_per_token") or {}
+    if not run.get("ok") or not run.get("decode_tok_s") or "compute" not in parts:
+        return None
+    compute = parts["compute"] if compute_only is None else compute_only
+    return 1e3 / run["decode_tok_s"] - parts["hook_cpu"] - compute
+
+
+def _vs_bound(run: dict, compute_only: float | None, bandwidth: float) -> float | None:
+    """One edgemoe run's decode time per token over max(compute alone per token, its reads per token at the
     disk's cold bandwidth): 1.0 when reads overlap compute completely, or run at disk speed with nothing else to
     do."""
     parts, evals = run.get("decode_ms_per_token") or {}, run.get("decode_evals")
     if not run.get("ok") or not run.get("decode_tok_s") or "compute" not in parts or not evals or not bandwidth:
         return None
+    compute = parts["compute"] if compute_only is None else compute_only
     read = run["decode_read_bytes"] / evals
-    return (1e3 / run["decode_tok_s"]) / max(parts["compute"], 1e3 * read / bandwidth)
+    return (1e3 / run["decode_tok_s"]) / max(compute, 1e3 * read / bandwidth)
 
 
 def _trace_source(path: str) -> str:

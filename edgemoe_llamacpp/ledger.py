@@ -15,7 +15,8 @@ class LayerStats:
     misses: int = 0
     bytes_fetched: int = 0          # read on demand, while llama.cpp waits
     bytes_evicted: int = 0
-    stall_s: float = 0.0            # llama.cpp waiting for fetches, and for prefetches still in flight
+    stall_s: float = 0.0            # the hook making room and fetching (reads overlapped: queuing them), and
+                                    # waiting for prefetches still in flight
     evict_s: float = 0.0            # ... of which dropping victims to make room
     prefetches: int = 0             # experts read ahead on a prediction
     prefetch_bytes: int = 0

@@ -83,6 +83,11 @@ class ExpertCache:
         self.eviction = self._make_policy(policy)
         self.ledger = Ledger(layout.moe_layers, layout.n_expert)
         self.storage = self.storage_class(layout, threads=threads, prefetch_threads=prefetch_threads)
+        # A miss returns once its reads are queued: llama.cpp's page faults wait for each page as the layer
+        # computes, so the layer's work on what is in memory overlaps the reads. Every page a chosen expert
+        # spans is read by that layer's matmuls, so its reads have landed before any later ensure may evict it.
+        # False: wait for every read before the layer runs.
+        self.overlap_reads = True
         self.inflight: dict[ExpertUID, Future] = {}   # prefetch reads not yet waited for
         self.max_inflight = 0                       # bytes in flight at most; 0 = prefetch off
         self._needed: set[ExpertUID] = set()        # the experts of the layer llama.cpp is about to compute
@@ -181,7 +186,7 @@ class ExpertCache:
             t0 = time.perf_counter()
             self._evict_to(self.capacity - need, keep=self._needed)
             st.evict_s += time.perf_counter() - t0
-            st.bytes_fetched += self.storage.fetch(missing)
+            st.bytes_fetched += self.storage.fetch(missing, wait=not self.overlap_reads)
             st.substituted_bytes += sum(cost[u] for u in missing if u.low)
             st.stall_s += time.perf_counter() - t0
         for u in missing:

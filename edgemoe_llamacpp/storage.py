@@ -1,8 +1,9 @@
 """Expert bytes in llama.cpp's mapping of the file: their pages, reading them in, dropping them.
 
 An expert is resident when the page-cache pages of its byte ranges are. Fetching reads those exact
-ranges (readahead(2) of each range, then MADV_POPULATE_READ on llama.cpp's mapping from parallel threads;
-`pread` where that is unavailable; adjacent ranges merged so a prompt batch reads a layer sequentially);
+ranges (readahead(2) of each range, then either MADV_POPULATE_READ on llama.cpp's mapping from parallel threads,
+or nothing more: llama.cpp's page faults wait for the pages as it computes; `pread` where readahead is
+unavailable; adjacent ranges merged so a prompt batch reads a layer sequentially);
 dropping removes the pages from llama.cpp's mapping (`MADV_DONTNEED`) and from the page cache
 (`POSIX_FADV_DONTNEED`). Costs are counted in whole pages, the unit the kernel keeps, so `mincore` can check
 the bookkeeping. Every madvise/fadvise call on the mapped experts lives here.
@@ -88,13 +89,18 @@ class ExpertStorage:
         merged = runtime.merge_spans(s for u in uids for s in self.spans[u])
         return [(off, min(READ_CHUNK, b - off)) for a, b in merged for off in range(a, b, READ_CHUNK)]
 
-    def fetch(self, uids: list[ExpertUID]) -> int:
-        """Read `uids` in while the caller waits; the bytes read."""
+    def fetch(self, uids: list[ExpertUID], *, wait: bool = True) -> int:
+        """Read `uids` in; the bytes read. wait=False returns once every read is queued: llama.cpp's own page
+        faults then wait for each page as it computes, so its work on the experts and pages already in memory
+        overlaps the rest of the reads (a fault on a page being read waits for that read; none is issued
+        twice). With wait (and where reads cannot be queued) every page is in memory and mapped on return."""
         chunks = self._chunks(uids)
         if self.populate:
             try:
                 for off, size in chunks:       # queue every read at once, then map them as they land
                     runtime.readahead(self.fd, off, size)
+                if not wait:
+                    return sum(size for _, size in chunks)
                 return sum(self.pool.map(self._populate, chunks))
             except OSError as e:               # MADV_POPULATE_READ needs Linux 5.14
                 log.warning("mapped fetch unavailable (%s): reading with pread", e)

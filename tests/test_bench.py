@@ -6,7 +6,7 @@ import pytest
 import stock
 
 from edgemoe_llamacpp import bench, bench_report, cgroup
-from edgemoe_llamacpp.bench import STOCK_RUNTIME_ENV, belady, fetch_bps, kv_cache_bytes, run_bench
+from edgemoe_llamacpp.bench import STOCK_RUNTIME_ENV, belady, kv_cache_bytes, run_bench
 from edgemoe_llamacpp.bench_report import format_table
 from edgemoe_llamacpp.cli import main as cli
 
@@ -59,10 +59,18 @@ def test_bench_records_a_crashed_stock_and_still_measures_edgemoe(fixture_path, 
     assert parts["stall"]["median"] > 0 and parts["compute"]["median"] > 0 and parts["hook_cpu"]["median"] > 0
     assert total == pytest.approx(1e3 / b["edgemoe"]["decode_tok_s"]["median"], rel=1e-6)
     assert b["decode_vs_bound"] > 0
-    pair = b["pairs"][0]               # the disk measured beside the pair judges that pair's reads
+    # reads judged by the time they add to compute alone (a run with every expert in memory), at the speed of
+    # the disk measured beside the pair
+    only = result["compute_only"]
+    assert only["ok"] and 0 < only["ms_per_token"] == only["decode_ms_per_token"]["compute"]
+    pair, run = b["pairs"][0], b["pairs"][0]["edgemoe"]
     assert pair["disk_bandwidth_bps"] > 0 and b["disk_bandwidth_bps"]["n"] == 1
-    assert b["fetch_efficiency"] == pytest.approx(fetch_bps(pair["edgemoe"]) / pair["disk_bandwidth_bps"])
-    assert "| compute | stall (reads) | hook CPU |" in format_table(result)
+    wait = 1e3 / run["decode_tok_s"] - run["decode_ms_per_token"]["hook_cpu"] - only["ms_per_token"]
+    assert b["read_wait_ms_per_token"]["median"] == pytest.approx(wait)
+    if wait > 0:
+        read = run["decode_read_bytes"] / run["decode_evals"]
+        assert b["fetch_efficiency"] == pytest.approx(read / (wait / 1e3) / pair["disk_bandwidth_bps"])
+    assert "| compute alone | waiting for reads | of which in the hook | hook CPU |" in format_table(result)
     assert b["decode_ratio"]["median"] is None
     assert b["decode_ratio"]["absent"] == "stock llama.cpp died with SIGSEGV in 1 of 1 runs"
     table = format_table(result)

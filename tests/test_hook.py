@@ -220,3 +220,42 @@ def test_budget_holds_by_mincore_after_every_layer_with_prefetch(fixture_path, d
     assert len(seen) == N_TOKENS * len(llm._edgemoe_layout.moe_layers)    # the prompt, then N_TOKENS - 1 tokens
     assert max(seen) <= budget, (max(seen), budget)
     assert max(seen) >= budget // 2
+
+
+def mapped_fraction(base: int, spans) -> float:
+    """Share of the pages in `spans` (file offsets, mapped at base) that are in this process's page table
+    (/proc/self/pagemap's present bit): mapped, not merely in the page cache."""
+    pages = [(base + a) // runtime.PAGE + i for a, b in spans for i in range((b - a) // runtime.PAGE)]
+    with open("/proc/self/pagemap", "rb") as f:
+        present = 0
+        for page in pages:
+            f.seek(page * 8)
+            present += int.from_bytes(f.read(8), "little") >> 63
+    return present / len(pages)
+
+
+def test_overlapped_reads_leave_the_mapping_to_llama_cpps_faults(fixture_path):
+    """A miss returns once its reads are queued: its pages are not yet in llama.cpp's page table, and the layer's
+    own page faults map them as it computes (waiting for pages still being read). Waiting for every read maps
+    them all before the layer runs. The tokens and logits are the same either way."""
+    out = {}
+    for overlap in (True, False):
+        llm = Llama(str(fixture_path), memory_budget="25%", n_ctx=256, verbose=False)
+        cache = llm._edgemoe_cache
+        cache.overlap_reads = overlap
+        fetch, mapped = cache.storage.fetch, []
+
+        def watched(uids, *, wait=True, fetch=fetch, mapped=mapped, cache=cache):
+            n = fetch(uids, wait=wait)
+            mapped.append(mapped_fraction(cache.base, [s for u in uids for s in cache.storage.spans[u]]))
+            return n
+
+        cache.storage.fetch = watched
+        out[overlap] = (*greedy(llm, PROMPT, 16), mapped)
+        llm.close()
+    (tokens, logits, mapped), (want_tokens, want_logits, waited) = out[True], out[False]
+    assert len(mapped) > 10 and len(waited) > 10
+    assert min(waited) == 1.0                         # waited for: every page mapped before the layer runs
+    assert np.median(mapped) < 0.1                    # queued: llama.cpp maps them itself
+    assert tokens == want_tokens
+    np.testing.assert_array_equal(logits, want_logits)
