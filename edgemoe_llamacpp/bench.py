@@ -389,12 +389,19 @@ def run_bench(model: str, budgets: list[str], *, runs: int = 3, tokens: int = 64
         entry["pairs"] = pairs
         result["budgets"].append(entry)
     bar.close()
-    # the floor's speed: unpressured compute (edgemoe's fastest median decode) plus the floor's reads
-    best = max((b["edgemoe"]["decode_tok_s"]["median"] or 0) for b in result["budgets"])
-    for b in result["budgets"]:
-        if best and "floor_io_s_per_token" in b:
-            b["floor_tok_s"] = 1 / (1 / best + b["floor_io_s_per_token"])
+    floor_speeds(result)
     return result
+
+
+def floor_speeds(result: dict) -> None:
+    """Each budget's `floor_tok_s`: compute alone plus the Belady floor's reads at the disk's speed, one after the
+    other (without a compute-only run, edgemoe's fastest median decode stands in for compute)."""
+    best = max((b["edgemoe"]["decode_tok_s"]["median"] or 0) for b in result["budgets"])
+    only = (result.get("compute_only") or {}).get("ms_per_token")
+    compute_s = only / 1e3 if only else (1 / best if best else None)
+    for b in result["budgets"]:
+        if compute_s and "floor_io_s_per_token" in b:
+            b["floor_tok_s"] = 1 / (compute_s + b["floor_io_s_per_token"])
 
 
 def read_wait_ms(run: dict, compute_only: float | None) -> float | None:

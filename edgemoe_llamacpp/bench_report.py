@@ -157,7 +157,7 @@ def section(path: Path, r: dict, *, root: Path, image: Path | None = None) -> st
         ("Storage MB/token and major faults/token are for the decode phase, from `/proc/self/io` and "
         "`getrusage` of the engine's process; the ratio is the median of per-pair ratios; the Belady row is "
         "the fewest expert bytes any cache of that budget could read for the recorded routing, and the "
-        "speed it implies (unpressured compute + those reads at the measured disk speed)."),
+        "speed it implies (compute alone + those reads at the measured disk speed)."),
         "",
         format_table(r),
         "",
