@@ -36,8 +36,8 @@ def perplexities(model_paths: list[str], *, texts=None, tokens: int = 16384, n_c
                  reference: str | None = None, batch: int | None = None, progress: bool = True,
                  **llama_kwargs) -> list[dict]:
     """`perplexity` of several models on the same windows, the reference evaluated once per window.
-    Each result also lists every window's summed negative log-likelihood (`window_nll`), for paired
-    comparisons between models."""
+    Each result also lists every window's summed negative log-likelihood (`window_nll`) and, with a reference,
+    its summed KL divergence from the reference (`window_kld`), for paired comparisons between models."""
     from .generate import check_context_memory
     from .llama import Llama
 
@@ -56,7 +56,7 @@ def perplexities(model_paths: list[str], *, texts=None, tokens: int = 16384, n_c
         ids = corpus.tokens(llms[0], texts if texts is not None else corpus.split_texts("validation"), tokens)
         parts = corpus.windows(ids, n_ctx)
         nll = np.zeros((len(llms), len(parts)))
-        kld, same = np.zeros(len(llms)), np.zeros(len(llms))
+        kld, same = np.zeros((len(llms), len(parts))), np.zeros(len(llms))
         rows = np.arange(n_ctx - 1)
         for w, window in enumerate(tqdm(parts, desc="perplexity", unit="window", disable=not progress)):
             ref_logp = window_logp(ref, window) if ref is not None else None
@@ -64,7 +64,7 @@ def perplexities(model_paths: list[str], *, texts=None, tokens: int = 16384, n_c
                 logp = window_logp(llm, window)
                 nll[m, w] = -logp[rows, window[1:]].sum()
                 if ref_logp is not None:
-                    kld[m] += float((np.exp(ref_logp) * (ref_logp - logp)).sum())
+                    kld[m, w] = float((np.exp(ref_logp) * (ref_logp - logp)).sum())
                     same[m] += float((ref_logp.argmax(1) == logp.argmax(1)).sum())
         stats = [llm.edgemoe_stats() for llm in llms]
     finally:
@@ -79,6 +79,7 @@ def perplexities(model_paths: list[str], *, texts=None, tokens: int = 16384, n_c
              "windows": len(parts), "n_ctx": n_ctx, "batch": batch, "stats": stats[m],
              "window_nll": nll[m].round(4).tolist()}
         if ref is not None:
-            r.update(reference=str(reference), kld=kld[m] / count, same_top1=same[m] / count)
+            r.update(reference=str(reference), kld=kld[m].sum() / count, same_top1=same[m] / count,
+                     window_kld=kld[m].round(6).tolist())
         out.append(r)
     return out

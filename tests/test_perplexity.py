@@ -40,6 +40,9 @@ def test_several_models_on_the_same_windows_against_a_reference(fixture_path, q2
                              progress=False)
     assert same["kld"] == pytest.approx(0.0, abs=1e-9) and same["same_top1"] == 1.0
     assert low["kld"] > 1e-4 and low["same_top1"] < 1.0 and low["windows"] == same["windows"]
+    # per window, for paired comparisons: every window diverges, and they add up to the total
+    assert len(low["window_kld"]) == low["windows"] and min(low["window_kld"]) > 0
+    assert sum(low["window_kld"]) / low["tokens"] == pytest.approx(low["kld"], rel=1e-5)
     alone = perplexity(q2k, tokens=4 * N_CTX, n_ctx=N_CTX, reference=str(fixture_path), progress=False)
     assert alone["perplexity"] == low["perplexity"] and alone["kld"] == low["kld"]
 
