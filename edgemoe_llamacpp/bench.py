@@ -379,11 +379,9 @@ def run_bench(model: str, budgets: list[str], *, runs: int = 3, tokens: int = 64
             entry["floor_io_s_per_token"] = entry["floor_bytes_per_token"] / disk
         # each run's reads by the time they added to a token (decoding less compute alone and the hook's Python),
         # over the disk's speed measured beside that run; and its decode time over the bound
-        waits = [read_wait_ms(p["edgemoe"], compute_only) for p in pairs]
-        entry["read_wait_ms_per_token"] = _spread(waits)
-        entry["fetch_efficiency"] = _spread([
-            p["edgemoe"]["decode_read_bytes"] / p["edgemoe"]["decode_evals"] / (w / 1e3) / p["disk_bandwidth_bps"]
-            for p, w in zip(pairs, waits, strict=True) if w and w > 0])["median"]
+        entry["read_wait_ms_per_token"] = _spread([read_wait_ms(p["edgemoe"], compute_only) for p in pairs])
+        entry["fetch_efficiency"] = _spread([_fetch_efficiency(p["edgemoe"], compute_only, p["disk_bandwidth_bps"])
+                                             for p in pairs])["median"]
         entry["decode_vs_bound"] = _spread([_vs_bound(p["edgemoe"], compute_only, p["disk_bandwidth_bps"])
                                             for p in pairs])["median"]
         entry["pairs"] = pairs
@@ -404,27 +402,40 @@ def floor_speeds(result: dict) -> None:
             b["floor_tok_s"] = 1 / (compute_s + b["floor_io_s_per_token"])
 
 
+def _decoded_token(run: dict, compute_only: float | None) -> tuple[float, float, float, float] | None:
+    """An edgemoe run's decoded token: (its time, compute alone, the hook's Python, all in ms; bytes read), or None
+    for a run that failed or decoded nothing. Without a compute-only figure, the run's own compute (the time
+    outside the hook) stands in."""
+    parts, evals = run.get("decode_ms_per_token") or {}, run.get("decode_evals")
+    if not run.get("ok") or not run.get("decode_tok_s") or "compute" not in parts or not evals:
+        return None
+    compute = parts["compute"] if compute_only is None else compute_only
+    return 1e3 / run["decode_tok_s"], compute, parts["hook_cpu"], run["decode_read_bytes"] / evals
+
+
 def read_wait_ms(run: dict, compute_only: float | None) -> float | None:
     """What waiting for reads added to an edgemoe run's decoded token (ms): its time less compute alone and the
     hook's Python. The wait is in the hook (queuing or waiting for reads) and in llama.cpp's page faults on pages
-    still being read. Without a compute-only figure, the run's own compute (the time outside the hook) stands in."""
-    parts = run.get("decode_ms_per_token") or {}
-    if not run.get("ok") or not run.get("decode_tok_s") or "compute" not in parts:
-        return None
-    compute = parts["compute"] if compute_only is None else compute_only
-    return 1e3 / run["decode_tok_s"] - parts["hook_cpu"] - compute
+    still being read."""
+    token = _decoded_token(run, compute_only)
+    return None if token is None else token[0] - token[2] - token[1]
+
+
+def _fetch_efficiency(run: dict, compute_only: float | None, bandwidth: float) -> float | None:
+    """An edgemoe run's decode reads per second of the wait they added, over the disk's cold bandwidth."""
+    token, wait = _decoded_token(run, compute_only), read_wait_ms(run, compute_only)
+    return None if token is None or wait <= 0 else token[3] / (wait / 1e3) / bandwidth
 
 
 def _vs_bound(run: dict, compute_only: float | None, bandwidth: float) -> float | None:
     """One edgemoe run's decode time per token over max(compute alone per token, its reads per token at the
     disk's cold bandwidth): 1.0 when reads overlap compute completely, or run at disk speed with nothing else to
     do."""
-    parts, evals = run.get("decode_ms_per_token") or {}, run.get("decode_evals")
-    if not run.get("ok") or not run.get("decode_tok_s") or "compute" not in parts or not evals or not bandwidth:
+    token = _decoded_token(run, compute_only)
+    if token is None or not bandwidth:
         return None
-    compute = parts["compute"] if compute_only is None else compute_only
-    read = run["decode_read_bytes"] / evals
-    return (1e3 / run["decode_tok_s"]) / max(compute, 1e3 * read / bandwidth)
+    ms, compute, _, read = token
+    return ms / max(compute, 1e3 * read / bandwidth)
 
 
 def _trace_source(path: str) -> str:
