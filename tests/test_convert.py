@@ -58,6 +58,7 @@ def test_mixed_file_layout_and_checks(mixed):
     assert t.slice(0).size == 256 * 144 and t.slice(1).offset - t.slice(0).offset == t.stride
     report = verify(mixed.path)
     assert report["mixed"] and report["unaligned_expert_ranges"] == 0
+    assert report["imatrix"] is False           # converted without importance matrices
 
 
 def test_verify_finds_damage(mixed, tmp_path):
@@ -195,9 +196,9 @@ def test_iq_plan_is_written_with_each_experts_imatrix(fixture_path, iq_plan):
     out, plan, report, imatrix = iq_plan
     assert 2.4 < report["bits_per_weight"] <= 2.5
     assert {tn for types in plan.values() for tn in types} >= {"IQ2_XXS", "IQ3_XXS"}
-    assert out.mixed and verify(out.path)["unaligned_expert_ranges"] == 0
+    summary = verify(out.path)
+    assert out.mixed and summary["unaligned_expert_ranges"] == 0 and summary["imatrix"] is True
     assert cli(["verify", out.path]) == 0
-    assert out.edgemoe["imatrix"] is True
     data = np.memmap(out.path, dtype=np.uint8, mode="r")
     checked = set()
     for t in out.expert_tensors:
