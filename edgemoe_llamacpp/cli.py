@@ -204,18 +204,21 @@ def cmd_profile(args: argparse.Namespace) -> int:
     return 0
 
 
-def _plan_from_args(args: argparse.Namespace):
+def _plan_from_args(args: argparse.Namespace, layout):
+    """The plan (--uniform, --plan or measured from --profile), its `edgemoe.*` metadata and the importance
+    matrices to quantize with (or None)."""
     from . import quant
     from .convert import uniform_plan
-    from .layout import read_layout
+    from .profile import Profile
 
-    layout = read_layout(args.input)
     chosen = [x for x in ("uniform", "plan", "profile") if getattr(args, x)]
     if len(chosen) != 1:
         raise EdgeMoEError("convert needs exactly one of --profile (with --expert-bits or --size), --uniform, "
                            "--plan")
+    if args.no_imatrix and args.imatrix:
+        raise EdgeMoEError("--imatrix and --no-imatrix contradict each other")
     if args.uniform:
-        return uniform_plan(layout, args.uniform), {"plan.method": f"uniform {args.uniform}"}
+        return uniform_plan(layout, args.uniform), {"plan.method": f"uniform {args.uniform}"}, _imatrix(args, layout)
     if args.plan:
         from pathlib import Path
 
@@ -231,17 +234,20 @@ def _plan_from_args(args: argparse.Namespace):
         missing = [name for name, types in plan.items() if types is None]
         if missing:
             raise EdgeMoEError(f"{args.plan}: no types for {missing[:3]}")
-        return plan, {"plan.method": f"file {Path(args.plan).name}"}
+        return plan, {"plan.method": f"file {Path(args.plan).name}"}, _imatrix(args, layout)
     from .plan import make_plan, measure_costs
-    from .profile import Profile
 
     if (args.expert_bits is None) == (args.size is None):
         raise EdgeMoEError("--profile needs exactly one of --expert-bits or --size")
-    floor = min(map(quant.bits_per_weight, quant.PLAN_TYPES))
-    if args.expert_bits is not None and args.expert_bits < floor:
-        raise EdgeMoEError(f"--expert-bits {args.expert_bits} is below {floor}, the bits per weight of the "
-                           f"smallest type a plan can use ({min(quant.PLAN_TYPES, key=quant.bits_per_weight)})")
-    costs = measure_costs(args.input, Profile(args.profile, layout))
+    candidates = [tn for tn in quant.PLAN_TYPES if not args.no_imatrix or not quant.requires_imatrix(tn)]
+    smallest = min(candidates, key=quant.bits_per_weight)
+    if args.expert_bits is not None and args.expert_bits < quant.bits_per_weight(smallest):
+        raise EdgeMoEError(f"--expert-bits {args.expert_bits} is below {quant.bits_per_weight(smallest)}, the bits "
+                           f"per weight of the smallest type a plan can use ({smallest}"
+                           f"{', without importance matrices' if args.no_imatrix else ''})")
+    prof = Profile(args.profile, layout)
+    imatrix = _imatrix(args, layout, prof)
+    costs = measure_costs(args.input, prof, candidates, imatrix=imatrix)
     size = None if args.size is None else parse_budget(args.size, costs["nbytes"].min(axis=1).sum())
     plan, report = make_plan(costs, expert_bits=args.expert_bits, size=size)
     print(f"plan: {report['bits_per_weight']:.3f} bits per expert weight, {report['expert_bytes']:,} expert "
@@ -250,20 +256,35 @@ def _plan_from_args(args: argparse.Namespace):
 
     return plan, {"plan.method": "measured output error (edgemoe plan)",
                   "plan.bits_per_weight": round(report["bits_per_weight"], 4),
-                  "profile.sha256": sha256_file(args.profile)}
+                  "profile.sha256": sha256_file(args.profile)}, imatrix
+
+
+def _imatrix(args: argparse.Namespace, layout, prof=None):
+    """The per-expert importance matrices convert quantizes with: from --imatrix's profile, else from --profile's
+    (`prof`); none with --no-imatrix."""
+    from .imatrix import from_profile
+    from .profile import Profile
+
+    if args.no_imatrix or not (args.imatrix or prof):
+        return None
+    return from_profile(Profile(args.imatrix, layout) if args.imatrix else prof, layout)
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from .convert import convert
+    from .convert import convert, sha256_file
+    from .layout import read_layout
 
-    inputs = [args.input, args.profile, args.plan]
+    inputs = [args.input, args.profile, args.plan, args.imatrix]
     files.check_output(args.output, inputs=inputs, force=args.force)
     if args.save_plan:
         files.check_output(args.save_plan, inputs=[*inputs, args.output], force=args.force, what="--save-plan")
-    plan, meta = _plan_from_args(args)
+    plan, meta, imatrix = _plan_from_args(args, read_layout(args.input))
     if args.save_plan:
         files.write_text(args.save_plan, json.dumps(plan, indent=1) + "\n")
-    layout = convert(args.input, args.output, plan, meta=meta, force=args.force, lowbit=args.lowbit)
+    if imatrix is not None:
+        meta["imatrix.profile.sha256"] = sha256_file(args.imatrix or args.profile)
+    layout = convert(args.input, args.output, plan, meta=meta, force=args.force, lowbit=args.lowbit,
+                     imatrix=imatrix)
     needs = [x for x, on in (("per-expert types", layout.mixed),
                              (f"{layout.lowbit_type} copies of the experts", args.lowbit)) if on]
     kind = f"{' and '.join(needs)}: needs the patched runtime" if needs else "loads in stock llama.cpp"
@@ -411,13 +432,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("output", help="new GGUF (refused if it exists, unless --force)")
     p.add_argument("--profile", help="profile from `edgemoe profile`: plan per-expert types from it")
     p.add_argument("--expert-bits", dest="expert_bits", type=_float(0, 64, lo_open=True),
-                   help="with --profile: average bits per expert weight (Q2_K is 2.625, Q8_0 8.5)")
+                   help="with --profile: average bits per expert weight (IQ2_XXS is 2.0625, Q2_K 2.625, Q8_0 8.5)")
     p.add_argument("--size", help="with --profile: expert bytes instead, e.g. 12MB")
     p.add_argument("--uniform", metavar="TYPE", help="every expert at TYPE (e.g. Q4_K); stock llama.cpp loads it")
     p.add_argument("--plan", help="JSON: expert tensor name -> type, or list of types per expert")
     p.add_argument("--save-plan", dest="save_plan", help="write the plan used as JSON here")
-    p.add_argument("--lowbit", metavar="TYPE", help="also store every expert at TYPE (e.g. Q2_K), for running a "
-                   "missed low-weight expert from it (--substitute)")
+    p.add_argument("--lowbit", metavar="TYPE", help="also store every expert at TYPE (e.g. Q2_K or IQ2_XXS), for "
+                   "running a missed low-weight expert from it (--substitute)")
+    p.add_argument("--imatrix", metavar="PROFILE", help="quantize every expert with its importance matrix from this "
+                   "profile's sampled inputs (llama.cpp's imatrix convention; default: --profile's, if given); "
+                   "IQ2_XXS and IQ2_XS need one")
+    p.add_argument("--no-imatrix", dest="no_imatrix", action="store_true",
+                   help="quantize without importance matrices (a plan then leaves out IQ2_XXS and IQ2_XS)")
     p.add_argument("--force", action="store_true", help="replace OUTPUT (and --save-plan) if it exists")
     p.set_defaults(func=cmd_convert)
 

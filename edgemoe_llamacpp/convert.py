@@ -12,6 +12,9 @@ With `lowbit=TYPE`, every stacked expert tensor also gets `edgemoe.lowbit.<tenso
 to TYPE from the source, in a page-aligned slot of its own, for the runtime to run a missed, low-weight
 expert from (HOBBIT's substitution). Such a file needs the patched runtime too.
 
+With `imatrix` (tensor name -> [n_expert, n_per_row], imatrix.py), every expert is quantized with its own
+importance matrix; IQ2_XXS and IQ2_XS cannot be made without one.
+
 The output is written to a temporary file beside OUT, fsynced and renamed: a killed conversion leaves
 OUT as it was, and IN is only ever read.
 """
@@ -29,6 +32,7 @@ from tqdm import tqdm
 
 from . import files, quant
 from .errors import EdgeMoEError
+from .imatrix import check as check_imatrix
 from .layout import EDGEMOE_PREFIX, EXPERT_TYPES, LOWBIT, MoELayout, read_layout
 
 ALIGNMENT = mmap.PAGESIZE
@@ -134,7 +138,7 @@ def _kv(writer: GGUFWriter, reader: GGUFReader) -> None:
         writer.add_key_value(key, field.contents(), vtype, sub_type=sub)
 
 
-def _write_tensor(f, base: int, entry: dict, bar) -> None:
+def _write_tensor(f, base: int, entry: dict, bar, imatrix: dict[str, np.ndarray] | None) -> None:
     t = entry["src"]
     if t is None:                                   # the guard
         f.seek(base)
@@ -150,12 +154,14 @@ def _write_tensor(f, base: int, entry: dict, bar) -> None:
     row_len, rows = entry["row_len"], entry["rows"]
     slot = entry["nbytes"] // len(types)
     per_src = data.size // len(types)
+    weights = None if imatrix is None else imatrix[t.name]
     for e, tn in enumerate(types):
         chunk = data[e * per_src:(e + 1) * per_src]
         if tn == src_type:
             blob = chunk.tobytes()
         else:
-            blob = quant.quantize(quant.dequantize(chunk, src_type, row_len), tn)
+            blob = quant.quantize(quant.dequantize(chunk, src_type, row_len), tn,
+                                  None if weights is None else weights[e])
         assert len(blob) == rows * quant.row_bytes(tn, row_len)
         f.seek(base + e * slot)
         f.write(blob)
@@ -174,9 +180,10 @@ def _check_low_type(type_name: str, row_len: int, name: str) -> None:
 
 def convert(src: str | os.PathLike, dst: str | os.PathLike, plan: dict[str, list[str]], *,
             meta: dict | None = None, force: bool = False, progress: bool = True,
-            lowbit: str | None = None) -> MoELayout:
+            lowbit: str | None = None, imatrix: dict[str, np.ndarray] | None = None) -> MoELayout:
     """Write `src` with its experts at `plan`'s types to `dst`, plus low-bit copies of every expert at
-    `lowbit` if given. Returns the new file's layout."""
+    `lowbit` if given, quantizing with the per-expert importance matrices `imatrix` if given. Returns the new
+    file's layout."""
     src, dst = Path(src), Path(dst)
     layout = read_layout(src)
     dst = files.check_output(dst, inputs=[src], force=force)
@@ -193,6 +200,16 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, plan: dict[str, list
             raise EdgeMoEError(f"low-bit copies at {lowbit} ({quant.bits_per_weight(lowbit):.3g} bits per weight) "
                                f"would be no smaller than experts at {smallest} "
                                f"({quant.bits_per_weight(smallest):.3g}); pick a smaller --lowbit type")
+    if imatrix is not None:
+        check_imatrix(imatrix, {t.name: (int(t.shape[-1]), int(t.shape[0])) for t in reader.tensors
+                                if t.name in plan})
+    else:
+        src_types = {t.name: t.tensor_type.name for t in reader.tensors}
+        made = {tn for name, types in plan.items() for tn in types if tn != src_types[name]} | ({lowbit} - {None})
+        need = sorted(tn for tn in made if quant.requires_imatrix(tn))
+        if need:
+            raise EdgeMoEError(f"{', '.join(need)} cannot be made without importance matrices: convert with "
+                               f"--imatrix PROFILE (or plan from --profile without --no-imatrix)")
     tensors = _out_tensors(reader, plan, lowbit)
 
     writer = GGUFWriter(None, layout.arch)
@@ -205,6 +222,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, plan: dict[str, list
     writer.add_string("edgemoe.source.name", src.name)
     writer.add_string("edgemoe.source.sha256", sha256_file(src))
     writer.add_string("edgemoe.created", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    writer.add_bool("edgemoe.imatrix", imatrix is not None)
     if lowbit is not None:
         writer.add_string("edgemoe.lowbit_type", lowbit)
     for key, value in (meta or {}).items():
@@ -231,7 +249,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, plan: dict[str, list
         n_experts = sum(len(e["experts"]) for e in tensors if e["experts"])
         with tqdm(total=n_experts, desc="quantize experts", unit="expert", disable=not progress) as bar:
             for e, off in zip(tensors, offsets, strict=True):
-                _write_tensor(f, off, e, bar)
+                _write_tensor(f, off, e, bar, imatrix)
         f.truncate(pos)
         f.flush()
         writer.close()

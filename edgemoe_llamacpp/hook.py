@@ -26,6 +26,8 @@ from . import runtime
 
 TOPK = b"ffn_moe_topk"
 TOPK_PREFIX = len(TOPK) + 1          # "ffn_moe_topk-" then the layer number
+DOWN = b"ffn_moe_down-"              # the down projection's MUL_MAT_ID (build_moe_ffn), then the layer number
+GGML_OP_MUL_MAT_ID = 30              # ggml.h enum ggml_op
 GGML_TYPE_I32 = 26                   # ggml.h enum ggml_type
 GGML_TYPE_F32 = 0
 SOURCE_SEARCH_DEPTH = 8              # how many hops up from topk a wanted node may be
@@ -66,9 +68,13 @@ class ExpertHook:
     on_route(layer, ids (T, k) int32, hidden (T, n_embd) or None, weights (T, k) or None): `hidden` is the
     node named `hidden_node` if given; `weights` (with want_weights) the chosen experts' router
     probabilities, renormalised over the k chosen.
+    on_down(layer, ids (T, k), x (T, k, n_ff)), for the profile: what each chosen expert's down projection
+    multiplies (`ffn_moe_down-N`'s src1), after that layer's on_route. It costs a graph split per layer and
+    makes Python answer every `ask`.
     """
 
-    def __init__(self, on_route=None, hidden_node: str | None = None, want_weights: bool = False, inject=None):
+    def __init__(self, on_route=None, hidden_node: str | None = None, want_weights: bool = False, inject=None,
+                 on_down=None):
         self.on_route = on_route
         self.inject = inject              # inject(layer, t): overwrite the node's ids first (inject.TraceInjector)
         self.hidden_node = hidden_node.encode() + b"-" if hidden_node else None
@@ -77,12 +83,14 @@ class ExpertHook:
         self.error: BaseException | None = None
         self.routes = 0
         self._checked = False
-        self.callback = llama_cpp.ggml_backend_sched_eval_callback(self._cb)   # keep: C holds a pointer
+        self.on_down = on_down
+        # keep: C holds a pointer
+        self.callback = llama_cpp.ggml_backend_sched_eval_callback(self._cb if on_down is None else self._cb_down)
         self.hook_ns = 0                  # time spent in Python for the topk nodes (called, or logged and drained)
         self.calls = 0                    # topk nodes the runtime called Python for
         self._filter = None
         self._log = self._on_logged = None
-        native = runtime.eval_prefix_filter()
+        native = runtime.eval_prefix_filter() if on_down is None else None
         if native is not None:            # the patched runtime answers `ask` in C and calls us at topk only
             self._filter = PrefixFilterParams(self.callback, None, TOPK + b"-")
             self._filter_fn = llama_cpp.ggml_backend_sched_eval_callback(native)
@@ -143,6 +151,26 @@ class ExpertHook:
             t0 = time.perf_counter_ns()
             self._on_topk(t)
             self.hook_ns += time.perf_counter_ns() - t0
+        except BaseException as e:  # noqa: BLE001 -- must not unwind through C; re-raised after the eval
+            if self.error is None:
+                self.error = e
+        return True
+
+    def _cb_down(self, t: int, ask: bool, user_data) -> bool:
+        """_cb, and the down projections' inputs to on_down."""
+        name = ctypes.string_at(t + runtime.T_NAME, runtime.GGML_MAX_NAME).split(b"\0", 1)[0]
+        if not (name.startswith(DOWN) and name[len(DOWN):].isdigit()):
+            return self._cb(t, ask, user_data)
+        if ask:
+            return True
+        try:
+            mm = t
+            while ctypes.c_int32.from_address(mm + runtime.T_OP).value != GGML_OP_MUL_MAT_ID:
+                mm = _sources(mm)[0]      # the matmul under a scale or a LoRA's add
+                if not mm:
+                    raise RuntimeError(f"{name.decode()} is not computed by a MUL_MAT_ID")
+            src = _sources(mm)
+            self.on_down(int(name[len(DOWN):]), read_ids(src[2]), read_f32_3d(src[1]))
         except BaseException as e:  # noqa: BLE001 -- must not unwind through C; re-raised after the eval
             if self.error is None:
                 self.error = e
@@ -261,6 +289,17 @@ def find_source(t: int, name: bytes) -> list[int] | None:
                     nxt.append((s, path + [i]))
         frontier = nxt
     return None
+
+
+def read_f32_3d(t: int) -> np.ndarray:
+    """A 3-D F32 node as a (ne[2], ne[1], ne[0]) array, honouring its strides."""
+    if ctypes.c_int32.from_address(t + runtime.T_TYPE).value != GGML_TYPE_F32:
+        raise RuntimeError(f"{_name(t).decode()} is not F32")
+    ne = list((ctypes.c_int64 * 3).from_address(t + runtime.T_NE))
+    nb = list((ctypes.c_size_t * 3).from_address(t + runtime.T_NB))
+    data = ctypes.c_void_p.from_address(t + runtime.T_DATA).value
+    raw = (ctypes.c_char * (sum((n - 1) * s for n, s in zip(ne, nb, strict=True)) + nb[0])).from_address(data)
+    return np.lib.stride_tricks.as_strided(np.frombuffer(raw, dtype=np.float32), ne[::-1], nb[::-1]).copy()
 
 
 def read_f32_rows(t: int) -> np.ndarray:

@@ -11,6 +11,9 @@ with share(l, e) the fraction of tokens that choose the expert, w_s the gate wei
 it and FFN_e the expert at the source file's precision. The planner minimises the summed cost under the
 byte budget: a Lagrangian search over cost + lambda * bytes (each expert independently), then a greedy
 fill of what budget is left by the best cost reduction per byte.
+
+Each candidate is quantized as convert will write it: with the expert's importance matrix if one is given
+(imatrix.py); without one, the types ggml cannot make without it (IQ2_XXS, IQ2_XS) are not candidates.
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ from tqdm import tqdm
 
 from . import quant
 from .errors import BudgetError, EdgeMoEError
+from .imatrix import check as check_imatrix
 from .layout import MoELayout, read_layout
 from .profile import Profile
 
@@ -51,14 +55,16 @@ class _Experts:
         per = data.size // int(t.shape[-1])
         return data[expert * per:(expert + 1) * per], t.tensor_type.name, int(t.shape[0])
 
-    def weights(self, layer: int, expert: int, type_name: str | None = None) -> list[np.ndarray]:
-        """[gate, up, down] as float32 rows; quantized to `type_name` and back if given."""
+    def weights(self, layer: int, expert: int, type_name: str | None = None,
+                imatrix: dict[str, np.ndarray] | None = None) -> list[np.ndarray]:
+        """[gate, up, down] as float32 rows; quantized to `type_name` (with `imatrix` if given) and back."""
         out = []
         for kind in SWIGLU:
             raw, src_type, row_len = self.raw(layer, kind, expert)
             w = quant.dequantize(raw, src_type, row_len)
             if type_name is not None and type_name != src_type:
-                w = quant.dequantize(quant.quantize(w, type_name), type_name, row_len)
+                weights = None if imatrix is None else imatrix[self.tensors[(layer, kind)].name][expert]
+                w = quant.dequantize(quant.quantize(w, type_name, weights), type_name, row_len)
             out.append(w)
         return out
 
@@ -78,15 +84,19 @@ def _ffn(w: list[np.ndarray], x: np.ndarray) -> np.ndarray:
     return (_silu(x @ gate.T) * (x @ up.T)) @ down.T
 
 
-def measure_costs(model: str, prof: Profile, types=quant.PLAN_TYPES, progress: bool = True) -> dict:
-    """cost[l, e, t] and nbytes[l, t] for every MoE layer l, expert e and candidate type t."""
+def measure_costs(model: str, prof: Profile, types=quant.PLAN_TYPES, progress: bool = True,
+                  imatrix: dict[str, np.ndarray] | None = None) -> dict:
+    """cost[l, e, t] and nbytes[l, t] for every MoE layer l, expert e and candidate type t, each type quantized
+    with the per-expert importance matrices `imatrix` if given (imatrix.from_profile)."""
     layout = read_layout(model)
     if list(layout.moe_layers) != prof.meta["moe_layers"] or layout.n_expert != prof.meta["n_expert"]:
         raise EdgeMoEError(f"the profile was recorded on a model with other MoE layers or expert count "
                            f"({prof.meta['model']})")
     experts = _Experts(layout)
+    if imatrix is not None:
+        check_imatrix(imatrix, {t.name: (int(t.shape[-1]), int(t.shape[0])) for t in experts.tensors.values()})
     types = [t for t in types if all(quant.fits(t, int(experts.tensors[(layout.moe_layers[0], k)].shape[0]))
-                                     for k in SWIGLU)]
+                                     for k in SWIGLU) and (imatrix is not None or not quant.requires_imatrix(t))]
     share = prof.expert_stats()["share"]
     n_l, n_e = len(layout.moe_layers), layout.n_expert
     cost = np.zeros((n_l, n_e, len(types)))
@@ -99,7 +109,7 @@ def measure_costs(model: str, prof: Profile, types=quant.PLAN_TYPES, progress: b
                 w2 = prof.input_weights[li, e, :n].astype(np.float64) ** 2
                 ref = _ffn(experts.weights(layer, e), x)
                 for ti, t in enumerate(types):
-                    d = _ffn(experts.weights(layer, e, t), x) - ref
+                    d = _ffn(experts.weights(layer, e, t, imatrix), x) - ref
                     cost[li, e, ti] = share[li, e] * float(np.mean(w2 * (d.astype(np.float64) ** 2).sum(1)))
             bar.update(1)
     bar.close()

@@ -10,6 +10,9 @@ The profile is one `.npz` file (numpy.load) holding:
                                                         to S tokens routed to each expert (reservoir sample)
     input_weights   float32 [n_moe_layers, n_expert, S] the gate weight each sampled token gave the expert
     input_count     int32   [n_moe_layers, n_expert]    how many of the S samples are filled
+    down_inputs     float16 [n_moe_layers, n_expert, S, n_ff]  for the same sampled tokens, what the expert's
+                                                        down projection multiplies (act(gate) * up, the
+                                                        `ffn_moe_down-N` node's input); imatrix.py needs it
 Per-expert statistics (use counts, mean gate weight) follow from ids and weights; `expert_stats` computes them.
 """
 from __future__ import annotations
@@ -31,7 +34,7 @@ from .errors import EdgeMoEError
 from .hook import ExpertHook
 from .layout import MoELayout, read_layout
 
-FORMAT = ("edgemoe-profile", 1)
+FORMAT = ("edgemoe-profile", 2)         # 2: down_inputs
 ZIP_MAGIC = b"PK"             # an .npz file is a zip archive
 # the node holding the FFN input, per architecture (llama.cpp's build_* names it)
 FFN_INPUT = {"gpt-oss": "attn_post_norm"}
@@ -46,6 +49,8 @@ class _Recorder:
         self.inputs = np.zeros((n_l, n_e, samples, n_embd), np.float16)
         self.input_weights = np.zeros((n_l, n_e, samples), np.float32)
         self.seen = np.zeros((n_l, n_e), np.int64)
+        self.down_inputs = np.zeros((n_l, n_e, samples, 0), np.float16)   # sized by the first down projection
+        self.pending: dict[int, list[tuple[int, int, int, int]]] = {}     # layer -> (token, j, expert, slot)
         self.ids: list[list[np.ndarray]] = [[] for _ in range(n_l)]
         self.weights: list[list[np.ndarray]] = [[] for _ in range(n_l)]
         self.rng = np.random.default_rng(seed)
@@ -58,7 +63,10 @@ class _Recorder:
             raise RuntimeError(f"layer {layer}: {len(ids)} routed tokens, {len(w)} weights, {len(x)} inputs")
         self.ids[li].append(ids.astype(np.int16))
         self.weights[li].append(w.astype(np.float32))
+        if li in self.pending:
+            raise RuntimeError(f"layer {layer}: routed again before its down projection ran")
         cap = self.inputs.shape[2]
+        taken = self.pending[li] = []
         for tok in range(len(ids)):
             for j, e in enumerate(ids[tok]):
                 n = self.seen[li, e]
@@ -66,7 +74,27 @@ class _Recorder:
                 if slot < cap:
                     self.inputs[li, e, slot] = x[tok]
                     self.input_weights[li, e, slot] = w[tok, j]
+                    taken.append((tok, j, int(e), int(slot)))
                 self.seen[li, e] = n + 1
+
+    def down(self, layer: int, ids: np.ndarray, x: np.ndarray) -> None:
+        """The down projection's inputs x (T, k, n_ff) of the layer just routed: kept for the sampled tokens."""
+        li = self.layers.get(layer)
+        if li is None:
+            return
+        taken = self.pending.pop(li, None)
+        if taken is None:
+            raise RuntimeError(f"layer {layer}: a down projection ran without its routing")
+        if x.shape[:2] != ids.shape or ids.shape[0] != len(self.ids[li][-1]) or \
+                not np.array_equal(ids, self.ids[li][-1]):
+            raise RuntimeError(f"layer {layer}: the down projection's experts {ids.shape} are not the ones routed")
+        if not self.down_inputs.shape[3]:
+            self.down_inputs = np.zeros((*self.inputs.shape[:3], x.shape[2]), np.float16)
+        elif x.shape[2] != self.down_inputs.shape[3]:
+            raise RuntimeError(f"layer {layer}: down projection inputs of {x.shape[2]} values, not "
+                               f"{self.down_inputs.shape[3]}")
+        for tok, j, e, slot in taken:
+            self.down_inputs[li, e, slot] = x[tok, j]
 
 
 def profile(model_path: str, out: str, *, texts=None, text_label: str = "stdlib train split",
@@ -83,13 +111,16 @@ def profile(model_path: str, out: str, *, texts=None, text_label: str = "stdlib 
     check_context_memory(model_path, n_ctx)
     if layout.mixed:
         raise EdgeMoEError(f"{model_path}: profile the source model, not a file with per-expert types")
-    n_embd = int(GGUFReader(model_path).fields[f"{layout.arch}.embedding_length"].contents())
-    sample_bytes = len(layout.moe_layers) * layout.n_expert * samples * n_embd * 2
+    reader = GGUFReader(model_path)
+    n_embd = int(reader.fields[f"{layout.arch}.embedding_length"].contents())
+    n_ff = next((int(t.shape[0]) for t in reader.tensors if t.name.endswith("ffn_down_exps.weight")), n_embd)
+    sample_bytes = len(layout.moe_layers) * layout.n_expert * samples * (n_embd + n_ff) * 2
     if sample_bytes > psutil.virtual_memory().available // 2:
         raise EdgeMoEError(f"{samples} samples per expert would take {sample_bytes:,} bytes of memory, more than "
                            f"half of what is available; ask for fewer (--samples)")
     rec = _Recorder(layout, n_embd, samples, seed)
-    hook = ExpertHook(on_route=rec.route, hidden_node=FFN_INPUT.get(layout.arch, "ffn_norm"), want_weights=True)
+    hook = ExpertHook(on_route=rec.route, hidden_node=FFN_INPUT.get(layout.arch, "ffn_norm"), want_weights=True,
+                      on_down=rec.down)
     with llama_params(use_extra_bufts=False, **hook.cb_eval_args()):
         llm = llama_cpp.Llama(model_path=str(model_path), n_ctx=n_ctx, n_batch=n_ctx, logits_all=True,
                               verbose=False)
@@ -100,6 +131,9 @@ def profile(model_path: str, out: str, *, texts=None, text_label: str = "stdlib 
             llm.reset()
             llm.eval(window)
             hook.take_error()
+            if rec.pending:
+                raise EdgeMoEError(f"{model_path}: no down projection input was seen for layers "
+                                   f"{sorted(rec.pending)[:4]} (no `ffn_moe_down-N` node in this model's graph)")
     finally:
         llm.close()
     routed = np.stack([np.concatenate(x) for x in rec.ids], axis=1)
@@ -112,7 +146,7 @@ def profile(model_path: str, out: str, *, texts=None, text_label: str = "stdlib 
     with files.atomic_output(Path(out)) as tmp, open(tmp, "wb") as f:
         np.savez_compressed(f, meta=json.dumps(meta), ids=routed, weights=weights, inputs=rec.inputs,
                             input_weights=rec.input_weights,
-                            input_count=np.minimum(rec.seen, samples).astype(np.int32))
+                            input_count=np.minimum(rec.seen, samples).astype(np.int32), down_inputs=rec.down_inputs)
     return meta
 
 
@@ -120,7 +154,7 @@ class Profile:
     """A profile file, checked: a garbage, truncated or foreign file raises EdgeMoEError, not a traceback.
     With `layout`, also that its layers, expert count and ids fit that model."""
 
-    ARRAYS = ("ids", "weights", "inputs", "input_weights", "input_count")
+    ARRAYS = ("ids", "weights", "inputs", "input_weights", "input_count", "down_inputs")
     INTEGERS = ("ids", "input_count")           # the others hold floating-point numbers
 
     def __init__(self, path: str | Path, layout: MoELayout | None = None):
@@ -131,14 +165,18 @@ class Profile:
         try:
             with np.load(io.BytesIO(data), allow_pickle=False) as z:
                 self.meta = json.loads(str(z["meta"]))
+                fmt = tuple(self.meta.get("format", ())) if isinstance(self.meta, dict) else None
+                if fmt != FORMAT:
+                    older = fmt is not None and len(fmt) == 2 and fmt[0] == FORMAT[0] and fmt[1] in range(FORMAT[1])
+                    raise EdgeMoEError(
+                        f"{path}: a profile of format {fmt[1]}, from an older edgemoe (this one reads {FORMAT[1]}: "
+                        f"it records the down projections' inputs too); record it again with edgemoe profile"
+                        if older else f"{path}: not an edgemoe profile (format {fmt!r})")
                 for name in self.ARRAYS:
                     setattr(self, name, z[name])
         except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, TypeError) as e:
             raise EdgeMoEError(f"{path}: not a readable edgemoe profile ({str(e)[:120] or type(e).__name__})") \
                 from None
-        if not isinstance(self.meta, dict) or tuple(self.meta.get("format", ())) != FORMAT:
-            raise EdgeMoEError(f"{path}: not an edgemoe profile (format "
-                               f"{self.meta.get('format') if isinstance(self.meta, dict) else None!r})")
         self._check(path, layout)
 
     def _check(self, path, layout: MoELayout | None) -> None:
@@ -157,9 +195,10 @@ class Profile:
         if self.ids.ndim != 3 or self.ids.shape[1] != n_l or self.weights.shape != self.ids.shape:
             raise bad(f"ids {self.ids.shape} and weights {self.weights.shape} are not [tokens, {n_l}, k]")
         if self.inputs.ndim != 4 or self.inputs.shape[:2] != (n_l, n_e) or \
-                self.input_weights.shape != self.inputs.shape[:3] or self.input_count.shape != (n_l, n_e):
-            raise bad(f"sample arrays {self.inputs.shape}, {self.input_weights.shape}, {self.input_count.shape} "
-                      f"do not fit {n_l} layers x {n_e} experts")
+                self.input_weights.shape != self.inputs.shape[:3] or self.input_count.shape != (n_l, n_e) or \
+                self.down_inputs.ndim != 4 or self.down_inputs.shape[:3] != self.inputs.shape[:3]:
+            raise bad(f"sample arrays {self.inputs.shape}, {self.input_weights.shape}, {self.input_count.shape}, "
+                      f"{self.down_inputs.shape} do not fit {n_l} layers x {n_e} experts")
         if not self.ids.shape[0]:
             raise bad("it holds no tokens")
         if self.ids.size and (self.ids.min() < 0 or self.ids.max() >= n_e):

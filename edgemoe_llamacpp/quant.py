@@ -10,8 +10,10 @@ from gguf.quants import dequantize as _dequantize
 
 from .errors import EdgeMoEError
 
-# the types a plan may give an expert, smallest first (issue: the K-quant family and Q8_0)
-PLAN_TYPES = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0")
+# the types a plan may give an expert, smallest first: llama.cpp's i-quants (IQ2_XXS 2.06 .. IQ4_XS 4.25 bits per
+# weight), the K-quants and Q8_0; all but Q8_0 quantize rows of 256 values
+PLAN_TYPES = ("IQ2_XXS", "IQ2_XS", "IQ2_S", "Q2_K", "IQ3_XXS", "IQ3_S", "Q3_K", "IQ4_XS", "Q4_K", "Q5_K", "Q6_K",
+              "Q8_0")
 
 
 def qtype(name: str | int) -> GGMLQuantizationType:
@@ -50,20 +52,34 @@ def _ggml():
     return lib
 
 
-def quantize(weights: np.ndarray, name: str) -> bytes:
-    """Quantize float rows [n_rows, n_per_row] to `name` with ggml's own quantizer; the GGUF bytes."""
+def requires_imatrix(name: str) -> bool:
+    """ggml cannot quantize to `name` without an importance matrix (IQ2_XXS, IQ2_XS, IQ1_S)."""
+    return bool(_ggml().ggml_quantize_requires_imatrix(int(qtype(name))))
+
+
+def quantize(weights: np.ndarray, name: str, imatrix: np.ndarray | None = None) -> bytes:
+    """Quantize float rows [n_rows, n_per_row] to `name` with ggml's own quantizer; the GGUF bytes.
+
+    imatrix: the importance of each column ([n_per_row], llama.cpp's convention: the mean squared input the
+    column multiplies); ggml weights each value's rounding error by it in the types that take one (the
+    K-quants and i-quants; Q8_0 and the float types ignore it)."""
     w = np.ascontiguousarray(weights, dtype=np.float32)
     if w.ndim != 2:
         raise ValueError(f"quantize wants rows [n_rows, n_per_row], got shape {w.shape}")
     t = qtype(name)
     if t == GGMLQuantizationType.F32:
         return w.tobytes()
-    lib = _ggml()
-    if lib.ggml_quantize_requires_imatrix(int(t)):
-        raise EdgeMoEError(f"{name} needs an importance matrix; edgemoe plans K-quants and Q8_0")
     n_rows, n_per_row = w.shape
+    if imatrix is not None:
+        imatrix = np.ascontiguousarray(imatrix, dtype=np.float32)
+        if imatrix.shape != (n_per_row,) or not np.isfinite(imatrix).all() or (imatrix < 0).any():
+            raise EdgeMoEError(f"an importance matrix for rows of {n_per_row} values must be {n_per_row} finite, "
+                               f"non-negative numbers; got shape {imatrix.shape}")
+    elif requires_imatrix(name):
+        raise EdgeMoEError(f"{name} needs an importance matrix (convert --imatrix PROFILE, or plan from --profile)")
     out = ctypes.create_string_buffer(n_rows * row_bytes(name, n_per_row))
-    n = lib.ggml_quantize_chunk(int(t), w.ctypes.data, out, 0, n_rows, n_per_row, None)
+    n = _ggml().ggml_quantize_chunk(int(t), w.ctypes.data, out, 0, n_rows, n_per_row,
+                                    None if imatrix is None else imatrix.ctypes.data)
     if n != len(out):
         raise RuntimeError(f"ggml_quantize_chunk wrote {n} bytes, expected {len(out)}")
     return out.raw

@@ -42,5 +42,5 @@ def verify(path: str | os.PathLike) -> dict:
             "unaligned_lowbit_ranges": sum(1 for r in low if r.offset % mmap.PAGESIZE),
             "expert_bytes": layout.expert_bytes, "dense_bytes": layout.dense_bytes,
             "expert_ranges": sum(len(x.ranges) for x in layout.experts),
-            "unaligned_expert_ranges": unaligned, "source": meta.get("source.name"),
+            "unaligned_expert_ranges": unaligned, "source": meta.get("source.name"), "imatrix": meta.get("imatrix"),
             "plan": {k: v for k, v in meta.items() if k.startswith("plan.")}}

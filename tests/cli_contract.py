@@ -37,7 +37,7 @@ SUBCOMMANDS = ("inspect", "verify", "run", "ppl", "profile", "convert", "bench",
 EDGE_NUMBERS = ["0", "-1", "-3", "nan", "inf", "-inf", "1e400", "9" * 400, "abc", "", "0.5", "-0", "1e-300"]
 BUDGETS = ["50%", "25%", "100%", "101%", "0%", "0", "-1", "1", "1KB", "10MB", "1e400", "9" * 400, "nan", "inf",
            "abc", "", "50%%", "none", "1.5GiB", "3 MB"]
-TYPES = ["Q2_K", "Q3_K", "Q4_K", "Q6_K", "Q8_0", "Q5_0", "F16", "F32", "IQ4_XS", "q4_k", "BOGUS", "", "2"]
+TYPES = ["Q2_K", "Q3_K", "Q4_K", "Q6_K", "Q8_0", "Q5_0", "F16", "F32", "IQ4_XS", "IQ2_XXS", "q4_k", "BOGUS", "", "2"]
 
 
 class Sandbox:
@@ -262,7 +262,7 @@ def strategies(box: Sandbox) -> dict[str, st.SearchStrategy]:
     spec["convert"] = with_outputs(build(
         [st.just("convert"), model, outs], opt("--uniform", types), opt("--plan", paths), opt("--profile", paths),
         opt("--expert-bits", small(3, 4)), opt("--size", budget), opt("--save-plan", outs), opt("--lowbit", types),
-        opt("--force")), ("--save-plan",), positional=2)
+        opt("--imatrix", paths), opt("--no-imatrix"), opt("--force")), ("--save-plan",), positional=2)
     # a valid bench runs both engines in children: its work-size options are always given, and small
     spec["bench"] = with_outputs(build(
         [st.just("bench"), model, st.just("--memory-budget"), budget, st.just("--runs"), small(1),

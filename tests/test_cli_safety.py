@@ -90,12 +90,13 @@ def write_profile(path: Path, moe_layers, ids: np.ndarray, n_expert: int = 16, s
                   n_embd: int = 8) -> None:
     """A profile file whose metadata is sound, with `ids` as given and the other arrays of the right shapes."""
     n_l = len(moe_layers)
-    meta = {"format": ["edgemoe-profile", 1], "moe_layers": list(moe_layers), "n_expert": n_expert}
+    meta = {"format": ["edgemoe-profile", 2], "moe_layers": list(moe_layers), "n_expert": n_expert}
     with open(path, "wb") as f:
         np.savez(f, meta=json.dumps(meta), ids=ids, weights=np.full(ids.shape, 0.5, np.float32),
                  inputs=np.zeros((n_l, n_expert, samples, n_embd), np.float16),
                  input_weights=np.zeros((n_l, n_expert, samples), np.float32),
-                 input_count=np.zeros((n_l, n_expert), np.int32))
+                 input_count=np.zeros((n_l, n_expert), np.int32),
+                 down_inputs=np.zeros((n_l, n_expert, samples, 2 * n_embd), np.float16))
 
 
 @pytest.mark.parametrize("argv, words", [
@@ -134,7 +135,15 @@ def write_profile(path: Path, moe_layers, ids: np.ndarray, n_expert: int = 16, s
     (["profile", "{model}", "--out", "{dir}/p.npz", "--tokens", "0"], ["--tokens"]),
     (["profile", "{model}", "--out", "/proc/no/p.npz", "--tokens", "600"], ["no such directory"]),
     (["profile", "{model}", "--out", "{dir}", "--tokens", "600"], ["directory"]),
-    (["convert", "{model}", "{dir}/o.gguf", "--profile", "{model}", "--expert-bits", "1"], ["2.625"]),
+    (["convert", "{model}", "{dir}/o.gguf", "--profile", "{model}", "--expert-bits", "1"], ["2.0625", "IQ2_XXS"]),
+    (["convert", "{model}", "{dir}/o.gguf", "--profile", "{model}", "--expert-bits", "2.5", "--no-imatrix"],
+     ["2.5625", "IQ2_S", "without importance matrices"]),
+    (["convert", "{model}", "{dir}/o.gguf", "--uniform", "IQ2_XXS"], ["IQ2_XXS cannot be made without importance"]),
+    (["convert", "{model}", "{dir}/o.gguf", "--uniform", "Q4_K", "--lowbit", "IQ2_XS"],
+     ["IQ2_XS cannot be made without importance"]),
+    (["convert", "{model}", "{dir}/o.gguf", "--uniform", "Q4_K", "--imatrix", "{garbage}", "--no-imatrix"],
+     ["contradict"]),
+    (["convert", "{model}", "{dir}/o.gguf", "--uniform", "Q4_K", "--imatrix", "{v1}"], ["format 1", "older edgemoe"]),
     (["convert", "{model}", "{dir}/o.gguf", "--profile", "{model}", "--expert-bits", "nan"], ["--expert-bits"]),
     (["convert", "{model}", "{dir}/o.gguf", "--profile", "{garbage}", "--expert-bits", "4"], ["profile"]),
     (["convert", "{model}", "{dir}/o.gguf", "--profile", "{missing}", "--expert-bits", "4"], ["profile"]),
@@ -177,12 +186,14 @@ def test_one_line_errors(model, tmp_path, argv, words):
     write_profile(tmp_path / "strings.npz", layers, ids=np.full((4, len(layers), 2), "a"))
     write_profile(tmp_path / "floatids.npz", layers, ids=np.full((4, len(layers), 2), 0.5, np.float32))
     write_profile(tmp_path / "notokens.npz", layers, ids=np.zeros((0, len(layers), 2), np.int16))
+    with open(tmp_path / "v1.npz", "wb") as f:      # a profile from before down_inputs
+        np.savez(f, meta=json.dumps({"format": ["edgemoe-profile", 1], "moe_layers": list(layers), "n_expert": 16}))
     subs = {"model": model, "dir": tmp_path / "d", "tiny": tmp_path / "tiny.txt", "garbage": tmp_path / "garbage.npz",
             "missing": tmp_path / "missing.npz", "listplan": tmp_path / "list.json", "intplan": tmp_path / "int.json",
             "trunc": tmp_path / "trunc.gguf", "fifo": tmp_path / "fifo",
             "loop": tmp_path / "loop.gguf", "binary": tmp_path / "binary.txt", "empty": tmp_path / "empty.txt",
             "nul": tmp_path / "nul.txt", "strings": tmp_path / "strings.npz", "floatids": tmp_path / "floatids.npz",
-            "notokens": tmp_path / "notokens.npz"}
+            "notokens": tmp_path / "notokens.npz", "v1": tmp_path / "v1.npz"}
     before = sha(model)
     one_line_error(edgemoe(*[a.format(**subs) for a in argv]), *words)
     assert sha(model) == before

@@ -16,9 +16,10 @@ from edgemoe_llamacpp.cli import main as cli
 from edgemoe_llamacpp.convert import convert, sha256_file, uniform_plan
 from edgemoe_llamacpp.errors import BadModelError, BudgetError, EdgeMoEError
 from edgemoe_llamacpp.generate import greedy
+from edgemoe_llamacpp.imatrix import from_profile
 from edgemoe_llamacpp.layout import read_layout
 from edgemoe_llamacpp.llama import Llama
-from edgemoe_llamacpp.plan import choose
+from edgemoe_llamacpp.plan import choose, make_plan, measure_costs
 from edgemoe_llamacpp.profile import Profile, profile
 from edgemoe_llamacpp.verify import verify
 
@@ -57,6 +58,7 @@ def test_mixed_file_layout_and_checks(mixed):
     assert t.slice(0).size == 256 * 144 and t.slice(1).offset - t.slice(0).offset == t.stride
     report = verify(mixed.path)
     assert report["mixed"] and report["unaligned_expert_ranges"] == 0
+    assert report["imatrix"] is False           # converted without importance matrices
 
 
 def test_verify_finds_damage(mixed, tmp_path):
@@ -145,6 +147,98 @@ def test_profile_records_the_routing_llama_cpp_ran(fixture_path, prof):
         np.testing.assert_array_equal(np.array(ids), prof.ids[:256, layer])
     share = prof.expert_stats()["share"]
     np.testing.assert_allclose(share.sum(axis=1), 2)
+
+
+def source_expert(path, name: str, expert: int) -> np.ndarray:
+    """Expert `expert` of the stacked tensor `name` as float32 rows, from the file's bytes (gguf-py)."""
+    from gguf import GGUFReader
+
+    t = next(t for t in GGUFReader(path).tensors if t.name == name)
+    data = np.asarray(t.data).view(np.uint8).reshape(int(t.shape[-1]), -1)
+    return quant.dequantize(data[expert], t.tensor_type.name, int(t.shape[0]))
+
+
+def test_profile_records_what_down_multiplies(fixture_path, prof):
+    """Each sampled token's down input is silu(x @ gate.T) * (x @ up.T) of its expert on its FFN input x."""
+    n_checked = 0
+    for layer, e in ((0, 3), (4, 9), (7, 15)):
+        n = int(prof.input_count[layer, e])
+        if not n:
+            continue
+        x = prof.inputs[layer, e, :n].astype(np.float64)
+        gate, up = (source_expert(fixture_path, f"blk.{layer}.ffn_{k}_exps.weight", e) for k in ("gate", "up"))
+        g, u = x @ gate.T, x @ up.T
+        want = g / (1 + np.exp(-g)) * u
+        got = prof.down_inputs[layer, e, :n].astype(np.float64)
+        # llama.cpp rounds x to Q8_0 for the matmuls and the profile keeps float16
+        assert np.abs(got - want).max() <= 0.03 * np.abs(want).max(), (layer, e)
+        other = source_expert(fixture_path, f"blk.{layer}.ffn_up_exps.weight", (e + 1) % 16)
+        assert np.abs(got - g / (1 + np.exp(-g)) * (x @ other.T)).max() > 0.2 * np.abs(want).max()
+        n_checked += 1
+    assert n_checked >= 2
+    assert prof.down_inputs.shape == (8, 16, 32, 256)
+    assert not prof.down_inputs[prof.input_count == 0].any()      # nothing recorded where nothing was routed
+
+
+@pytest.fixture(scope="module")
+def iq_plan(fixture_path, prof, tmp_path_factory):
+    """A 2.5-bit plan over i-quants and K-quants, measured and converted with the profile's importance matrices."""
+    layout = read_layout(fixture_path)
+    imatrix = from_profile(prof, layout)
+    costs = measure_costs(str(fixture_path), prof, types=("IQ2_XXS", "IQ3_XXS", "Q4_K"), imatrix=imatrix,
+                          progress=False)
+    plan, report = make_plan(costs, expert_bits=2.5)
+    out = convert(fixture_path, tmp_path_factory.mktemp("iq") / "iq.gguf", plan, imatrix=imatrix, progress=False)
+    return out, plan, report, imatrix
+
+
+def test_iq_plan_is_written_with_each_experts_imatrix(fixture_path, iq_plan):
+    out, plan, report, imatrix = iq_plan
+    assert 2.4 < report["bits_per_weight"] <= 2.5
+    assert {tn for types in plan.values() for tn in types} >= {"IQ2_XXS", "IQ3_XXS"}
+    summary = verify(out.path)
+    assert out.mixed and summary["unaligned_expert_ranges"] == 0 and summary["imatrix"] is True
+    assert cli(["verify", out.path]) == 0
+    data = np.memmap(out.path, dtype=np.uint8, mode="r")
+    checked = set()
+    for t in out.expert_tensors:
+        for e in range(t.count):
+            r = t.slice(e)
+            if r.type in checked:
+                continue
+            w = source_expert(fixture_path, t.name, e)
+            assert bytes(data[r.offset:r.offset + r.size]) == quant.quantize(w, r.type, imatrix[t.name][e])
+            # another expert's importance matrix gives other bytes: each expert is quantized with its own
+            assert bytes(data[r.offset:r.offset + r.size]) != quant.quantize(w, r.type, imatrix[t.name][e - 1])
+            checked.add(r.type)
+    assert checked == set(report["type_counts"]) - {tn for tn, n in report["type_counts"].items() if not n}
+
+
+@patched
+def test_iq_plan_runs_in_the_patched_runtime(fixture_path, iq_plan):
+    """The same tokens and logits whole and streamed under a 25% budget, and close to the source file."""
+    out = iq_plan[0]
+    full = Llama(out.path, n_ctx=256, verbose=False)
+    want = greedy(full, PROMPT, 24)
+    full.close()
+    llm = Llama(out.path, memory_budget="25%", n_ctx=256, verbose=False)
+    got = greedy(llm, PROMPT, 24)
+    llm.close()
+    assert got[0] == want[0] and len(set(got[0])) > 4
+    np.testing.assert_array_equal(got[1], want[1])
+    src = Llama(str(fixture_path), n_ctx=256, logits_all=True, verbose=False)
+    src.eval(src.tokenize(PROMPT.encode()) + want[0])
+    ref = np.array(src.scores[src.n_tokens - 25:src.n_tokens], dtype=np.float64)
+    src.close()
+
+    def logsoftmax(x):
+        x = x - x.max(axis=1, keepdims=True)
+        return x - np.log(np.exp(x).sum(axis=1, keepdims=True))
+
+    p, q = logsoftmax(ref), logsoftmax(want[1].astype(np.float64))
+    kl = (np.exp(p) * (p - q)).sum(axis=1)
+    # measured: KL 0.001 nats/token on average, 0.006 at most, the same top-1 everywhere
+    assert kl.mean() < 0.02 and kl.max() < 0.1 and (p.argmax(1) == q.argmax(1)).mean() >= 0.9, kl
 
 
 def test_choose_is_optimal_on_small_cases():

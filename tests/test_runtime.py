@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from edgemoe_llamacpp import quant, runtime
+from edgemoe_llamacpp import runtime
 from edgemoe_llamacpp.convert import convert
 from edgemoe_llamacpp.layout import read_layout
 
@@ -29,7 +29,8 @@ def test_runtime_is_patched_where_required():
 @pytest.fixture(scope="module")
 def mixed(fixture_path, tmp_path_factory):
     layout = read_layout(fixture_path)
-    plan = {t.name: [quant.PLAN_TYPES[e % 6] for e in range(t.count)] for t in layout.expert_tensors}
+    plan = {t.name: [("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0")[e % 6] for e in range(t.count)]
+            for t in layout.expert_tensors}
     return convert(fixture_path, tmp_path_factory.mktemp("rt") / "mixed.gguf", plan, progress=False).path
 
 

@@ -22,6 +22,20 @@ def lowbit(fixture_path, tmp_path_factory):
                    uniform_plan(read_layout(fixture_path), "Q8_0"), lowbit="Q2_K", progress=False)
 
 
+@pytest.fixture(scope="module")
+def imatrix(fixture_path):
+    """Importance matrices (random, positive) for every stacked tensor: IQ2_XXS copies cannot be made without."""
+    rng = np.random.default_rng(7)
+    return {t.name: rng.uniform(0.1, 2.0, (t.count, 256)).astype(np.float32)
+            for t in read_layout(fixture_path).expert_tensors}
+
+
+@pytest.fixture(scope="module")
+def iq2_lowbit(fixture_path, imatrix, tmp_path_factory):
+    return convert(fixture_path, tmp_path_factory.mktemp("sub") / "iq2-lowbit.gguf",
+                   uniform_plan(read_layout(fixture_path), "Q8_0"), lowbit="IQ2_XXS", imatrix=imatrix, progress=False)
+
+
 class Recording(Llama):
     """Keeps, per MoE layer evaluation, the chosen experts that ran from their low-bit copies."""
 
@@ -67,9 +81,13 @@ def test_stock_refuses_and_edgemoe_needs_copies_to_substitute(fixture_path, lowb
         Llama(lowbit.path, memory_budget="25%", substitute=1.5, verbose=False)
 
 
-def test_first_token_computes_the_low_copies_exactly(fixture_path, lowbit, tmp_path):
+@pytest.mark.parametrize("low", ["Q2_K", "IQ2_XXS"])
+def test_first_token_computes_the_low_copies_exactly(fixture_path, request, imatrix, tmp_path, low):
     """Cold cache, one token: every chosen expert misses; with threshold 0 each one ranked below another
-    runs from its Q2_K copy. The logits equal those of a file whose experts are Q2_K exactly there."""
+    runs from its low-bit copy. The logits equal those of a file whose experts are at the low type exactly
+    there (quantized with the same importance matrices)."""
+    lowbit = request.getfixturevalue("lowbit" if low == "Q2_K" else "iq2_lowbit")
+    assert lowbit.lowbit_type == low
     llm = make(lowbit.path, memory_budget="25%", substitute=0.0)
     tok = llm.tokenize(b"def")[:1]
     llm.eval(tok)
@@ -79,9 +97,10 @@ def test_first_token_computes_the_low_copies_exactly(fixture_path, lowbit, tmp_p
     llm.close()
     assert all(len(v) == 1 for v in ran_low.values())        # top-2: the second expert of each layer
     layout = read_layout(fixture_path)
-    plan = {t.name: ["Q2_K" if e in ran_low[t.layer] else "Q8_0" for e in range(t.count)]
+    plan = {t.name: [low if e in ran_low[t.layer] else "Q8_0" for e in range(t.count)]
             for t in layout.expert_tensors}
-    ref = make(convert(fixture_path, tmp_path / "ref.gguf", plan, progress=False).path)
+    ref = make(convert(fixture_path, tmp_path / "ref.gguf", plan, progress=False,
+                       imatrix=imatrix if low == "IQ2_XXS" else None).path)
     ref.eval(tok)
     assert np.array_equal(np.array(ref.scores[0]), logits)
     ref.close()
@@ -154,8 +173,11 @@ def test_cli_convert_lowbit_verify_and_run_substituting(fixture_path, tmp_path):
                               timeout=300, check=False)
 
     out = tmp_path / "copies.gguf"
-    bad = edgemoe("convert", str(fixture_path), str(out), "--uniform", "Q8_0", "--lowbit", "IQ2_XS")
+    bad = edgemoe("convert", str(fixture_path), str(out), "--uniform", "Q8_0", "--lowbit", "IQ1_S")
     assert bad.returncode == 2 and "low-bit copies can be" in bad.stderr and not out.exists()
+    bad = edgemoe("convert", str(fixture_path), str(out), "--uniform", "Q8_0", "--lowbit", "IQ2_XS")
+    assert bad.returncode == 2 and "IQ2_XS cannot be made without importance matrices" in bad.stderr
+    assert not out.exists()
     assert edgemoe("convert", str(fixture_path), str(out), "--uniform", "Q8_0", "--lowbit", "Q2_K").returncode == 0
     assert "384 Q2_K copy ranges (0 not page-aligned)" in edgemoe("verify", str(out)).stdout
     run = edgemoe("run", str(out), "-p", "import os\n", "-n", "16", "--memory-budget", "25%", "--substitute",

@@ -26,6 +26,7 @@ import numpy as np
 from edgemoe_llamacpp import quant, runtime
 from edgemoe_llamacpp.convert import convert, uniform_plan
 from edgemoe_llamacpp.errors import BudgetError
+from edgemoe_llamacpp.imatrix import from_profile
 from edgemoe_llamacpp.layout import read_layout
 from edgemoe_llamacpp.perplexity import perplexities
 from edgemoe_llamacpp.plan import make_plan, measure_costs
@@ -49,15 +50,18 @@ def main() -> int:
 
     prof_path = args.work / "profile.npz"
     meta = profile(args.model, prof_path, tokens=args.profile_tokens)
-    costs = measure_costs(args.model, Profile(prof_path))
     layout = read_layout(args.model)
+    prof = Profile(prof_path, layout)
+    imatrix = from_profile(prof, layout)         # every file quantized with the profile's importance matrices
+    costs = measure_costs(args.model, prof, imatrix=imatrix)
     n_weights = costs["n_weights"]
 
     files: list[tuple[str, str, Path, float | None, dict | None]] = []   # kind, label, path, bits, plan report
     uniform_sizes = {}
     for tn in quant.PLAN_TYPES:
         path = args.work / f"uniform-{tn}.gguf"
-        convert(args.model, path, uniform_plan(layout, tn), meta={"plan.method": f"uniform {tn}"}, force=True)
+        convert(args.model, path, uniform_plan(layout, tn), meta={"plan.method": f"uniform {tn}"}, force=True,
+                imatrix=imatrix)
         uniform_sizes[tn] = read_layout(path).expert_bytes
         files.append(("uniform", f"uniform {tn}", path, None, None))
 
@@ -76,7 +80,7 @@ def main() -> int:
         path = args.work / name
         convert(args.model, path, plan, force=True,
                 meta={"plan.method": "measured output error (edgemoe plan)",
-                      "plan.bits_per_weight": round(report["bits_per_weight"], 4)})
+                      "plan.bits_per_weight": round(report["bits_per_weight"], 4)}, imatrix=imatrix)
         files.append(("plan", label, path, bits, report))
 
     # every file scored on the same windows in one pass, the source evaluated once per window

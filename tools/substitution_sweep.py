@@ -4,7 +4,8 @@
     python tools/substitution_sweep.py --model bench/models/io-moe-lowbit.gguf --reference bench/models/io-moe.gguf \\
         --thresholds none 0.6 --tokens 1024 --out bench/results/substitution-io-moe.json
 
-Writes (once) the model with Q2_K copies of its experts (`edgemoe convert --uniform <its type> --lowbit`),
+Writes (once) the model with Q2_K copies of its experts (`edgemoe convert --uniform <its type> --lowbit`; with
+--imatrix PROFILE, quantized with that profile's importance matrices, which IQ2_XXS and IQ2_XS copies need),
 then scores the validation split one token per evaluation (`edgemoe ppl --batch 1`) under the memory budget,
 without substitution and at each threshold: perplexity, KL divergence from the source model and top-1
 agreement, the share of chosen experts that ran from copies, and expert bytes read per token.
@@ -20,18 +21,21 @@ from pathlib import Path
 from edgemoe_llamacpp import runtime
 from edgemoe_llamacpp.cache_config import CacheConfig
 from edgemoe_llamacpp.convert import convert, uniform_plan
+from edgemoe_llamacpp.imatrix import from_profile
 from edgemoe_llamacpp.layout import read_layout
 from edgemoe_llamacpp.perplexity import perplexity
+from edgemoe_llamacpp.profile import Profile
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def lowbit_file(source: Path, work: Path, lowbit: str) -> Path:
-    out = work / f"{source.stem}-{lowbit.lower()}-copies.gguf"
+def lowbit_file(source: Path, work: Path, lowbit: str, profile: Path | None) -> Path:
+    out = work / f"{source.stem}-{lowbit.lower()}{'-imatrix' if profile else ''}-copies.gguf"
     if not out.exists():
         layout = read_layout(source)
         (kind,) = {t.type for t in layout.expert_tensors}
-        convert(source, out, uniform_plan(layout, kind), lowbit=lowbit)
+        imatrix = from_profile(Profile(profile, layout), layout) if profile else None
+        convert(source, out, uniform_plan(layout, kind), lowbit=lowbit, imatrix=imatrix)
     return out
 
 
@@ -45,12 +49,14 @@ def main() -> int:
     ap.add_argument("--budget", default="25%")
     ap.add_argument("--tokens", type=int, default=4096)
     ap.add_argument("--lowbit", default="Q2_K")
+    ap.add_argument("--imatrix", type=Path, metavar="PROFILE", help="quantize the copies with this profile's "
+                    "importance matrices (`edgemoe profile` of --reference)")
     ap.add_argument("--thresholds", nargs="+", default=["none", "0.8", "0.6", "0.4", "0.2", "0.0"])
     args = ap.parse_args()
     if not runtime.patched():
         sys.exit("error: substitution needs the patched runtime: python tools/build_runtime.py")
     args.work.mkdir(parents=True, exist_ok=True)
-    model = args.model or lowbit_file(args.reference, args.work, args.lowbit)
+    model = args.model or lowbit_file(args.reference, args.work, args.lowbit, args.imatrix)
     rows = []
     for th in args.thresholds:
         sub = None if th == "none" else float(th)
@@ -66,6 +72,7 @@ def main() -> int:
         print(json.dumps(rows[-1]), flush=True)
     base = rows[0]["perplexity"] if rows[0]["threshold"] is None else None
     result = {"kind": "substitution", "command": "python " + " ".join(sys.argv), "model": str(model), "reference": str(args.reference), "budget": args.budget, "lowbit": args.lowbit,
+              "imatrix": str(args.imatrix) if args.imatrix else None,
               "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "runtime": runtime.runtime_info(), "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
