@@ -83,3 +83,12 @@ def perplexities(model_paths: list[str], *, texts=None, tokens: int = 16384, n_c
                      window_kld=kld[m].round(6).tolist())
         out.append(r)
     return out
+
+
+def paired_difference(nll: list[float], rival_nll: list[float], tokens: int) -> dict:
+    """Mean difference in negative log-likelihood per token between two models scored on the same windows
+    (`window_nll` of `perplexities`), and its standard error from the spread of the per-window differences:
+    a perplexity difference told from noise."""
+    diff = np.asarray(nll, dtype=np.float64) - np.asarray(rival_nll, dtype=np.float64)
+    return {"delta_nll_per_token": float(diff.sum() / tokens),
+            "standard_error": float(diff.std(ddof=1) * np.sqrt(len(diff)) / tokens)}

@@ -278,6 +278,42 @@ def test_plan_spends_bits_where_the_output_moves(fixture_path, prof, tmp_path):
     assert quant.bits_per_weight("Q2_K") == 2.625
 
 
+def test_an_f16_source_is_planned_and_converted(fixture_path, prof, tmp_path):
+    """The quality fixture's source is F16 (tools/make_tiny_moe.py --dtype F16): the planner reads its experts
+    as the weights they are, and convert writes uniform and mixed files from it."""
+    from edgemoe_llamacpp.plan import _Experts, make_plan, measure_costs
+
+    q8_layout = read_layout(fixture_path)
+    f16 = convert(fixture_path, tmp_path / "f16.gguf", uniform_plan(q8_layout, "F16"), progress=False)
+    assert {t.type for t in f16.expert_tensors} == {"F16"}
+    rows = q8_layout.expert_bytes // quant.row_bytes("Q8_0", 256)          # rows of 256 values
+    assert f16.expert_bytes == rows * quant.row_bytes("F16", 256) == rows * 512
+    q8, half = _Experts(q8_layout), _Experts(f16)
+    for a, b in zip(q8.weights(3, 5), half.weights(3, 5), strict=True):
+        np.testing.assert_allclose(b, a, rtol=2**-10, atol=0)  # the Q8_0 values, rounded to half precision
+    types = ("Q2_K", "Q4_K")
+    costs = measure_costs(str(f16.path), prof, types=types, progress=False)
+    ref = measure_costs(str(fixture_path), prof, types=types, progress=False)
+    seen = prof.input_count > 0
+    assert (costs["cost"][seen][:, 0] > costs["cost"][seen][:, 1]).all()
+    # the same weights give the same costs, up to where half precision moves a value across a rounding step
+    np.testing.assert_allclose(costs["cost"].sum((0, 1)), ref["cost"].sum((0, 1)), rtol=0.02)
+    np.testing.assert_allclose(costs["cost"][seen], ref["cost"][seen], rtol=0.25)
+    plan, report = make_plan(costs, expert_bits=3.5)
+    mixed = convert(f16.path, tmp_path / "plan.gguf", plan, progress=False)
+    assert report["bits_per_weight"] <= 3.5 and mixed.mixed and verify(mixed.path)["checksums"] == "ok"
+    q2 = convert(f16.path, tmp_path / "q2k.gguf", uniform_plan(f16, "Q2_K"), progress=False)
+    direct = convert(fixture_path, tmp_path / "q2k-from-q8.gguf", uniform_plan(f16, "Q2_K"), progress=False)
+    assert q2.expert_bytes == direct.expert_bytes and {t.type for t in q2.expert_tensors} == {"Q2_K"}
+    logits = {}
+    for path in (fixture_path, f16.path, q2.path):
+        llm = Llama(str(path), n_ctx=128, verbose=False)
+        logits[path] = greedy(llm, PROMPT, 4)[1][0]          # the next token's logits after the prompt
+        llm.close()
+    np.testing.assert_allclose(logits[f16.path], logits[fixture_path], atol=0.05)
+    assert np.isfinite(logits[q2.path]).all() and np.abs(logits[q2.path] - logits[fixture_path]).max() > 0.05
+
+
 @pytest.mark.stock
 def test_per_layer_plan_file_loads_in_stock_llama_cpp(fixture_path, tmp_path):
     import json

@@ -8,7 +8,7 @@ from edgemoe_llamacpp import corpus
 from edgemoe_llamacpp.convert import convert, uniform_plan
 from edgemoe_llamacpp.layout import read_layout
 from edgemoe_llamacpp.llama import stock_llama
-from edgemoe_llamacpp.perplexity import perplexities, perplexity
+from edgemoe_llamacpp.perplexity import paired_difference, perplexities, perplexity
 
 N_CTX = 128
 
@@ -52,3 +52,10 @@ def test_token_by_token_scores_what_a_window_at_once_scores(fixture_path):
     single = perplexity(str(fixture_path), tokens=2 * N_CTX, n_ctx=N_CTX, batch=1, progress=False)
     assert single["batch"] == 1 and whole["batch"] == N_CTX
     assert single["perplexity"] == pytest.approx(whole["perplexity"], rel=1e-3)    # other kernels, same model
+
+
+def test_paired_difference_by_hand():
+    # windows of 2 tokens; per-window differences 2, 3, 4: mean 9 / 6 tokens, sample s.d. 1 -> s.e. sqrt(3) / 6
+    d = paired_difference([3.0, 5.0, 7.0], [1.0, 2.0, 3.0], tokens=6)
+    assert d["delta_nll_per_token"] == pytest.approx(1.5)
+    assert d["standard_error"] == pytest.approx(math.sqrt(3) / 6)

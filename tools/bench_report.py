@@ -397,10 +397,37 @@ def configs_section(path: Path, r: dict) -> str:
          f"{r['date']}."), "", *table, "", "```sh", r["command"], "```", ""])
 
 
+def quality_fixture_section(path: Path, r: dict) -> str:
+    """tools/quality_fixture.py: the F16 quality fixture against uniform files made from it."""
+    t = r["training"]
+    rows = [("| file | bits/weight | perplexity | vs source | log-likelihood vs source (nats/token) | "
+            "KL vs source (nats/token) | same top-1 |"), "|---|---|---|---|---|---|---|"]
+    for x in r["rows"]:
+        paired = x.get("vs_source")
+        ll = f"{-paired['delta_nll_per_token']:+.5f} ± {paired['standard_error']:.5f}" if paired else "-"
+        rows.append(f"| {x['label']} | {x['bits_per_weight']:.3f} | {x['perplexity']:.3f} | "
+                    f"{x['ppl_ratio'] - 1:+.2%} | {ll} | {x['kld']:.5f} | {x['same_top1']:.2%} |")
+    bar = r.get("bar")
+    verdict = (f" Uniform Q2_K raises perplexity by {bar['q2_k_increase']:.2%}: the bar of {bar['required']:.0%} "
+               f"is {'met' if bar['met'] else 'not met'}." if bar else "")
+    changed = ", ".join(f"{k} {v}" for k, v in t.get("config", {}).items())
+    return "\n".join([
+        f"## {path.stem}: the quality fixture, F16, against uniform files made from it", "",
+        (f"`{r['model']}` ({r['model_bytes'] / 1e6:.1f} MB), trained by `{t.get('tool', '?')}` for "
+         f"{t.get('steps', '?')} steps ({changed or 'the default configuration'})"
+         + (f" in {t['train_seconds'] / 60:.0f} minutes" if "train_seconds" in t else "") + "; perplexity on"
+         f" {r['rows'][0]['tokens']:,} tokens of the "
+         f"{r['eval']['text']} in windows of {r['eval']['n_ctx']}, every file on the same windows, through "
+         f"llama-cpp-python {r['runtime']['llama_cpp_python']}.{verdict} {r['date']}."), "",
+        *rows, "", "Command:", "", "```sh", r["command"], "```", ""])
+
+
 def section(path: Path) -> str:
     r = json.loads(path.read_text())
     if r.get("kind") == "quality":
         return quality_section(path, r)
+    if r.get("kind") == "quality_fixture":
+        return quality_fixture_section(path, r)
     if r.get("kind") == "server_load":
         return server_section(path, r)
     if r.get("kind") == "policy_replay":

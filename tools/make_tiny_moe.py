@@ -10,6 +10,14 @@ the plain softmax -> top-k -> renormalise that the predictors and the planner re
     python tools/make_tiny_moe.py --out tests/fixtures/tiny-moe.gguf
     python tools/make_tiny_moe.py --eval-only --out tests/fixtures/tiny-moe.gguf   # re-measure only
 
+Every Config field is also an option (--steps 1000 --min-lr 3e-5 ...); the defaults give the bundled fixture.
+The quality fixture (issue 18) is a longer-trained model kept at F16, the reference the quantized files are
+scored against (tools/quality_fixture.py); --probe shows during training how much a uniform quantization of
+the experts costs in validation perplexity, and --checkpoint lets a long run resume and be exported again:
+
+    python tools/make_tiny_moe.py --dtype F16 --steps 1000 --min-lr 3e-5 --probe Q2_K Q4_K --probe-every 200 \
+        --checkpoint build/quality-moe.pt --out build/quality-moe-f16.gguf --report build/quality-moe.report.json
+
 Needs the `train` extra (torch, tokenizers); the final perplexity needs llama-cpp-python.
 """
 from __future__ import annotations
@@ -21,11 +29,13 @@ import os
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
+from gguf import QK_K
 
+from edgemoe_llamacpp import quant
 from edgemoe_llamacpp.corpus import EOT, is_validation, stdlib_files
 from edgemoe_llamacpp.perplexity import window_logp
 
@@ -56,7 +66,12 @@ class Config:
     eval_tokens: int = 65536        # validation tokens for the routing and perplexity measurements
 
 
+# the GGUF types the model can be written at: its matrices at this type; norms and the router stay F32
+EXPORT_TYPES = ("Q8_0", "F16")
+FIXTURE = Path("tests/fixtures/tiny-moe.gguf")     # the bundled runtime fixture: the default options' model
 
+
+# ----------------------------------------------------------------------------- corpus
 def read_corpus(cfg: Config) -> tuple[list[str], list[str]]:
     train, val = [], []
     for rel, p in stdlib_files():
@@ -211,8 +226,12 @@ def build_model(cfg: Config):
     return TinyMoE()
 
 
-def batches(data: np.ndarray, cfg: Config, rng: np.random.Generator):
+def batches(data: np.ndarray, cfg: Config, rng: np.random.Generator, skip: int = 0):
+    """Random windows of seq_len + 1 tokens, `cfg.batch_size` a step; `skip` steps' draws passed over, so a
+    resumed run sees the batches the uninterrupted one would have."""
     import torch
+    for _ in range(skip):
+        rng.integers(0, len(data) - cfg.seq_len - 1, cfg.batch_size)
     while True:
         starts = rng.integers(0, len(data) - cfg.seq_len - 1, cfg.batch_size)
         x = np.stack([data[s:s + cfg.seq_len] for s in starts])
@@ -220,7 +239,21 @@ def batches(data: np.ndarray, cfg: Config, rng: np.random.Generator):
         yield torch.from_numpy(x).long(), torch.from_numpy(y).long()
 
 
-def train(model, train_ids: np.ndarray, cfg: Config) -> None:
+def lr_at(step: int, cfg: Config) -> float:
+    """Linear warmup, then cosine decay from lr to min_lr."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    frac = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * frac))
+
+
+def train(model, train_ids: np.ndarray, cfg: Config, *, checkpoint: Path | None = None, checkpoint_every: int = 100,
+          tokenizer_json: str = "", probe=None, probe_every: int = 0) -> float:
+    """Train `model` for cfg.steps; returns the seconds spent training (this run's, plus a resumed run's).
+
+    With `checkpoint`, the model, optimizer, step and tokenizer are saved there every `checkpoint_every`
+    steps and at the end, and a run started with the file present resumes from it. `probe(step)` is
+    called every `probe_every` steps and after the last."""
     import torch
     from tqdm import tqdm
 
@@ -228,16 +261,26 @@ def train(model, train_ids: np.ndarray, cfg: Config) -> None:
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
-    gen = batches(train_ids, cfg, np.random.default_rng(cfg.seed))
+    start, spent = 0, 0.0
+    if checkpoint is not None and checkpoint.exists():
+        state = load_checkpoint(checkpoint, cfg)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        start, spent = state["step"], state["train_seconds"]
+        print(f"resumed from {checkpoint} at step {start} ({spent:.0f}s of training)")
+
+    def save(step: int) -> None:
+        tmp = checkpoint.with_name(checkpoint.name + ".tmp")
+        torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "config": asdict(cfg),
+                    "tokenizer": tokenizer_json, "train_seconds": spent + time.time() - t0}, tmp)
+        os.replace(tmp, checkpoint)
+
+    gen = batches(train_ids, cfg, np.random.default_rng(cfg.seed), skip=start)
     model.train()
-    bar = tqdm(range(cfg.steps), desc="train", unit="step")
+    bar = tqdm(range(start, cfg.steps), desc="train", unit="step", initial=start, total=cfg.steps)
     t0 = time.time()
     for step in bar:
-        if step < cfg.warmup:
-            lr = cfg.lr * (step + 1) / cfg.warmup
-        else:
-            frac = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-            lr = cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * frac))
+        lr = lr_at(step, cfg)
         for g in opt.param_groups:
             g["lr"] = lr
         x, y = next(gen)
@@ -249,7 +292,57 @@ def train(model, train_ids: np.ndarray, cfg: Config) -> None:
         bar.set_postfix(loss=f"{loss.item():.3f}", aux=f"{aux.item():.3f}", lr=f"{lr:.1e}")
         if step % 100 == 0 or step == cfg.steps - 1:
             tqdm.write(f"step {step:5d}  loss {loss.item():.4f}  aux {aux.item():.4f}  "
-                       f"{time.time() - t0:.0f}s")
+                       f"{spent + time.time() - t0:.0f}s")
+        if checkpoint is not None and ((step + 1) % checkpoint_every == 0 or step == cfg.steps - 1):
+            save(step + 1)
+        if probe is not None and ((probe_every and (step + 1) % probe_every == 0) or step == cfg.steps - 1):
+            paused = time.time()
+            probe(step + 1)
+            t0 += time.time() - paused                      # the probe is not training time
+            model.train()
+    return spent + time.time() - t0
+
+
+def load_checkpoint(path: Path, cfg: Config) -> dict:
+    import torch
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if state["config"] != asdict(cfg):
+        diff = sorted(k for k in state["config"] if state["config"][k] != asdict(cfg).get(k))
+        sys.exit(f"error: {path} was trained with another configuration ({', '.join(diff)} differ); "
+                 f"pass the same options or another --checkpoint")
+    return state
+
+
+# ----------------------------------------------------------------------------- quantization probe
+def expert_quant_probe(model, val_ids: np.ndarray, cfg: Config, types: list[str], tokens: int):
+    """A probe for `train`: validation perplexity in torch at full precision and with every expert matrix
+    quantized to each of `types` and back (ggml's quantizer, as `edgemoe convert` writes a uniform file).
+    Returns the function and the list its measurements are appended to."""
+    import torch
+    from tqdm import tqdm
+
+    ids = val_ids[: tokens + 1]
+    results: list[dict] = []
+
+    def probe(step: int) -> None:
+        row = {"step": step, "ppl": route(model, ids, cfg)[1]}
+        mats = [m for b in model.blocks for m in (b.moe.w_gate, b.moe.w_up, b.moe.w_down)]
+        saved = [m.detach().clone() for m in mats]
+        for tn in types:
+            with torch.no_grad():
+                for m in mats:
+                    rows = m.detach().float().numpy().reshape(-1, m.shape[-1])          # (E * out, in)
+                    back = quant.dequantize(quant.quantize(rows, tn), tn, rows.shape[1])
+                    m.copy_(torch.from_numpy(back.reshape(m.shape)))
+            row[tn] = route(model, ids, cfg)[1]
+            with torch.no_grad():
+                for m, orig in zip(mats, saved, strict=True):
+                    m.copy_(orig)
+        results.append(row)
+        tqdm.write(f"probe step {step}: val ppl {row['ppl']:.3f}" + "".join(
+            f", experts at {tn} {row[tn]:.3f} ({row[tn] / row['ppl'] - 1:+.2%})" for tn in types))
+
+    return probe, results
 
 
 # ----------------------------------------------------------------------------- routing measurements
@@ -301,9 +394,10 @@ def unigram_ppl(train_ids: np.ndarray, val_ids: np.ndarray, vocab: int) -> float
 
 
 # ----------------------------------------------------------------------------- GGUF export
-def write_gguf(model, tok, cfg: Config, path: Path, provenance: dict) -> None:
+def write_gguf(model, tok, cfg: Config, path: Path, provenance: dict, dtype: str = "Q8_0") -> None:
+    """The model as a qwen3moe GGUF with its matrices at `dtype` (Q8_0 or F16); norms and the router F32."""
     import gguf
-    Q8 = gguf.GGMLQuantizationType.Q8_0
+    qt = gguf.GGMLQuantizationType[dtype]
     tmp = path.with_name(path.name + ".tmp")
     w = gguf.GGUFWriter(str(tmp), "qwen3moe")
     w.add_name("edgemoe tiny-moe")
@@ -321,7 +415,7 @@ def write_gguf(model, tok, cfg: Config, path: Path, provenance: dict) -> None:
     w.add_layer_norm_rms_eps(cfg.rms_eps)
     w.add_expert_count(cfg.n_expert)
     w.add_expert_used_count(cfg.n_expert_used)
-    w.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0)
+    w.add_file_type(gguf.LlamaFileType[f"MOSTLY_{dtype}"])
 
     vocab = tok.get_vocab()
     tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
@@ -341,25 +435,25 @@ def write_gguf(model, tok, cfg: Config, path: Path, provenance: dict) -> None:
     def f32(t):
         return t.detach().float().numpy().astype(np.float32)
 
-    def q8(name, t):
-        w.add_tensor(name, gguf.quants.quantize(f32(t), Q8), raw_dtype=Q8)
+    def mat(name, t):
+        w.add_tensor(name, gguf.quants.quantize(f32(t), qt), raw_dtype=qt)
 
-    q8("token_embd.weight", model.embed.weight)
+    mat("token_embd.weight", model.embed.weight)
     w.add_tensor("output_norm.weight", f32(model.norm.weight))
-    q8("output.weight", model.head.weight)
+    mat("output.weight", model.head.weight)
     for i, b in enumerate(model.blocks):
         w.add_tensor(f"blk.{i}.attn_norm.weight", f32(b.attn_norm.weight))
-        q8(f"blk.{i}.attn_q.weight", b.attn.wq.weight)
-        q8(f"blk.{i}.attn_k.weight", b.attn.wk.weight)
-        q8(f"blk.{i}.attn_v.weight", b.attn.wv.weight)
-        q8(f"blk.{i}.attn_output.weight", b.attn.wo.weight)
+        mat(f"blk.{i}.attn_q.weight", b.attn.wq.weight)
+        mat(f"blk.{i}.attn_k.weight", b.attn.wk.weight)
+        mat(f"blk.{i}.attn_v.weight", b.attn.wv.weight)
+        mat(f"blk.{i}.attn_output.weight", b.attn.wo.weight)
         w.add_tensor(f"blk.{i}.attn_q_norm.weight", f32(b.attn.q_norm.weight))
         w.add_tensor(f"blk.{i}.attn_k_norm.weight", f32(b.attn.k_norm.weight))
         w.add_tensor(f"blk.{i}.ffn_norm.weight", f32(b.ffn_norm.weight))
         w.add_tensor(f"blk.{i}.ffn_gate_inp.weight", f32(b.moe.router.weight))   # router stays F32
-        q8(f"blk.{i}.ffn_gate_exps.weight", b.moe.w_gate)
-        q8(f"blk.{i}.ffn_up_exps.weight", b.moe.w_up)
-        q8(f"blk.{i}.ffn_down_exps.weight", b.moe.w_down)
+        mat(f"blk.{i}.ffn_gate_exps.weight", b.moe.w_gate)
+        mat(f"blk.{i}.ffn_up_exps.weight", b.moe.w_up)
+        mat(f"blk.{i}.ffn_down_exps.weight", b.moe.w_down)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file(progress=False)
@@ -384,14 +478,40 @@ def llama_cpp_ppl(path: Path, ids: np.ndarray, n_ctx: int, max_tokens: int) -> t
     return math.exp(nll / count), count
 
 
+def config_options(ap: argparse.ArgumentParser) -> None:
+    """One option per Config field (--n-ff-exp, --lr, ...), defaulting to the bundled fixture's value."""
+    for f in fields(Config):
+        ap.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default,
+                        metavar=type(f.default).__name__.upper(), help=f"default {f.default}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", type=Path, default=Path("tests/fixtures/tiny-moe.gguf"))
-    ap.add_argument("--steps", type=int, default=Config.steps)
+    ap.add_argument("--out", type=Path, default=FIXTURE)
+    ap.add_argument("--dtype", choices=EXPORT_TYPES, default="Q8_0",
+                    help="type of the written matrices (F16: an unquantized reference for quality comparisons)")
     ap.add_argument("--eval-only", action="store_true", help="skip training; measure the GGUF at --out")
     ap.add_argument("--report", type=Path, help="write the measurements as JSON here")
+    ap.add_argument("--checkpoint", type=Path,
+                    help="save training state here; resume from it if present (a finished one: export only)")
+    ap.add_argument("--checkpoint-every", type=int, default=100, metavar="STEPS")
+    ap.add_argument("--probe", nargs="+", default=[], metavar="TYPE",
+                    help="also measure validation perplexity with the experts quantized to these types")
+    ap.add_argument("--probe-every", type=int, default=0, metavar="STEPS", help="and during training, this often")
+    ap.add_argument("--probe-tokens", type=int, default=16384)
+    config_options(ap)
     args = ap.parse_args()
-    cfg = Config(steps=args.steps)
+    cfg = Config(**{f.name: getattr(args, f.name) for f in fields(Config)})
+    for name in ("n_embd", "n_ff_exp"):
+        if getattr(cfg, name) % QK_K:
+            sys.exit(f"error: --{name.replace('_', '-')} must be a multiple of {QK_K}: K-quants quantize rows of "
+                     f"{QK_K} values")
+    if args.out.resolve() == FIXTURE.resolve() and (cfg != Config() or args.dtype != "Q8_0") and not args.eval_only:
+        sys.exit(f"error: {FIXTURE} is the bundled runtime fixture, written only with the default options; "
+                 f"pass --out for another model")
+    for tn in args.probe:
+        if tn not in quant.PLAN_TYPES:
+            sys.exit(f"error: --probe types are {', '.join(quant.PLAN_TYPES)}; not {tn!r}")
 
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
@@ -400,8 +520,12 @@ def main() -> None:
           f"{len(val_txt)} validation files")
 
     import torch
+    from tokenizers import Tokenizer
     torch.manual_seed(cfg.seed)
-    tok = train_tokenizer(train_txt, cfg)
+    resume = args.checkpoint is not None and args.checkpoint.exists() and not args.eval_only
+    # a resumed run keeps the tokenizer its model was trained with
+    tok = (Tokenizer.from_str(load_checkpoint(args.checkpoint, cfg)["tokenizer"]) if resume
+           else train_tokenizer(train_txt, cfg))
     train_ids, val_ids = encode_docs(tok, train_txt), encode_docs(tok, val_txt)
     print(f"tokens: {len(train_ids):,} train, {len(val_ids):,} validation (vocab {tok.get_vocab_size()})")
     report: dict = {"config": asdict(cfg), "python": sys.version.split()[0],
@@ -412,7 +536,16 @@ def main() -> None:
         n_params = sum(p.numel() for p in model.parameters())
         print(f"model: qwen3moe {cfg.n_layer} layers, {cfg.n_expert} experts top-{cfg.n_expert_used}, "
               f"{n_params / 1e6:.1f}M parameters")
-        train(model, train_ids, cfg)
+        probe, probes = (expert_quant_probe(model, val_ids, cfg, args.probe, args.probe_tokens) if args.probe
+                         else (None, []))
+        report["train_seconds"] = train(model, train_ids, cfg, checkpoint=args.checkpoint,
+                                        checkpoint_every=args.checkpoint_every, tokenizer_json=tok.to_str(),
+                                        probe=probe, probe_every=args.probe_every)
+        if probe is not None and not probes:                 # a finished checkpoint: no step ran
+            probe(cfg.steps)
+        if probes:
+            report["expert_quant_probe"] = {"tokens": args.probe_tokens, "rows": probes}
+        report["parameters"] = n_params
         train_sel, _ = route(model, train_ids[: cfg.eval_tokens + 1], cfg)
         val_sel, torch_ppl = route(model, val_ids[: cfg.eval_tokens + 1], cfg)
         report["routing"] = routing_report(train_sel, val_sel, cfg)
@@ -423,9 +556,13 @@ def main() -> None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         provenance = {"tool": "tools/make_tiny_moe.py", "corpus": "python-stdlib",
                       "python": report["python"], "seed": cfg.seed, "steps": cfg.steps}
-        write_gguf(model, tok, cfg, args.out, provenance)
+        if cfg != Config():                                  # the bundled fixture's description stays as it was
+            provenance["config"] = {k: v for k, v in asdict(cfg).items() if v != getattr(Config, k)}
+            provenance["train_seconds"] = round(report["train_seconds"])
+        write_gguf(model, tok, cfg, args.out, provenance, args.dtype)
         print(f"wrote {args.out} ({args.out.stat().st_size / 1e6:.1f} MB)")
 
+    report["dtype"], report["file_bytes"] = args.dtype, args.out.stat().st_size
     report["unigram_val_ppl"] = unigram_ppl(train_ids, val_ids, tok.get_vocab_size())
     print(f"validation perplexity (unigram model of train): {report['unigram_val_ppl']:.3f}")
     ppl, n = llama_cpp_ppl(args.out, val_ids, cfg.seq_len, cfg.eval_tokens)

@@ -21,14 +21,12 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 from edgemoe_llamacpp import quant, runtime
 from edgemoe_llamacpp.convert import convert, uniform_plan
 from edgemoe_llamacpp.errors import BudgetError
 from edgemoe_llamacpp.imatrix import from_profile
 from edgemoe_llamacpp.layout import read_layout
-from edgemoe_llamacpp.perplexity import perplexities
+from edgemoe_llamacpp.perplexity import paired_difference, perplexities
 from edgemoe_llamacpp.plan import make_plan, measure_costs
 from edgemoe_llamacpp.profile import Profile, profile
 
@@ -96,7 +94,7 @@ def main() -> int:
                      "planned_cost": (report or {}).get("cost")})
         print(f"{label:>24}: {rows[-1]['bits_per_weight']:.3f} bits, {out.expert_bytes / 1e6:.2f} MB, "
               f"ppl {ppl['perplexity']:.3f}, KLD {ppl['kld']:.5f}, same top-1 {ppl['same_top1']:.2%}", flush=True)
-    nll = {row["label"]: np.array(p["window_nll"]) for row, p in zip(rows, scores, strict=True)}
+    nll = {row["label"]: p["window_nll"] for row, p in zip(rows, scores, strict=True)}
     count = scores[0]["tokens"]
     for row in rows:
         if row["kind"] != "plan":
@@ -105,9 +103,8 @@ def main() -> int:
         rival = min((r for r in rows if r["kind"] == "uniform" and r["expert_bytes"] >= row["expert_bytes"]),
                     key=lambda r: r["expert_bytes"], default=None)
         if rival is not None:
-            diff = nll[row["label"]] - nll[rival["label"]]
-            row["vs_uniform"] = {"label": rival["label"], "delta_nll_per_token": float(diff.sum() / count),
-                                 "standard_error": float(diff.std(ddof=1) * np.sqrt(len(diff)) / count)}
+            row["vs_uniform"] = {"label": rival["label"],
+                                 **paired_difference(nll[row["label"]], nll[rival["label"]], count)}
 
     result = {"kind": "quality", "model": str(Path(args.model).relative_to(ROOT)
                                               if Path(args.model).is_relative_to(ROOT) else args.model),
