@@ -248,7 +248,7 @@ def _plan_from_args(args: argparse.Namespace, layout):
     prof = Profile(args.profile, layout)
     imatrix = _imatrix(args, layout, prof)
     costs = measure_costs(args.input, prof, candidates, imatrix=imatrix)
-    size = None if args.size is None else parse_budget(args.size, costs["nbytes"].min(axis=1).sum())
+    size = None if args.size is None else parse_budget(args.size, layout.expert_bytes)
     plan, report = make_plan(costs, expert_bits=args.expert_bits, size=size)
     print(f"plan: {report['bits_per_weight']:.3f} bits per expert weight, {report['expert_bytes']:,} expert "
           f"bytes, types {report['type_counts']}")
@@ -433,7 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", help="profile from `edgemoe profile`: plan per-expert types from it")
     p.add_argument("--expert-bits", dest="expert_bits", type=_float(0, 64, lo_open=True),
                    help="with --profile: average bits per expert weight (IQ2_XXS is 2.0625, Q2_K 2.625, Q8_0 8.5)")
-    p.add_argument("--size", help="with --profile: expert bytes instead, e.g. 12MB")
+    p.add_argument("--size", help="with --profile: expert bytes instead, e.g. 12MB or 40%% (of the input's)")
     p.add_argument("--uniform", metavar="TYPE", help="every expert at TYPE (e.g. Q4_K); stock llama.cpp loads it")
     p.add_argument("--plan", help="JSON: expert tensor name -> type, or list of types per expert")
     p.add_argument("--save-plan", dest="save_plan", help="write the plan used as JSON here")

@@ -1,16 +1,20 @@
-"""The bit planner: one quantization type per expert under a size budget, from measured importance.
+"""The bit planner: quantization types per expert under a size budget, from measured importance.
 
-Importance is measured, not guessed (EdgeMoE's principle): for every expert and every candidate type, the
-expert's weights are quantized with ggml's quantizer, dequantized, and run on FFN inputs the profile
-sampled from tokens the router sent to that expert. The cost of a type is the expected squared change of
-the layer's output per token that this expert causes:
+Importance is measured, not guessed (EdgeMoE's principle). For every expert and every candidate scheme (a
+type for gate and up, a type for down), the expert's weights are quantized with ggml's quantizer,
+dequantized, and run on FFN inputs the profile sampled from tokens the router sent to that expert. The cost
+of a scheme is the expected squared change of the layer's output per token that this expert causes:
 
-    cost(l, e, t) = share(l, e) * mean_s( w_s^2 * || FFN_e^t(x_s) - FFN_e(x_s) ||^2 )
+    cost(l, e, a, b) = share(l, e) * mean_s( w_s^2 * || FFN_e^{a,b}(x_s) - FFN_e(x_s) ||^2 )
 
 with share(l, e) the fraction of tokens that choose the expert, w_s the gate weight the sampled token gave
-it and FFN_e the expert at the source file's precision. The planner minimises the summed cost under the
-byte budget: a Lagrangian search over cost + lambda * bytes (each expert independently), then a greedy
-fill of what budget is left by the best cost reduction per byte.
+it and FFN_e the expert at the source file's precision. Every pair is run, not summed from per-tensor
+costs: the three tensors' errors are far from independent (K-quants shrink weights coherently, and with
+Q2_K the whole expert's cost is about 1.7x the sum of its tensors'). A different type for `down` is what
+llama.cpp's own mixes do for every expert; here each expert gets the pair that its measured cost buys.
+The planner minimises the summed cost under the byte budget: a Lagrangian search over cost + lambda * bytes
+(each expert independently), then a greedy fill of what budget is left by the best cost reduction per byte.
+With `per_tensor=False` each expert gets one type for all three tensors.
 
 Each candidate is quantized as convert will write it: with the expert's importance matrix if one is given
 (imatrix.py); without one, the types ggml cannot make without it (IQ2_XXS, IQ2_XS) are not candidates.
@@ -71,12 +75,10 @@ class _Experts:
     def n_weights(self, layer: int) -> int:
         return sum(int(np.prod(self.tensors[(layer, k)].shape[:-1])) for k in SWIGLU)
 
-    def nbytes(self, layer: int, type_name: str) -> int:
-        total = 0
-        for kind in SWIGLU:
-            t = self.tensors[(layer, kind)]
-            total += int(np.prod(t.shape[1:-1])) * quant.row_bytes(type_name, int(t.shape[0]))
-        return total
+    def nbytes(self, layer: int, kind: str, type_name: str) -> int:
+        """Bytes of one expert's `kind` tensor at `type_name`."""
+        t = self.tensors[(layer, kind)]
+        return int(np.prod(t.shape[1:-1])) * quant.row_bytes(type_name, int(t.shape[0]))
 
 
 def _ffn(w: list[np.ndarray], x: np.ndarray) -> np.ndarray:
@@ -86,8 +88,9 @@ def _ffn(w: list[np.ndarray], x: np.ndarray) -> np.ndarray:
 
 def measure_costs(model: str, prof: Profile, types=quant.PLAN_TYPES, progress: bool = True,
                   imatrix: dict[str, np.ndarray] | None = None) -> dict:
-    """cost[l, e, t] and nbytes[l, t] for every MoE layer l, expert e and candidate type t, each type quantized
-    with the per-expert importance matrices `imatrix` if given (imatrix.from_profile)."""
+    """cost[l, e, a, b] for every MoE layer l, expert e, gate/up type a and down type b, and nbytes[l, a, b]
+    (one expert's three tensors), each type quantized with the per-expert importance matrices `imatrix` if
+    given (imatrix.from_profile)."""
     layout = read_layout(model)
     if list(layout.moe_layers) != prof.meta["moe_layers"] or layout.n_expert != prof.meta["n_expert"]:
         raise EdgeMoEError(f"the profile was recorded on a model with other MoE layers or expert count "
@@ -98,8 +101,8 @@ def measure_costs(model: str, prof: Profile, types=quant.PLAN_TYPES, progress: b
     types = [t for t in types if all(quant.fits(t, int(experts.tensors[(layout.moe_layers[0], k)].shape[0]))
                                      for k in SWIGLU) and (imatrix is not None or not quant.requires_imatrix(t))]
     share = prof.expert_stats()["share"]
-    n_l, n_e = len(layout.moe_layers), layout.n_expert
-    cost = np.zeros((n_l, n_e, len(types)))
+    n_l, n_e, n_t = len(layout.moe_layers), layout.n_expert, len(types)
+    cost = np.zeros((n_l, n_e, n_t, n_t))
     bar = tqdm(total=n_l * n_e, desc="measure expert costs", unit="expert", disable=not progress)
     for li, layer in enumerate(layout.moe_layers):
         for e in range(n_e):
@@ -108,69 +111,93 @@ def measure_costs(model: str, prof: Profile, types=quant.PLAN_TYPES, progress: b
                 x = prof.inputs[li, e, :n].astype(np.float32)
                 w2 = prof.input_weights[li, e, :n].astype(np.float64) ** 2
                 ref = _ffn(experts.weights(layer, e), x)
-                for ti, t in enumerate(types):
-                    d = _ffn(experts.weights(layer, e, t, imatrix), x) - ref
-                    cost[li, e, ti] = share[li, e] * float(np.mean(w2 * (d.astype(np.float64) ** 2).sum(1)))
+                quantized = [experts.weights(layer, e, t, imatrix) for t in types]
+                for a, (gate, up, _) in enumerate(quantized):
+                    h = _silu(x @ gate.T) * (x @ up.T)
+                    for b, (_, _, down) in enumerate(quantized):
+                        d = (h @ down.T - ref).astype(np.float64)
+                        cost[li, e, a, b] = share[li, e] * float(np.mean(w2 * (d ** 2).sum(1)))
             bar.update(1)
     bar.close()
-    nbytes = np.array([[experts.nbytes(layer, t) for t in types] for layer in layout.moe_layers])
+    nb = np.array([[[experts.nbytes(layer, k, t) for t in types] for k in SWIGLU] for layer in layout.moe_layers])
+    nbytes = (nb[:, 0] + nb[:, 1])[:, :, None] + nb[:, 2][:, None, :]
     n_weights = sum(experts.n_weights(layer) for layer in layout.moe_layers) * n_e
     return {"types": types, "cost": cost, "nbytes": nbytes, "n_weights": n_weights,
             "layers": list(layout.moe_layers), "layout": layout}
 
 
+def smallest_size(costs: dict) -> int:
+    """Expert bytes of the smallest plan: every expert at its smallest scheme."""
+    return int(costs["nbytes"].min(axis=(1, 2)).sum() * costs["cost"].shape[1])
+
+
 def choose(cost: np.ndarray, nbytes: np.ndarray, budget: int) -> np.ndarray:
-    """Type index per (layer, expert) minimising summed cost with summed bytes <= budget."""
-    size = np.broadcast_to(nbytes[:, None, :], cost.shape).astype(np.float64)
-    if size.min(axis=2).sum() > budget:
-        raise BudgetError(f"the smallest type for every expert takes {int(size.min(axis=2).sum()):,} bytes, "
+    """Type index per item (cost[..., t]: the cost of type t; nbytes broadcasts to cost's shape) minimising
+    summed cost with summed bytes <= budget."""
+    size = np.broadcast_to(nbytes, cost.shape).astype(np.float64)
+    if size.min(axis=-1).sum() > budget:
+        raise BudgetError(f"the smallest type for every expert takes {int(size.min(axis=-1).sum()):,} bytes, "
                           f"more than the budget of {budget:,}")
+    shape = cost.shape[:-1]
+    cost, size = cost.reshape(-1, cost.shape[-1]), size.reshape(-1, size.shape[-1])
+    rows = np.arange(len(cost))
 
     def pick(lam: float) -> np.ndarray:
-        return np.argmin(cost + lam * size, axis=2)
+        return np.argmin(cost + lam * size, axis=1)
 
     def used(idx: np.ndarray) -> float:
-        return float(np.take_along_axis(size, idx[..., None], axis=2).sum())
+        return float(size[rows, idx].sum())
 
     lo, hi = 0.0, 1.0
     while used(pick(hi)) > budget:
         hi *= 4
     if used(pick(lo)) <= budget:
-        return pick(lo)
+        return pick(lo).reshape(shape)
     for _ in range(100):
         mid = (lo + hi) / 2
         lo, hi = (lo, mid) if used(pick(mid)) <= budget else (mid, hi)
     idx = pick(hi)
     left = budget - used(idx)
     while True:                     # greedy fill: the best cost cut per extra byte that still fits
-        cur_c = np.take_along_axis(cost, idx[..., None], axis=2)
-        cur_s = np.take_along_axis(size, idx[..., None], axis=2)
-        extra = size - cur_s
-        gain = cur_c - cost
+        extra = size - size[rows, idx][:, None]
+        gain = cost[rows, idx][:, None] - cost
         ok = (extra > 0) & (extra <= left) & (gain > 0)
         if not ok.any():
-            return idx
+            return idx.reshape(shape)
         ratio = np.where(ok, gain / np.where(ok, extra, 1), -1.0)
-        l, e, t = np.unravel_index(int(np.argmax(ratio)), ratio.shape)
-        left -= extra[l, e, t]
-        idx[l, e] = t
+        i, t = np.unravel_index(int(np.argmax(ratio)), ratio.shape)
+        left -= extra[i, t]
+        idx[i] = t
 
 
-def make_plan(costs: dict, *, expert_bits: float | None = None, size: int | None = None) -> tuple[dict, dict]:
-    """(plan: expert tensor -> type per expert, report) for an average bits per weight or a byte size."""
+def make_plan(costs: dict, *, expert_bits: float | None = None, size: int | None = None,
+              per_tensor: bool = True) -> tuple[dict, dict]:
+    """(plan: expert tensor -> type per expert, report) for an average bits per weight or a byte size; with
+    per_tensor=False, one type for all three tensors of an expert."""
     if (expert_bits is None) == (size is None):
         raise ValueError("give exactly one of expert_bits and size")
     budget = int(size if size is not None else expert_bits * costs["n_weights"] / 8)
-    idx = choose(costs["cost"], costs["nbytes"], budget)
+    cost, nbytes = costs["cost"], costs["nbytes"][:, None]             # [L, E, T, T], [L, 1, T, T]
+    n_l, n_e, n_t = cost.shape[:3]
+    if per_tensor:
+        flat = choose(cost.reshape(n_l, n_e, -1), nbytes.reshape(n_l, 1, -1), budget)
+        gu, down = flat // n_t, flat % n_t
+    else:
+        diag = np.arange(n_t)
+        gu = down = choose(cost[..., diag, diag], nbytes[..., diag, diag], budget)
     types = costs["types"]
     layout: MoELayout = costs["layout"]
     plan = {}
     for t in layout.expert_tensors:
         li = costs["layers"].index(t.layer)
-        plan[t.name] = [types[i] for i in idx[li]]
-    nbytes = np.broadcast_to(costs["nbytes"][:, None, :], costs["cost"].shape)
-    used = int(np.take_along_axis(nbytes, idx[..., None], axis=2).sum())
-    counts = {tn: int((idx == i).sum()) for i, tn in enumerate(types)}
+        plan[t.name] = [types[i] for i in (down if t.name.split(".")[2] == "ffn_down_exps" else gu)[li]]
+    used = int(np.broadcast_to(nbytes, cost.shape)[np.arange(n_l)[:, None], np.arange(n_e), gu, down].sum())
+    schemes: dict[str, int] = {}
+    for a, b in zip(gu.ravel(), down.ravel(), strict=True):
+        key = types[a] if a == b else f"{types[a]}/{types[b]}"
+        schemes[key] = schemes.get(key, 0) + 1
     report = {"budget_bytes": budget, "expert_bytes": used, "bits_per_weight": 8 * used / costs["n_weights"],
-              "type_counts": counts, "cost": float(np.take_along_axis(costs["cost"], idx[..., None], 2).sum())}
+              "type_counts": {tn: sum(ts.count(tn) for ts in plan.values()) for tn in types},
+              "schemes": dict(sorted(schemes.items(), key=lambda kv: -kv[1])), "per_tensor": per_tensor,
+              "cost": float(cost[np.arange(n_l)[:, None], np.arange(n_e), gu, down].sum())}
     return plan, report

@@ -260,22 +260,61 @@ def test_choose_is_optimal_on_small_cases():
 def test_plan_spends_bits_where_the_output_moves(fixture_path, prof, tmp_path):
     from edgemoe_llamacpp.plan import make_plan, measure_costs
 
-    costs = measure_costs(str(fixture_path), prof, types=("Q2_K", "Q4_K", "Q8_0"), progress=False)
-    # quantizing lower moves the output more, for every expert the profile saw
+    types = ("Q2_K", "Q4_K", "Q8_0")
+    costs = measure_costs(str(fixture_path), prof, types=types, progress=False)
+    assert costs["cost"].shape == (8, 16, 3, 3) and costs["nbytes"].shape == (8, 3, 3)
+    # quantizing lower moves the output more, for every expert the profile saw, in gate/up and in down
     seen = prof.input_count > 0
-    assert (costs["cost"][seen][:, 0] > costs["cost"][seen][:, 1]).all()
-    assert (costs["cost"][..., 2] == 0).all()            # Q8_0 is the source's own type
+    c = costs["cost"][seen]
+    assert (c[:, 0, 2] > c[:, 1, 2]).all() and (c[:, 2, 0] > c[:, 2, 1]).all()
+    assert (costs["cost"][:, :, 2, 2] == 0).all()            # Q8_0 is the source's own type
     plan, report = make_plan(costs, expert_bits=4.0)
     assert report["bits_per_weight"] <= 4.0 and len(report["type_counts"]) == 3
-    idx = np.array([[("Q2_K", "Q4_K", "Q8_0").index(tn) for tn in plan[f"blk.{layer}.ffn_up_exps.weight"]]
-                    for layer in range(8)])
+    assert sum(report["type_counts"].values()) == 8 * 16 * 3 == 3 * sum(report["schemes"].values())
+    assert any("/" in k for k in report["schemes"])          # some experts' down differs from their gate/up
+    gu = np.array([[types.index(tn) for tn in plan[f"blk.{layer}.ffn_gate_exps.weight"]] for layer in range(8)])
+    assert all(plan[f"blk.{layer}.ffn_up_exps.weight"] == plan[f"blk.{layer}.ffn_gate_exps.weight"]
+               for layer in range(8))
     share = prof.expert_stats()["share"]
     # experts routed to more often get at least as many bits on average
     busy = share > np.median(share)
-    assert idx[busy].mean() > idx[~busy].mean()
+    assert gu[busy].mean() > gu[~busy].mean()
+    # one type per expert spends the same budget less well: a higher summed cost
+    whole, whole_report = make_plan(costs, expert_bits=4.0, per_tensor=False)
+    assert all(whole[f"blk.{layer}.ffn_{k}_exps.weight"] == whole[f"blk.{layer}.ffn_up_exps.weight"]
+               for layer in range(8) for k in ("gate", "down"))
+    assert whole_report["bits_per_weight"] <= 4.0 and whole_report["cost"] > report["cost"]
     with pytest.raises(EdgeMoEError):
         make_plan(costs, expert_bits=2.0)                  # below Q2_K's 2.625 bits
     assert quant.bits_per_weight("Q2_K") == 2.625
+
+
+def test_a_scheme_costs_what_its_quantized_expert_does(fixture_path, prof):
+    """cost[l, e, a, b] is the measured output change of the expert with gate/up at type a and down at type b;
+    the tensors' errors are not independent, so it is not the sum of each tensor's alone."""
+    from edgemoe_llamacpp.plan import _Experts, _ffn, measure_costs
+
+    types = ("Q2_K", "Q8_0")
+    costs = measure_costs(str(fixture_path), prof, types=types, progress=False)
+    experts, share = _Experts(read_layout(fixture_path)), prof.expert_stats()["share"]
+
+    def measured(li, e, gu, down):
+        n = int(prof.input_count[li, e])
+        x = prof.inputs[li, e, :n].astype(np.float32)
+        w2 = prof.input_weights[li, e, :n].astype(np.float64) ** 2
+        g, u, _ = experts.weights(li, e, gu)
+        d = _ffn([g, u, experts.weights(li, e, down)[2]], x) - _ffn(experts.weights(li, e), x)
+        return share[li, e] * float(np.mean(w2 * (d.astype(np.float64) ** 2).sum(1)))
+
+    pairs = list(zip(*np.nonzero(prof.input_count > 0), strict=True))[::13][:8]
+    sums = []
+    for li, e in pairs:
+        li, e = int(li), int(e)
+        for a, b in itertools.product(range(2), repeat=2):
+            assert costs["cost"][li, e, a, b] == pytest.approx(measured(li, e, types[a], types[b]), rel=1e-5)
+        sums.append(costs["cost"][li, e, 0, 1] + costs["cost"][li, e, 1, 0])
+    whole = np.array([costs["cost"][li, e, 0, 0] for li, e in pairs])
+    assert (np.abs(np.array(sums) / whole - 1) > 0.05).any()
 
 
 def test_an_f16_source_is_planned_and_converted(fixture_path, prof, tmp_path):
@@ -295,7 +334,7 @@ def test_an_f16_source_is_planned_and_converted(fixture_path, prof, tmp_path):
     costs = measure_costs(str(f16.path), prof, types=types, progress=False)
     ref = measure_costs(str(fixture_path), prof, types=types, progress=False)
     seen = prof.input_count > 0
-    assert (costs["cost"][seen][:, 0] > costs["cost"][seen][:, 1]).all()
+    assert (costs["cost"][seen][..., 0] > costs["cost"][seen][..., 1]).all()
     # the same weights give the same costs, up to where half precision moves a value across a rounding step
     np.testing.assert_allclose(costs["cost"].sum((0, 1)), ref["cost"].sum((0, 1)), rtol=0.02)
     np.testing.assert_allclose(costs["cost"][seen], ref["cost"][seen], rtol=0.25)
