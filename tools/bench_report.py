@@ -275,78 +275,74 @@ def server_section(path: Path, r: dict) -> str:
         f"{st['resident_expert_bytes']:,} / {st['budget_bytes']:,} |"), ""])
 
 
+QUALITY_KINDS = (("uniform", "o-", "uniform type per file (imatrix)"),
+                 ("uniform-no-imatrix", "x:", "uniform, no imatrix"),
+                 ("mix", "^", "llama.cpp-style mix: gate/up, down"),
+                 ("plan-one-type", "D--", "edgemoe, one type per expert"),
+                 ("plan-calibrated", "v-", "edgemoe, layer-calibrated cost"),
+                 ("plan", "s-", "edgemoe per-expert plan"))
+
+
 def quality_plot(r: dict, out: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
-    for kind, style, label in (("uniform", "o-", "uniform type per file"), ("plan", "s", "edgemoe per-expert plan")):
-        # the source's own type has KL 0, which a log axis cannot show
-        rows = sorted((x for x in r["rows"] if x["kind"] == kind and x["kld"] > 0), key=lambda x: x["expert_bytes"])
-        ax.plot([x["expert_bytes"] / 1e6 for x in rows], [x["kld"] for x in rows], style, label=label)
-        if kind == "uniform":
-            for x in rows:
-                ax.annotate(x["label"].split()[-1], (x["expert_bytes"] / 1e6, x["kld"]), fontsize=7,
-                            textcoords="offset points", xytext=(4, 4))
-    ax.set_xlabel("expert bytes (MB)")
-    ax.set_ylabel("KL from the source (nats/token)")
-    ax.set_yscale("log")
-    save(fig, ax, out, f"{Path(r['model']).name}: quality at equal size "
-                       f"({r['eval']['tokens']:,} validation tokens; Q8_0 = the source)")
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), dpi=110)
+    for ax, key, ylabel in ((axes[0], "ppl_vs_source", "perplexity over the source"),
+                            (axes[1], "kld", "KL from the source (nats/token)")):
+        for kind, style, label in QUALITY_KINDS:
+            rows = sorted((x for x in r["rows"] if x["kind"] == kind and x["bits_per_weight"] <= 5),
+                          key=lambda x: x["bits_per_weight"])
+            if rows:
+                ax.plot([x["bits_per_weight"] for x in rows], [x[key] for x in rows], style, label=label, ms=5)
+        ax.set_xlabel("bits per expert weight")
+        ax.set_ylabel(ylabel)
+        ax.set_yscale("log")
+    axes[0].yaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
+    axes[0].set_title(f"{Path(r['model']).name}: perplexity ({r['eval']['tokens']:,} held-out tokens)", fontsize=10)
+    axes[0].grid(True, which="both", alpha=0.3)
+    save(fig, axes[1], out, "KL from the F16 source")
+
+
+def _paired(x: dict, key: str) -> str:
+    v = x.get(key)
+    if not v:
+        return "-"
+    ll, kl = -v["delta_nll_per_token"] / v["nll_standard_error"], -v["delta_kld_per_token"] / v["kld_standard_error"]
+    return (f"{v['label']} ({v['bytes_ratio']:.2f}x bytes): log-lik. {-v['delta_nll_per_token']:+.4f} "
+            f"({ll:+.1f} s.e.), KL {v['delta_kld_per_token']:+.5f} ({kl:+.1f} s.e.)"
+            + (" **wins both**" if v["wins_both_by_2se"] else ""))
 
 
 def quality_section(path: Path, r: dict) -> str:
     png = path.with_suffix(".png")
     quality_plot(r, png)
-    uniform = sorted((x for x in r["rows"] if x["kind"] == "uniform"), key=lambda x: x["expert_bytes"])
-    rows = [("| file | bits/weight | expert MB | perplexity | KL vs source (nats/token) | same top-1 | types (plans) "
-             "| vs the uniform file of the same or next larger size |"), "|---|---|---|---|---|---|---|---|"]
-    for x in sorted(r["rows"], key=lambda x: x["expert_bytes"]):
-        verdict = ""
-        if x["kind"] == "plan":
-            ref = next((u for u in uniform if u["expert_bytes"] >= x["expert_bytes"]), None)
-            if ref:
-                kld = "lower KL" if x["kld"] < ref["kld"] else "HIGHER KL"
-                ppl = "lower perplexity" if x["perplexity"] < ref["perplexity"] else "HIGHER perplexity"
-                verdict = (f"{ref['label']} ({ref['expert_bytes'] / x['expert_bytes']:.2f}x the bytes): "
-                           f"{kld}, {ppl}")
-                paired = x.get("vs_uniform")
-                if paired and paired["label"] == ref["label"]:
-                    d, se = paired["delta_nll_per_token"], paired["standard_error"]
-                    verdict += f" (log-likelihood {-d:+.5f} ± {se:.5f} nats/token, {abs(d) / se:.1f} s.e.)"
-        types = ", ".join(f"{k} {v}" for k, v in (x["type_counts"] or {}).items() if v)
-        rows.append(f"| {x['label']} | {x['bits_per_weight']:.3f} | {x['expert_bytes'] / 1e6:.2f} | "
-                    f"{x['perplexity']:.3f} | {x['kld']:.5f} | {x['same_top1']:.2%} | {types} | {verdict} |")
-    notes = [f"- {u['label']}: not reachable: {u['reason']}" for u in r.get("unreachable", [])]
-    upper = [x["perplexity"] for x in r["rows"] if x["bits_per_weight"] >= 3.4]
-    ppl_sorted = [u["perplexity"] for u in uniform]
-    kld_sorted = [u["kld"] for u in uniform]
-    notes.append(
-        f"- Perplexity of every file at 3.4 bits or more lies within {min(upper):.3f}-{max(upper):.3f} "
-        f"({100 * (max(upper) / min(upper) - 1):.2f}%)"
-        + ("" if ppl_sorted == sorted(ppl_sorted, reverse=True) else
-           " and is not monotone in bits for the uniform files") +
-        "; KL divergence from the source's next-token distribution "
-        + ("falls monotonically with bits" if kld_sorted == sorted(kld_sorted, reverse=True) else "is not monotone")
-        + " for the uniform files, and it is the quantity the planner's cost (output error) models. "
-        "The verdict column gives both.")
+    table = [("| file | bits/weight | perplexity | vs source | KL (nats/token) | same top-1 | vs uniform rival | "
+              "vs mix rival | schemes (plans) |"), "|---|---|---|---|---|---|---|---|---|"]
+    for x in sorted(r["rows"], key=lambda x: (x["bits_per_weight"], x["kind"])):
+        schemes = ", ".join(f"{k} {v}" for k, v in list((x.get("schemes") or {}).items())[:4])
+        vs = f"{x['ppl_vs_source']:+.2%}" if "ppl_vs_source" in x else "-"
+        table.append(f"| {x['label']} | {x['bits_per_weight']:.3f} | {x['perplexity']:.3f} | {vs} | {x['kld']:.5f} | "
+                     f"{x['same_top1']:.2%} | {_paired(x, 'vs_uniform')} | {_paired(x, 'vs_mix')} | {schemes} |")
+    plans = [x for x in r["rows"] if x["kind"] == "plan"]
+    wins = [f"{x['target_bits']:g} bits: uniform {'won' if x.get('vs_uniform', {}).get('wins_both_by_2se') else 'NOT won'}"
+            f", mix {'won' if x.get('vs_mix', {}).get('wins_both_by_2se') else 'NOT won'}" for x in plans]
     return "\n".join([
-        f"## {path.stem}: perplexity vs expert bytes, uniform types against per-expert plans", "",
-        (f"`{r['model']}`, profiled on {r['profile']['tokens']:,} tokens of the {r['profile']['text']} "
-         f"(up to {r['profile']['samples_per_expert']} FFN inputs sampled per expert), each expert's cost "
-         f"measured at {', '.join(r['types'])}; perplexity on {r['rows'][0]['tokens']:,} tokens of the "
-         f"{r['eval']['text']} in windows of {r['eval']['n_ctx']}, through llama-cpp-python "
-         f"{r['runtime']['llama_cpp_python']}. Bits per weight are real bytes x 8 / expert weights "
-         f"(Q2_K is 2.625, Q8_0 8.5); the source file is Q8_0, so uniform Q8_0 is the source's own quality. "
-         "Every file is scored on the same windows; the log-likelihood column compares a plan with its uniform "
-         "rival window by window (positive: the plan predicts the text better), with the standard error of that "
-         f"paired difference. {r['date']}."), "",
-        *rows, "", *notes, "",
-        f"![perplexity vs expert bytes]({png.relative_to(ROOT).as_posix()})", "",
-        "Command:", "", "```sh", r["command"], "```", "",
-    ])
+        f"## {path.stem}: per-expert plans against uniform files and llama.cpp-style mixes", "",
+        (f"`{r['model']}` (F16 source), profiled on {r['profile']['tokens']:,} tokens of the {r['profile']['text']} "
+         f"(up to {r['profile']['samples_per_expert']} FFN inputs sampled per expert, which also give each "
+         f"expert's importance matrices); every expert's cost measured at every pair of {', '.join(r['types'])} "
+         f"(gate/up, down). Perplexity and KL from the source on {r['eval']['tokens']:,} tokens of the "
+         f"{r['eval']['text']} in windows of {r['eval']['n_ctx']}, every file on the same windows, through "
+         f"llama-cpp-python {r['runtime']['llama_cpp_python']}. A plan's rivals are the smallest uniform file and "
+         "the smallest mix at least as large, compared window by window: log-likelihood and KL per token "
+         "(positive log-likelihood and negative KL: the plan is better), in paired standard errors. "
+         f"{r['date']}."), "",
+        *table, "", "Plans beating both rivals on both measures by more than 2 s.e.: " + "; ".join(wins) + ".", "",
+        f"![quality at equal size]({png.relative_to(ROOT).as_posix()})", "",
+        "Command:", "", "```sh", r["command"], "```", ""])
 
 
 def substitution_section(path: Path, r: dict) -> str:

@@ -15,7 +15,7 @@ The quality fixture (issue 18) is a longer-trained model kept at F16, the refere
 scored against (tools/quality_fixture.py); --probe shows during training how much a uniform quantization of
 the experts costs in validation perplexity, and --checkpoint lets a long run resume and be exported again:
 
-    python tools/make_tiny_moe.py --dtype F16 --steps 1000 --min-lr 3e-5 --probe Q2_K Q4_K --probe-every 200 \
+    python tools/make_tiny_moe.py --dtype F16 --steps 1000 --min-lr 3e-5 --probe Q2_K Q4_K --probe-every 200 --expert-init 0.0625 \
         --checkpoint build/quality-moe.pt --out build/quality-moe-f16.gguf --report build/quality-moe.report.json
 
 Needs the `train` extra (torch, tokenizers); the final perplexity needs llama-cpp-python.
@@ -60,6 +60,9 @@ class Config:
     warmup: int = 50
     weight_decay: float = 0.1
     aux_loss_coef: float = 0.01     # Switch-style load balancing: keeps experts alive, lets them specialise
+    expert_init: float = 0.02       # std of the experts' gate/up at init (down: / sqrt(2 n_layer)); the quality
+    #                                 fixture uses 1/sqrt(n_embd), as a model of real width has: at 0.02 the
+    #                                 experts' SwiGLU output starts ~10x smaller, and they barely learn
     rope_base: float = 10000.0
     rms_eps: float = 1e-6
     val_percent: int = 5            # files whose path hash falls below this go to validation
@@ -151,9 +154,10 @@ def build_model(cfg: Config):
             super().__init__()
             E, D, Fd = cfg.n_expert, cfg.n_embd, cfg.n_ff_exp
             self.router = nn.Linear(D, E, bias=False)
-            self.w_gate = nn.Parameter(torch.randn(E, Fd, D) * 0.02)   # (E, F, D) = GGUF ne {D, F, E}
-            self.w_up = nn.Parameter(torch.randn(E, Fd, D) * 0.02)
-            self.w_down = nn.Parameter(torch.randn(E, D, Fd) * 0.02 / math.sqrt(2 * cfg.n_layer))
+            s = cfg.expert_init
+            self.w_gate = nn.Parameter(torch.randn(E, Fd, D) * s)   # (E, F, D) = GGUF ne {D, F, E}
+            self.w_up = nn.Parameter(torch.randn(E, Fd, D) * s)
+            self.w_down = nn.Parameter(torch.randn(E, D, Fd) * s / math.sqrt(2 * cfg.n_layer))
 
         def forward(self, x):
             B, T, D = x.shape
