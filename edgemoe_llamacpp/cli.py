@@ -205,8 +205,8 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
 
 def _plan_from_args(args: argparse.Namespace, layout):
-    """The plan (--uniform, --plan or measured from --profile), its `edgemoe.*` metadata and the importance
-    matrices to quantize with (or None)."""
+    """The plan (--uniform, --plan or measured from --profile), its `edgemoe.*` metadata, the importance
+    matrices to quantize with (or None) and the experts a measured plan quantizes without them (or None)."""
     from . import quant
     from .convert import uniform_plan
     from .profile import Profile
@@ -218,7 +218,8 @@ def _plan_from_args(args: argparse.Namespace, layout):
     if args.no_imatrix and args.imatrix:
         raise EdgeMoEError("--imatrix and --no-imatrix contradict each other")
     if args.uniform:
-        return uniform_plan(layout, args.uniform), {"plan.method": f"uniform {args.uniform}"}, _imatrix(args, layout)
+        return (uniform_plan(layout, args.uniform), {"plan.method": f"uniform {args.uniform}"},
+                _imatrix(args, layout), None)
     if args.plan:
         from pathlib import Path
 
@@ -234,8 +235,8 @@ def _plan_from_args(args: argparse.Namespace, layout):
         missing = [name for name, types in plan.items() if types is None]
         if missing:
             raise EdgeMoEError(f"{args.plan}: no types for {missing[:3]}")
-        return plan, {"plan.method": f"file {Path(args.plan).name}"}, _imatrix(args, layout)
-    from .plan import make_plan, measure_costs
+        return plan, {"plan.method": f"file {Path(args.plan).name}"}, _imatrix(args, layout), None
+    from .plan import imatrix_off, make_plan, measure_costs
 
     if (args.expert_bits is None) == (args.size is None):
         raise EdgeMoEError("--profile needs exactly one of --expert-bits or --size")
@@ -256,7 +257,7 @@ def _plan_from_args(args: argparse.Namespace, layout):
 
     return plan, {"plan.method": "measured output error (edgemoe plan)",
                   "plan.bits_per_weight": round(report["bits_per_weight"], 4),
-                  "profile.sha256": sha256_file(args.profile)}, imatrix
+                  "profile.sha256": sha256_file(args.profile)}, imatrix, imatrix_off(costs, plan)
 
 
 def _imatrix(args: argparse.Namespace, layout, prof=None):
@@ -278,13 +279,13 @@ def cmd_convert(args: argparse.Namespace) -> int:
     files.check_output(args.output, inputs=inputs, force=args.force)
     if args.save_plan:
         files.check_output(args.save_plan, inputs=[*inputs, args.output], force=args.force, what="--save-plan")
-    plan, meta, imatrix = _plan_from_args(args, read_layout(args.input))
+    plan, meta, imatrix, off = _plan_from_args(args, read_layout(args.input))
     if args.save_plan:
         files.write_text(args.save_plan, json.dumps(plan, indent=1) + "\n")
     if imatrix is not None:
         meta["imatrix.profile.sha256"] = sha256_file(args.imatrix or args.profile)
     layout = convert(args.input, args.output, plan, meta=meta, force=args.force, lowbit=args.lowbit,
-                     imatrix=imatrix)
+                     imatrix=imatrix, imatrix_off=off)
     needs = [x for x, on in (("per-expert types", layout.mixed),
                              (f"{layout.lowbit_type} copies of the experts", args.lowbit)) if on]
     kind = f"{' and '.join(needs)}: needs the patched runtime" if needs else "loads in stock llama.cpp"

@@ -13,7 +13,8 @@ to TYPE from the source, in a page-aligned slot of its own, for the runtime to r
 expert from (HOBBIT's substitution). Such a file needs the patched runtime too.
 
 With `imatrix` (tensor name -> [n_expert, n_per_row], imatrix.py), every expert is quantized with its own
-importance matrix; IQ2_XXS and IQ2_XS cannot be made without one.
+importance matrix; IQ2_XXS and IQ2_XS cannot be made without one. `imatrix_off` (tensor name -> a flag per
+expert) names the experts a plan found better quantized without it (plan.imatrix_off).
 
 The output is written to a temporary file beside OUT, fsynced and renamed: a killed conversion leaves
 OUT as it was, and IN is only ever read.
@@ -138,7 +139,8 @@ def _kv(writer: GGUFWriter, reader: GGUFReader) -> None:
         writer.add_key_value(key, field.contents(), vtype, sub_type=sub)
 
 
-def _write_tensor(f, base: int, entry: dict, bar, imatrix: dict[str, np.ndarray] | None) -> None:
+def _write_tensor(f, base: int, entry: dict, bar, imatrix: dict[str, np.ndarray] | None,
+                  imatrix_off: dict[str, list[bool]] | None = None) -> None:
     t = entry["src"]
     if t is None:                                   # the guard
         f.seek(base)
@@ -155,13 +157,14 @@ def _write_tensor(f, base: int, entry: dict, bar, imatrix: dict[str, np.ndarray]
     slot = entry["nbytes"] // len(types)
     per_src = data.size // len(types)
     weights = None if imatrix is None else imatrix[t.name]
+    off = (imatrix_off or {}).get(t.name) if entry["name"] == t.name else None      # not for low-bit copies
     for e, tn in enumerate(types):
         chunk = data[e * per_src:(e + 1) * per_src]
         if tn == src_type:
             blob = chunk.tobytes()
         else:
             blob = quant.quantize(quant.dequantize(chunk, src_type, row_len), tn,
-                                  None if weights is None else weights[e])
+                                  None if weights is None or (off is not None and off[e]) else weights[e])
         assert len(blob) == rows * quant.row_bytes(tn, row_len)
         f.seek(base + e * slot)
         f.write(blob)
@@ -180,7 +183,8 @@ def _check_low_type(type_name: str, row_len: int, name: str) -> None:
 
 def convert(src: str | os.PathLike, dst: str | os.PathLike, plan: dict[str, list[str]], *,
             meta: dict | None = None, force: bool = False, progress: bool = True,
-            lowbit: str | None = None, imatrix: dict[str, np.ndarray] | None = None) -> MoELayout:
+            lowbit: str | None = None, imatrix: dict[str, np.ndarray] | None = None,
+            imatrix_off: dict[str, list[bool]] | None = None) -> MoELayout:
     """Write `src` with its experts at `plan`'s types to `dst`, plus low-bit copies of every expert at
     `lowbit` if given, quantizing with the per-expert importance matrices `imatrix` if given. Returns the new
     file's layout."""
@@ -203,6 +207,12 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, plan: dict[str, list
     if imatrix is not None:
         check_imatrix(imatrix, {t.name: (int(t.shape[-1]), int(t.shape[0])) for t in reader.tensors
                                 if t.name in plan})
+        for name, flags in (imatrix_off or {}).items():
+            if name not in plan or len(flags) != len(plan[name]):
+                raise EdgeMoEError(f"imatrix_off for {name}: one flag per expert of a planned tensor")
+            need = sorted({tn for tn, off in zip(plan[name], flags, strict=True) if off and quant.requires_imatrix(tn)})
+            if need:
+                raise EdgeMoEError(f"{name}: {', '.join(need)} cannot be made without importance matrices")
     else:
         src_types = {t.name: t.tensor_type.name for t in reader.tensors}
         made = {tn for name, types in plan.items() for tn in types if tn != src_types[name]} | ({lowbit} - {None})
@@ -249,7 +259,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, plan: dict[str, list
         n_experts = sum(len(e["experts"]) for e in tensors if e["experts"])
         with tqdm(total=n_experts, desc="quantize experts", unit="expert", disable=not progress) as bar:
             for e, off in zip(tensors, offsets, strict=True):
-                _write_tensor(f, off, e, bar, imatrix)
+                _write_tensor(f, off, e, bar, imatrix, imatrix_off)
         f.truncate(pos)
         f.flush()
         writer.close()

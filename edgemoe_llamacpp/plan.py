@@ -17,7 +17,10 @@ The planner minimises the summed cost under the byte budget: a Lagrangian search
 With `per_tensor=False` each expert gets one type for all three tensors.
 
 Each candidate is quantized as convert will write it: with the expert's importance matrix if one is given
-(imatrix.py); without one, the types ggml cannot make without it (IQ2_XXS, IQ2_XS) are not candidates.
+(imatrix.py); without one, the types ggml cannot make without it (IQ2_XXS, IQ2_XS) are not candidates. An
+importance matrix is a diagonal estimate of which rounding errors the sampled inputs see; where it misleads
+(an expert whose down inputs have a few huge columns can lose at Q2_K), the tensor's own error on the sampled
+inputs, || x (W_q - W)^T ||^2, decides per expert, tensor and type whether it is used (`imatrix_off`).
 """
 from __future__ import annotations
 
@@ -103,6 +106,7 @@ def measure_costs(model: str, prof: Profile, types=quant.PLAN_TYPES, progress: b
     share = prof.expert_stats()["share"]
     n_l, n_e, n_t = len(layout.moe_layers), layout.n_expert, len(types)
     cost = np.zeros((n_l, n_e, n_t, n_t))
+    off = np.zeros((n_l, n_e, len(SWIGLU), n_t), dtype=bool)          # quantized better without the imatrix
     bar = tqdm(total=n_l * n_e, desc="measure expert costs", unit="expert", disable=not progress)
     for li, layer in enumerate(layout.moe_layers):
         for e in range(n_e):
@@ -110,8 +114,19 @@ def measure_costs(model: str, prof: Profile, types=quant.PLAN_TYPES, progress: b
             if n:
                 x = prof.inputs[li, e, :n].astype(np.float32)
                 w2 = prof.input_weights[li, e, :n].astype(np.float64) ** 2
-                ref = _ffn(experts.weights(layer, e), x)
-                quantized = [experts.weights(layer, e, t, imatrix) for t in types]
+                src = experts.weights(layer, e)
+                ref = _ffn(src, x)
+                x_k = (x, x, _silu(x @ src[0].T) * (x @ src[1].T))      # what each tensor's rows multiply
+                quantized = []
+                for ti, t in enumerate(types):
+                    q = experts.weights(layer, e, t, imatrix)
+                    if imatrix is not None and not quant.requires_imatrix(t):
+                        plain = experts.weights(layer, e, t)
+                        for k in range(len(SWIGLU)):
+                            err = [float(np.square(x_k[k] @ (w[k] - src[k]).T).sum()) for w in (q, plain)]
+                            if err[1] < err[0]:
+                                q[k], off[li, e, k, ti] = plain[k], True
+                    quantized.append(q)
                 for a, (gate, up, _) in enumerate(quantized):
                     h = _silu(x @ gate.T) * (x @ up.T)
                     for b, (_, _, down) in enumerate(quantized):
@@ -123,7 +138,7 @@ def measure_costs(model: str, prof: Profile, types=quant.PLAN_TYPES, progress: b
     nbytes = (nb[:, 0] + nb[:, 1])[:, :, None] + nb[:, 2][:, None, :]
     n_weights = sum(experts.n_weights(layer) for layer in layout.moe_layers) * n_e
     return {"types": types, "cost": cost, "nbytes": nbytes, "n_weights": n_weights,
-            "layers": list(layout.moe_layers), "layout": layout}
+            "layers": list(layout.moe_layers), "layout": layout, "imatrix_off": off}
 
 
 def smallest_size(costs: dict) -> int:
@@ -201,3 +216,14 @@ def make_plan(costs: dict, *, expert_bits: float | None = None, size: int | None
               "schemes": dict(sorted(schemes.items(), key=lambda kv: -kv[1])), "per_tensor": per_tensor,
               "cost": float(cost[np.arange(n_l)[:, None], np.arange(n_e), gu, down].sum())}
     return plan, report
+
+
+def imatrix_off(costs: dict, plan: dict) -> dict[str, list[bool]]:
+    """For convert: per expert tensor, which experts' planned types measure_costs found better quantized without
+    the importance matrix."""
+    types, off = costs["types"], costs.get("imatrix_off")
+    out = {}
+    for t in costs["layout"].expert_tensors:
+        li, k = costs["layers"].index(t.layer), SWIGLU.index(t.name.split(".")[2])
+        out[t.name] = [bool(off is not None and off[li, e, k, types.index(tn)]) for e, tn in enumerate(plan[t.name])]
+    return out

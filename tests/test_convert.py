@@ -241,6 +241,51 @@ def test_iq_plan_runs_in_the_patched_runtime(fixture_path, iq_plan):
     assert kl.mean() < 0.02 and kl.max() < 0.1 and (p.argmax(1) == q.argmax(1)).mean() >= 0.9, kl
 
 
+def test_a_plan_quantizes_without_the_imatrix_where_that_measures_better(fixture_path, prof, tmp_path):
+    """measure_costs tries every type that can do without an importance matrix both ways, per expert and
+    tensor, and keeps the one with the smaller error on the expert's sampled inputs; convert writes the plan
+    that way (imatrix_off), and refuses it for a type that needs the matrix."""
+    from edgemoe_llamacpp.plan import SWIGLU, _Experts, imatrix_off
+
+    layout = read_layout(fixture_path)
+    imatrix = from_profile(prof, layout)
+    costs = measure_costs(str(fixture_path), prof, types=("Q2_K", "Q4_K"), imatrix=imatrix, progress=False)
+    off = costs["imatrix_off"]                                           # [L, E, 3, T]
+    assert off.shape == (8, 16, 3, 2) and off.any() and not off.all()
+    experts = _Experts(layout)
+    li, e, k, ti = (int(i) for i in np.argwhere(off)[0])
+    on = np.argwhere(~off & (prof.input_count > 0)[..., None, None])[0]
+    for (l_, e_, k_, t_), flag in (((li, e, k, ti), True), (tuple(int(i) for i in on), False)):
+        n = int(prof.input_count[l_, e_])
+        x = prof.inputs[l_, e_, :n].astype(np.float32)
+        src = experts.weights(l_, e_)
+        xk = x if k_ < 2 else (x @ src[0].T) / (1 + np.exp(-(x @ src[0].T))) * (x @ src[1].T)
+        tn = costs["types"][t_]
+        err = [float(np.square(xk @ (experts.weights(l_, e_, tn, m)[k_] - src[k_]).T).sum()) for m in (None, imatrix)]
+        assert (err[0] < err[1]) == flag
+    plan, _ = make_plan(costs, expert_bits=3.5)
+    flags = imatrix_off(costs, plan)
+    out = convert(fixture_path, tmp_path / "p.gguf", plan, imatrix=imatrix, imatrix_off=flags, progress=False)
+    data = np.memmap(out.path, dtype=np.uint8, mode="r")
+    seen = set()
+    for t in out.expert_tensors:
+        for x in range(t.count):
+            r, flag = t.slice(x), flags[t.name][x]
+            if (r.type, flag) in seen:
+                continue
+            w = source_expert(fixture_path, t.name, x)
+            want = quant.quantize(w, r.type, None if flag else imatrix[t.name][x])
+            assert bytes(data[r.offset:r.offset + r.size]) == want
+            seen.add((r.type, flag))
+    assert {flag for _, flag in seen} == {True, False}
+    assert SWIGLU[k] in {"ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"}
+    iq = uniform_plan(layout, "IQ2_XXS")
+    with pytest.raises(EdgeMoEError, match="IQ2_XXS cannot be made without"):
+        convert(fixture_path, tmp_path / "iq.gguf", iq, imatrix=imatrix,
+                imatrix_off={name: [True] * len(ts) for name, ts in iq.items()}, progress=False)
+    assert not (tmp_path / "iq.gguf").exists()
+
+
 def test_choose_is_optimal_on_small_cases():
     rng = np.random.default_rng(3)
     for _ in range(30):

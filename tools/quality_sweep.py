@@ -6,7 +6,8 @@
 Profiles the model on the stdlib train split (`edgemoe profile`), derives each expert's importance matrices
 from that profile (imatrix.py) and measures every expert's cost at every pair of types (plan.py). Then it
 writes, all with the same importance matrices:
-- a uniform file at every type a plan can use (and Q2_K-Q4_K without importance matrices, to show their effect);
+- a uniform file at every type a plan can use (plans quantize an expert tensor without its importance matrix
+  where measure_costs found that better; uniform files use it everywhere) (and Q2_K-Q4_K without importance matrices, to show their effect);
 - edgemoe's plans at the given average bits, the same budgets with one type per expert, and with each layer's
   costs calibrated to KL (calibrate.py, on the train split);
 - for each plan, the smallest llama.cpp-style mix at least as large: gate and up at one type, down at a type
@@ -33,7 +34,7 @@ from edgemoe_llamacpp.errors import BudgetError
 from edgemoe_llamacpp.imatrix import from_profile
 from edgemoe_llamacpp.layout import read_layout
 from edgemoe_llamacpp.perplexity import paired_difference, perplexities
-from edgemoe_llamacpp.plan import make_plan, measure_costs
+from edgemoe_llamacpp.plan import imatrix_off, make_plan, measure_costs
 from edgemoe_llamacpp.profile import Profile, profile
 from edgemoe_llamacpp.verify import verify
 
@@ -76,6 +77,12 @@ def main() -> int:
     ap.add_argument("--bits", type=float, nargs="+", default=[2.5, 2.75, 3.0, 3.5, 4.0])
     ap.add_argument("--types", nargs="+", default=list(quant.PLAN_TYPES), choices=quant.PLAN_TYPES,
                     help="the types plans, uniform files and mixes use (default: all)")
+    ap.add_argument("--uniform", nargs="+", choices=quant.PLAN_TYPES, help="uniform files at these types "
+                    "(default: every type in --types)")
+    ap.add_argument("--no-imatrix", nargs="*", default=list(WITHOUT_IMATRIX), choices=quant.PLAN_TYPES,
+                    help="uniform files at these types without importance matrices too")
+    ap.add_argument("--variants", nargs="*", default=["plan-one-type", "plan-calibrated"],
+                    choices=["plan-one-type", "plan-calibrated"], help="plans made otherwise, beside each plan")
     ap.add_argument("--calibration-type", default="Q2_K", help="the type each layer is probed at (calibrate.py)")
     ap.add_argument("--calibration-tokens", type=int, default=16384, help="train-split tokens per probe")
     args = ap.parse_args()
@@ -93,21 +100,27 @@ def main() -> int:
     imatrix = from_profile(prof, layout)
     costs = measure_costs(args.model, prof, types=args.types, imatrix=imatrix)
     n_weights = costs["n_weights"]
-    scales = layer_scales(args.model, costs, args.calibration_type, tokens=args.calibration_tokens, imatrix=imatrix)
-    variants = (("plan", "", costs, True), ("plan-one-type", ", one type per expert", costs, False),
-                ("plan-calibrated", ", layer-calibrated", calibrated(costs, scales), True))
+    scales = None
+    variants = [("plan", "", costs, True)]
+    if "plan-one-type" in args.variants:
+        variants.append(("plan-one-type", ", one type per expert", costs, False))
+    if "plan-calibrated" in args.variants:
+        scales = layer_scales(args.model, costs, args.calibration_type, tokens=args.calibration_tokens,
+                              imatrix=imatrix)
+        variants.append(("plan-calibrated", ", layer-calibrated", calibrated(costs, scales), True))
 
     files: list[dict] = [{"kind": "source", "label": "source", "path": Path(args.model)}]
 
-    def add(kind: str, label: str, name: str, plan: dict, method: str, use_imatrix: bool = True, **extra) -> None:
+    def add(kind: str, label: str, name: str, plan: dict, method: str, use_imatrix: bool = True, off=None,
+            **extra) -> None:
         path = args.work / name
         convert(args.model, path, plan, meta={"plan.method": method}, force=True,
-                imatrix=imatrix if use_imatrix else None)
+                imatrix=imatrix if use_imatrix else None, imatrix_off=off if use_imatrix else None)
         files.append({"kind": kind, "label": label, "path": path, "imatrix": use_imatrix, **extra})
 
-    for tn in costs["types"]:
+    for tn in args.uniform or costs["types"]:
         add("uniform", f"uniform {tn}", f"uniform-{tn}.gguf", uniform_plan(layout, tn), f"uniform {tn}")
-    for tn in (t for t in WITHOUT_IMATRIX if t in costs["types"]):
+    for tn in args.no_imatrix:
         add("uniform-no-imatrix", f"uniform {tn}, no imatrix", f"uniform-{tn}-noimatrix.gguf",
             uniform_plan(layout, tn), f"uniform {tn}", use_imatrix=False)
     all_mixes, used_mixes, skipped = mixes(costs), set(), []
@@ -119,8 +132,10 @@ def main() -> int:
             except BudgetError as e:
                 skipped.append({"label": label, "reason": str(e)})
                 continue
+            off = imatrix_off(costs, plan)
+            report["imatrix_off"] = sum(map(sum, off.values()))
             add(kind, label, f"{kind}-{bits:g}bits.gguf", plan, "measured output error (edgemoe plan)",
-                target_bits=bits, report=report)
+                off=off, target_bits=bits, report=report)
         mix = min((m for m in all_mixes if m[2] >= bits * n_weights / 8), key=lambda m: m[2], default=None)
         if mix is not None and mix[:2] not in used_mixes:
             used_mixes.add(mix[:2])
@@ -144,7 +159,7 @@ def main() -> int:
                "bits_per_weight": 8 * out.expert_bytes / n_weights, "target_bits": f.get("target_bits"),
                "imatrix": f.get("imatrix"), "perplexity": ppl["perplexity"], "tokens": ppl["tokens"],
                "kld": ppl["kld"], "same_top1": ppl["same_top1"], "schemes": report.get("schemes"),
-               "planned_cost": report.get("cost"),
+               "planned_cost": report.get("cost"), "imatrix_off": report.get("imatrix_off"),
                "verify": None if f["kind"] == "source" else checks[str(f["path"])].get("checksums")}
         rows.append(row)
         windows[row["label"]] = ppl
@@ -174,8 +189,9 @@ def main() -> int:
               "profile": {k: meta[k] for k in ("tokens", "samples_per_expert", "text")},
               "eval": {"text": "stdlib validation split", "tokens": count, "n_ctx": 512},
               "n_weights": n_weights, "types": costs["types"], "rows": rows, "unreachable": skipped,
-              "calibration": {"type": scales["type"], "tokens": scales["tokens"], "kld": scales["kld"].tolist(),
-                              "planned": scales["planned"].tolist(), "scale": scales["scale"].tolist()},
+              "calibration": scales and {"type": scales["type"], "tokens": scales["tokens"],
+                                         "kld": scales["kld"].tolist(), "planned": scales["planned"].tolist(),
+                                         "scale": scales["scale"].tolist()},
               "runtime": runtime.runtime_info(), "date": time.strftime("%Y-%m-%d"),
               "python": platform.python_version(), "command": "python " + " ".join(sys.argv)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
