@@ -15,7 +15,8 @@ The quality fixture (issue 18) is a longer-trained model kept at F16, the refere
 scored against (tools/quality_fixture.py); --probe shows during training how much a uniform quantization of
 the experts costs in validation perplexity, and --checkpoint lets a long run resume and be exported again:
 
-    python tools/make_tiny_moe.py --dtype F16 --steps 1000 --min-lr 3e-5 --probe Q2_K Q4_K --probe-every 200 --expert-init 0.0625 \
+    python tools/make_tiny_moe.py --dtype F16 --steps 1000 --min-lr 3e-5 --expert-init 0.0625 \
+        --probe Q2_K Q4_K --probe-every 100 \
         --checkpoint build/quality-moe.pt --out build/quality-moe-f16.gguf --report build/quality-moe.report.json
 
 Needs the `train` extra (torch, tokenizers); the final perplexity needs llama-cpp-python.
