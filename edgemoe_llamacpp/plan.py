@@ -20,9 +20,12 @@ Each candidate is quantized as convert will write it: with the expert's importan
 (imatrix.py); without one, the types ggml cannot make without it (IQ2_XXS, IQ2_XS) are not candidates. An
 importance matrix is a diagonal estimate of which rounding errors the sampled inputs see; where it misleads
 (an expert whose down inputs have a few huge columns can lose at Q2_K), the tensor's own error on the sampled
-inputs, || x (W_q - W)^T ||^2, decides per expert, tensor and type whether it is used (`imatrix_off`).
+inputs, || x (W_q - W)^T ||^2, decides per expert, tensor and K-quant type whether it is used (`imatrix_off`).
 """
 from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor, as_completed
 
 import numpy as np
 from gguf import GGUFReader
@@ -107,33 +110,41 @@ def measure_costs(model: str, prof: Profile, types=quant.PLAN_TYPES, progress: b
     n_l, n_e, n_t = len(layout.moe_layers), layout.n_expert, len(types)
     cost = np.zeros((n_l, n_e, n_t, n_t))
     off = np.zeros((n_l, n_e, len(SWIGLU), n_t), dtype=bool)          # quantized better without the imatrix
-    bar = tqdm(total=n_l * n_e, desc="measure expert costs", unit="expert", disable=not progress)
-    for li, layer in enumerate(layout.moe_layers):
-        for e in range(n_e):
-            n = int(prof.input_count[li, e])
-            if n:
-                x = prof.inputs[li, e, :n].astype(np.float32)
-                w2 = prof.input_weights[li, e, :n].astype(np.float64) ** 2
-                src = experts.weights(layer, e)
-                ref = _ffn(src, x)
-                x_k = (x, x, _silu(x @ src[0].T) * (x @ src[1].T))      # what each tensor's rows multiply
-                quantized = []
-                for ti, t in enumerate(types):
-                    q = experts.weights(layer, e, t, imatrix)
-                    if imatrix is not None and not quant.requires_imatrix(t):
-                        plain = experts.weights(layer, e, t)
-                        for k in range(len(SWIGLU)):
-                            err = [float(np.square(x_k[k] @ (w[k] - src[k]).T).sum()) for w in (q, plain)]
-                            if err[1] < err[0]:
-                                q[k], off[li, e, k, ti] = plain[k], True
-                    quantized.append(q)
-                for a, (gate, up, _) in enumerate(quantized):
-                    h = _silu(x @ gate.T) * (x @ up.T)
-                    for b, (_, _, down) in enumerate(quantized):
-                        d = (h @ down.T - ref).astype(np.float64)
-                        cost[li, e, a, b] = share[li, e] * float(np.mean(w2 * (d ** 2).sum(1)))
+    # the K-quants are tried without the importance matrix too (the i-quants are built around one)
+    both_ways = [imatrix is not None and t.startswith("Q") and not quant.requires_imatrix(t) for t in types]
+
+    def measure(li: int, layer: int, e: int) -> None:
+        n = int(prof.input_count[li, e])
+        if not n:
+            return
+        x = prof.inputs[li, e, :n].astype(np.float32)
+        w2 = prof.input_weights[li, e, :n].astype(np.float64) ** 2
+        src = experts.weights(layer, e)
+        ref = _ffn(src, x)
+        x_k = (x, x, _silu(x @ src[0].T) * (x @ src[1].T))      # what each tensor's rows multiply
+        quantized = []
+        for ti, t in enumerate(types):
+            q = experts.weights(layer, e, t, imatrix)
+            if both_ways[ti]:
+                plain = experts.weights(layer, e, t)
+                for k in range(len(SWIGLU)):
+                    err = [float(np.square(x_k[k] @ (w[k] - src[k]).T).sum()) for w in (q, plain)]
+                    if err[1] < err[0]:
+                        q[k], off[li, e, k, ti] = plain[k], True
+            quantized.append(q)
+        for a, (gate, up, _) in enumerate(quantized):
+            h = _silu(x @ gate.T) * (x @ up.T)
+            for b, (_, _, down) in enumerate(quantized):
+                d = (h @ down.T - ref).astype(np.float64)
+                cost[li, e, a, b] = share[li, e] * float(np.mean(w2 * (d ** 2).sum(1)))
+
+    # ggml's quantizers and numpy's matmuls release the GIL: one thread per core, one expert each
+    with tqdm(total=n_l * n_e, desc="measure expert costs", unit="expert", disable=not progress) as bar, \
+            ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        jobs = [pool.submit(measure, li, layer, e) for li, layer in enumerate(layout.moe_layers) for e in range(n_e)]
+        for job in as_completed(jobs):
+            job.result()
             bar.update(1)
-    bar.close()
     nb = np.array([[[experts.nbytes(layer, k, t) for t in types] for k in SWIGLU] for layer in layout.moe_layers])
     nbytes = (nb[:, 0] + nb[:, 1])[:, :, None] + nb[:, 2][:, None, :]
     n_weights = sum(experts.n_weights(layer) for layer in layout.moe_layers) * n_e
