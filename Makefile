@@ -19,6 +19,8 @@ $(VENV)/.installed: pyproject.toml edgemoe_llamacpp/runtime_build.py $(wildcard 
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -e '.[dev]'
+	$(PY) -m pip install -q 'torch==2.13.0+cpu' 'tokenizers>=0.15' || \
+	  echo "note: no CPU build of torch here; the training tests of tools/make_tiny_moe.py skip"
 	$(VENV)/bin/edgemoe build-runtime
 	touch $@
 
