@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 from . import files, quant
 from .errors import EdgeMoEError
+from .files import sha256_file
 from .imatrix import check as check_imatrix
 from .layout import EDGEMOE_PREFIX, EXPERT_TYPES, LOWBIT, MoELayout, read_layout
 
@@ -49,14 +50,6 @@ _PLACEHOLDER = "0" * 64
 def uniform_plan(layout: MoELayout, type_name: str) -> dict[str, list[str]]:
     quant.qtype(type_name)
     return {t.name: [type_name] * t.count for t in layout.expert_tensors}
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = 8 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _pad(n: int) -> int:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import hashlib
 import os
 import tempfile
 from collections.abc import Iterator
@@ -136,3 +137,10 @@ def clear_dead_temporaries(dst: Path) -> None:
         except PermissionError:
             pass                        # alive, another user's
 
+
+def sha256_file(path: str | os.PathLike, chunk: int = 8 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()

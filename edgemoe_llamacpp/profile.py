@@ -29,8 +29,8 @@ from gguf import GGUFReader
 from tqdm import tqdm
 
 from . import corpus, files
-from .convert import sha256_file
 from .errors import EdgeMoEError
+from .files import sha256_file
 from .hook import ExpertHook
 from .layout import MoELayout, read_layout
 
