@@ -49,13 +49,13 @@ def layer_scales(model: str, costs: dict, type_name: str = "Q2_K", *, tokens: in
         raise EdgeMoEError(f"{model}: calibration starts from a source file of one type per tensor")
     t = costs["types"].index(type_name)
     planned = costs["cost"][:, :, t, t].sum(axis=1)                     # [L]
+    if (planned <= 0).any():
+        raise EdgeMoEError("a layer has no measured cost at the calibration type: no profiled tokens reached it")
     with tempfile.TemporaryDirectory(prefix="edgemoe-calibrate-") as tmp:
         files = layer_files(model, costs["layers"], type_name, Path(tmp), imatrix)
         scores = perplexities([str(f) for f in files], texts=corpus.split_texts("train"), tokens=tokens,
                               reference=model, progress=progress)
     kld = np.array([s["kld"] for s in scores])
-    if (planned <= 0).any():
-        raise EdgeMoEError("a layer has no measured cost at the calibration type: no profiled tokens reached it")
     return {"type": type_name, "tokens": scores[0]["tokens"], "kld": kld, "planned": planned,
             "scale": np.maximum(kld, 0.0) / planned}
 

@@ -253,11 +253,9 @@ def _plan_from_args(args: argparse.Namespace, layout):
     plan, report = make_plan(costs, expert_bits=args.expert_bits, size=size)
     print(f"plan: {report['bits_per_weight']:.3f} bits per expert weight, {report['expert_bytes']:,} expert "
           f"bytes, types {report['type_counts']}")
-    from .convert import sha256_file
-
     return plan, {"plan.method": "measured output error (edgemoe plan)",
                   "plan.bits_per_weight": round(report["bits_per_weight"], 4),
-                  "profile.sha256": sha256_file(args.profile)}, imatrix, imatrix_off(costs, plan)
+                  "profile.sha256": files.sha256_file(args.profile)}, imatrix, imatrix_off(costs, plan)
 
 
 def _imatrix(args: argparse.Namespace, layout, prof=None):
@@ -272,7 +270,7 @@ def _imatrix(args: argparse.Namespace, layout, prof=None):
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from .convert import convert, sha256_file
+    from .convert import convert
     from .layout import read_layout
 
     inputs = [args.input, args.profile, args.plan, args.imatrix]
@@ -283,7 +281,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     if args.save_plan:
         files.write_text(args.save_plan, json.dumps(plan, indent=1) + "\n")
     if imatrix is not None:
-        meta["imatrix.profile.sha256"] = sha256_file(args.imatrix or args.profile)
+        meta["imatrix.profile.sha256"] = files.sha256_file(args.imatrix or args.profile)
     layout = convert(args.input, args.output, plan, meta=meta, force=args.force, lowbit=args.lowbit,
                      imatrix=imatrix, imatrix_off=off)
     needs = [x for x, on in (("per-expert types", layout.mixed),

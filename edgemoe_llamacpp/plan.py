@@ -111,7 +111,7 @@ def measure_costs(model: str, prof: Profile, types=quant.PLAN_TYPES, progress: b
     cost = np.zeros((n_l, n_e, n_t, n_t))
     off = np.zeros((n_l, n_e, len(SWIGLU), n_t), dtype=bool)          # quantized better without the imatrix
     # the K-quants are tried without the importance matrix too (the i-quants are built around one)
-    both_ways = [imatrix is not None and t.startswith("Q") and not quant.requires_imatrix(t) for t in types]
+    both_ways = [imatrix is not None and t.endswith("_K") for t in types]
 
     def measure(li: int, layer: int, e: int) -> None:
         n = int(prof.input_count[li, e])
@@ -120,8 +120,9 @@ def measure_costs(model: str, prof: Profile, types=quant.PLAN_TYPES, progress: b
         x = prof.inputs[li, e, :n].astype(np.float32)
         w2 = prof.input_weights[li, e, :n].astype(np.float64) ** 2
         src = experts.weights(layer, e)
-        ref = _ffn(src, x)
-        x_k = (x, x, _silu(x @ src[0].T) * (x @ src[1].T))      # what each tensor's rows multiply
+        h_src = _silu(x @ src[0].T) * (x @ src[1].T)
+        ref = h_src @ src[2].T                                  # _ffn(src, x)
+        x_k = (x, x, h_src)                                     # what each tensor's rows multiply
         quantized = []
         for ti, t in enumerate(types):
             q = experts.weights(layer, e, t, imatrix)
@@ -150,11 +151,6 @@ def measure_costs(model: str, prof: Profile, types=quant.PLAN_TYPES, progress: b
     n_weights = sum(experts.n_weights(layer) for layer in layout.moe_layers) * n_e
     return {"types": types, "cost": cost, "nbytes": nbytes, "n_weights": n_weights,
             "layers": list(layout.moe_layers), "layout": layout, "imatrix_off": off}
-
-
-def smallest_size(costs: dict) -> int:
-    """Expert bytes of the smallest plan: every expert at its smallest scheme."""
-    return int(costs["nbytes"].min(axis=(1, 2)).sum() * costs["cost"].shape[1])
 
 
 def choose(cost: np.ndarray, nbytes: np.ndarray, budget: int) -> np.ndarray:
@@ -217,7 +213,8 @@ def make_plan(costs: dict, *, expert_bits: float | None = None, size: int | None
     for t in layout.expert_tensors:
         li = costs["layers"].index(t.layer)
         plan[t.name] = [types[i] for i in (down if t.name.split(".")[2] == "ffn_down_exps" else gu)[li]]
-    used = int(np.broadcast_to(nbytes, cost.shape)[np.arange(n_l)[:, None], np.arange(n_e), gu, down].sum())
+    chosen = (np.arange(n_l)[:, None], np.arange(n_e), gu, down)
+    used = int(np.broadcast_to(nbytes, cost.shape)[chosen].sum())
     schemes: dict[str, int] = {}
     for a, b in zip(gu.ravel(), down.ravel(), strict=True):
         key = types[a] if a == b else f"{types[a]}/{types[b]}"
@@ -225,16 +222,16 @@ def make_plan(costs: dict, *, expert_bits: float | None = None, size: int | None
     report = {"budget_bytes": budget, "expert_bytes": used, "bits_per_weight": 8 * used / costs["n_weights"],
               "type_counts": {tn: sum(ts.count(tn) for ts in plan.values()) for tn in types},
               "schemes": dict(sorted(schemes.items(), key=lambda kv: -kv[1])), "per_tensor": per_tensor,
-              "cost": float(cost[np.arange(n_l)[:, None], np.arange(n_e), gu, down].sum())}
+              "cost": float(cost[chosen].sum())}
     return plan, report
 
 
 def imatrix_off(costs: dict, plan: dict) -> dict[str, list[bool]]:
     """For convert: per expert tensor, which experts' planned types measure_costs found better quantized without
     the importance matrix."""
-    types, off = costs["types"], costs.get("imatrix_off")
+    types, off = costs["types"], costs["imatrix_off"]
     out = {}
     for t in costs["layout"].expert_tensors:
         li, k = costs["layers"].index(t.layer), SWIGLU.index(t.name.split(".")[2])
-        out[t.name] = [bool(off is not None and off[li, e, k, types.index(tn)]) for e, tn in enumerate(plan[t.name])]
+        out[t.name] = [bool(off[li, e, k, types.index(tn)]) for e, tn in enumerate(plan[t.name])]
     return out
