@@ -15,9 +15,10 @@ The quality fixture (issue 18) is a longer-trained model kept at F16, the refere
 scored against (tools/quality_fixture.py); --probe shows during training how much a uniform quantization of
 the experts costs in validation perplexity, and --checkpoint lets a long run resume and be exported again:
 
-    python tools/make_tiny_moe.py --dtype F16 --steps 1000 --min-lr 3e-5 --expert-init 0.0625 \
+    python tools/make_tiny_moe.py --dtype F16 --steps 600 --min-lr 3e-5 --expert-init 0.25 --weight-decay 0 \
         --probe Q2_K Q4_K --probe-every 100 \
-        --checkpoint build/quality-moe.pt --out build/quality-moe-f16.gguf --report build/quality-moe.report.json
+        --checkpoint build/quality-moe.pt --out tests/fixtures/quality-moe-f16.gguf \
+        --report tests/fixtures/quality-moe-f16.report.json
 
 Needs the `train` extra (torch, tokenizers); the final perplexity needs llama-cpp-python.
 """
@@ -62,8 +63,8 @@ class Config:
     weight_decay: float = 0.1
     aux_loss_coef: float = 0.01     # Switch-style load balancing: keeps experts alive, lets them specialise
     expert_init: float = 0.02       # std of the experts' gate/up at init (down: / sqrt(2 n_layer)); the quality
-    #                                 fixture uses 1/sqrt(n_embd), as a model of real width has: at 0.02 the
-    #                                 experts' SwiGLU output starts ~10x smaller, and they barely learn
+    #                                 fixture uses 0.25 without weight decay: at 0.02 the experts' SwiGLU output
+    #                                 starts small and they barely learn; quantizing them then costs nothing
     rope_base: float = 10000.0
     rms_eps: float = 1e-6
     val_percent: int = 5            # files whose path hash falls below this go to validation

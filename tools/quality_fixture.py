@@ -1,6 +1,6 @@
 """Is the quality fixture sensitive enough? Uniform files made from its F16 source, scored against it.
 
-    python tools/quality_fixture.py build/quality-moe-f16.gguf                # -> bench/results/quality-fixture.json
+    python tools/quality_fixture.py                       # the quality fixture -> bench/results/quality-fixture.json
     python tools/quality_fixture.py MODEL --types Q2_K Q4_K --tokens 65536
 
 Writes every stacked expert tensor of MODEL (tools/make_tiny_moe.py --dtype F16) at each uniform type with
@@ -41,7 +41,8 @@ def provenance(path: Path) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("model", type=Path, help="the F16 source")
+    ap.add_argument("model", type=Path, nargs="?", default=ROOT / "tests/fixtures/quality-moe-f16.gguf",
+                    help="the F16 source (default: the quality fixture)")
     ap.add_argument("--work", type=Path, default=ROOT / "build/quality-fixture")
     ap.add_argument("--out", type=Path, default=ROOT / "bench/results/quality-fixture.json")
     ap.add_argument("--types", nargs="+", default=["Q2_K", "Q4_K", "Q8_0"], choices=quant.PLAN_TYPES)
@@ -83,7 +84,7 @@ def main() -> int:
               "model": str(args.model.relative_to(ROOT) if args.model.resolve().is_relative_to(ROOT)
                            else args.model),
               "model_bytes": args.model.stat().st_size, "training": provenance(args.model),
-              "eval": {"text": "stdlib validation split", "tokens": args.tokens, "n_ctx": source["n_ctx"]},
+              "eval": {"text": "stdlib validation split", "tokens": source["tokens"], "n_ctx": source["n_ctx"]},
               "n_weights": n_weights, "rows": rows, "bar": bar, "runtime": runtime.runtime_info(),
               "date": time.strftime("%Y-%m-%d"), "python": platform.python_version(),
               "command": "python " + " ".join(sys.argv)}

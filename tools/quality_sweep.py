@@ -1,6 +1,6 @@
 """Quality at equal size: edgemoe's per-expert plans against uniform files and llama.cpp-style per-tensor mixes.
 
-    python tools/quality_sweep.py --model build/quality-moe-f16.gguf        # -> bench/results/quality.json
+    python tools/quality_sweep.py                 # the quality fixture -> bench/results/quality.json
     python tools/quality_sweep.py --model M --tokens 32768 --bits 2.5 3
 
 Profiles the model on the stdlib train split (`edgemoe profile`), derives each expert's importance matrices
@@ -68,7 +68,7 @@ def rival(rows: list[dict], kind: str, nbytes: int) -> dict | None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=str(ROOT / "build/quality-moe-f16.gguf"),
+    ap.add_argument("--model", default=str(ROOT / "tests/fixtures/quality-moe-f16.gguf"),
                     help="the source (default: the quality fixture, tools/make_tiny_moe.py --dtype F16)")
     ap.add_argument("--work", type=Path, default=ROOT / "build/quality")
     ap.add_argument("--out", type=Path, default=ROOT / "bench/results/quality.json")
