@@ -74,6 +74,8 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "bench/results/quality.json")
     ap.add_argument("--tokens", type=int, default=102400, help="validation tokens scored per file")
     ap.add_argument("--profile-tokens", type=int, default=16384)
+    ap.add_argument("--profile-samples", type=int, default=256, help="FFN inputs sampled per expert: each expert's "
+                    "costs and importance matrices are measured on them")
     ap.add_argument("--bits", type=float, nargs="+", default=[2.5, 2.75, 3.0, 3.5, 4.0])
     ap.add_argument("--types", nargs="+", default=list(quant.PLAN_TYPES), choices=quant.PLAN_TYPES,
                     help="the types plans, uniform files and mixes use (default: all)")
@@ -94,7 +96,7 @@ def main() -> int:
     args.work.mkdir(parents=True, exist_ok=True)
 
     prof_path = args.work / "profile.npz"
-    meta = profile(args.model, prof_path, tokens=args.profile_tokens)
+    meta = profile(args.model, prof_path, tokens=args.profile_tokens, samples=args.profile_samples)
     layout = read_layout(args.model)
     prof = Profile(prof_path, layout)
     imatrix = from_profile(prof, layout)
