@@ -33,7 +33,6 @@ from tqdm import tqdm
 
 from . import files, quant
 from .errors import EdgeMoEError
-from .files import sha256_file
 from .imatrix import check as check_imatrix
 from .layout import EDGEMOE_PREFIX, EXPERT_TYPES, LOWBIT, MoELayout, read_layout
 
@@ -223,7 +222,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, plan: dict[str, list
     if features:
         writer.add_array(REQUIRED_FEATURES, features)
     writer.add_string("edgemoe.source.name", src.name)
-    writer.add_string("edgemoe.source.sha256", sha256_file(src))
+    writer.add_string("edgemoe.source.sha256", files.sha256_file(src))
     writer.add_string("edgemoe.created", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     writer.add_bool("edgemoe.imatrix", imatrix is not None)
     if lowbit is not None:

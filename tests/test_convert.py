@@ -13,8 +13,9 @@ import stock
 
 from edgemoe_llamacpp import quant, runtime
 from edgemoe_llamacpp.cli import main as cli
-from edgemoe_llamacpp.convert import convert, sha256_file, uniform_plan
+from edgemoe_llamacpp.convert import convert, uniform_plan
 from edgemoe_llamacpp.errors import BadModelError, BudgetError, EdgeMoEError
+from edgemoe_llamacpp.files import sha256_file
 from edgemoe_llamacpp.generate import greedy
 from edgemoe_llamacpp.imatrix import from_profile
 from edgemoe_llamacpp.layout import read_layout
