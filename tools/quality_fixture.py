@@ -80,9 +80,8 @@ def main() -> int:
     if q2 is not None:
         bar = {"required": args.bar, "q2_k_increase": q2["ppl_ratio"] - 1, "met": q2["ppl_ratio"] - 1 >= args.bar}
 
-    result = {"kind": "quality_fixture",
-              "model": str(args.model.relative_to(ROOT) if args.model.resolve().is_relative_to(ROOT)
-                           else args.model),
+    src = args.model.resolve()
+    result = {"kind": "quality_fixture", "model": str(src.relative_to(ROOT) if src.is_relative_to(ROOT) else src),
               "model_bytes": args.model.stat().st_size, "training": provenance(args.model),
               "eval": {"text": "stdlib validation split", "tokens": source["tokens"], "n_ctx": source["n_ctx"]},
               "n_weights": n_weights, "rows": rows, "bar": bar, "runtime": runtime.runtime_info(),
