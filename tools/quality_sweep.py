@@ -60,6 +60,24 @@ def mix_plan(layout, gu: str, down: str) -> dict:
             for t in layout.expert_tensors}
 
 
+def predicted(costs: dict, plan: dict) -> float | None:
+    """The planner's summed cost of a file's plan (expert tensor -> type per expert): in nats of KL per token
+    when `costs` are calibrated, so it can be read beside the measured KL of every file, not only of the plans."""
+    types, layers, cost = costs["types"], costs["layers"], costs["cost"]
+    if any(t not in types for ts in plan.values() for t in ts):
+        return None
+    total = 0.0
+    for name, per_expert in plan.items():
+        if name.split(".")[2] != "ffn_down_exps":
+            continue
+        layer = int(name.split(".")[1])
+        gu = plan[name.replace("ffn_down_exps", "ffn_gate_exps")]
+        li = layers.index(layer)
+        total += sum(float(cost[li, e, types.index(a), types.index(b)])
+                     for e, (a, b) in enumerate(zip(gu, per_expert, strict=True)))
+    return total
+
+
 def rival(rows: list[dict], kind: str, nbytes: int) -> dict | None:
     """The smallest file of `kind` at least `nbytes` large."""
     return min((r for r in rows if r["kind"] == kind and r["expert_bytes"] >= nbytes),
@@ -112,13 +130,15 @@ def main() -> int:
         variants.append(("plan-calibrated", ", layer-calibrated", calibrated(costs, scales), True))
 
     files: list[dict] = [{"kind": "source", "label": "source", "path": Path(args.model)}]
+    scales_costs = calibrated(costs, scales) if scales else None        # every file's cost in nats of KL
 
     def add(kind: str, label: str, name: str, plan: dict, method: str, use_imatrix: bool = True, off=None,
             **extra) -> None:
         path = args.work / name
         convert(args.model, path, plan, meta={"plan.method": method}, force=True,
                 imatrix=imatrix if use_imatrix else None, imatrix_off=off if use_imatrix else None)
-        files.append({"kind": kind, "label": label, "path": path, "imatrix": use_imatrix, **extra})
+        files.append({"kind": kind, "label": label, "path": path, "imatrix": use_imatrix,
+                      "predicted_kld": predicted(scales_costs, plan) if scales_costs else None, **extra})
 
     for tn in args.uniform or costs["types"]:
         add("uniform", f"uniform {tn}", f"uniform-{tn}.gguf", uniform_plan(layout, tn), f"uniform {tn}")
@@ -161,7 +181,8 @@ def main() -> int:
                "bits_per_weight": 8 * out.expert_bytes / n_weights, "target_bits": f.get("target_bits"),
                "imatrix": f.get("imatrix"), "perplexity": ppl["perplexity"], "tokens": ppl["tokens"],
                "kld": ppl["kld"], "same_top1": ppl["same_top1"], "schemes": report.get("schemes"),
-               "planned_cost": report.get("cost"), "imatrix_off": report.get("imatrix_off"),
+               "planned_cost": report.get("cost"),
+               "predicted_kld": f.get("predicted_kld"), "imatrix_off": report.get("imatrix_off"),
                "verify": None if f["kind"] == "source" else checks[str(f["path"])].get("checksums")}
         rows.append(row)
         windows[row["label"]] = ppl
