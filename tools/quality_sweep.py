@@ -79,9 +79,10 @@ def predicted(costs: dict, plan: dict) -> float | None:
 
 
 def rival(rows: list[dict], kind: str, nbytes: int) -> dict | None:
-    """The smallest file of `kind` at least `nbytes` large."""
+    """The smallest file of `kind` at least `nbytes` large; of files that size (IQ3_S and Q3_K are both 3.4375
+    bits), the one closest to the source (lowest KL), the stronger rival."""
     return min((r for r in rows if r["kind"] == kind and r["expert_bytes"] >= nbytes),
-               key=lambda r: r["expert_bytes"], default=None)
+               key=lambda r: (r["expert_bytes"], r["kld"]), default=None)
 
 
 def main() -> int:
