@@ -121,17 +121,17 @@ def main() -> int:
     imatrix = from_profile(prof, layout)
     costs = measure_costs(args.model, prof, types=args.types, imatrix=imatrix)
     n_weights = costs["n_weights"]
-    scales = None
+    scales = kl_costs = None                                            # kl_costs: every file's cost in nats of KL
     variants = [("plan", "", costs, True)]
     if "plan-one-type" in args.variants:
         variants.append(("plan-one-type", ", one type per expert", costs, False))
     if "plan-calibrated" in args.variants:
         scales = layer_scales(args.model, costs, args.calibration_type, tokens=args.calibration_tokens,
                               imatrix=imatrix)
-        variants.append(("plan-calibrated", ", layer-calibrated", calibrated(costs, scales), True))
+        kl_costs = calibrated(costs, scales)
+        variants.append(("plan-calibrated", ", layer-calibrated", kl_costs, True))
 
     files: list[dict] = [{"kind": "source", "label": "source", "path": Path(args.model)}]
-    scales_costs = calibrated(costs, scales) if scales else None        # every file's cost in nats of KL
 
     def add(kind: str, label: str, name: str, plan: dict, method: str, use_imatrix: bool = True, off=None,
             **extra) -> None:
@@ -139,7 +139,7 @@ def main() -> int:
         convert(args.model, path, plan, meta={"plan.method": method}, force=True,
                 imatrix=imatrix if use_imatrix else None, imatrix_off=off if use_imatrix else None)
         files.append({"kind": kind, "label": label, "path": path, "imatrix": use_imatrix,
-                      "predicted_kld": predicted(scales_costs, plan) if scales_costs else None, **extra})
+                      "predicted_kld": predicted(kl_costs, plan) if kl_costs else None, **extra})
 
     for tn in args.uniform or costs["types"]:
         add("uniform", f"uniform {tn}", f"uniform-{tn}.gguf", uniform_plan(layout, tn), f"uniform {tn}")
