@@ -57,6 +57,12 @@ class ReplayStorage(ExpertStorage):
     def drop(self, uid):
         pass
 
+    def drop_later(self, uids):
+        pass
+
+    def settle(self):
+        pass
+
     def close(self):
         pass
 

@@ -95,6 +95,10 @@ class ExpertCache:
         k, cost = layout.n_expert_used, self.storage.cost
         self.min_budget = max(sum(sorted(c for uid, c in cost.items() if uid.layer == layer and not uid.low)[-k:])
                               for layer in layout.moe_layers)
+        # Room kept free for the next layer's misses: after each layer, eviction brings the experts down to the
+        # capacity less this, and their pages are dropped on the drop thread while llama.cpp computes; the next
+        # layer's misses then read at once instead of dropping first. One layer's chosen experts at most.
+        self.headroom = self.min_budget
         full = self.storage.full_cost
         if budget is not None and budget >= layout.expert_bytes:
             # every expert may be resident; page rounding counts pages shared by two experts twice
@@ -178,6 +182,7 @@ class ExpertCache:
             elif self.ledger.hit(uid):
                 st.prefetch_late += self._wait(uid, st)
         if not missing:
+            self._evict_ahead()
             return low
         st.misses += len(missing)
         cost = self.storage.cost
@@ -192,6 +197,7 @@ class ExpertCache:
         for u in missing:
             self.ledger.admit(u, cost[u])
             self.eviction.add(u)
+        self._evict_ahead()
         return low
 
     def hits(self, layer: int, ids) -> None:
@@ -291,6 +297,21 @@ class ExpertCache:
         if over > 0:
             for uid in self.eviction.victims(over, self.ledger.resident, keep, self.inflight):
                 self.evict(uid)
+
+    def _evict_ahead(self) -> None:
+        """Bring the experts down to the capacity less the headroom, sparing this layer's and those in flight;
+        the victims' pages drop on the drop thread (the next read waits for them: storage.settle)."""
+        if self.budget is None or not self.headroom:
+            return
+        over = self.ledger.resident_bytes - (self.capacity - self.headroom)
+        if over <= 0:
+            return
+        victims = self.eviction.victims(over, self.ledger.resident, self._needed | self.inflight.keys(), ())
+        for uid in victims:
+            self.ledger.release(uid)
+            self.eviction.remove(uid)
+        if victims:
+            self.storage.drop_later(victims)
 
     def evict(self, uid: ExpertUID) -> None:
         fut = self.inflight.pop(uid, None)

@@ -59,6 +59,9 @@ class ExpertStorage:
         self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="edgemoe-fetch")
         # prefetch reads run on their own threads, so demand fetches never queue behind them
         self.prefetch_pool = ThreadPoolExecutor(max_workers=prefetch_threads, thread_name_prefix="edgemoe-pre")
+        # drops made ahead of need run on their own thread, in order, while llama.cpp computes
+        self.drop_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edgemoe-drop")
+        self._drops: list[Future] = []
         self._local = threading.local()
 
     def _set_spans(self) -> None:
@@ -94,6 +97,7 @@ class ExpertStorage:
         faults then wait for each page as it computes, so its work on the experts and pages already in memory
         overlaps the rest of the reads (a fault on a page being read waits for that read; none is issued
         twice). With wait (and where reads cannot be queued) every page is in memory and mapped on return."""
+        self.settle()                          # room made by drops still running, and no drop after a read
         chunks = self._chunks(uids)
         if self.populate:
             try:
@@ -109,6 +113,7 @@ class ExpertStorage:
 
     def submit(self, uid: ExpertUID) -> Future:
         """Start reading `uid` in the background (a prefetch); the future gives the bytes read."""
+        self.settle()
         return self.prefetch_pool.submit(self._read_expert, uid)
 
     def _read_expert(self, uid: ExpertUID) -> int:
@@ -138,6 +143,18 @@ class ExpertStorage:
     def drop(self, uid: ExpertUID) -> None:
         self._drop(self.spans[uid])
 
+    def drop_later(self, uids: list[ExpertUID]) -> None:
+        """Drop `uids` on the drop thread; `settle` waits for it. The caller reads nothing into the room they
+        free before settling, so memory holds what the budget counts."""
+        spans = [s for u in uids for s in self.spans[u]]
+        self._drops.append(self.drop_pool.submit(self._drop, spans))
+
+    def settle(self) -> None:
+        """Wait for every drop started by drop_later."""
+        drops, self._drops = self._drops, []
+        for f in drops:
+            f.result()
+
     def drop_low_copies(self) -> None:
         """Release every low-bit copy's pages (a budget that holds every expert never runs them)."""
         self._drop([s for name, s in self.tensor_spans.items() if name.startswith(LOWBIT)])
@@ -150,6 +167,7 @@ class ExpertStorage:
     def drop_all(self) -> None:
         """Start-up: release every expert page the load pulled in. Edge pages that still would not drop are
         left out of every expert's span and counted in `pinned_edge_bytes`."""
+        self.settle()
         runtime.flush(self.fd)      # dirty pages (a file just written or copied) cannot be dropped
         whole = list(self.tensor_spans.values())
         self._drop(whole)
@@ -193,11 +211,13 @@ class ExpertStorage:
     # ------------------------------------------------------------------ measurement
     def measured_resident_bytes(self) -> int:
         """Expert bytes in memory as the kernel reports them (mincore over every expert tensor)."""
+        self.settle()
         return sum(runtime.resident_bytes(self.base + a, b - a) for a, b in self.tensor_spans.values())
 
     def close(self) -> None:
         self.prefetch_pool.shutdown(wait=True, cancel_futures=True)
         self.pool.shutdown(wait=True)
+        self.drop_pool.shutdown(wait=True)
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
