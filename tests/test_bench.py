@@ -1,6 +1,9 @@
 """The benchmark: Belady's floor on a trace worked out by hand, the KV cache size; a stock that crashes, no
 memory controller, stock with the repack off."""
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import stock
@@ -125,3 +128,28 @@ def test_a_bench_of_one_token_has_no_decode_step_and_no_floor(fixture_path, tmp_
     b = json.loads(out.read_text())["budgets"][0]
     assert b["pairs"][0]["edgemoe"]["ok"] and b["pairs"][0]["edgemoe"]["decode_evals"] == 0
     assert b.get("floor_bytes_per_token") is None
+
+
+@pytest.mark.skipif(cgroup.memory_controller().path is None, reason="needs a writable cgroup memory controller")
+def test_bench_baseline_runs_a_commit_beside_this_tree_and_stock(fixture_path, tmp_path):
+    """tools/bench_baseline.py with this very commit as the baseline: its worktree's package runs, all three
+    engines decode the same greedy text under the limit, the ratios pair the runs, and the report renders."""
+    root = Path(__file__).resolve().parent.parent
+    out = tmp_path / "baseline.json"
+    subprocess.run([sys.executable, str(root / "tools/bench_baseline.py"), str(fixture_path), "--baseline", "HEAD",
+                    "--budgets", "50%", "--runs", "1", "--tokens", "4", "--out", str(out)], check=True, cwd=root,
+                   capture_output=True, text=True)
+    r = json.loads(out.read_text())
+    head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                          check=True).stdout
+    assert r["kind"] == "bench_baseline" and r["baseline"] == r["head"] == head[:12]
+    (b,) = r["budgets"]
+    assert b["same_text"]
+    for eng in ("stock", "baseline", "head"):
+        assert b[eng]["decode_tok_s"] > 0 and b[eng]["decode_read_bytes_per_token"] >= 0, (eng, b)
+    assert len(b["head_vs_baseline"]["runs"]) == len(b["head_vs_stock"]["runs"]) == 1
+    assert b["head_vs_stock"]["median"] == pytest.approx(b["head"]["decode_tok_s"] / b["stock"]["decode_tok_s"])
+    md = tmp_path / "b.md"
+    subprocess.run([sys.executable, str(root / "tools/bench_report.py"), str(out), "--out", str(md)], check=True,
+                   cwd=root, capture_output=True)
+    assert "decode against an earlier commit" in md.read_text() and "| 50% |" in md.read_text()

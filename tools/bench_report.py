@@ -263,6 +263,29 @@ def fetch_section(path: Path, r: dict) -> str:
          "figures to compare."), "", *rows, ""])
 
 
+def baseline_section(path: Path, r: dict) -> str:
+    rows = [("| budget | disk GB/s | stock tok/s | baseline tok/s (MB/token) | this tree tok/s (MB/token) | "
+             "tree/baseline (median, runs) | tree/stock | baseline/stock | same text |"),
+            "|---|---|---|---|---|---|---|---|---|"]
+
+    def eng(b, name):
+        x = b[name]
+        return f"{x['decode_tok_s']:.2f} ({x['decode_read_bytes_per_token'] / 1e6:.1f})"
+
+    for b in r["budgets"]:
+        runs = ", ".join(f"{v:.2f}" for v in b["head_vs_baseline"]["runs"])
+        rows.append(f"| {b['budget']} | {b['disk_bandwidth_bps'] / 1e9:.2f} | {b['stock']['decode_tok_s']:.2f} | "
+                    f"{eng(b, 'baseline')} | {eng(b, 'head')} | {b['head_vs_baseline']['median']:.2f}x ({runs}) | "
+                    f"{b['head_vs_stock']['median']:.2f}x | {b['baseline_vs_stock']['median']:.2f}x | "
+                    f"{'yes' if b['same_text'] else 'no'} |")
+    return "\n".join([
+        f"## {path.stem}: decode against an earlier commit", "",
+        (f"`tools/bench_baseline.py` on `{r['model']}`: stock, edgemoe at {r['baseline']} (its own defaults) and "
+         f"edgemoe at {r['head']} take turns, {r['runs']} runs of {r['tokens']} tokens per budget, each under the "
+         "same cgroup limit from a cold page cache; medians, ratios run by run." + (f" {r['note']}" if r.get("note") else "")),
+        "", *rows, "", "```sh", r["command"], "```", ""])
+
+
 def server_section(path: Path, r: dict) -> str:
     st = r["stats"]
     return "\n".join([
@@ -456,6 +479,8 @@ def section(path: Path) -> str:
         return substitution_section(path, r)
     if r.get("kind") == "bench_configs":
         return configs_section(path, r)
+    if r.get("kind") == "bench_baseline":
+        return baseline_section(path, r)
     png = path.with_suffix(".png")
     plot(r, png)
     return bench_report.section(path, r, root=ROOT, image=png)
