@@ -308,8 +308,7 @@ class ExpertCache:
             return
         victims = self.eviction.victims(over, self.ledger.resident, self._needed | self.inflight.keys(), ())
         for uid in victims:
-            self.ledger.release(uid)
-            self.eviction.remove(uid)
+            self._release(uid)
         if victims:
             self.storage.drop_later(victims)
 
@@ -317,9 +316,13 @@ class ExpertCache:
         fut = self.inflight.pop(uid, None)
         if fut is not None and not fut.cancel():
             fut.result()                 # a read still running would map the pages again after the drop
+        self._release(uid)
+        self.storage.drop(uid)
+
+    def _release(self, uid: ExpertUID) -> None:
+        """`uid` is no longer resident for the ledger (and the runtime's ready table) and the policy."""
         self.ledger.release(uid)
         self.eviction.remove(uid)
-        self.storage.drop(uid)
 
     # ------------------------------------------------------------------ measurement
     def measured_resident_bytes(self) -> int:
