@@ -95,17 +95,18 @@ class ExpertCache:
         k, cost = layout.n_expert_used, self.storage.cost
         self.min_budget = max(sum(sorted(c for uid, c in cost.items() if uid.layer == layer and not uid.low)[-k:])
                               for layer in layout.moe_layers)
-        # Room kept free for the next layer's misses: after each layer, eviction brings the experts down to the
-        # capacity less this, and their pages are dropped on the drop thread while llama.cpp computes; the next
-        # layer's misses then read at once instead of dropping first. One layer's chosen experts at most.
-        self.headroom = self.min_budget
         full = self.storage.full_cost
         if budget is not None and budget >= layout.expert_bytes:
             # every expert may be resident; page rounding counts pages shared by two experts twice
             self.budget = budget = max(budget, full)
         self.capacity = budget          # what eviction holds experts to (the budget less pinned pages)
+        # Room kept free for the next layer's misses: after each layer, eviction brings the experts down to the
+        # capacity less this, and their pages are dropped on the drop thread while llama.cpp computes; the next
+        # layer's misses then read at once instead of dropping first. One layer's chosen experts at most.
+        self.headroom = self.min_budget
         if budget is None or budget >= full:
             self.substitute = None      # nothing is ever missed for long: every expert runs at full precision
+            self.headroom = 0           # nor evicted: every expert fits
         if budget is not None and budget < self.min_budget:
             self.close()                # the file and the reader threads are already open
             raise BudgetError(f"memory budget {budget:,} bytes cannot hold one layer's {layout.n_expert_used} "
@@ -301,7 +302,7 @@ class ExpertCache:
     def _evict_ahead(self) -> None:
         """Bring the experts down to the capacity less the headroom, sparing this layer's and those in flight;
         the victims' pages drop on the drop thread (the next read waits for them: storage.settle)."""
-        if self.budget is None or not self.headroom:
+        if not self.headroom:
             return
         over = self.ledger.resident_bytes - (self.capacity - self.headroom)
         if over <= 0:

@@ -398,3 +398,19 @@ def test_room_for_the_next_layer_is_made_ahead_and_dropped_off_the_hook_thread(p
     for step in range(400):
         cache.ensure(step % 4, rng.choice(16, 2, replace=False))
     assert len(cache.storage.now) > 100
+
+
+def test_a_budget_that_holds_every_expert_keeps_no_room_and_evicts_nothing():
+    """Room is made ahead only where eviction can happen: with every expert fitting, each is missed once, at
+    its first use, and none is evicted."""
+    layout = synthetic_layout(4, 16, 2)
+    cache = ReplayCache(layout, layout.expert_bytes, policy="nextuse")
+    assert cache.headroom == 0
+    rng = np.random.default_rng(0)
+    seen = set()
+    for step in range(400):
+        ids = rng.choice(16, 2, replace=False)
+        cache.ensure(step % 4, ids)
+        seen.update((step % 4, int(e)) for e in ids)
+    assert cache.stats.total().bytes_evicted == 0
+    assert cache.stats.total().misses == len(seen)
