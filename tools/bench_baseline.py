@@ -70,8 +70,13 @@ def figures(run: dict) -> dict | None:
 
 
 def median(rows: list[dict | None], key: str) -> float | None:
-    values = [r[key] for r in rows if r is not None]
-    return statistics.median(values) if values else None
+    return bench._spread([r[key] for r in rows if r is not None])["median"]
+
+
+def ratio(top: list[dict | None], bottom: list[dict | None]) -> dict:
+    """`top`'s decode over `bottom`'s, run by run (runs where both worked), and their median."""
+    runs = [a["decode_tok_s"] / b["decode_tok_s"] for a, b in zip(top, bottom, strict=True) if a and b]
+    return {"median": bench._spread(runs)["median"], "runs": runs}
 
 
 def main() -> int:
@@ -118,7 +123,6 @@ def main() -> int:
                 if rows[eng][-1] is None:
                     tqdm.write(f"{spec} {eng} run {r + 1} failed: {run.get('error')}")
                 bar.update()
-        pairs = [(h, b, s) for h, b, s in zip(rows["head"], rows["baseline"], rows["stock"], strict=True)]
         entry = {"budget": spec, "budget_bytes": budget, "limit_bytes": limit,
                  "disk_bandwidth_bps": statistics.median(disks),
                  **{eng: {"decode_tok_s": median(rows[eng], "decode_tok_s"),
@@ -126,12 +130,10 @@ def main() -> int:
                     for eng in engines},
                  "runs": {eng: [r and {k: v for k, v in r.items() if k != "text"} for r in rows[eng]]
                           for eng in engines},
-                 "head_vs_baseline": [h["decode_tok_s"] / b["decode_tok_s"] for h, b, _ in pairs if h and b],
-                 "head_vs_stock": [h["decode_tok_s"] / s["decode_tok_s"] for h, _, s in pairs if h and s],
-                 "baseline_vs_stock": [b["decode_tok_s"] / s["decode_tok_s"] for _, b, s in pairs if b and s],
+                 "head_vs_baseline": ratio(rows["head"], rows["baseline"]),
+                 "head_vs_stock": ratio(rows["head"], rows["stock"]),
+                 "baseline_vs_stock": ratio(rows["baseline"], rows["stock"]),
                  "same_text": len({r["text"] for rs in rows.values() for r in rs if r}) == 1}
-        for key in ("head_vs_baseline", "head_vs_stock", "baseline_vs_stock"):
-            entry[key] = {"median": statistics.median(entry[key]) if entry[key] else None, "runs": entry[key]}
         result["budgets"].append(entry)
     bar.close()
     args.out.parent.mkdir(parents=True, exist_ok=True)
