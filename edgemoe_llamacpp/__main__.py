@@ -1,5 +1,8 @@
 import sys
 
-from .cli import main
+try:
+    from .cli import entry
+except KeyboardInterrupt:                  # Ctrl-C while Python imports the CLI
+    sys.exit(130)
 
-sys.exit(main())
+entry()

@@ -25,7 +25,7 @@ import psutil
 
 from . import cgroup
 from .cache_config import CacheConfig
-from .errors import EdgeMoEError
+from .errors import EXIT_INTERRUPTED, EdgeMoEError
 from .generate import kv_cache_bytes
 from .layout import MoELayout, read_layout
 from .residency import parse_budget
@@ -176,6 +176,8 @@ def _child(model: str, *, stock: bool, tokens: int, prompt: str, n_ctx: int, lim
         run = cgroup.LimitedRun(proc.returncode, proc.stdout, proc.stderr, 0, 0, 0, 0, time.perf_counter() - t0)
     else:
         run = cgroup.run_limited(cmd, limit, env=env, controller=controller)
+    if run.returncode in (EXIT_INTERRUPTED, -signal.SIGINT):
+        raise KeyboardInterrupt       # Ctrl-C reached the run (the terminal signals the whole process group)
     out = {"ok": run.returncode == 0, "returncode": run.returncode, "peak_bytes": run.peak_bytes,
            "oom_kills": run.oom_kills, "wall_s": run.wall_s}
     if stock:

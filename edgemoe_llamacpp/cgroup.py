@@ -130,12 +130,30 @@ def _write(path: Path, text: str) -> None:
         f.write(text)
 
 
+RMCG_TRIES = 200            # 10 ms apart: a killed process is gone within a few
+
+
 def _mkcg(path: Path) -> None:
     """Create a cgroup (the kernel fills in its interface files)."""
     path.mkdir()
 
 
 def _rmcg(path: Path) -> None:
+    """Remove a child cgroup, first killing what is left in it: an interrupted run's process may still be
+    exiting (the kernel refuses to remove a cgroup with a task in it)."""
+    for _ in range(RMCG_TRIES):
+        try:
+            path.rmdir()
+            return
+        except OSError as e:
+            if e.errno != errno.EBUSY:
+                raise
+        for pid in (path / "cgroup.procs").read_text().split():
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.01)
     path.rmdir()
 
 

@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
 import sys
 
 from . import files
-from .errors import BudgetError, EdgeMoEError
+from .errors import EXIT_INTERRUPTED, BudgetError, EdgeMoEError
 from .residency import parse_budget
 
 
@@ -294,11 +295,13 @@ def cmd_convert(args: argparse.Namespace) -> int:
 def cmd_verify(args: argparse.Namespace) -> int:
     from .verify import verify
 
-    report = verify(args.model)
+    report = verify(args.model, progress=not args.json)
     if args.json:
         print(json.dumps(report))
     else:
         print(f"{args.model}: ok: {report['tensors']} tensors, checksums match, "
+              f"every weight of {report['finite_expert_ranges']} expert ranges finite (ggml dequantizes "
+              f"{report['sampled_dequantize']} sampled ones as gguf-py does), "
               f"{report['expert_ranges']} expert ranges inside the file "
               f"({report['unaligned_expert_ranges']} not page-aligned), "
               f"{'per-expert types' if report['mixed'] else 'one type per tensor'}"
@@ -539,11 +542,24 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
     except BrokenPipeError:             # `edgemoe inspect | head`: the reader left; so do we, quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
 
 
+def entry() -> None:
+    """The `edgemoe` command: main(), then exit with its code. Stopped by Ctrl-C, the process ends at once,
+    without waiting for threads still inside C code that cannot be interrupted (ggml sets up an i-quant's tables
+    in seconds, in the first call that quantizes to it)."""
+    code = main()
+    if code == EXIT_INTERRUPTED:
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(OSError, ValueError):
+                stream.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

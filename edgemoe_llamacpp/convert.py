@@ -76,8 +76,12 @@ def _check_plan(layout: MoELayout, plan: dict[str, list[str]], reader: GGUFReade
                                    f"not a multiple of the type's block")
 
 
-def _out_tensors(reader: GGUFReader, plan: dict[str, list[str]], lowbit: str | None = None) -> list[dict]:
-    """Every output tensor: name, numpy shape, declared type, nbytes, and the per-expert types if mixed."""
+def _out_tensors(reader: GGUFReader, layout: MoELayout, plan: dict[str, list[str]],
+                 lowbit: str | None = None) -> list[dict]:
+    """Every output tensor: name, numpy shape, declared type, nbytes, and the per-expert types if mixed; a
+    planned tensor's `stack` is the source's (its experts at their own types, if the source is a converted
+    file with per-expert types)."""
+    stacks = {t.name: t for t in layout.expert_tensors}
     out = []
     # one mixed tensor makes the file need the patched runtime; then every planned tensor gets slots
     mixed = any(len(set(types)) > 1 for types in plan.values())
@@ -93,7 +97,8 @@ def _out_tensors(reader: GGUFReader, plan: dict[str, list[str]], lowbit: str | N
             rows = int(np.prod(t.shape[1:-1]))
             declared = _slot_type(types, row_len, rows) if mixed else types[0]
             entry.update(type=declared, nbytes=n_expert * rows * quant.row_bytes(declared, row_len),
-                         experts=types, row_len=row_len, rows=rows, slotted=set(types) != {declared})
+                         experts=types, row_len=row_len, rows=rows, slotted=set(types) != {declared},
+                         stack=stacks[t.name])
         out.append(entry)
         if types is not None and lowbit is not None:
             # beside its tensor, between two of the model's: llama.cpp unmaps the file's head and tail
@@ -101,7 +106,7 @@ def _out_tensors(reader: GGUFReader, plan: dict[str, list[str]], lowbit: str | N
             slot = _pad(rows * quant.row_bytes(lowbit, row_len))
             out.append({"name": LOWBIT + t.name, "shape": [n_expert * slot], "type": "I8",
                         "nbytes": n_expert * slot, "src": t, "experts": [lowbit] * n_expert,
-                        "row_len": row_len, "rows": rows, "slotted": False})
+                        "row_len": row_len, "rows": rows, "slotted": False, "stack": stacks[t.name]})
     if out and out[-1]["name"].startswith(LOWBIT):
         out[-2], out[-1] = out[-1], out[-2]
     if mixed:
@@ -144,18 +149,19 @@ def _write_tensor(f, base: int, entry: dict, bar, imatrix: dict[str, np.ndarray]
         f.seek(base)
         f.write(data.tobytes())
         return
-    src_type = t.tensor_type.name
+    stack = entry["stack"]
     row_len, rows = entry["row_len"], entry["rows"]
     slot = entry["nbytes"] // len(types)
-    per_src = data.size // len(types)
     weights = None if imatrix is None else imatrix[t.name]
     off = (imatrix_off or {}).get(t.name) if entry["name"] == t.name else None      # not for low-bit copies
     for e, tn in enumerate(types):
-        chunk = data[e * per_src:(e + 1) * per_src]
-        if tn == src_type:
+        src = stack.slice(e)                        # the source expert, at its own type in its own slot
+        start = src.offset - stack.offset
+        chunk = data[start:start + src.size]
+        if tn == src.type:
             blob = chunk.tobytes()
         else:
-            blob = quant.quantize(quant.dequantize(chunk, src_type, row_len), tn,
+            blob = quant.quantize(quant.dequantize(chunk, src.type, row_len), tn,
                                   None if weights is None or (off is not None and off[e]) else weights[e])
         assert len(blob) == rows * quant.row_bytes(tn, row_len)
         f.seek(base + e * slot)
@@ -206,13 +212,14 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, plan: dict[str, list
             if need:
                 raise EdgeMoEError(f"{name}: {', '.join(need)} cannot be made without importance matrices")
     else:
-        src_types = {t.name: t.tensor_type.name for t in reader.tensors}
-        made = {tn for name, types in plan.items() for tn in types if tn != src_types[name]} | ({lowbit} - {None})
+        stacks = {t.name: t for t in layout.expert_tensors}
+        made = {tn for name, types in plan.items() for e, tn in enumerate(types) if tn != stacks[name].slice(e).type}
+        made |= {lowbit} - {None}
         need = sorted(tn for tn in made if quant.requires_imatrix(tn))
         if need:
             raise EdgeMoEError(f"{', '.join(need)} cannot be made without importance matrices: convert with "
                                f"--imatrix PROFILE (or plan from --profile without --no-imatrix)")
-    tensors = _out_tensors(reader, plan, lowbit)
+    tensors = _out_tensors(reader, layout, plan, lowbit)
 
     writer = GGUFWriter(None, layout.arch)
     _kv(writer, reader)

@@ -1,5 +1,7 @@
 """The project's user-facing failures: the CLI prints their message on one line and exits 2."""
 
+EXIT_INTERRUPTED = 130          # a command stopped by SIGINT exits as shells report it: 128 + SIGINT
+
 
 class EdgeMoEError(Exception):
     """Base of every error a user can cause with their input."""
@@ -7,6 +9,10 @@ class EdgeMoEError(Exception):
 
 class BadModelError(EdgeMoEError):
     """The file is not a readable GGUF, is truncated, or points outside itself."""
+
+
+class ShardError(EdgeMoEError):
+    """One shard of a model split over several files (NAME-00001-of-00003.gguf)."""
 
 
 class NotMoEError(EdgeMoEError):
@@ -37,3 +43,7 @@ class LlamaClosedError(EdgeMoEError, RuntimeError):
 
 class LlamaBusyError(EdgeMoEError, RuntimeError):
     """A generation started on a Llama whose stream another thread has open (one generation at a time)."""
+
+
+class NonFiniteError(EdgeMoEError):
+    """llama.cpp computed logits that are not finite numbers: the file's weights are damaged."""

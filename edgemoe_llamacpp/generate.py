@@ -10,7 +10,7 @@ import numpy as np
 import psutil
 
 from . import runtime
-from .errors import EdgeMoEError
+from .errors import EdgeMoEError, NonFiniteError
 
 if TYPE_CHECKING:
     from .cache_config import CacheConfig
@@ -56,7 +56,7 @@ class _EvalClock:
     llama.cpp's own counters call a one-token prompt a decode step."""
 
     def __init__(self, llm):
-        self.eval, self.calls, self.after_prompt = llm.eval, [], None
+        self.llm, self.eval, self.calls, self.after_prompt = llm, llm.eval, [], None
         self.cache = getattr(llm, "_edgemoe_cache", None)   # stock has none (an injecting stock has a hook)
         self.hook = llm._edgemoe_hook if self.cache is not None else None
         self.waits_after_prompt = None
@@ -65,6 +65,7 @@ class _EvalClock:
         start = time.perf_counter()
         self.eval(tokens)
         self.calls.append((len(tokens), time.perf_counter() - start))
+        check_finite(self.llm, last_logits(self.llm))
         if self.after_prompt is None:
             self.after_prompt = _io()
             self.waits_after_prompt = self._waits()
@@ -178,6 +179,14 @@ def last_logits(llm) -> np.ndarray:
     """Logits of the last evaluated token, read from the context (llama-cpp-python 0.3.36 fills
     `Llama.scores` only with logits_all=True)."""
     return np.ctypeslib.as_array(llm._ctx.get_logits_ith(-1), shape=(llm.n_vocab(),)).copy()
+
+
+def check_finite(llm, logits: np.ndarray) -> None:
+    """Refuse logits that are not all finite: a damaged file (NaN weights) would otherwise decode to nothing, or
+    to a perplexity of nan, and report success."""
+    if not np.isfinite(logits).all():
+        raise NonFiniteError(f"{llm.model_path}: llama.cpp computed non-finite logits: the file's weights are "
+                             f"damaged (`edgemoe verify` names the tensor, for a file edgemoe wrote)")
 
 
 def greedy(llm, prompt: str, n: int) -> tuple[list[int], np.ndarray]:

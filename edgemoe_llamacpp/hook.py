@@ -15,8 +15,11 @@ matmuls (ffn_norm) and the layer's residual add (ffn_inp) have yet to read it.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import signal
 import struct
+import threading
 import time
 
 import llama_cpp
@@ -81,6 +84,7 @@ class ExpertHook:
         self.want_weights = want_weights
         self._paths: dict[bytes, list[int]] = {}   # node name prefix -> src indices from topk, found once
         self.error: BaseException | None = None
+        self.stop = False                 # a SIGINT arrived during this evaluation: tell llama.cpp to stop
         self.routes = 0
         self._checked = False
         self.on_down = on_down
@@ -142,9 +146,25 @@ class ExpertHook:
         """Python's time per routed layer: called at the node, or logged in C and drained."""
         return self.hook_ns / self.routes / 1e3 if self.routes else None
 
+    @contextlib.contextmanager
+    def evaluation(self):
+        """Around one llama.cpp evaluation with this hook: a SIGINT that arrives meanwhile makes the callback tell
+        llama.cpp to stop at the next node it sees, and is raised here once llama.cpp has returned (raised inside
+        the callback, ctypes would print the KeyboardInterrupt and swallow it, and llama.cpp would go on). An
+        error the callback recorded is raised here too; an interrupt wins over it."""
+        self.stop = False
+        with sigint_deferred(self._interrupted):
+            yield
+            self.take_error()
+
+    def _interrupted(self) -> None:
+        self.stop = True
+
     def _cb(self, t: int, ask: bool, _user_data) -> bool:
         if ask:
-            return ctypes.string_at(t + runtime.T_NAME, len(TOPK)) == TOPK
+            return self.stop or ctypes.string_at(t + runtime.T_NAME, len(TOPK)) == TOPK
+        if self.stop:
+            return False                  # llama.cpp computes no further node of this graph
         self.calls += 1
         try:
             self.drain()                  # the layers that passed in C come first, in order
@@ -154,7 +174,7 @@ class ExpertHook:
         except BaseException as e:  # noqa: BLE001 -- must not unwind through C; re-raised after the eval
             if self.error is None:
                 self.error = e
-        return True
+        return not self.stop
 
     def _cb_down(self, t: int, ask: bool, user_data) -> bool:
         """_cb, and the down projections' inputs to on_down."""
@@ -163,6 +183,8 @@ class ExpertHook:
             return self._cb(t, ask, user_data)
         if ask:
             return True
+        if self.stop:
+            return False
         try:
             mm = t
             while ctypes.c_int32.from_address(mm + runtime.T_OP).value != GGML_OP_MUL_MAT_ID:
@@ -215,6 +237,31 @@ class ExpertHook:
         err, self.error = self.error, None
         if err is not None:
             raise err
+
+
+@contextlib.contextmanager
+def sigint_deferred(on_sigint):
+    """While the body runs on the main thread, a SIGINT calls on_sigint() instead of raising at whatever Python
+    runs next (a ctypes callback, where it would be swallowed); the program's own handler runs once the body
+    ends, so the default one raises KeyboardInterrupt there. Elsewhere, or with SIGINT ignored or left to the
+    OS, nothing changes."""
+    previous = signal.getsignal(signal.SIGINT)
+    if threading.current_thread() is not threading.main_thread() or not callable(previous):
+        yield
+        return
+    frames = []
+
+    def record(_signum, frame):
+        frames.append(frame)
+        on_sigint()
+
+    signal.signal(signal.SIGINT, record)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if frames:
+            previous(signal.SIGINT, frames[0])
 
 
 def chosen_weights(probs: np.ndarray, ids: np.ndarray) -> np.ndarray:

@@ -73,5 +73,5 @@ class InjectedLlama(llama_cpp.Llama):
 
     def eval(self, tokens) -> None:
         self._edgemoe_injector.position = self.n_tokens
-        super().eval(tokens)
-        self._edgemoe_hook.take_error()
+        with self._edgemoe_hook.evaluation():
+            super().eval(tokens)

@@ -19,7 +19,7 @@ from typing import NamedTuple
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-from .errors import BadModelError, NotMoEError
+from .errors import BadModelError, NotMoEError, ShardError
 from .runtime import PAGE, mincore_pages
 
 GGUF_MAGIC = b"GGUF"
@@ -446,6 +446,11 @@ def read_layout(path: str | os.PathLike) -> MoELayout:
     path = Path(path)
     reader = _open_reader(path)
     file_size = path.stat().st_size
+    shards = _field(reader, SPLIT_COUNT, path, int, required=False)
+    if shards is not None and shards > 1:
+        no = _field(reader, SPLIT_NO, path, int, required=False)
+        raise ShardError(f"{path} is shard {'?' if no is None else no + 1} of {shards} of a split model; edgemoe "
+                         f"reads a model in one file: merge the shards first (llama.cpp's llama-gguf-split --merge)")
     arch = _field(reader, "general.architecture", path, str)
     n_layer = _field(reader, f"{arch}.block_count", path, int)
     n_expert = _field(reader, f"{arch}.expert_count", path, int, required=False) or 0
@@ -518,6 +523,7 @@ def read_layout(path: str | os.PathLike) -> MoELayout:
     return layout
 
 
+SPLIT_COUNT, SPLIT_NO = "split.count", "split.no"     # a shard of a split model (gguf-py's GGUFWriter, gguf-split)
 EDGEMOE_PREFIX = "edgemoe."
 EXPERT_TYPES = "edgemoe.expert_types."
 LOWBIT = "edgemoe.lowbit."          # tensor name prefix of the low-bit copies; their type: edgemoe.lowbit_type

@@ -337,13 +337,15 @@ class Llama(llama_cpp.Llama):
         with self._edgemoe_call(generation=True) as outer:
             if outer:
                 self._edgemoe_checks.embedding(bind(llama_cpp.Llama.create_embedding, self, args, kwargs)["input"])
-            return super().create_embedding(*args, **kwargs)
+            with self._edgemoe_hook.evaluation():
+                return super().create_embedding(*args, **kwargs)
 
     def embed(self, *args, **kwargs):
         with self._edgemoe_call(generation=True) as outer:
             if outer:
                 self._edgemoe_checks.embedding(bind(llama_cpp.Llama.embed, self, args, kwargs)["input"])
-            return super().embed(*args, **kwargs)
+            with self._edgemoe_hook.evaluation():
+                return super().embed(*args, **kwargs)
 
     # ------------------------------------------------------------------ evaluation
     def eval(self, tokens) -> None:
@@ -353,9 +355,16 @@ class Llama(llama_cpp.Llama):
                 check_context(self.n_tokens + len(tokens), self._n_ctx)
             if self._edgemoe_injector is not None:
                 self._edgemoe_injector.position = self.n_tokens
-            super().eval(tokens)
+            before = self.n_tokens
+            try:
+                with self._edgemoe_hook.evaluation():
+                    super().eval(tokens)
+            except BaseException:
+                # interrupted or failed part-way: the tokens' cache entries are incomplete; the next eval
+                # overwrites them (llama-cpp-python clears the cache from n_tokens on)
+                self.n_tokens, self._edgemoe_logits = before, None
+                raise
             self._edgemoe_tokens.evaluated(tokens)
-            self._edgemoe_hook.take_error()
             if len(tokens):
                 last = len(tokens) % self.n_batch or self.n_batch   # llama.cpp keeps the last batch's logits
                 self._edgemoe_logits = (self.n_tokens - (last if self._logits_all else 1), self.n_tokens)

@@ -11,9 +11,12 @@ from . import corpus
 
 def window_logp(llm, window: list[int]) -> np.ndarray:
     """Log-probabilities [n-1, vocab] of every next token of `window` (needs logits_all=True)."""
+    from .generate import check_finite
+
     llm.reset()
     llm.eval(window)
     logits = np.asarray(llm.scores[: len(window) - 1], dtype=np.float64)
+    check_finite(llm, logits)
     logits -= logits.max(1, keepdims=True)
     return logits - np.log(np.exp(logits).sum(1, keepdims=True))
 

@@ -25,6 +25,7 @@ inputs, || x (W_q - W)^T ||^2, decides per expert, tensor and K-quant type wheth
 from __future__ import annotations
 
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor, as_completed
 
 import numpy as np
@@ -125,6 +126,8 @@ def measure_costs(model: str, prof: Profile, types=quant.PLAN_TYPES, progress: b
         x_k = (x, x, h_src)                                     # what each tensor's rows multiply
         quantized = []
         for ti, t in enumerate(types):
+            if stop.is_set():
+                return
             q = experts.weights(layer, e, t, imatrix)
             if both_ways[ti]:
                 plain = experts.weights(layer, e, t)
@@ -134,18 +137,28 @@ def measure_costs(model: str, prof: Profile, types=quant.PLAN_TYPES, progress: b
                         q[k], off[li, e, k, ti] = plain[k], True
             quantized.append(q)
         for a, (gate, up, _) in enumerate(quantized):
+            if stop.is_set():
+                return
             h = _silu(x @ gate.T) * (x @ up.T)
             for b, (_, _, down) in enumerate(quantized):
                 d = (h @ down.T - ref).astype(np.float64)
                 cost[li, e, a, b] = share[li, e] * float(np.mean(w2 * (d ** 2).sum(1)))
 
     # ggml's quantizers and numpy's matmuls release the GIL: one thread per core, one expert each
-    with tqdm(total=n_l * n_e, desc="measure expert costs", unit="expert", disable=not progress) as bar, \
-            ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        jobs = [pool.submit(measure, li, layer, e) for li, layer in enumerate(layout.moe_layers) for e in range(n_e)]
-        for job in as_completed(jobs):
-            job.result()
-            bar.update(1)
+    stop = threading.Event()              # set on an interrupt: the experts being measured end at their next type
+    pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 1)
+    try:
+        with tqdm(total=n_l * n_e, desc="measure expert costs", unit="expert", disable=not progress) as bar:
+            jobs = [pool.submit(measure, li, layer, e) for li, layer in enumerate(layout.moe_layers)
+                    for e in range(n_e)]
+            for job in as_completed(jobs):
+                job.result()
+                bar.update(1)
+    except BaseException:                 # interrupted or failed: queued experts are never measured, and
+        stop.set()                        # nothing waits for the ones being measured (they end at their next step)
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown()
     nb = np.array([[[experts.nbytes(layer, k, t) for t in types] for k in SWIGLU] for layer in layout.moe_layers])
     nbytes = (nb[:, 0] + nb[:, 1])[:, :, None] + nb[:, 2][:, None, :]
     n_weights = sum(experts.n_weights(layer) for layer in layout.moe_layers) * n_e

@@ -129,8 +129,8 @@ def profile(model_path: str, out: str, *, texts=None, text_label: str = "stdlib 
         parts = corpus.windows(ids, n_ctx)
         for window in tqdm(parts, desc="profile", unit="window", disable=not progress):
             llm.reset()
-            llm.eval(window)
-            hook.take_error()
+            with hook.evaluation():
+                llm.eval(window)
             if rec.pending:
                 raise EdgeMoEError(f"{model_path}: no down projection input was seen for layers "
                                    f"{sorted(rec.pending)[:4]} (no `ffn_moe_down-N` node in this model's graph)")

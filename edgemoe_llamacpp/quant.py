@@ -52,6 +52,43 @@ def _ggml():
     return lib
 
 
+class _TypeTraits(ctypes.Structure):
+    """ggml.h's struct ggml_type_traits (ggml_get_type_traits)."""
+    _fields_ = [("type_name", ctypes.c_char_p), ("blck_size", ctypes.c_int64), ("blck_size_interleave", ctypes.c_int64),
+                ("type_size", ctypes.c_size_t), ("is_quantized", ctypes.c_bool), ("to_float", ctypes.c_void_p),
+                ("from_float_ref", ctypes.c_void_p)]
+
+
+_TO_FLOAT = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64)   # ggml_to_float_t
+
+
+@functools.cache
+def _to_float(t: GGMLQuantizationType):
+    lib = _ggml()
+    lib.ggml_get_type_traits.argtypes = [ctypes.c_int]
+    lib.ggml_get_type_traits.restype = ctypes.POINTER(_TypeTraits)
+    fn = lib.ggml_get_type_traits(int(t)).contents.to_float
+    if not fn:
+        raise EdgeMoEError(f"ggml has no dequantizer for {t.name}")
+    return _TO_FLOAT(fn)
+
+
+def ggml_dequantize(data: bytes | np.ndarray, name: str) -> np.ndarray:
+    """Whole blocks of type `name` -> float32 values, by ggml's own dequantizer (the code llama.cpp computes
+    with; `dequantize` is gguf-py's reference)."""
+    raw = np.ascontiguousarray(np.frombuffer(data, dtype=np.uint8) if isinstance(data, bytes | bytearray)
+                               else data.view(np.uint8).reshape(-1))
+    t = qtype(name)
+    if t == GGMLQuantizationType.F32:
+        return raw.view(np.float32).copy()
+    block, size = GGML_QUANT_SIZES[t]
+    if raw.size % size:
+        raise ValueError(f"{raw.size} bytes are not whole {name} blocks of {size}")
+    out = np.empty(raw.size // size * block, dtype=np.float32)
+    _to_float(t)(raw.ctypes.data, out.ctypes.data, out.size)
+    return out
+
+
 def requires_imatrix(name: str) -> bool:
     """ggml cannot quantize to `name` without an importance matrix (IQ2_XXS, IQ2_XS, IQ1_S)."""
     return bool(_ggml().ggml_quantize_requires_imatrix(int(qtype(name))))

@@ -56,8 +56,8 @@ def record(model: str, texts: list[str], n: int, *, seed: int | None, hidden: bo
     tokens = tokens_of(llm, texts, n, seed)
     for s in tqdm(range(0, len(tokens), N_CTX), desc=Path(model).name, unit="window"):
         llm.reset()
-        llm.eval(tokens[s:s + N_CTX].tolist())
-        hook.take_error()
+        with hook.evaluation():
+            llm.eval(tokens[s:s + N_CTX].tolist())
     llm.close()
     routing = [np.concatenate(x) for x in ids]
     if not all(len(r) == len(tokens) for r in routing):

@@ -4,14 +4,19 @@ from __future__ import annotations
 import mmap
 import os
 
+import numpy as np
 from gguf import GGUFReader
+from tqdm import tqdm
 
+from . import quant
 from .convert import CHECKSUM_NAMES, CHECKSUM_SHA256, FORMAT_VERSION, GUARD, _tensor_sha256
 from .errors import BadModelError
-from .layout import MoELayout, read_layout
+from .layout import ExpertRange, MoELayout, read_layout
+
+SAMPLED_EXPERTS = 8          # experts dequantized by both gguf-py's reference code and ggml's, and compared
 
 
-def verify(path: str | os.PathLike) -> dict:
+def verify(path: str | os.PathLike, *, progress: bool = False) -> dict:
     """Check a converted file; raise BadModelError with the first problem, else return a summary."""
     layout: MoELayout = read_layout(path)       # structure, every range inside the file, types fit slots
     meta = layout.edgemoe
@@ -35,6 +40,7 @@ def verify(path: str | os.PathLike) -> dict:
             t = tensors[name]
             if _tensor_sha256(mm, t.data_offset, int(t.n_bytes)) != want:
                 raise BadModelError(f"{path}: tensor {name} fails its checksum (file damaged)")
+        sampled = check_weights(layout, mm, progress=progress)
     unaligned = sum(1 for x in layout.experts for r in x.ranges if r.offset % mmap.PAGESIZE)
     low = [r for ranges in layout.low_experts.values() for r in ranges]
     return {"path": str(path), "tensors": len(tensors), "checksums": "ok", "mixed": layout.mixed,
@@ -42,5 +48,39 @@ def verify(path: str | os.PathLike) -> dict:
             "unaligned_lowbit_ranges": sum(1 for r in low if r.offset % mmap.PAGESIZE),
             "expert_bytes": layout.expert_bytes, "dense_bytes": layout.dense_bytes,
             "expert_ranges": sum(len(x.ranges) for x in layout.experts),
-            "unaligned_expert_ranges": unaligned, "source": meta.get("source.name"), "imatrix": meta.get("imatrix"),
+            "unaligned_expert_ranges": unaligned, "finite_expert_ranges": n_ranges(layout),
+            "sampled_dequantize": sampled, "source": meta.get("source.name"), "imatrix": meta.get("imatrix"),
             "plan": {k: v for k, v in meta.items() if k.startswith("plan.")}}
+
+
+def _ranges(layout: MoELayout) -> list[ExpertRange]:
+    """Every expert's byte ranges at their own types, low-bit copies included."""
+    return [r for x in layout.experts for r in x.ranges] + [r for rs in layout.low_experts.values() for r in rs]
+
+
+def n_ranges(layout: MoELayout) -> int:
+    return len(_ranges(layout))
+
+
+def check_weights(layout: MoELayout, mm, *, progress: bool = False) -> int:
+    """Every expert weight, dequantized by ggml (the code llama.cpp computes with) at the expert's own type, is
+    finite; for a sample of experts spread over the file, gguf-py's reference dequantizer gives the same values.
+    Raises BadModelError naming the first bad range; returns how many ranges were compared."""
+    ranges = _ranges(layout)
+    step = max(1, len(ranges) // SAMPLED_EXPERTS)
+    compared = 0
+    for i, r in enumerate(tqdm(ranges, desc="check weights", unit="range", disable=not progress)):
+        raw = np.frombuffer(mm[r.offset:r.offset + r.size], dtype=np.uint8)     # a copy: mm can close after an error
+        values = quant.ggml_dequantize(raw, r.type)
+        bad = int(values.size - np.isfinite(values).sum())
+        if bad:
+            raise BadModelError(f"{layout.path}: {r.tensor} holds {bad:,} non-finite weights at {r.type} in bytes "
+                                f"[{r.offset}, {r.offset + r.size}): the file is damaged; convert it again")
+        if i % step == 0:
+            ref = quant.dequantize(raw, r.type, values.size).reshape(-1)
+            if not np.allclose(ref, values, rtol=1e-5, atol=1e-6 * float(np.abs(values).max(initial=1.0))):
+                raise BadModelError(f"{layout.path}: {r.tensor} bytes [{r.offset}, {r.offset + r.size}) dequantize "
+                                    f"differently in gguf-py and ggml at {r.type}: the file's types disagree with "
+                                    f"its data")
+            compared += 1
+    return compared

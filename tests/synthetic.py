@@ -45,3 +45,24 @@ def moe_tensors(n_layer: int, n_expert: int, d: int = 32, ff: int = 16, *, dense
             t[f"blk.{i}.ffn_up_shexp.weight"] = (ff, d)
             t[f"blk.{i}.ffn_down_shexp.weight"] = (d, ff)
     return t
+
+
+def write_shards(src: Path, dst: Path, max_tensors: int) -> list[Path]:
+    """`src` split as gguf-py splits a model (GGUFWriter(split_max_tensors=...)): `dst` stem-0000i-of-0000N.gguf,
+    each with its own header; the same metadata and tensors, bytes unchanged. Returns the shards in order."""
+    reader = gguf.GGUFReader(src)
+    arch = reader.fields["general.architecture"].contents()
+    w = gguf.GGUFWriter(str(dst), arch, split_max_tensors=max_tensors)
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF.") or key == "general.architecture":
+            continue
+        vtype = field.types[0]
+        w.add_key_value(key, field.contents(), vtype,
+                        sub_type=field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None)
+    for t in reader.tensors:
+        w.add_tensor(t.name, np.asarray(t.data), raw_dtype=t.tensor_type)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return sorted(dst.parent.glob(f"{dst.stem}-*-of-*.gguf"))

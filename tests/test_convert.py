@@ -435,3 +435,80 @@ def test_every_expert_of_a_mixed_file_is_page_aligned(fixture_path, tmp_path):
     # declared at the first type at least as wide whose slot is whole pages: Q3_K -> Q4_K, Q6_K -> Q8_0
     assert {(t.layer == 0, t.type) for t in out.expert_tensors} == {(True, "Q8_0"), (False, "Q4_K")}
     assert out.expert_bytes == sum(quant.row_bytes(tn, 256) * 256 for types in plan.values() for tn in types)
+
+
+@pytest.mark.parametrize("target", ["F32", "Q4_K"])
+def test_converting_a_converted_file_reads_each_expert_at_its_own_type(iq_plan, tmp_path, target):
+    """A file with per-expert i-quants converted again: every expert is dequantized at its own type (not the
+    tensor's declared slot type), so an F32 copy equals gguf-py's dequantize of the source expert and a
+    Q4_K copy is finite (it was NaN: the slots were read as Q4_K)."""
+    src = iq_plan[0]
+    out = convert(src.path, tmp_path / f"again-{target}.gguf", uniform_plan(src, target), progress=False)
+    data = np.memmap(out.path, dtype=np.uint8, mode="r")
+    source = np.memmap(src.path, dtype=np.uint8, mode="r")
+    types_seen = set()
+    for t, s in zip(out.expert_tensors, src.expert_tensors, strict=True):
+        assert t.name == s.name
+        for e in range(t.count):
+            r, rs = t.slice(e), s.slice(e)
+            got = quant.ggml_dequantize(data[r.offset:r.offset + r.size], r.type)
+            want = quant.dequantize(source[rs.offset:rs.offset + rs.size], rs.type, got.size).reshape(-1)
+            assert np.isfinite(got).all(), (t.name, e)
+            if target == "F32":
+                np.testing.assert_array_equal(got, want)
+            else:           # Q4_K rounding of the source expert, not of garbage
+                assert np.abs(got - want).max() <= 0.25 * np.abs(want).max(), (t.name, e)
+            types_seen.add(rs.type)
+    assert {"IQ2_XXS", "IQ3_XXS"} <= types_seen
+    assert verify(out.path)["finite_expert_ranges"] == len(out.experts) * 3
+
+
+def _refresh_checksums(path: Path) -> None:
+    """Rewrite a converted file's checksum table for its current bytes (damage that the checksums hide)."""
+    import hashlib
+
+    from gguf import GGUFReader
+
+    reader = GGUFReader(path, "r+")
+    tensors = {t.name: t for t in reader.tensors}
+    names = reader.fields["edgemoe.checksum.tensors"].contents()
+    field = reader.fields["edgemoe.checksum.sha256"]
+    for name, idx in zip(names, field.data, strict=True):
+        t = tensors[name]
+        digest = hashlib.sha256(np.asarray(reader.data[t.data_offset:t.data_offset + int(t.n_bytes)])).hexdigest()
+        field.parts[idx][:] = np.frombuffer(digest.encode(), dtype=np.uint8)
+    reader.data.flush()
+
+
+@pytest.fixture(scope="module")
+def nan_file(fixture_path, tmp_path_factory):
+    """A uniform Q4_K file whose layer-2 down experts all have NaN block scales, checksums made to match."""
+    path = tmp_path_factory.mktemp("nan") / "nan.gguf"
+    out = convert(fixture_path, path, uniform_plan(read_layout(fixture_path), "Q4_K"), progress=False)
+    t = next(t for t in out.expert_tensors if t.name == "blk.2.ffn_down_exps.weight")
+    data = np.memmap(path, dtype=np.uint8, mode="r+")
+    blocks = data[t.offset:t.offset + t.nbytes].reshape(-1, 144)     # Q4_K blocks: f16 d first
+    blocks[:, 0], blocks[:, 1] = 0x00, 0x7E                          # f16 NaN
+    data.flush()
+    del data, blocks
+    _refresh_checksums(path)
+    return path
+
+
+def test_verify_fails_on_non_finite_expert_weights(nan_file, capsys):
+    with pytest.raises(BadModelError, match=r"blk\.2\.ffn_down_exps\.weight holds [\d,]+ non-finite weights"):
+        verify(nan_file)
+    assert cli(["verify", str(nan_file)]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line and not line.startswith("check weights")]
+    assert len(err) == 1 and "non-finite weights" in err[0]        # one line, beside the progress bar
+
+
+@pytest.mark.parametrize("command", [["run", "-p", PROMPT, "-n", "8"], ["run", "-p", PROMPT, "-n", "8", "--stock"],
+                                     ["ppl", "--tokens", "256", "--n-ctx", "128"]])
+def test_run_and_ppl_refuse_non_finite_logits(nan_file, command):
+    proc = subprocess.run([sys.executable, "-m", "edgemoe_llamacpp", command[0], str(nan_file), *command[1:]],
+                          check=False, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert "non-finite logits" in proc.stderr.strip().splitlines()[-1]
+    assert "perplexity" not in proc.stdout and "---" not in proc.stdout
