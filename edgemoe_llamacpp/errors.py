@@ -23,7 +23,12 @@ class MixedTypesError(EdgeMoEError):
 
 class ArgumentError(EdgeMoEError, ValueError):
     """An argument llama.cpp would crash on or misuse: a token id outside the vocabulary, a non-finite sampling
-    value, a grammar that does not parse, a thread count of 0. The server answers it with 400."""
+    value, a grammar that does not parse, a thread count of 0. The server answers it with 400, naming `param`
+    (the request field at fault) when it is known."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
 
 
 class ContextLengthError(ArgumentError):
@@ -37,3 +42,8 @@ class LlamaClosedError(EdgeMoEError, RuntimeError):
 
 class LlamaBusyError(EdgeMoEError, RuntimeError):
     """A generation started on a Llama whose stream another thread has open (one generation at a time)."""
+
+
+class APIKeyError(EdgeMoEError):
+    """A request to `edgemoe serve` without the server's API key, or with another. The server answers it with
+    401."""

@@ -18,7 +18,7 @@ import time
 
 import anyio
 import llama_cpp
-from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.middleware import Middleware
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
@@ -44,7 +44,7 @@ from starlette_context.plugins import RequestIdPlugin
 
 from . import server_metrics
 from .arguments import check_text
-from .errors import ArgumentError, LlamaClosedError
+from .errors import APIKeyError, ArgumentError, LlamaClosedError
 from .llama import Llama
 from .server_errors import EdgeMoERoute, ServerBusyError, error_answer, error_body, install_error_handlers
 from .server_metrics import RequestCounter, RequestCounts, Snapshot
@@ -200,11 +200,22 @@ def get_server(request: Request) -> Server:
 
 
 # ---------------------------------------------------------------------- routes that use the model
+def one_choice(body) -> None:
+    """llama-cpp-python answers one choice whatever `n` (or a completion's `best_of`) asks for: refuse any
+    other count rather than answer with fewer choices than the client reads."""
+    for name in ("n", "best_of"):
+        value = getattr(body, name, None)
+        if value is not None and value != 1:
+            raise ArgumentError(f"{name} is {value}: this server answers one choice per request; leave {name} "
+                                f"at 1 and send the request again for another", param=name)
+
+
 async def create_completion(request: Request, body: CreateCompletionRequest,
                             server: Server = Depends(get_server)) -> llama_cpp.Completion:  # noqa: B008
+    one_choice(body)
     if isinstance(body.prompt, list):
         if len(body.prompt) > 1:
-            raise ArgumentError("one prompt per request: this server does not batch prompts")
+            raise ArgumentError("one prompt per request: this server does not batch prompts", param="prompt")
         body.prompt = body.prompt[0] if body.prompt else ""
     model = "copilot-codex" if request.url.path.endswith(COPILOT_PATH) else body.model
     return await server.generate(body, model, "create_completion", body.model_dump(exclude=COMPLETION_EXCLUDE))
@@ -212,6 +223,9 @@ async def create_completion(request: Request, body: CreateCompletionRequest,
 
 async def create_chat_completion(body: CreateChatCompletionRequest = CHAT_BODY,
                                  server: Server = Depends(get_server)) -> llama_cpp.ChatCompletion:  # noqa: B008
+    one_choice(body)
+    if not body.messages:               # the model would answer a bare chat template
+        raise ArgumentError("messages is empty: a chat completion needs at least one message", param="messages")
     return await server.generate(body, body.model, "create_chat_completion", body.model_dump(exclude=CHAT_EXCLUDE))
 
 
@@ -261,8 +275,7 @@ async def health(server: Server = Depends(get_server)) -> JSONResponse:  # noqa:
     """llama-server's readiness answer: 200 {"status": "ok"} with a model loaded, 503 while one loads. Public,
     as llama-server's is: it says nothing but whether the server can serve."""
     if server.model_stats()[1] is None:
-        return JSONResponse({"error": {"code": 503, "message": "Loading model", "type": "unavailable_error"}},
-                            status_code=503)
+        return JSONResponse(error_body("Loading model", "unavailable_error", 503), status_code=503)
     return JSONResponse({"status": "ok"})
 
 
@@ -305,23 +318,30 @@ def build_router() -> APIRouter:
 
 
 def key_check(api_key: str | None):
-    """llama-cpp-python's `authenticate`, comparing the key in constant time."""
+    """llama-cpp-python's `authenticate`, comparing the key in constant time; APIKeyError (401) says whether
+    the key was missing or wrong."""
     expected = None if api_key is None else api_key.encode("utf-8")
 
     async def authenticate(authorization: HTTPAuthorizationCredentials | None = Depends(lcp_app.bearer_scheme)):  # noqa: B008
         if expected is None:
             return True
-        if authorization is not None and hmac.compare_digest(authorization.credentials.encode("utf-8"), expected):
+        if authorization is None:
+            raise APIKeyError("no API key: this server needs one, sent as `Authorization: Bearer KEY`")
+        if hmac.compare_digest(authorization.credentials.encode("utf-8"), expected):
             return authorization.credentials
-        raise HTTPException(status_code=401, detail="Invalid API key", headers={"WWW-Authenticate": "Bearer"})
+        raise APIKeyError("invalid API key: it is not this server's key")
 
     return authenticate
 
 
 def build_app(settings, proxy) -> FastAPI:
+    bad_request_id = JSONResponse(error_body("the X-Request-ID header is not a UUID", "invalid_request_error",
+                                             "invalid_request_id", "X-Request-ID"), status_code=400)
     app = FastAPI(title="🦙 llama.cpp Python API (edgemoe)", version=llama_cpp.__version__,
                   root_path=settings.root_path, docs_url=None, redoc_url=None, openapi_url=None,
-                  middleware=[Middleware(RawContextMiddleware, plugins=(RequestIdPlugin(),))])
+                  middleware=[Middleware(RawContextMiddleware, plugins=(RequestIdPlugin(error_response=bad_request_id),),
+                                         default_error_response=bad_request_id)])
+    app.router.route_class = EdgeMoERoute
     app.add_middleware(CORSMiddleware, allow_origins=["*"], allow_credentials=True, allow_methods=["*"],
                        allow_headers=["*"])
     app.state.edgemoe = server = Server(settings, proxy)

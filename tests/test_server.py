@@ -65,18 +65,34 @@ def stop_server(proc) -> None:
 
 
 def request(base: str, path: str, key: str | None = KEY, body=None, *, raw: bytes | None = None,
-            timeout: float = 60) -> tuple[int, dict, bytes]:
-    """(status, headers in lower case, body) of one request; JSON `body` or `raw` bytes make it a POST."""
+            timeout: float = 60, method: str | None = None, headers: dict | None = None) -> tuple[int, dict, bytes]:
+    """(status, headers in lower case, body) of one request; JSON `body` or `raw` bytes make it a POST (unless
+    `method` says otherwise)."""
     data = raw if raw is not None else None if body is None else json.dumps(body).encode()
-    headers = {"Content-Type": "application/json"} if data is not None else {}
+    headers = {**({"Content-Type": "application/json"} if data is not None else {}), **(headers or {})}
     if key:
         headers["Authorization"] = f"Bearer {key}"
-    req = urllib.request.Request(base + path, data=data, headers=headers, method="POST" if data else "GET")
+    req = urllib.request.Request(base + path, data=data, headers=headers,
+                                 method=method or ("POST" if data else "GET"))
     try:
         with urllib.request.urlopen(req, timeout=timeout) as r:
             return r.status, {k.lower(): v for k, v in r.headers.items()}, r.read()
     except urllib.error.HTTPError as e:
         return e.code, {k.lower(): v for k, v in e.headers.items()}, e.read()
+
+
+def openai_error(raw: bytes) -> dict:
+    """The error object of an error answer, which must have OpenAI's shape: {"error": {"message": str,
+    "type": str, "param": str | None, "code": str | int | None}}, what the openai client reads."""
+    body = json.loads(raw)
+    assert isinstance(body, dict) and isinstance(body.get("error"), dict), raw[:300]
+    error = body["error"]
+    assert set(error) == {"message", "type", "param", "code"}, raw[:300]
+    assert isinstance(error["message"], str) and error["message"], raw[:300]
+    assert isinstance(error["type"], str) and error["type"], raw[:300]
+    assert error["param"] is None or isinstance(error["param"], str), raw[:300]
+    assert error["code"] is None or isinstance(error["code"], (str, int)), raw[:300]
+    return error
 
 
 def get_json(base: str, path: str, key: str | None = KEY) -> dict:
@@ -172,6 +188,56 @@ def test_wrong_api_key_is_401_everywhere(server):
     assert "/v1/completions" in json.loads(request(server, "/openapi.json")[2])["paths"]
 
 
+def test_the_openai_client_shows_why_a_key_is_refused(server):
+    with pytest.raises(openai.AuthenticationError) as refused:
+        client(server, "wrong").models.list()
+    assert "invalid API key" in str(refused.value), str(refused.value)
+    assert refused.value.code == "invalid_api_key" and refused.value.type == "invalid_request_error"
+
+
+@pytest.mark.parametrize(("call", "error", "param", "message"), [
+    (lambda c: c.chat.completions.create(model="edgemoe", messages=[]), openai.BadRequestError, "messages",
+     "messages is empty"),
+    (lambda c: c.chat.completions.create(model="edgemoe", messages=[{"role": "user", "content": "x"}], n=3),
+     openai.BadRequestError, "n", "n is 3: this server answers one choice per request"),
+    (lambda c: c.completions.create(model="edgemoe", prompt="x", n=2, stream=True), openai.BadRequestError, "n",
+     "n is 2"),
+    (lambda c: c.completions.create(model="edgemoe", prompt="x = " * 600), openai.BadRequestError, "prompt",
+     "exceed context window of 512"),
+    (lambda c: c.completions.create(model="edgemoe", prompt="x", max_tokens="many"),
+     openai.UnprocessableEntityError, "max_tokens", "max_tokens: Input should be a valid integer"),
+    (lambda c: c.get("/nowhere", cast_to=object), openai.NotFoundError, None, "GET /v1/nowhere: no such route"),
+], ids=["empty-messages", "n", "n-stream", "context", "validation", "no-route"])
+def test_the_openai_client_shows_the_message_and_param_of_an_error(server, call, error, param, message):
+    with pytest.raises(error) as refused:
+        call(client(server))
+    assert message in str(refused.value), str(refused.value)
+    assert refused.value.param == param
+
+
+@pytest.mark.parametrize(("method", "path", "key", "headers", "status", "message"), [
+    ("GET", "/v1/models", None, {}, 401, "no API key"),
+    ("GET", "/edgemoe/stats", "wrong", {}, 401, "invalid API key"),
+    ("GET", "/openapi.json", "wrong", {}, 401, "invalid API key"),
+    ("GET", "/docs", None, {}, 401, "no API key"),
+    ("POST", "/v1/completions", "wrong", {}, 401, "invalid API key"),
+    ("GET", "/nowhere", KEY, {}, 404, "GET /nowhere: no such route"),
+    ("POST", "/v1/nowhere", KEY, {}, 404, "POST /v1/nowhere: no such route"),
+    ("GET", "/v1/completions", KEY, {}, 405, "GET /v1/completions: the route takes POST"),
+    ("DELETE", "/health", KEY, {}, 405, "DELETE /health: the route takes"),
+    ("GET", "/v1/models", KEY, {"X-Request-ID": "not-a-uuid"}, 400, "X-Request-ID header is not a UUID"),
+])
+def test_every_4xx_has_openais_error_shape(server, method, path, key, headers, status, message):
+    body = {"prompt": "x"} if method == "POST" else None
+    got, answer_headers, raw = request(server, path, key, body, method=method, headers=headers)
+    assert got == status, raw
+    assert message in openai_error(raw)["message"], raw
+    if status == 401:
+        assert answer_headers["www-authenticate"] == "Bearer"
+    if status == 405:
+        assert answer_headers["allow"]
+
+
 def test_stats_show_misses_within_budget(server):
     client(server).completions.create(model="edgemoe", prompt="def main(argv):\n", max_tokens=16)
     s = get_json(server, "/edgemoe/stats")["stats"]
@@ -202,7 +268,7 @@ def test_bounded_load_every_request_answered_budget_held(server):
 def test_detokenize_outside_the_vocabulary_is_400_and_the_server_lives(server, tokens):
     status, _, body = request(server, "/extras/detokenize", body={"tokens": tokens})
     assert status == 400
-    assert "token ids are integers from 0 to 4095" in json.loads(body)["error"]["message"]
+    assert "token ids are integers from 0 to 4095" in openai_error(body)["message"]
     status, _, body = request(server, "/extras/detokenize", body={"tokens": [5, 6]})
     assert status == 200 and json.loads(body)["text"]
 
@@ -225,13 +291,20 @@ def test_detokenize_outside_the_vocabulary_is_400_and_the_server_lives(server, t
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "logprobs": True,
                               "top_logprobs": 10 ** 9}, 400, "top_logprobs"),
     ("/v1/embeddings", {"input": "x"}, 400, "embedding=True"),
+    ("/v1/chat/completions", {"messages": []}, 400, "messages is empty"),
+    ("/v1/chat/completions", {}, 400, "messages is empty"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "n": 3}, 400, "n is 3: this"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "n": 0, "stream": True}, 400,
+     "n is 0"),
+    ("/v1/completions", {"prompt": "x", "n": 2}, 400, "n is 2"),
+    ("/v1/completions", {"prompt": "x", "best_of": 3}, 400, "best_of is 3"),
 ])
 def test_bad_requests_are_4xx_with_a_message(server, path, body, status, message):
     got, _, raw = request(server, path, body=None if isinstance(body, bytes) else body,
                           raw=body if isinstance(body, bytes) else None)
     text = raw.decode()
     assert got == status, text
-    assert message in json.loads(text)["error"]["message"]
+    assert message in openai_error(raw)["message"]
     assert not [leak for leak in LEAKS if leak in text], text
 
 
@@ -435,3 +508,4 @@ def test_listening_beyond_loopback_without_a_key_warns_and_a_taken_port_fails_be
     assert lines[0].startswith("edgemoe: WARNING: listening on 0.0.0.0, which is not a loopback address, with no "
                                "API key")
     assert lines[1].startswith(f"edgemoe: error: cannot listen on 0.0.0.0:{port}")
+
