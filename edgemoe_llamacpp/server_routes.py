@@ -297,7 +297,8 @@ OURS = {"/v1/completions": create_completion, COPILOT_PATH: create_completion,
 
 def build_router() -> APIRouter:
     """llama-cpp-python's routes (paths, documentation, key check), each with edgemoe's endpoint where it has
-    one, on the error-answering route class; then /edgemoe/stats, /metrics and (no key) /health."""
+    one, on the error-answering route class; then /edgemoe/stats, /metrics and (no key) /health; HEAD beside
+    each GET."""
     router = APIRouter(route_class=EdgeMoERoute)
     for route in lcp_app.router.routes:
         if not isinstance(route, APIRoute):
@@ -314,7 +315,18 @@ def build_router() -> APIRouter:
                                           "description": "Prometheus text format"}})
     router.add_api_route("/health", health, methods=["GET"], tags=["edgemoe"],
                          responses={503: {"description": "A model is loading"}})
+    add_head_routes(router)
     return router
+
+
+def add_head_routes(router: APIRouter) -> None:
+    """HEAD beside every GET route of `router` itself (FastAPI adds none, where Starlette would; an included
+    router's routes are its own): monitors and load balancers probe with HEAD, and the server sends no body
+    for it. Kept out of the schema, which would show each operation twice, under one operation id."""
+    for route in list(router.routes):
+        if isinstance(route, APIRoute) and "GET" in route.methods:
+            router.add_api_route(route.path, route.endpoint, methods=["HEAD"], dependencies=route.dependencies,
+                                 response_class=route.response_class, include_in_schema=False, name=route.name)
 
 
 def key_check(api_key: str | None):
@@ -371,4 +383,5 @@ def build_app(settings, proxy) -> FastAPI:
 
     for path, endpoint in (("/openapi.json", openapi), ("/docs", swagger), ("/redoc", redoc)):
         app.add_api_route(path, endpoint, methods=["GET"], include_in_schema=False, dependencies=guarded)
+    add_head_routes(app.router)
     return app

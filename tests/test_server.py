@@ -238,6 +238,18 @@ def test_every_4xx_has_openais_error_shape(server, method, path, key, headers, s
         assert answer_headers["allow"]
 
 
+def test_head_answers_every_get_route(server):
+    for path in ("/health", "/v1/models", "/edgemoe/stats", "/metrics", "/openapi.json", "/docs", "/redoc"):
+        status, headers, raw = request(server, path, method="HEAD")
+        assert (status, raw) == (200, b""), path
+        assert headers["content-type"] == request(server, path)[1]["content-type"], path
+        if path != "/health":           # public, like GET /health
+            assert request(server, path, "wrong", method="HEAD")[0] == 401, path
+    assert request(server, "/health", None, method="HEAD")[0] == 200
+    schema = json.loads(request(server, "/openapi.json")[2])
+    assert not [path for path, ops in schema["paths"].items() if "head" in ops]
+
+
 def test_stats_show_misses_within_budget(server):
     client(server).completions.create(model="edgemoe", prompt="def main(argv):\n", max_tokens=16)
     s = get_json(server, "/edgemoe/stats")["stats"]
