@@ -53,6 +53,7 @@ log = logging.getLogger("edgemoe.server")
 
 COPILOT_PATH = "/v1/engines/copilot-codex/completions"
 SEND_TIMEOUT_S = 120
+SHUTDOWN_GRACE_S = 10       # how long a stream has, once the server is told to stop, to end with [DONE]
 # request fields llama-cpp-python does not hand to the Llama (same as its routes)
 COMPLETION_EXCLUDE = {"n", "best_of", "logit_bias_type", "user", "min_tokens"}
 CHAT_EXCLUDE = {"n", "logit_bias_type", "user", "min_tokens"}
@@ -164,19 +165,44 @@ def prepare(body, llama: llama_cpp.Llama, kwargs: dict) -> None:
             [llama_cpp.MinTokensLogitsProcessor(body.min_tokens, llama.token_eos())])
 
 
+def finished(chunk: dict) -> bool:
+    """Whether a completion or chat completion chunk ends its choice (has a finish_reason)."""
+    return any(choice.get("finish_reason") for choice in chunk.get("choices", ()))
+
+
+def cut_short(chunk: dict) -> dict:
+    """The chunk that ends a stream the server stops before the model has: `chunk`'s id, object, created and
+    model, no text, and finish_reason "length". OpenAI's finish reasons are "stop", "length" and
+    "content_filter" (and, in a chat, the tool calls'), and the openai client's types take no other; "stop"
+    would say the model ended the text, "length" says it was cut before that, as at max_tokens."""
+    choice = {"index": 0, "logprobs": None, "finish_reason": "length"}
+    choice.update({"delta": {}} if chunk.get("object") == "chat.completion.chunk" else {"text": ""})
+    return {**{key: chunk.get(key) for key in ("id", "object", "created", "model")}, "choices": [choice]}
+
+
 class EventStream(EventSourceResponse):
     """Server-sent events of a Llama stream opened under the gate. However the response ends (the stream
-    done, the client gone, an error), the stream is closed and the gate released."""
+    done, the client gone, an error, the server stopping), the stream is closed and the gate released.
+
+    When the server is told to stop (SIGTERM, Ctrl-C), sse_starlette sets `_stopping` and gives the stream
+    SHUTDOWN_GRACE_S to end: at its next chunk it ends with a `cut_short` chunk and `[DONE]`, as a stream
+    does, so that a client sees a finished answer rather than a connection that just closes."""
 
     def __init__(self, stream, release, ping):
         self._stream, self._release = stream, release
+        self._stopping = anyio.Event()
         # a client that stops reading (its socket full) for SEND_TIMEOUT_S loses its stream, and the model
-        super().__init__(self._events(), sep="\n", ping=ping, send_timeout=SEND_TIMEOUT_S)
+        super().__init__(self._events(), sep="\n", ping=ping, send_timeout=SEND_TIMEOUT_S,
+                         shutdown_event=self._stopping, shutdown_grace_period=SHUTDOWN_GRACE_S)
 
     async def _events(self):
         try:
             async for chunk in iterate_in_threadpool(self._stream):
                 yield {"data": json.dumps(chunk)}
+                if self._stopping.is_set() and not finished(chunk):
+                    log.info("the server is stopping: a stream ends before its model did")
+                    yield {"data": json.dumps(cut_short(chunk))}
+                    break
         except Exception as exc:  # noqa: BLE001 -- mid-stream the status is sent: report it in the stream
             yield {"data": json.dumps(error_answer(exc)[1])}
             return

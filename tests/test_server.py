@@ -2,6 +2,7 @@
 import json
 import os
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -520,4 +521,71 @@ def test_listening_beyond_loopback_without_a_key_warns_and_a_taken_port_fails_be
     assert lines[0].startswith("edgemoe: WARNING: listening on 0.0.0.0, which is not a loopback address, with no "
                                "API key")
     assert lines[1].startswith(f"edgemoe: error: cannot listen on 0.0.0.0:{port}")
+
+
+def stream_events(base: str, path: str, body: dict, events: list[str], key: str = KEY) -> None:
+    """The data of each event of a streamed `path` answer, `[DONE]` included, appended to `events` as they come."""
+    req = urllib.request.Request(f"{base}{path}", data=json.dumps({**body, "stream": True}).encode(),
+                                 headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=60) as r:
+        for line in r:
+            if line.startswith(b"data: "):
+                events.append(line[len(b"data: "):].strip().decode())
+
+
+def wait_for(condition, what: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"waited {timeout} s for {what}")
+        time.sleep(0.05)
+
+
+@pytest.fixture
+def own_server(model_copy, tmp_path):
+    """A server of this test's own, to stop with a signal: (process, base URL, log path). A context of 4096
+    tokens (the fixture's own is 512) keeps a stream running for seconds."""
+    log = tmp_path / "server.log"
+    proc, base = start_server([str(model_copy), "--memory-budget", "50%", "--api-key", KEY, "--n-ctx", "4096",
+                               "--model-alias", "edgemoe"], log)
+    yield proc, base, log
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
+LONG = {"max_tokens": 4000, "temperature": 0, "logit_bias": {"0": -100}}
+
+
+def test_sigterm_ends_open_streams_with_a_finish_reason_and_done(own_server):
+    """A stream running and one waiting for the model: on SIGTERM each ends with a chunk the openai client's
+    types accept, finish_reason "length", then [DONE]; and the server exits."""
+    from openai.types import Completion
+    from openai.types.chat import ChatCompletionChunk
+
+    proc, base, log = own_server
+    streams = {"/v1/completions": ({"prompt": "import os\n"}, Completion),
+               "/v1/chat/completions": ({"messages": [{"role": "user", "content": "class Parser:"}]},
+                                        ChatCompletionChunk)}
+    events = {path: [] for path in streams}
+    threads = {path: threading.Thread(target=stream_events, args=(base, path, {**body, **LONG}, events[path]))
+               for path, (body, _) in streams.items()}
+    threads["/v1/completions"].start()
+    wait_for(lambda: events["/v1/completions"], "the first chunk")
+    threads["/v1/chat/completions"].start()
+    wait_for(lambda: get_json(base, "/edgemoe/stats")["queue"]["waiting"] == 1, "the chat to wait for the model")
+    proc.send_signal(signal.SIGTERM)
+    t0 = time.monotonic()
+    for t in threads.values():
+        t.join(60)
+    proc.wait(timeout=20)
+    assert time.monotonic() - t0 < 10, log.read_text()[-2000:]
+    for path, (_, kind) in streams.items():
+        data = events[path]
+        assert data[-1] == "[DONE]", (path, data[-3:])
+        chunks = [json.loads(d) for d in data[:-1]]
+        assert [c["choices"][0]["finish_reason"] for c in chunks] == [None] * (len(chunks) - 1) + ["length"], path
+        assert kind.model_validate(chunks[-1]).choices[0].finish_reason == "length"   # the openai client's types
+        assert len(chunks) < LONG["max_tokens"], path                  # cut short: the model had more to say
+    assert "Traceback" not in log.read_text()
 
