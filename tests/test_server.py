@@ -589,3 +589,22 @@ def test_sigterm_ends_open_streams_with_a_finish_reason_and_done(own_server):
         assert len(chunks) < LONG["max_tokens"], path                  # cut short: the model had more to say
     assert "Traceback" not in log.read_text()
 
+
+def test_ctrl_c_stops_the_server_within_2_s_with_exit_code_130(own_server):
+    proc, base, log = own_server
+    events = []
+    t = threading.Thread(target=stream_events, args=(base, "/v1/completions", {"prompt": "import os\n", **LONG},
+                                                     events))
+    t.start()
+    wait_for(lambda: events, "the first chunk")
+    proc.send_signal(signal.SIGINT)
+    try:
+        code = proc.wait(timeout=2)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"still running 2 s after SIGINT: {log.read_text()[-2000:]}")
+    finally:
+        t.join(60)
+    output = log.read_text()
+    assert code == 130, output[-2000:]
+    assert "Traceback" not in output, output[-2000:]
+    assert events[-1] == "[DONE]", events[-3:]
