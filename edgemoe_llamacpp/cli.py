@@ -366,8 +366,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"edgemoe: {warning}", file=sys.stderr)
     server.check_listen(server_settings.host, server_settings.port)
     app = server.create_app(server_settings, model_settings)
-    uvicorn.run(app, host=server_settings.host, port=server_settings.port,
-                ssl_keyfile=server_settings.ssl_keyfile, ssl_certfile=server_settings.ssl_certfile)
+    # After a Ctrl-C shutdown uvicorn raises SIGINT again, as KeyboardInterrupt, which uvicorn.run() would
+    # swallow (exit 0); from its Server it reaches main(), which exits 130 as an interrupted command does
+    uvicorn.Server(uvicorn.Config(app, host=server_settings.host, port=server_settings.port,
+                                  ssl_keyfile=server_settings.ssl_keyfile,
+                                  ssl_certfile=server_settings.ssl_certfile)).run()
     return 0
 
 

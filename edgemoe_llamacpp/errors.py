@@ -29,7 +29,12 @@ class MixedTypesError(EdgeMoEError):
 
 class ArgumentError(EdgeMoEError, ValueError):
     """An argument llama.cpp would crash on or misuse: a token id outside the vocabulary, a non-finite sampling
-    value, a grammar that does not parse, a thread count of 0. The server answers it with 400."""
+    value, a grammar that does not parse, a thread count of 0. The server answers it with 400, naming `param`
+    (the request field at fault) when it is known."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
 
 
 class ContextLengthError(ArgumentError):
@@ -47,3 +52,8 @@ class LlamaBusyError(EdgeMoEError, RuntimeError):
 
 class NonFiniteError(EdgeMoEError):
     """llama.cpp computed logits that are not finite numbers: the file's weights are damaged."""
+
+
+class APIKeyError(EdgeMoEError):
+    """A request to `edgemoe serve` without the server's API key, or with another. The server answers it with
+    401."""

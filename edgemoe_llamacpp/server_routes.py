@@ -18,7 +18,7 @@ import time
 
 import anyio
 import llama_cpp
-from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.middleware import Middleware
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
@@ -44,7 +44,7 @@ from starlette_context.plugins import RequestIdPlugin
 
 from . import server_metrics
 from .arguments import check_text
-from .errors import ArgumentError, LlamaClosedError
+from .errors import APIKeyError, ArgumentError, LlamaClosedError
 from .llama import Llama
 from .server_errors import EdgeMoERoute, ServerBusyError, error_answer, error_body, install_error_handlers
 from .server_metrics import RequestCounter, RequestCounts, Snapshot
@@ -53,6 +53,7 @@ log = logging.getLogger("edgemoe.server")
 
 COPILOT_PATH = "/v1/engines/copilot-codex/completions"
 SEND_TIMEOUT_S = 120
+SHUTDOWN_GRACE_S = 10       # how long a stream has, once the server is told to stop, to end with [DONE]
 # request fields llama-cpp-python does not hand to the Llama (same as its routes)
 COMPLETION_EXCLUDE = {"n", "best_of", "logit_bias_type", "user", "min_tokens"}
 CHAT_EXCLUDE = {"n", "logit_bias_type", "user", "min_tokens"}
@@ -164,19 +165,44 @@ def prepare(body, llama: llama_cpp.Llama, kwargs: dict) -> None:
             [llama_cpp.MinTokensLogitsProcessor(body.min_tokens, llama.token_eos())])
 
 
+def finished(chunk: dict) -> bool:
+    """Whether a completion or chat completion chunk ends its choice (has a finish_reason)."""
+    return any(choice.get("finish_reason") for choice in chunk.get("choices", ()))
+
+
+def cut_short(chunk: dict) -> dict:
+    """The chunk that ends a stream the server stops before the model has: `chunk`'s id, object, created and
+    model, no text, and finish_reason "length". OpenAI's finish reasons are "stop", "length" and
+    "content_filter" (and, in a chat, the tool calls'), and the openai client's types take no other; "stop"
+    would say the model ended the text, "length" says it was cut before that, as at max_tokens."""
+    choice = {"index": 0, "logprobs": None, "finish_reason": "length"}
+    choice.update({"delta": {}} if chunk.get("object") == "chat.completion.chunk" else {"text": ""})
+    return {**{key: chunk.get(key) for key in ("id", "object", "created", "model")}, "choices": [choice]}
+
+
 class EventStream(EventSourceResponse):
     """Server-sent events of a Llama stream opened under the gate. However the response ends (the stream
-    done, the client gone, an error), the stream is closed and the gate released."""
+    done, the client gone, an error, the server stopping), the stream is closed and the gate released.
+
+    When the server is told to stop (SIGTERM, Ctrl-C), sse_starlette sets `_stopping` and gives the stream
+    SHUTDOWN_GRACE_S to end: at its next chunk it ends with a `cut_short` chunk and `[DONE]`, as a stream
+    does, so that a client sees a finished answer rather than a connection that just closes."""
 
     def __init__(self, stream, release, ping):
         self._stream, self._release = stream, release
+        self._stopping = anyio.Event()
         # a client that stops reading (its socket full) for SEND_TIMEOUT_S loses its stream, and the model
-        super().__init__(self._events(), sep="\n", ping=ping, send_timeout=SEND_TIMEOUT_S)
+        super().__init__(self._events(), sep="\n", ping=ping, send_timeout=SEND_TIMEOUT_S,
+                         shutdown_event=self._stopping, shutdown_grace_period=SHUTDOWN_GRACE_S)
 
     async def _events(self):
         try:
             async for chunk in iterate_in_threadpool(self._stream):
                 yield {"data": json.dumps(chunk)}
+                if self._stopping.is_set() and not finished(chunk):
+                    log.info("the server is stopping: a stream ends before its model did")
+                    yield {"data": json.dumps(cut_short(chunk))}
+                    break
         except Exception as exc:  # noqa: BLE001 -- mid-stream the status is sent: report it in the stream
             yield {"data": json.dumps(error_answer(exc)[1])}
             return
@@ -200,11 +226,22 @@ def get_server(request: Request) -> Server:
 
 
 # ---------------------------------------------------------------------- routes that use the model
+def one_choice(body) -> None:
+    """llama-cpp-python answers one choice whatever `n` (or a completion's `best_of`) asks for: refuse any
+    other count rather than answer with fewer choices than the client reads."""
+    for name in ("n", "best_of"):
+        value = getattr(body, name, None)
+        if value is not None and value != 1:
+            raise ArgumentError(f"{name} is {value}: this server answers one choice per request; leave {name} "
+                                f"at 1 and send the request again for another", param=name)
+
+
 async def create_completion(request: Request, body: CreateCompletionRequest,
                             server: Server = Depends(get_server)) -> llama_cpp.Completion:  # noqa: B008
+    one_choice(body)
     if isinstance(body.prompt, list):
         if len(body.prompt) > 1:
-            raise ArgumentError("one prompt per request: this server does not batch prompts")
+            raise ArgumentError("one prompt per request: this server does not batch prompts", param="prompt")
         body.prompt = body.prompt[0] if body.prompt else ""
     model = "copilot-codex" if request.url.path.endswith(COPILOT_PATH) else body.model
     return await server.generate(body, model, "create_completion", body.model_dump(exclude=COMPLETION_EXCLUDE))
@@ -212,6 +249,9 @@ async def create_completion(request: Request, body: CreateCompletionRequest,
 
 async def create_chat_completion(body: CreateChatCompletionRequest = CHAT_BODY,
                                  server: Server = Depends(get_server)) -> llama_cpp.ChatCompletion:  # noqa: B008
+    one_choice(body)
+    if not body.messages:               # the model would answer a bare chat template
+        raise ArgumentError("messages is empty: a chat completion needs at least one message", param="messages")
     return await server.generate(body, body.model, "create_chat_completion", body.model_dump(exclude=CHAT_EXCLUDE))
 
 
@@ -261,8 +301,7 @@ async def health(server: Server = Depends(get_server)) -> JSONResponse:  # noqa:
     """llama-server's readiness answer: 200 {"status": "ok"} with a model loaded, 503 while one loads. Public,
     as llama-server's is: it says nothing but whether the server can serve."""
     if server.model_stats()[1] is None:
-        return JSONResponse({"error": {"code": 503, "message": "Loading model", "type": "unavailable_error"}},
-                            status_code=503)
+        return JSONResponse(error_body("Loading model", "unavailable_error", 503), status_code=503)
     return JSONResponse({"status": "ok"})
 
 
@@ -284,7 +323,8 @@ OURS = {"/v1/completions": create_completion, COPILOT_PATH: create_completion,
 
 def build_router() -> APIRouter:
     """llama-cpp-python's routes (paths, documentation, key check), each with edgemoe's endpoint where it has
-    one, on the error-answering route class; then /edgemoe/stats, /metrics and (no key) /health."""
+    one, on the error-answering route class; then /edgemoe/stats, /metrics and (no key) /health; HEAD beside
+    each GET."""
     router = APIRouter(route_class=EdgeMoERoute)
     for route in lcp_app.router.routes:
         if not isinstance(route, APIRoute):
@@ -301,27 +341,45 @@ def build_router() -> APIRouter:
                                           "description": "Prometheus text format"}})
     router.add_api_route("/health", health, methods=["GET"], tags=["edgemoe"],
                          responses={503: {"description": "A model is loading"}})
+    add_head_routes(router)
     return router
 
 
+def add_head_routes(router: APIRouter) -> None:
+    """HEAD beside every GET route of `router` itself (FastAPI adds none, where Starlette would; an included
+    router's routes are its own): monitors and load balancers probe with HEAD, and the server sends no body
+    for it. Kept out of the schema, which would show each operation twice, under one operation id."""
+    for route in list(router.routes):
+        if isinstance(route, APIRoute) and "GET" in route.methods:
+            router.add_api_route(route.path, route.endpoint, methods=["HEAD"], dependencies=route.dependencies,
+                                 response_class=route.response_class, include_in_schema=False, name=route.name)
+
+
 def key_check(api_key: str | None):
-    """llama-cpp-python's `authenticate`, comparing the key in constant time."""
+    """llama-cpp-python's `authenticate`, comparing the key in constant time; APIKeyError (401) says whether
+    the key was missing or wrong."""
     expected = None if api_key is None else api_key.encode("utf-8")
 
     async def authenticate(authorization: HTTPAuthorizationCredentials | None = Depends(lcp_app.bearer_scheme)):  # noqa: B008
         if expected is None:
             return True
-        if authorization is not None and hmac.compare_digest(authorization.credentials.encode("utf-8"), expected):
+        if authorization is None:
+            raise APIKeyError("no API key: this server needs one, sent as `Authorization: Bearer KEY`")
+        if hmac.compare_digest(authorization.credentials.encode("utf-8"), expected):
             return authorization.credentials
-        raise HTTPException(status_code=401, detail="Invalid API key", headers={"WWW-Authenticate": "Bearer"})
+        raise APIKeyError("invalid API key: it is not this server's key")
 
     return authenticate
 
 
 def build_app(settings, proxy) -> FastAPI:
+    bad_request_id = JSONResponse(error_body("the X-Request-ID header is not a UUID", "invalid_request_error",
+                                             "invalid_request_id", "X-Request-ID"), status_code=400)
     app = FastAPI(title="🦙 llama.cpp Python API (edgemoe)", version=llama_cpp.__version__,
                   root_path=settings.root_path, docs_url=None, redoc_url=None, openapi_url=None,
-                  middleware=[Middleware(RawContextMiddleware, plugins=(RequestIdPlugin(),))])
+                  middleware=[Middleware(RawContextMiddleware, plugins=(RequestIdPlugin(error_response=bad_request_id),),
+                                         default_error_response=bad_request_id)])
+    app.router.route_class = EdgeMoERoute
     app.add_middleware(CORSMiddleware, allow_origins=["*"], allow_credentials=True, allow_methods=["*"],
                        allow_headers=["*"])
     app.state.edgemoe = server = Server(settings, proxy)
@@ -351,4 +409,5 @@ def build_app(settings, proxy) -> FastAPI:
 
     for path, endpoint in (("/openapi.json", openapi), ("/docs", swagger), ("/redoc", redoc)):
         app.add_api_route(path, endpoint, methods=["GET"], include_in_schema=False, dependencies=guarded)
+    add_head_routes(app.router)
     return app

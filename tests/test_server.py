@@ -2,6 +2,7 @@
 import json
 import os
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -65,18 +66,34 @@ def stop_server(proc) -> None:
 
 
 def request(base: str, path: str, key: str | None = KEY, body=None, *, raw: bytes | None = None,
-            timeout: float = 60) -> tuple[int, dict, bytes]:
-    """(status, headers in lower case, body) of one request; JSON `body` or `raw` bytes make it a POST."""
+            timeout: float = 60, method: str | None = None, headers: dict | None = None) -> tuple[int, dict, bytes]:
+    """(status, headers in lower case, body) of one request; JSON `body` or `raw` bytes make it a POST (unless
+    `method` says otherwise)."""
     data = raw if raw is not None else None if body is None else json.dumps(body).encode()
-    headers = {"Content-Type": "application/json"} if data is not None else {}
+    headers = {**({"Content-Type": "application/json"} if data is not None else {}), **(headers or {})}
     if key:
         headers["Authorization"] = f"Bearer {key}"
-    req = urllib.request.Request(base + path, data=data, headers=headers, method="POST" if data else "GET")
+    req = urllib.request.Request(base + path, data=data, headers=headers,
+                                 method=method or ("POST" if data else "GET"))
     try:
         with urllib.request.urlopen(req, timeout=timeout) as r:
             return r.status, {k.lower(): v for k, v in r.headers.items()}, r.read()
     except urllib.error.HTTPError as e:
         return e.code, {k.lower(): v for k, v in e.headers.items()}, e.read()
+
+
+def openai_error(raw: bytes) -> dict:
+    """The error object of an error answer, which must have OpenAI's shape: {"error": {"message": str,
+    "type": str, "param": str | None, "code": str | int | None}}, what the openai client reads."""
+    body = json.loads(raw)
+    assert isinstance(body, dict) and isinstance(body.get("error"), dict), raw[:300]
+    error = body["error"]
+    assert set(error) == {"message", "type", "param", "code"}, raw[:300]
+    assert isinstance(error["message"], str) and error["message"], raw[:300]
+    assert isinstance(error["type"], str) and error["type"], raw[:300]
+    assert error["param"] is None or isinstance(error["param"], str), raw[:300]
+    assert error["code"] is None or isinstance(error["code"], (str, int)), raw[:300]
+    return error
 
 
 def get_json(base: str, path: str, key: str | None = KEY) -> dict:
@@ -172,6 +189,68 @@ def test_wrong_api_key_is_401_everywhere(server):
     assert "/v1/completions" in json.loads(request(server, "/openapi.json")[2])["paths"]
 
 
+def test_the_openai_client_shows_why_a_key_is_refused(server):
+    with pytest.raises(openai.AuthenticationError) as refused:
+        client(server, "wrong").models.list()
+    assert "invalid API key" in str(refused.value), str(refused.value)
+    assert refused.value.code == "invalid_api_key" and refused.value.type == "invalid_request_error"
+
+
+@pytest.mark.parametrize(("call", "error", "param", "message"), [
+    (lambda c: c.chat.completions.create(model="edgemoe", messages=[]), openai.BadRequestError, "messages",
+     "messages is empty"),
+    (lambda c: c.chat.completions.create(model="edgemoe", messages=[{"role": "user", "content": "x"}], n=3),
+     openai.BadRequestError, "n", "n is 3: this server answers one choice per request"),
+    (lambda c: c.completions.create(model="edgemoe", prompt="x", n=2, stream=True), openai.BadRequestError, "n",
+     "n is 2"),
+    (lambda c: c.completions.create(model="edgemoe", prompt="x = " * 600), openai.BadRequestError, "prompt",
+     "exceed context window of 512"),
+    (lambda c: c.completions.create(model="edgemoe", prompt="x", max_tokens="many"),
+     openai.UnprocessableEntityError, "max_tokens", "max_tokens: Input should be a valid integer"),
+    (lambda c: c.get("/nowhere", cast_to=object), openai.NotFoundError, None, "GET /v1/nowhere: no such route"),
+], ids=["empty-messages", "n", "n-stream", "context", "validation", "no-route"])
+def test_the_openai_client_shows_the_message_and_param_of_an_error(server, call, error, param, message):
+    with pytest.raises(error) as refused:
+        call(client(server))
+    assert message in str(refused.value), str(refused.value)
+    assert refused.value.param == param
+
+
+@pytest.mark.parametrize(("method", "path", "key", "headers", "status", "message"), [
+    ("GET", "/v1/models", None, {}, 401, "no API key"),
+    ("GET", "/edgemoe/stats", "wrong", {}, 401, "invalid API key"),
+    ("GET", "/openapi.json", "wrong", {}, 401, "invalid API key"),
+    ("GET", "/docs", None, {}, 401, "no API key"),
+    ("POST", "/v1/completions", "wrong", {}, 401, "invalid API key"),
+    ("GET", "/nowhere", KEY, {}, 404, "GET /nowhere: no such route"),
+    ("POST", "/v1/nowhere", KEY, {}, 404, "POST /v1/nowhere: no such route"),
+    ("GET", "/v1/completions", KEY, {}, 405, "GET /v1/completions: the route takes POST"),
+    ("DELETE", "/health", KEY, {}, 405, "DELETE /health: the route takes"),
+    ("GET", "/v1/models", KEY, {"X-Request-ID": "not-a-uuid"}, 400, "X-Request-ID header is not a UUID"),
+])
+def test_every_4xx_has_openais_error_shape(server, method, path, key, headers, status, message):
+    body = {"prompt": "x"} if method == "POST" else None
+    got, answer_headers, raw = request(server, path, key, body, method=method, headers=headers)
+    assert got == status, raw
+    assert message in openai_error(raw)["message"], raw
+    if status == 401:
+        assert answer_headers["www-authenticate"] == "Bearer"
+    if status == 405:
+        assert answer_headers["allow"]
+
+
+def test_head_answers_every_get_route(server):
+    for path in ("/health", "/v1/models", "/edgemoe/stats", "/metrics", "/openapi.json", "/docs", "/redoc"):
+        status, headers, raw = request(server, path, method="HEAD")
+        assert (status, raw) == (200, b""), path
+        assert headers["content-type"] == request(server, path)[1]["content-type"], path
+        if path != "/health":           # public, like GET /health
+            assert request(server, path, "wrong", method="HEAD")[0] == 401, path
+    assert request(server, "/health", None, method="HEAD")[0] == 200
+    schema = json.loads(request(server, "/openapi.json")[2])
+    assert not [path for path, ops in schema["paths"].items() if "head" in ops]
+
+
 def test_stats_show_misses_within_budget(server):
     client(server).completions.create(model="edgemoe", prompt="def main(argv):\n", max_tokens=16)
     s = get_json(server, "/edgemoe/stats")["stats"]
@@ -202,7 +281,7 @@ def test_bounded_load_every_request_answered_budget_held(server):
 def test_detokenize_outside_the_vocabulary_is_400_and_the_server_lives(server, tokens):
     status, _, body = request(server, "/extras/detokenize", body={"tokens": tokens})
     assert status == 400
-    assert "token ids are integers from 0 to 4095" in json.loads(body)["error"]["message"]
+    assert "token ids are integers from 0 to 4095" in openai_error(body)["message"]
     status, _, body = request(server, "/extras/detokenize", body={"tokens": [5, 6]})
     assert status == 200 and json.loads(body)["text"]
 
@@ -225,13 +304,20 @@ def test_detokenize_outside_the_vocabulary_is_400_and_the_server_lives(server, t
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "logprobs": True,
                               "top_logprobs": 10 ** 9}, 400, "top_logprobs"),
     ("/v1/embeddings", {"input": "x"}, 400, "embedding=True"),
+    ("/v1/chat/completions", {"messages": []}, 400, "messages is empty"),
+    ("/v1/chat/completions", {}, 400, "messages is empty"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "n": 3}, 400, "n is 3: this"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "n": 0, "stream": True}, 400,
+     "n is 0"),
+    ("/v1/completions", {"prompt": "x", "n": 2}, 400, "n is 2"),
+    ("/v1/completions", {"prompt": "x", "best_of": 3}, 400, "best_of is 3"),
 ])
 def test_bad_requests_are_4xx_with_a_message(server, path, body, status, message):
     got, _, raw = request(server, path, body=None if isinstance(body, bytes) else body,
                           raw=body if isinstance(body, bytes) else None)
     text = raw.decode()
     assert got == status, text
-    assert message in json.loads(text)["error"]["message"]
+    assert message in openai_error(raw)["message"]
     assert not [leak for leak in LEAKS if leak in text], text
 
 
@@ -435,3 +521,90 @@ def test_listening_beyond_loopback_without_a_key_warns_and_a_taken_port_fails_be
     assert lines[0].startswith("edgemoe: WARNING: listening on 0.0.0.0, which is not a loopback address, with no "
                                "API key")
     assert lines[1].startswith(f"edgemoe: error: cannot listen on 0.0.0.0:{port}")
+
+
+def stream_events(base: str, path: str, body: dict, events: list[str], key: str = KEY) -> None:
+    """The data of each event of a streamed `path` answer, `[DONE]` included, appended to `events` as they come."""
+    req = urllib.request.Request(f"{base}{path}", data=json.dumps({**body, "stream": True}).encode(),
+                                 headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=60) as r:
+        for line in r:
+            if line.startswith(b"data: "):
+                events.append(line[len(b"data: "):].strip().decode())
+
+
+def wait_for(condition, what: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"waited {timeout} s for {what}")
+        time.sleep(0.05)
+
+
+@pytest.fixture
+def own_server(model_copy, tmp_path):
+    """A server of this test's own, to stop with a signal: (process, base URL, log path). A context of 4096
+    tokens (the fixture's own is 512) keeps a stream running for seconds."""
+    log = tmp_path / "server.log"
+    proc, base = start_server([str(model_copy), "--memory-budget", "50%", "--api-key", KEY, "--n-ctx", "4096",
+                               "--model-alias", "edgemoe"], log)
+    yield proc, base, log
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
+LONG = {"max_tokens": 4000, "temperature": 0, "logit_bias": {"0": -100}}
+
+
+def test_sigterm_ends_open_streams_with_a_finish_reason_and_done(own_server):
+    """A stream running and one waiting for the model: on SIGTERM each ends with a chunk the openai client's
+    types accept, finish_reason "length", then [DONE]; and the server exits."""
+    from openai.types import Completion
+    from openai.types.chat import ChatCompletionChunk
+
+    proc, base, log = own_server
+    streams = {"/v1/completions": ({"prompt": "import os\n"}, Completion),
+               "/v1/chat/completions": ({"messages": [{"role": "user", "content": "class Parser:"}]},
+                                        ChatCompletionChunk)}
+    events = {path: [] for path in streams}
+    threads = {path: threading.Thread(target=stream_events, args=(base, path, {**body, **LONG}, events[path]))
+               for path, (body, _) in streams.items()}
+    threads["/v1/completions"].start()
+    wait_for(lambda: events["/v1/completions"], "the first chunk")
+    threads["/v1/chat/completions"].start()
+    wait_for(lambda: get_json(base, "/edgemoe/stats")["queue"]["waiting"] == 1, "the chat to wait for the model")
+    proc.send_signal(signal.SIGTERM)
+    t0 = time.monotonic()
+    for t in threads.values():
+        t.join(60)
+    proc.wait(timeout=20)
+    assert time.monotonic() - t0 < 10, log.read_text()[-2000:]
+    for path, (_, kind) in streams.items():
+        data = events[path]
+        assert data[-1] == "[DONE]", (path, data[-3:])
+        chunks = [json.loads(d) for d in data[:-1]]
+        assert [c["choices"][0]["finish_reason"] for c in chunks] == [None] * (len(chunks) - 1) + ["length"], path
+        assert kind.model_validate(chunks[-1]).choices[0].finish_reason == "length"   # the openai client's types
+        assert len(chunks) < LONG["max_tokens"], path                  # cut short: the model had more to say
+    assert "Traceback" not in log.read_text()
+
+
+def test_ctrl_c_stops_the_server_within_2_s_with_exit_code_130(own_server):
+    proc, base, log = own_server
+    events = []
+    t = threading.Thread(target=stream_events, args=(base, "/v1/completions", {"prompt": "import os\n", **LONG},
+                                                     events))
+    t.start()
+    wait_for(lambda: events, "the first chunk")
+    proc.send_signal(signal.SIGINT)
+    try:
+        code = proc.wait(timeout=2)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"still running 2 s after SIGINT: {log.read_text()[-2000:]}")
+    finally:
+        t.join(60)
+    output = log.read_text()
+    assert code == 130, output[-2000:]
+    assert "Traceback" not in output, output[-2000:]
+    assert events[-1] == "[DONE]", events[-3:]

@@ -3,9 +3,9 @@
 schemathesis generates requests for every operation of the served schema, valid ones and ones that break
 it, and sends them to a real server (`edgemoe serve MODEL --memory-budget 50% --api-key KEY`) on a copy of
 the fixture, so that no other test's use of the file shares its page cache. Every answer must be below 500
-and show no file path or traceback; the server must stay up; and the expert pages of its model file, as the
-kernel reports them (mincore, from this process's own mapping: the page cache is shared), must stay within
-the budget after every request. Then a streamed completion must run to its max_tokens while /edgemoe/stats
+and show no file path or traceback; every 4xx must have OpenAI's error shape (what the openai client reads);
+the server must stay up; and the expert pages of its model file, as the kernel reports them (mincore, from
+this process's own mapping: the page cache is shared), must stay within the budget after every request. Then a streamed completion must run to its max_tokens while /edgemoe/stats
 is polled and other clients send requests.
 
 Bounded for 2 cores: EDGEMOE_CONTRACT_EXAMPLES (default 25) examples per operation and mode, max_tokens
@@ -27,6 +27,7 @@ from test_server import (
     REPO,
     content_chunks,
     get_json,
+    openai_error,
     request,
     start_server,
     stop_server,
@@ -98,15 +99,21 @@ def served(fixture_path, tmp_path_factory):
 
 
 def bounded(case) -> None:
-    """Generation asks for at most MAX_TOKENS tokens (0, negative or missing would run to the context), and a
-    completion without a prompt gets one: the schema's default, "", is refused (test_server checks that), and
-    most generated completions would never reach the model."""
+    """Generation asks for at most MAX_TOKENS tokens (0, negative or missing would run to the context), a
+    completion without a prompt gets one, a chat without messages one message, and an integer n or best_of
+    is 1: the schema allows what the server refuses (an empty prompt or messages list, more than one
+    choice; test_server checks that), and most generated requests would never reach the model."""
     if case.operation.path in GENERATING and isinstance(case.body, dict):
         n = case.body.get("max_tokens")
         if n is None or (isinstance(n, int) and not isinstance(n, bool) and not 0 < n <= MAX_TOKENS):
             case.body["max_tokens"] = MAX_TOKENS
         if case.operation.path == "/v1/completions" and case.body.get("prompt", "") in ("", []):
             case.body["prompt"] = "import os\n"
+        if case.operation.path == "/v1/chat/completions" and case.body.get("messages", []) == []:
+            case.body["messages"] = [{"role": "user", "content": "import os\n"}]
+        for name in ("n", "best_of"):
+            if isinstance(case.body.get(name), int) and not isinstance(case.body[name], bool):
+                case.body[name] = 1
 
 
 def check_answer(served: Served, case, response) -> None:
@@ -115,6 +122,11 @@ def check_answer(served: Served, case, response) -> None:
            f"{response.status_code} {text[:300]}"
     assert response.status_code < 500, what
     assert "internal_server_error" not in text, what          # a stream reports a failure in an event
+    if response.status_code >= 400:
+        try:
+            openai_error(response.content)
+        except (AssertionError, ValueError) as e:
+            raise AssertionError(f"not OpenAI's error shape: {what}") from e
     # model output is Python code and may well print "/usr/" or a traceback: only answers that are not
     # generated text are held to every pattern
     leaks = LEAKS if response.status_code >= 400 else (str(REPO), str(served.model.parent), "site-packages")
