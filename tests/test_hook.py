@@ -259,3 +259,49 @@ def test_overlapped_reads_leave_the_mapping_to_llama_cpps_faults(fixture_path):
     assert np.median(mapped) < 0.1                    # queued: llama.cpp maps them itself
     assert tokens == want_tokens
     np.testing.assert_array_equal(logits, want_logits)
+
+
+def test_a_sigint_during_an_evaluation_is_deferred_to_its_end():
+    """What sigint_deferred promises, in-process: the signal calls on_sigint where it lands (no KeyboardInterrupt
+    inside the body, where a ctypes callback would swallow it) and is raised once the body ends."""
+    import os
+    import signal
+
+    from edgemoe_llamacpp.hook import sigint_deferred
+
+    seen, after = [], []
+    with pytest.raises(KeyboardInterrupt):
+        with sigint_deferred(lambda: seen.append("stop")):
+            os.kill(os.getpid(), signal.SIGINT)
+            for _ in range(1000):        # Python runs the handler at its next instructions: it must not raise here
+                sum(range(10))
+            after.append(list(seen))
+    assert after == [["stop"]] and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_a_sigint_stops_the_evaluation_at_the_next_layer_and_leaves_the_llama_as_it_was(fixture_path):
+    """SIGINT while a budgeted Llama evaluates: llama.cpp stops after the layer the hook was in (no later layer
+    is routed), KeyboardInterrupt is raised, n_tokens stays where it was, and the Llama generates as before."""
+    import os
+    import signal
+
+    llm = Llama(str(fixture_path), memory_budget="25%", n_ctx=256, verbose=False)
+    want = greedy(llm, PROMPT, 8)[0]
+    tokens = llm.tokenize(PROMPT.encode())
+    llm.reset()
+    llm.eval(tokens[:3])
+    hook, routed = llm._edgemoe_hook, []
+    on_route = hook.on_route
+
+    def interrupting(layer, *args):
+        routed.append(layer)
+        os.kill(os.getpid(), signal.SIGINT)
+        on_route(layer, *args)
+
+    hook.on_route = interrupting
+    with pytest.raises(KeyboardInterrupt):
+        llm.eval(tokens[3:])
+    hook.on_route = on_route
+    assert len(routed) == 1 and llm.n_tokens == 3
+    assert greedy(llm, PROMPT, 8)[0] == want
+    llm.close()
