@@ -5,6 +5,7 @@ import argparse
 import json
 import math
 import os
+import re
 import sys
 
 from . import files
@@ -169,6 +170,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     if args.json:
         files.check_output(args.json, inputs=[args.model, args.stock_model], force=args.force, what="--json")
+    for spec in args.memory_budget:             # each budget's spelling, before any run
+        cache_config(args, memory_budget=spec)
     result = run_bench(args.model, args.memory_budget, runs=args.runs, tokens=args.tokens, n_ctx=args.n_ctx,
                        use_cgroup=not args.no_cgroup, n_threads=args.n_threads,
                        allowance=None if args.allowance is None else parse_budget(args.allowance, 0),
@@ -240,6 +243,7 @@ def _plan_from_args(args: argparse.Namespace, layout):
 
     if (args.expert_bits is None) == (args.size is None):
         raise EdgeMoEError("--profile needs exactly one of --expert-bits or --size")
+    size = None if args.size is None else parse_budget(args.size, layout.expert_bytes)
     candidates = [tn for tn in quant.PLAN_TYPES if not args.no_imatrix or not quant.requires_imatrix(tn)]
     smallest = min(candidates, key=quant.bits_per_weight)
     if args.expert_bits is not None and args.expert_bits < quant.bits_per_weight(smallest):
@@ -249,7 +253,6 @@ def _plan_from_args(args: argparse.Namespace, layout):
     prof = Profile(args.profile, layout)
     imatrix = _imatrix(args, layout, prof)
     costs = measure_costs(args.input, prof, candidates, imatrix=imatrix)
-    size = None if args.size is None else parse_budget(args.size, layout.expert_bytes)
     plan, report = make_plan(costs, expert_bits=args.expert_bits, size=size)
     print(f"plan: {report['bits_per_weight']:.3f} bits per expert weight, {report['expert_bytes']:,} expert "
           f"bytes, types {report['type_counts']}")
@@ -514,6 +517,33 @@ def _underscore_flags(argv: list[str]) -> list[str]:
             if a.startswith("--") else a for a in argv]
 
 
+NEGATIVE = re.compile(r"-[0-9.]")      # what argparse takes for an option, unless it is a plain negative number
+
+
+def _attach_negative_values(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
+    """`--memory-budget -5GiB` as `--memory-budget=-5GiB`: argparse takes a value that starts with '-' and a
+    digit or '.' (other than a plain number) for an option, and answers with the whole usage; attached, the
+    value reaches the option's own check, which says what is wrong with it. Only for the options of the
+    subcommand that take a value, and only before `--`."""
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    start = next((i for i, a in enumerate(argv) if a in sub.choices), None)
+    if start is None:
+        return argv
+    options = sub.choices[argv[start]]._option_string_actions
+    out, i = argv[:start + 1], start + 1
+    while i < len(argv):
+        action = options.get(argv[i])
+        if argv[i] == "--":
+            return out + argv[i:]
+        if action is not None and action.nargs != 0 and i + 1 < len(argv) and NEGATIVE.match(argv[i + 1]):
+            out.append(f"{argv[i]}={argv[i + 1]}")
+            i += 2
+        else:
+            out.append(argv[i])
+            i += 1
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["serve"]:
@@ -526,7 +556,8 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr)
             return 2
         argv = _underscore_flags(argv)
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(_attach_negative_values(parser, argv))
     try:
         return args.func(args)
     except EdgeMoEError as e:

@@ -341,3 +341,35 @@ def test_check_output_refuses_special_files(tmp_path, kind):
     (tmp_path / "dangling.json").symlink_to("gone.json")
     for path in (regular, tmp_path / "link.json", tmp_path / "dangling.json"):
         assert files.check_output(path, force=True) == path
+
+
+@pytest.mark.parametrize("argv, line", [
+    (["run", "{model}", "-p", "x", "--memory-budget", "-5GiB"], "memory budget '-5GiB' is not a size"),
+    (["run", "{model}", "-p", "x", "--memory-budget", "-.5GiB", "--json"], "memory budget '-.5GiB' is not a size"),
+    (["ppl", "{model}", "--memory-budget", "-5GiB"], "memory budget '-5GiB' is not a size"),
+    (["bench", "{model}", "--memory-budget", "-5GiB", "--no-cgroup"], "memory budget '-5GiB' is not a size"),
+    (["bench", "{model}", "--memory-budget", "50%", "--allowance", "-5MB"], "memory budget '-5MB' is not a size"),
+    (["convert", "{model}", "{dir}/o.gguf", "--profile", "{dir}/p.npz", "--size", "-5MB"],
+     "memory budget '-5MB' is not a size"),
+])
+def test_negative_looking_values_get_one_line(model, tmp_path, argv, line):
+    """A value that starts with '-' and a digit reaches the option's own check (argparse took it for an option
+    and printed the whole usage); nothing runs."""
+    argv = [a.format(model=model, dir=tmp_path) for a in argv]
+    proc = edgemoe(*argv, timeout=120)
+    one_line_error(proc, line)
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and "usage" not in proc.stderr, proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.gguf"]
+
+
+def test_negative_values_are_attached_to_value_options_only():
+    from edgemoe_llamacpp.cli import _attach_negative_values, build_parser
+
+    parser = build_parser()
+    argv = ["run", "m", "-p", "-5 apples", "--stock", "-n", "-1", "--memory-budget", "-5GiB", "--json", "--",
+            "--seed", "-3x"]
+    assert _attach_negative_values(parser, argv) == ["run", "m", "-p=-5 apples", "--stock", "-n=-1",
+                                                     "--memory-budget=-5GiB", "--json", "--", "--seed", "-3x"]
+    args = parser.parse_args(_attach_negative_values(parser, ["run", "m", "-p", "-5 apples", "-n", "3"]))
+    assert args.prompt == "-5 apples" and args.n == 3
+    assert _attach_negative_values(parser, ["--help"]) == ["--help"]
