@@ -63,12 +63,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     print(f"  file {_mib(layout.file_size)}; dense {_mib(layout.dense_bytes)}; "
           f"experts {_mib(layout.expert_bytes)} ({100 * layout.expert_bytes / layout.tensor_data_bytes:.1f}%"
           f" of tensor data)")
-    from .runtime import runtime_info
-
-    info = runtime_info()
-    print(f"  runtime: llama-cpp-python {info['llama_cpp_python']}, "
-          f"{'patched (per-expert types, on-demand load)' if info['patched'] else 'stock'}"
-          + ("; this file has per-expert types" if layout.mixed else ""))
+    print(f"  runtime: {_runtime_line()}" + ("; this file has per-expert types" if layout.mixed else ""))
     print(f"  {'layer':>5}  {'bytes/expert':>13}  {'layer experts':>13}  tensors")
     for layer in layout.moe_layers:
         tensors = [t for t in layout.expert_tensors if t.layer == layer]
@@ -76,6 +71,35 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         names = ", ".join(sorted({f"{t.name.split('.')[2]}:{t.type}" for t in tensors}))
         print(f"  {layer:>5}  {per_expert:>13,}  {_mib(layout.layer_expert_bytes(layer)):>13}  {names}")
     return 0
+
+
+def _runtime_line() -> str:
+    """The llama-cpp-python this process imports and whether it carries edgemoe's patches (asked of its CPU
+    backend: no model is loaded)."""
+    if not _llama_cpp_available():
+        return "llama-cpp-python is not installed (edgemoe build-runtime)"
+    from .runtime import runtime_info
+
+    info = runtime_info()
+    return (f"llama-cpp-python {info['llama_cpp_python']}, "
+            f"{'patched (per-expert types, on-demand load)' if info['patched'] else 'stock'}")
+
+
+class _Version(argparse.Action):
+    """--version: edgemoe's version (its package metadata) and the runtime's, worked out only when asked."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from importlib import metadata
+
+        try:
+            version = metadata.version("edgemoe-llamacpp")
+        except metadata.PackageNotFoundError:       # run from a source tree
+            from . import __version__ as version
+        print(f"edgemoe {version}\n{_runtime_line()}")
+        parser.exit()
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -376,6 +400,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     ap = argparse.ArgumentParser(prog="edgemoe", description="Run Mixture-of-Experts GGUFs larger than RAM "
                                  "with llama-cpp-python, experts streamed from storage.")
+    ap.add_argument("--version", action=_Version, help="edgemoe's version, llama-cpp-python's, and whether it is "
+                    "built with edgemoe's patches")
     sub = ap.add_subparsers(dest="command", required=True)
     p = sub.add_parser("inspect", help="MoE layout of a GGUF: layers, experts, byte ranges")
     p.add_argument("model", help="path to a GGUF file")

@@ -57,3 +57,19 @@ def test_run_with_policy_and_predictor_reports_prefetch(fixture_path):
     assert stats["policy"] == "hobbit" and stats["predictor"] == "gate" and stats["prefetch_depth"] == 2
     assert stats["total"]["prefetches"] > 0 and stats["total"]["prefetch_used"] > 0
     assert plain["stats"]["total"]["prefetches"] == 0
+
+
+def test_version_names_edgemoe_and_its_runtime():
+    """`edgemoe --version`: the package's version (its metadata), llama-cpp-python's, and whether it is patched
+    (the CPU backend says; no model is loaded)."""
+    from importlib import metadata
+
+    import llama_cpp
+
+    from edgemoe_llamacpp import runtime
+
+    proc = edgemoe("--version")
+    assert proc.returncode == 0, proc.stderr
+    patched = "patched (per-expert types, on-demand load)" if runtime.patched() else "stock"
+    assert proc.stdout.splitlines() == [f"edgemoe {metadata.version('edgemoe-llamacpp')}",
+                                        f"llama-cpp-python {llama_cpp.__version__}, {patched}"]
