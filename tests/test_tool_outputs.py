@@ -23,7 +23,7 @@ TOOLS = {
     "policy_replay": ["{missing}", "--json", "{out}"],
     "predictor_recall": ["{missing}", "--json", "{out}"],
     "quality_fixture": ["{missing}", "--work", "{tmp}/work", "--out", "{out}"],
-    "quality_sweep": ["{missing}", "--work", "{tmp}/work", "--out", "{out}"],
+    "quality_sweep": ["--model", "{missing}", "--work", "{tmp}/work", "--out", "{out}"],
     "server_load": ["--base-url", "http://127.0.0.1:9", "--json", "{out}"],
     "substitution_sweep": ["--reference", "{missing}", "--work", "{tmp}/work", "--out", "{out}"],
 }
