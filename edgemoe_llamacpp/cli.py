@@ -49,14 +49,32 @@ def _float(lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = False
     return parse
 
 
+def layer_summary(layout, layer: int) -> dict:
+    """What `inspect` shows of one MoE layer: its experts' sizes (all their tensors; per-expert types make them
+    differ) and, per kind of expert tensor (ffn_gate_exps, ...), how many experts are stored at each type (a
+    converted file declares a tensor at its largest type, which is not what its experts hold)."""
+    from collections import Counter
+
+    sizes = [layout.expert(layer, e).nbytes for e in range(layout.n_expert)]
+    types: dict[str, Counter] = {}
+    for t in layout.expert_tensors:
+        if t.layer == layer:
+            kind = types.setdefault(t.name.split(".")[2], Counter())
+            kind.update(t.slice(e).type for e in range(t.first_expert, t.first_expert + t.count))
+    return {"layer": layer, "bytes": layout.layer_expert_bytes(layer),
+            "expert_bytes": {"mean": sum(sizes) / len(sizes), "min": min(sizes), "max": max(sizes)},
+            "types": {kind: dict(sorted(c.items(), key=lambda kv: (-kv[1], kv[0]))) for kind, c in sorted(types.items())}}
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     from .layout import read_layout
 
     layout = read_layout(args.model)
+    layers = [layer_summary(layout, layer) for layer in layout.moe_layers]
     if args.json:
         from .runtime import runtime_info
 
-        print(json.dumps({**layout.to_dict(), "runtime": runtime_info()}))
+        print(json.dumps({**layout.to_dict(), "layers": layers, "runtime": runtime_info()}))
         return 0
     print(f"{layout.path}: {layout.arch}, {layout.n_layer} layers, {len(layout.moe_layers)} with experts, "
           f"{layout.n_expert} experts, top-{layout.n_expert_used}")
@@ -64,13 +82,22 @@ def cmd_inspect(args: argparse.Namespace) -> int:
           f"experts {_mib(layout.expert_bytes)} ({100 * layout.expert_bytes / layout.tensor_data_bytes:.1f}%"
           f" of tensor data)")
     print(f"  runtime: {_runtime_line()}" + ("; this file has per-expert types" if layout.mixed else ""))
-    print(f"  {'layer':>5}  {'bytes/expert':>13}  {'layer experts':>13}  tensors")
-    for layer in layout.moe_layers:
-        tensors = [t for t in layout.expert_tensors if t.layer == layer]
-        per_expert = layout.expert(layer, 0).nbytes
-        names = ", ".join(sorted({f"{t.name.split('.')[2]}:{t.type}" for t in tensors}))
-        print(f"  {layer:>5}  {per_expert:>13,}  {_mib(layout.layer_expert_bytes(layer)):>13}  {names}")
+    sized = [s["expert_bytes"] for s in layers]
+    header = "bytes/expert" if all(s["min"] == s["max"] for s in sized) else "bytes/expert: mean (min-max)"
+    width = max(len(header), *(len(_sizes(s)) for s in sized))
+    print(f"  {'layer':>5}  {header:>{width}}  {'layer experts':>13}  experts per type")
+    for s, size in zip(layers, sized, strict=True):
+        types = "; ".join(f"{kind}: " + ", ".join(f"{n} {tn}" for tn, n in counts.items())
+                          for kind, counts in s["types"].items())
+        print(f"  {s['layer']:>5}  {_sizes(size):>{width}}  {_mib(s['bytes']):>13}  {types}")
     return 0
+
+
+def _sizes(size: dict) -> str:
+    """An expert's bytes: one figure if every expert of the layer has it, else the mean and the range."""
+    if size["min"] == size["max"]:
+        return f"{size['min']:,}"
+    return f"{round(size['mean']):,} ({size['min']:,}-{size['max']:,})"
 
 
 def _runtime_line() -> str:
