@@ -129,20 +129,44 @@ class _Version(argparse.Action):
         parser.exit()
 
 
+class _Echo:
+    """`run`'s text on stdout as it is generated, as llama-cli prints it: the prompt with the first piece, then
+    each piece, flushed; `end` finishes the line."""
+
+    def __init__(self, prompt: str):
+        self.prompt = prompt
+
+    def __call__(self, text: str) -> None:
+        sys.stdout.write(self.prompt + text)
+        sys.stdout.flush()
+        self.prompt = ""
+
+    def end(self) -> None:
+        self("\n")
+
+
+STOCK_PATHS = {False: "stock, CPU repack off (edgemoe's compute path)",
+               True: "stock, llama.cpp's CPU repack on (not edgemoe's compute path: greedy text can differ)"}
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from .generate import generate
 
+    if args.stock_repack == "on" and not args.stock:
+        raise EdgeMoEError("--stock-repack on is for --stock runs: edgemoe computes without the repack")
+    echo = None if args.json else _Echo(args.prompt)
     result = generate(args.model, args.prompt, max_tokens=args.n, cache=cache_config(args), stock=args.stock,
                       n_ctx=args.n_ctx, n_threads=args.n_threads, temperature=args.temperature, seed=args.seed,
                       record_routing=args.trace, repeat_penalty=args.repeat_penalty,
-                      route_trace=_route_trace(args))
-    if args.json:
+                      route_trace=_route_trace(args), use_extra_bufts=args.stock_repack == "on", on_text=echo)
+    if echo is None:
         print(json.dumps(result))
         return 0
-    print(args.prompt + result["text"])
+    echo.end()
     if result["routing"] != "router":
         print(f"--- routing {result['routing']}: the trace's experts, not the router's (benchmark/replay)")
-    print(f"--- {result['engine']}: {result['tokens']} tokens, prefill {result['prefill_tok_s']:.1f} tok/s, "
+    engine = STOCK_PATHS[result["cpu_repack"]] if result["engine"] == "stock" else result["engine"]
+    print(f"--- {engine}: {result['tokens']} tokens, prefill {result['prefill_tok_s']:.1f} tok/s, "
           f"decode {result['decode_tok_s']:.1f} tok/s, storage read {_mib(result['storage_read_bytes'])}")
     stats = result.get("stats")
     if stats:
@@ -439,7 +463,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="path to a MoE GGUF file")
     p.add_argument("-p", "--prompt", required=True)
     p.add_argument("-n", "--n", type=_int(1, MAX_CTX), default=128, help="tokens to generate (default 128)")
-    p.add_argument("--stock", action="store_true", help="plain llama-cpp-python, for comparison")
+    p.add_argument("--stock", action="store_true", help="plain llama-cpp-python, for comparison (on edgemoe's "
+                   "compute path unless --stock-repack on)")
+    p.add_argument("--stock-repack", dest="stock_repack", choices=("on", "off"), default="off",
+                   help="with --stock: llama.cpp's CPU repack (on: llama.cpp's default, another compute path, so "
+                   "greedy text can differ from edgemoe's) or not (off, the default: the compute path edgemoe uses)")
     p.add_argument("--json", action="store_true", help="print one JSON object with text, speed and stats")
     p.add_argument("--n-ctx", dest="n_ctx", type=_int(1, MAX_CTX), default=512)
     p.add_argument("--n-threads", dest="n_threads", type=_int(1, 1024), default=None, help="default: all cores")
