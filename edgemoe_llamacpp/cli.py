@@ -61,9 +61,10 @@ def layer_summary(layout, layer: int) -> dict:
         if t.layer == layer:
             kind = types.setdefault(t.name.split(".")[2], Counter())
             kind.update(t.slice(e).type for e in range(t.first_expert, t.first_expert + t.count))
+    by_count = {kind: dict(sorted(c.items(), key=lambda kv: (-kv[1], kv[0]))) for kind, c in sorted(types.items())}
     return {"layer": layer, "bytes": layout.layer_expert_bytes(layer),
             "expert_bytes": {"mean": sum(sizes) / len(sizes), "min": min(sizes), "max": max(sizes)},
-            "types": {kind: dict(sorted(c.items(), key=lambda kv: (-kv[1], kv[0]))) for kind, c in sorted(types.items())}}
+            "types": by_count}
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
