@@ -373,3 +373,15 @@ def test_negative_values_are_attached_to_value_options_only():
     args = parser.parse_args(_attach_negative_values(parser, ["run", "m", "-p", "-5 apples", "-n", "3"]))
     assert args.prompt == "-5 apples" and args.n == 3
     assert _attach_negative_values(parser, ["--help"]) == ["--help"]
+
+
+def test_the_profile_api_refuses_a_special_output(model, tmp_path):
+    """profile() (what `edgemoe profile` and tools/quality_sweep.py call) checks its output too: it replaces a
+    profile, as it always did, but never a FIFO, before any work."""
+    from edgemoe_llamacpp.errors import EdgeMoEError
+    from edgemoe_llamacpp.profile import profile
+
+    out = make_special(tmp_path / "p.npz", "fifo")
+    with pytest.raises(EdgeMoEError, match="is a FIFO, not a regular file"):
+        profile(str(model), str(out), tokens=512, samples=4, progress=False)
+    assert out.is_fifo()
