@@ -6,6 +6,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import sys
 
 from . import files
@@ -49,49 +50,125 @@ def _float(lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = False
     return parse
 
 
+def layer_summary(layout, layer: int) -> dict:
+    """What `inspect` shows of one MoE layer: its experts' sizes (all their tensors; per-expert types make them
+    differ) and, per kind of expert tensor (ffn_gate_exps, ...), how many experts are stored at each type (a
+    converted file declares a tensor at its largest type, which is not what its experts hold)."""
+    from collections import Counter
+
+    sizes = [layout.expert(layer, e).nbytes for e in range(layout.n_expert)]
+    types: dict[str, Counter] = {}
+    for t in layout.expert_tensors:
+        if t.layer == layer:
+            kind = types.setdefault(t.name.split(".")[2], Counter())
+            kind.update(t.slice(e).type for e in range(t.first_expert, t.first_expert + t.count))
+    by_count = {kind: dict(sorted(c.items(), key=lambda kv: (-kv[1], kv[0]))) for kind, c in sorted(types.items())}
+    return {"layer": layer, "bytes": layout.layer_expert_bytes(layer),
+            "expert_bytes": {"mean": sum(sizes) / len(sizes), "min": min(sizes), "max": max(sizes)},
+            "types": by_count}
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     from .layout import read_layout
 
     layout = read_layout(args.model)
+    layers = [layer_summary(layout, layer) for layer in layout.moe_layers]
     if args.json:
         from .runtime import runtime_info
 
-        print(json.dumps({**layout.to_dict(), "runtime": runtime_info()}))
+        print(json.dumps({**layout.to_dict(), "layers": layers, "runtime": runtime_info()}))
         return 0
     print(f"{layout.path}: {layout.arch}, {layout.n_layer} layers, {len(layout.moe_layers)} with experts, "
           f"{layout.n_expert} experts, top-{layout.n_expert_used}")
     print(f"  file {_mib(layout.file_size)}; dense {_mib(layout.dense_bytes)}; "
           f"experts {_mib(layout.expert_bytes)} ({100 * layout.expert_bytes / layout.tensor_data_bytes:.1f}%"
           f" of tensor data)")
+    print(f"  runtime: {_runtime_line()}" + ("; this file has per-expert types" if layout.mixed else ""))
+    sized = [s["expert_bytes"] for s in layers]
+    header = "bytes/expert" if all(s["min"] == s["max"] for s in sized) else "bytes/expert: mean (min-max)"
+    width = max(len(header), *(len(_sizes(s)) for s in sized))
+    print(f"  {'layer':>5}  {header:>{width}}  {'layer experts':>13}  experts per type")
+    for s, size in zip(layers, sized, strict=True):
+        types = "; ".join(f"{kind}: " + ", ".join(f"{n} {tn}" for tn, n in counts.items())
+                          for kind, counts in s["types"].items())
+        print(f"  {s['layer']:>5}  {_sizes(size):>{width}}  {_mib(s['bytes']):>13}  {types}")
+    return 0
+
+
+def _sizes(size: dict) -> str:
+    """An expert's bytes: one figure if every expert of the layer has it, else the mean and the range."""
+    if size["min"] == size["max"]:
+        return f"{size['min']:,}"
+    return f"{round(size['mean']):,} ({size['min']:,}-{size['max']:,})"
+
+
+def _runtime_line() -> str:
+    """The llama-cpp-python this process imports and whether it carries edgemoe's patches (asked of its CPU
+    backend: no model is loaded)."""
+    if not _llama_cpp_available():
+        return "llama-cpp-python is not installed (edgemoe build-runtime)"
     from .runtime import runtime_info
 
     info = runtime_info()
-    print(f"  runtime: llama-cpp-python {info['llama_cpp_python']}, "
-          f"{'patched (per-expert types, on-demand load)' if info['patched'] else 'stock'}"
-          + ("; this file has per-expert types" if layout.mixed else ""))
-    print(f"  {'layer':>5}  {'bytes/expert':>13}  {'layer experts':>13}  tensors")
-    for layer in layout.moe_layers:
-        tensors = [t for t in layout.expert_tensors if t.layer == layer]
-        per_expert = layout.expert(layer, 0).nbytes
-        names = ", ".join(sorted({f"{t.name.split('.')[2]}:{t.type}" for t in tensors}))
-        print(f"  {layer:>5}  {per_expert:>13,}  {_mib(layout.layer_expert_bytes(layer)):>13}  {names}")
-    return 0
+    return (f"llama-cpp-python {info['llama_cpp_python']}, "
+            f"{'patched (per-expert types, on-demand load)' if info['patched'] else 'stock'}")
+
+
+class _Version(argparse.Action):
+    """--version: edgemoe's version (its package metadata) and the runtime's, worked out only when asked."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from importlib import metadata
+
+        try:
+            version = metadata.version("edgemoe-llamacpp")
+        except metadata.PackageNotFoundError:       # run from a source tree
+            from . import __version__ as version
+        print(f"edgemoe {version}\n{_runtime_line()}")
+        parser.exit()
+
+
+class _Echo:
+    """`run`'s text on stdout as it is generated, as llama-cli prints it: the prompt with the first piece, then
+    each piece, flushed; `end` finishes the line."""
+
+    def __init__(self, prompt: str):
+        self.prompt = prompt
+
+    def __call__(self, text: str) -> None:
+        sys.stdout.write(self.prompt + text)
+        sys.stdout.flush()
+        self.prompt = ""
+
+    def end(self) -> None:
+        self("\n")
+
+
+STOCK_PATHS = {False: "stock, CPU repack off (edgemoe's compute path)",
+               True: "stock, llama.cpp's CPU repack on (not edgemoe's compute path: greedy text can differ)"}
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     from .generate import generate
 
+    if args.stock_repack == "on" and not args.stock:
+        raise EdgeMoEError("--stock-repack on is for --stock runs: edgemoe computes without the repack")
+    echo = None if args.json else _Echo(args.prompt)
     result = generate(args.model, args.prompt, max_tokens=args.n, cache=cache_config(args), stock=args.stock,
                       n_ctx=args.n_ctx, n_threads=args.n_threads, temperature=args.temperature, seed=args.seed,
                       record_routing=args.trace, repeat_penalty=args.repeat_penalty,
-                      route_trace=_route_trace(args))
-    if args.json:
+                      route_trace=_route_trace(args), use_extra_bufts=args.stock_repack == "on", on_text=echo)
+    if echo is None:
         print(json.dumps(result))
         return 0
-    print(args.prompt + result["text"])
+    echo.end()
     if result["routing"] != "router":
         print(f"--- routing {result['routing']}: the trace's experts, not the router's (benchmark/replay)")
-    print(f"--- {result['engine']}: {result['tokens']} tokens, prefill {result['prefill_tok_s']:.1f} tok/s, "
+    engine = STOCK_PATHS[result["cpu_repack"]] if result["engine"] == "stock" else result["engine"]
+    print(f"--- {engine}: {result['tokens']} tokens, prefill {result['prefill_tok_s']:.1f} tok/s, "
           f"decode {result['decode_tok_s']:.1f} tok/s, storage read {_mib(result['storage_read_bytes'])}")
     stats = result.get("stats")
     if stats:
@@ -170,6 +247,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     if args.json:
         files.check_output(args.json, inputs=[args.model, args.stock_model], force=args.force, what="--json")
+    for spec in args.memory_budget:             # each budget's spelling, before any run
+        cache_config(args, memory_budget=spec)
     result = run_bench(args.model, args.memory_budget, runs=args.runs, tokens=args.tokens, n_ctx=args.n_ctx,
                        use_cgroup=not args.no_cgroup, n_threads=args.n_threads,
                        allowance=None if args.allowance is None else parse_budget(args.allowance, 0),
@@ -241,6 +320,7 @@ def _plan_from_args(args: argparse.Namespace, layout):
 
     if (args.expert_bits is None) == (args.size is None):
         raise EdgeMoEError("--profile needs exactly one of --expert-bits or --size")
+    size = None if args.size is None else parse_budget(args.size, layout.expert_bytes)
     candidates = [tn for tn in quant.PLAN_TYPES if not args.no_imatrix or not quant.requires_imatrix(tn)]
     smallest = min(candidates, key=quant.bits_per_weight)
     if args.expert_bits is not None and args.expert_bits < quant.bits_per_weight(smallest):
@@ -250,7 +330,6 @@ def _plan_from_args(args: argparse.Namespace, layout):
     prof = Profile(args.profile, layout)
     imatrix = _imatrix(args, layout, prof)
     costs = measure_costs(args.input, prof, candidates, imatrix=imatrix)
-    size = None if args.size is None else parse_budget(args.size, layout.expert_bytes)
     plan, report = make_plan(costs, expert_bits=args.expert_bits, size=size)
     print(f"plan: {report['bits_per_weight']:.3f} bits per expert weight, {report['expert_bytes']:,} expert "
           f"bytes, types {report['type_counts']}")
@@ -379,6 +458,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     ap = argparse.ArgumentParser(prog="edgemoe", description="Run Mixture-of-Experts GGUFs larger than RAM "
                                  "with llama-cpp-python, experts streamed from storage.")
+    ap.add_argument("--version", action=_Version, help="edgemoe's version, llama-cpp-python's, and whether it is "
+                    "built with edgemoe's patches")
     sub = ap.add_subparsers(dest="command", required=True)
     p = sub.add_parser("inspect", help="MoE layout of a GGUF: layers, experts, byte ranges")
     p.add_argument("model", help="path to a GGUF file")
@@ -389,7 +470,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="path to a MoE GGUF file")
     p.add_argument("-p", "--prompt", required=True)
     p.add_argument("-n", "--n", type=_int(1, MAX_CTX), default=128, help="tokens to generate (default 128)")
-    p.add_argument("--stock", action="store_true", help="plain llama-cpp-python, for comparison")
+    p.add_argument("--stock", action="store_true", help="plain llama-cpp-python, for comparison (on edgemoe's "
+                   "compute path unless --stock-repack on)")
+    p.add_argument("--stock-repack", dest="stock_repack", choices=("on", "off"), default="off",
+                   help="with --stock: llama.cpp's CPU repack (on: llama.cpp's default, another compute path, so "
+                   "greedy text can differ from edgemoe's) or not (off, the default: the compute path edgemoe uses)")
     p.add_argument("--json", action="store_true", help="print one JSON object with text, speed and stats")
     p.add_argument("--n-ctx", dest="n_ctx", type=_int(1, MAX_CTX), default=512)
     p.add_argument("--n-threads", dest="n_threads", type=_int(1, 1024), default=None, help="default: all cores")
@@ -520,6 +605,33 @@ def _underscore_flags(argv: list[str]) -> list[str]:
             if a.startswith("--") else a for a in argv]
 
 
+NEGATIVE = re.compile(r"-[0-9.]")      # what argparse takes for an option, unless it is a plain negative number
+
+
+def _attach_negative_values(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
+    """`--memory-budget -5GiB` as `--memory-budget=-5GiB`: argparse takes a value that starts with '-' and a
+    digit or '.' (other than a plain number) for an option, and answers with the whole usage; attached, the
+    value reaches the option's own check, which says what is wrong with it. Only for the options of the
+    subcommand that take a value, and only before `--`."""
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    start = next((i for i, a in enumerate(argv) if a in sub.choices), None)
+    if start is None:
+        return argv
+    options = sub.choices[argv[start]]._option_string_actions
+    out, i = argv[:start + 1], start + 1
+    while i < len(argv):
+        action = options.get(argv[i])
+        if argv[i] == "--":
+            return out + argv[i:]
+        if action is not None and action.nargs != 0 and i + 1 < len(argv) and NEGATIVE.match(argv[i + 1]):
+            out.append(f"{argv[i]}={argv[i + 1]}")
+            i += 2
+        else:
+            out.append(argv[i])
+            i += 1
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["serve"]:
@@ -532,7 +644,8 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr)
             return 2
         argv = _underscore_flags(argv)
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(_attach_negative_values(parser, argv))
     try:
         return args.func(args)
     except EdgeMoEError as e:

@@ -10,6 +10,8 @@ import contextlib
 import glob
 import hashlib
 import os
+import stat
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +19,9 @@ from pathlib import Path
 from .errors import EdgeMoEError
 
 TMP_SUFFIX = ".tmp"
+# what a path may name besides a regular file, a directory or nothing: never written over, even with --force
+_SPECIAL = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+            (stat.S_ISSOCK, "a socket"))
 
 
 def _same_file(a: Path, b: Path) -> bool:
@@ -27,9 +32,22 @@ def _same_file(a: Path, b: Path) -> bool:
         return os.path.realpath(a) == os.path.realpath(b)
 
 
+def special_kind(path: Path) -> str | None:
+    """What `path` names if that is a FIFO, a device or a socket (through symlinks: "a symlink to a FIFO");
+    None for a regular file, a directory, or nothing (missing, a dangling symlink or a loop)."""
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return None
+    kind = next((name for test, name in _SPECIAL if test(mode)), None)
+    return f"a symlink to {kind}" if kind and path.is_symlink() else kind
+
+
 def check_output(out: str | os.PathLike, *, inputs=(), force: bool = False, what: str = "output") -> Path:
     """`out` as a Path if edgemoe may write it: not one of `inputs` (by inode or resolved path), not a
-    directory, not an existing file unless `force`, in a directory that exists and is writable."""
+    directory, never a FIFO, device or socket (replacing one would turn it into a regular file, and writing
+    to one would block or vanish), not an existing file unless `force`, in a directory that exists and is
+    writable. Every output of the package and of tools/ passes here before any work starts."""
     out = Path(out)
     if not str(out) or str(out).endswith(os.sep):
         raise EdgeMoEError(f"{what} {str(out)!r} is not a file name")
@@ -38,6 +56,10 @@ def check_output(out: str | os.PathLike, *, inputs=(), force: bool = False, what
             raise EdgeMoEError(f"{what} {out} is also an input ({src}); edgemoe never modifies its input")
     if out.is_dir():
         raise EdgeMoEError(f"{what} {out} is a directory")
+    kind = special_kind(out)
+    if kind:
+        raise EdgeMoEError(f"{what} {out} is {kind}, not a regular file; edgemoe writes regular files only "
+                           f"and never replaces this, even with --force")
     if (out.exists() or out.is_symlink()) and not force:
         raise EdgeMoEError(f"{what} {out} exists; pass --force to replace it")
     parent = out.parent
@@ -46,6 +68,19 @@ def check_output(out: str | os.PathLike, *, inputs=(), force: bool = False, what
     if not os.access(parent, os.W_OK | os.X_OK):
         raise EdgeMoEError(f"{what} {out}: directory {parent} is not writable")
     return out
+
+
+def tool_output(out: str | os.PathLike, what: str = "--out", *, inputs=(), force: bool = True) -> Path:
+    """An output of a script in tools/, checked before its work: as check_output, by default with force (the
+    scripts rewrite their results file on every run), its directory made first. A refusal ends the script
+    with one line and exit 2, as argparse ends on a bad argument."""
+    out = Path(out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        return check_output(out, inputs=inputs, force=force, what=what)
+    except (EdgeMoEError, OSError) as e:
+        print(f"{Path(sys.argv[0]).name}: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def read_bytes(path: str | os.PathLike, what: str = "file") -> bytes:

@@ -1,9 +1,11 @@
 """One generation, stock or edgemoe, with the figures people compare: speed, storage reads, expert stats."""
 from __future__ import annotations
 
+import codecs
 import os
 import resource
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -96,14 +98,38 @@ class _EvalClock:
                 "decode_evals": len(decode), "prefill_s": t_prompt, "decode_s": t_decode}
 
 
+class _TextStream:
+    """Wraps a Llama's `sample` to pass each sampled token's text to `on_text` as llama.cpp samples it, whole
+    characters only (one split across tokens waits for its last byte). What it passes adds up to the
+    completion's text: that is these pieces joined, less the end-of-generation token, which it skips too."""
+
+    def __init__(self, llm, on_text: Callable[[str], None]):
+        import llama_cpp
+
+        self.sample, self.llm, self.on_text = llm.sample, llm, on_text
+        self.is_end = lambda token: llama_cpp.llama_vocab_is_eog(llm._model.vocab, token)
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="ignore")    # as the completion decodes
+
+    def __call__(self, *args, **kwargs) -> int:
+        token = self.sample(*args, **kwargs)
+        if not self.is_end(token):
+            text = self.decoder.decode(self.llm.detokenize([token]))
+            if text:
+                self.on_text(text)
+        return token
+
+
 def generate(model: str, prompt: str, *, max_tokens: int, cache: CacheConfig | None = None, stock: bool = False,
              n_ctx: int = 512, n_threads: int | None = None, temperature: float = 0.0, seed: int = 0,
              repeat_penalty: float = 1.0, record_routing: bool = False, route_trace: str | None = None,
-             **llama_kwargs) -> dict:
+             use_extra_bufts: bool = False, on_text: Callable[[str], None] | None = None, **llama_kwargs) -> dict:
     """Generate once and measure: load time and bytes, prompt and decode speed (timed per evaluation), storage
     bytes read and major faults of this process for the prompt and for decoding, and the expert statistics
     (edgemoe, whose experts are kept as `cache` says; stock ignores it). `route_trace`: both engines compute
-    that trace's routing instead of the router's (benchmarks and replay only; the result says so)."""
+    that trace's routing instead of the router's (benchmarks and replay only; the result says so).
+    `use_extra_bufts`: stock with llama.cpp's CPU repack, another compute path than edgemoe's (greedy text can
+    differ); off by default, so that stock computes as edgemoe does (edgemoe never repacks). `on_text`: called
+    with the text as it is generated (`_TextStream`); the result is the same."""
     from .inject import routing_label
     from .llama import Llama, stock_llama
 
@@ -117,7 +143,7 @@ def generate(model: str, prompt: str, *, max_tokens: int, cache: CacheConfig | N
     check_context_memory(model, n_ctx)      # reads the layout first: a bad file fails here, stock or not
     loading = _io(), time.perf_counter()
     try:
-        llm = stock_llama(model, route_trace=route_trace, **kwargs) if stock else \
+        llm = stock_llama(model, use_extra_bufts=use_extra_bufts, route_trace=route_trace, **kwargs) if stock else \
             Llama(model, cache=cache, record_routing=record_routing, route_trace=route_trace, **kwargs)
     except EdgeMoEError:
         raise                               # ours (some are ValueErrors too) already say what is wrong
@@ -131,6 +157,8 @@ def generate(model: str, prompt: str, *, max_tokens: int, cache: CacheConfig | N
             raise EdgeMoEError(f"the prompt is {n_prompt} tokens; it does not fit a context of {window} "
                                f"with room to generate (raise --n-ctx)")
         clock = llm.eval = _EvalClock(llm)
+        if on_text is not None:
+            llm.sample = _TextStream(llm, on_text)
         start = _io()
         out = llm.create_completion(prompt, max_tokens=max_tokens, temperature=temperature, seed=seed,
                                     repeat_penalty=repeat_penalty)
@@ -138,7 +166,8 @@ def generate(model: str, prompt: str, *, max_tokens: int, cache: CacheConfig | N
         first = clock.after_prompt or end
         choice = out["choices"][0]
         result = {
-            "engine": "stock" if stock else "edgemoe", "model": str(model), "text": choice["text"],
+            "engine": "stock" if stock else "edgemoe", "cpu_repack": stock and use_extra_bufts,
+            "model": str(model), "text": choice["text"],
             "finish_reason": choice["finish_reason"], "prompt_tokens": out["usage"]["prompt_tokens"],
             "tokens": out["usage"]["completion_tokens"], **clock.figures(),
             "load_s": load_s, "load_read_bytes": load_read,

@@ -106,6 +106,7 @@ def profile(model_path: str, out: str, *, texts=None, text_label: str = "stdlib 
     from .generate import check_context_memory
     from .llama import llama_params, require_runtime_for
 
+    files.check_output(out, inputs=[model_path], force=True, what="profile")   # replaced, as ever; never a FIFO
     layout = read_layout(model_path)
     require_runtime_for(layout)
     check_context_memory(model_path, n_ctx)

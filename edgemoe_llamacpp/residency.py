@@ -10,6 +10,7 @@ The cache chooses victims once per batch (one `ensure`, one `prefetch`) from the
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import re
 import time
@@ -26,15 +27,20 @@ from .storage import ExpertStorage, tensor_span
 
 # what callers import from here: the cache, its options and the page arithmetic tests check it with
 __all__ = ["POLICIES", "USE_DECAY", "ExpertCache", "ExpertUID", "make_policy", "parse_budget", "tensor_span"]
+log = logging.getLogger(__name__)
 
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2, "mib": 1024**2,
           "g": 1000**3, "gb": 1000**3, "gib": 1024**3, "t": 1000**4, "tb": 1000**4, "tib": 1024**4}
 
 
 def parse_budget(value: str | float | None, expert_bytes: int) -> int | None:
-    """Bytes from 123, "800MB", "1.5GiB" or "50%" (of expert bytes); None or "none" for no limit."""
-    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none")):
+    """Bytes from 123, "800MB", "1.5GiB" or "50%" (of expert bytes); None or "none" for no limit. An empty
+    string is refused: an unset variable or a lost argument must not silently lift the limit."""
+    if value is None or (isinstance(value, str) and value.strip().lower() == "none"):
         return None
+    if isinstance(value, str) and not value.strip():
+        raise BudgetError(f"memory budget {value!r} is empty: give a size (800MB, 1.5GiB), a share of the expert "
+                          f"bytes (50%), or none for no limit")
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         n = float(value)
     else:
@@ -97,8 +103,12 @@ class ExpertCache:
                               for layer in layout.moe_layers)
         full = self.storage.full_cost
         if budget is not None and budget >= layout.expert_bytes:
-            # every expert may be resident; page rounding counts pages shared by two experts twice
-            self.budget = budget = max(budget, full)
+            # every expert may be resident: the budget is what they cost (page rounding counts pages shared by
+            # two experts twice), 100% or 1TiB alike; more is memory no expert will ever take
+            if budget > full:
+                log.warning("memory budget %s bytes is more than every expert of %s takes: capped at %s bytes "
+                            "(every expert, as 100%%)", f"{budget:,}", layout.path, f"{full:,}")
+            self.budget = budget = full
         self.capacity = budget          # what eviction holds experts to (the budget less pinned pages)
         # Room kept free for the next layer's misses: after each layer, eviction brings the experts down to the
         # capacity less this, and their pages are dropped on the drop thread while llama.cpp computes; the next

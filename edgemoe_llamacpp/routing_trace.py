@@ -26,6 +26,9 @@ from .errors import EdgeMoEError
 from .trace_stats import trace_stats
 
 log = logging.getLogger(__name__)
+ARRAYS = ("ids", "layers", "n_expert", "source")
+WHAT_A_TRACE_IS = ("a routing trace is an .npz of ids, layers, n_expert and source (tools/make_trace.py) or the JSON "
+                   "of a recorded run (edgemoe run --json --trace)")
 
 
 @dataclass(frozen=True)
@@ -67,12 +70,9 @@ class RoutingTrace:
             except (UnicodeDecodeError, ValueError) as e:
                 raise EdgeMoEError(f"{path}: not a readable run JSON ({e})") from None
             return cls.from_recorded(run, n_expert, where=str(path))
-        try:
-            with np.load(io.BytesIO(data), allow_pickle=False) as z:
-                ids, layers, n_exp, source = z["ids"], z["layers"], z["n_expert"], z["source"]
-        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, TypeError) as e:
-            raise EdgeMoEError(f"{path}: not a readable routing trace ({str(e)[:120] or type(e).__name__})") \
-                from None
+        if not data.startswith(b"PK\x03\x04"):                  # an .npz is a zip archive
+            raise EdgeMoEError(f"{path}: not a routing trace; {WHAT_A_TRACE_IS}")
+        ids, layers, n_exp, source = _arrays(data, path)
         if n_exp.shape != () or n_exp.dtype.kind not in "iu" or source.shape != () or source.dtype.kind != "U":
             raise EdgeMoEError(f"{path}: damaged routing trace: n_expert and source must be an integer and a string")
         if layers.ndim != 1 or layers.dtype.kind not in "iu":
@@ -141,6 +141,23 @@ class RoutingTrace:
         Keyword arguments (window, cover, cover_tokens, top_n, residency) change the parameters; they are echoed in "params".
         A statistic the trace is too short for is None."""
         return trace_stats(self.ids, self.n_expert, **params)
+
+
+def _arrays(data: bytes, path) -> tuple[np.ndarray, ...]:
+    """The four arrays of a trace .npz (ARRAYS), or EdgeMoEError saying in a few words why not: numpy's own
+    messages run long and offer to unpickle, which a trace never needs (pickles are never loaded)."""
+    try:
+        with np.load(io.BytesIO(data), allow_pickle=False) as z:
+            missing = [name for name in ARRAYS if name not in z.files]
+            if missing:
+                why = f"no {', '.join(missing)} array{'s' * (len(missing) > 1)}"
+            else:
+                return tuple(z[name] for name in ARRAYS)
+    except ValueError:
+        why = "it holds Python objects, which edgemoe never loads"
+    except (OSError, EOFError, zipfile.BadZipFile, TypeError, KeyError):
+        why = "a damaged archive"
+    raise EdgeMoEError(f"{path}: not a readable routing trace ({why}); {WHAT_A_TRACE_IS}")
 
 
 def _shape(layers: tuple[int, ...], n_expert: int, k: int) -> str:

@@ -1,8 +1,11 @@
 """The CLI contract, checked with hypothesis over argv: every `edgemoe` subcommand, given generated arguments
-(numbers at their edges, paths that are the input, a directory, missing, read-only, existing files),
+(numbers at their edges, paths that are the input, a directory, missing, read-only, existing files, FIFOs, a
+character device, a socket),
     - exits 0 or 2, never dies by a signal and never hangs;
     - prints no traceback;
-    - leaves every file that existed before unchanged (sha256) unless --force is given and names it.
+    - leaves every file that existed before unchanged (sha256) unless --force is given and names it;
+    - refuses (exit 2) an output that is a FIFO, a device or a socket, or a symlink to one, with or without
+      --force, and leaves it what it was.
 
 Each case runs `edgemoe_llamacpp.cli.main(argv)` in a forked child of this process, which never loads a
 model itself (llama.cpp's and OpenMP's threads do not survive a fork). `serve` runs everything up to the
@@ -14,12 +17,15 @@ point where uvicorn would listen, then returns (the server contract test covers 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
 import select
 import shutil
 import signal
+import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -37,6 +43,9 @@ SUBCOMMANDS = ("inspect", "verify", "run", "ppl", "profile", "convert", "bench",
 EDGE_NUMBERS = ["0", "-1", "-3", "nan", "inf", "-inf", "1e400", "9" * 400, "abc", "", "0.5", "-0", "1e-300"]
 BUDGETS = ["50%", "25%", "100%", "101%", "0%", "0", "-1", "1", "1KB", "10MB", "1e400", "9" * 400, "nan", "inf",
            "abc", "", "50%%", "none", "1.5GiB", "3 MB"]
+# nodes an output may name, made in the sandbox (the character device has /dev/null's numbers; it is never
+# /dev/null itself): name -> how to make it
+SPECIALS = {"fifo.gguf": "fifo", "fifo.out": "fifo", "chardev.out": "chardev", "socket.out": "socket"}
 TYPES = ["Q2_K", "Q3_K", "Q4_K", "Q6_K", "Q8_0", "Q5_0", "F16", "F32", "IQ4_XS", "IQ2_XXS", "q4_k", "BOGUS", "", "2"]
 
 
@@ -69,14 +78,44 @@ class Sandbox:
         (work / "link.gguf").symlink_to(work / "model.gguf")
         (work / "dangling.gguf").symlink_to(work / "gone.gguf")
         (work / "loop.gguf").symlink_to(work / "loop.gguf")
-        os.mkfifo(work / "fifo.gguf")                       # opening it for reading would block for ever
+        self.specials = [work / name for name in SPECIALS if self._make_special(work / name)]
+        (work / "link-fifo.out").symlink_to("fifo.out")
         shutil.copyfile(FIXTURE, work / "spaced é model.gguf")
         (work / "-dash.gguf").write_bytes(b"GGUF")
         (work / ("x" * 250 + ".gguf")).write_bytes(b"GGUF\x03\x00\x00\x00")
         self._make_profile()
         shutil.copytree(work, self.pristine, symlinks=True,
-                        ignore=lambda d, names: [n for n in names if n.endswith("fifo.gguf")])
+                        ignore=lambda d, names: [n for n in names if n in SPECIALS])
         self.hashes = self._hash_all()
+        self.nodes = self._nodes()
+
+    @staticmethod
+    def _make_special(path: Path) -> bool:
+        """Make the node SPECIALS names at `path`; False where this user may not (a device needs root)."""
+        kind = SPECIALS[path.name]
+        if kind == "fifo":
+            os.mkfifo(path)                         # opening it for reading would block for ever
+        elif kind == "socket":
+            with socket.socket(socket.AF_UNIX) as s:
+                s.bind(str(path))
+        else:
+            try:
+                os.mknod(path, stat.S_IFCHR | 0o666, os.makedev(1, 3))
+            except PermissionError:
+                return False
+        return True
+
+    def _nodes(self) -> dict[str, tuple[int, int, int]]:
+        """Each special node's type, device numbers and inode: what a case must leave as it was."""
+        out = {}
+        for p in self.specials:
+            with contextlib.suppress(OSError):
+                st = os.lstat(p)
+                out[str(p)] = (stat.S_IFMT(st.st_mode), st.st_rdev, st.st_ino)
+        return out
+
+    def special_outputs(self) -> list[str]:
+        return [str(p) for p in self.specials] + [str(self.work / "link-fifo.out")]
 
     def _uniform_plan(self, type_name: str) -> dict:
         sys.path.insert(0, str(Path(__file__).parent.parent))
@@ -110,15 +149,22 @@ class Sandbox:
                 out[str(p)] = hashlib.sha256(p.read_bytes()).hexdigest()
         return out
 
-    def changes(self) -> tuple[list[str], list[str]]:
-        """(pre-existing files whose bytes changed or that are gone, new files)."""
+    def changes(self) -> tuple[list[str], list[str], list[str]]:
+        """(pre-existing files whose bytes changed or that are gone, new files, special nodes replaced or gone)."""
         now = self._hash_all()
         changed = [p for p, h in self.hashes.items() if now.get(p) != h]
-        return changed, [p for p in now if p not in self.hashes]
+        nodes = self._nodes()
+        return changed, [p for p in now if p not in self.hashes], [p for p in self.nodes if nodes.get(p) != self.nodes[p]]
 
-    def restore(self, changed: list[str], new: list[str]) -> None:
+    def restore(self, changed: list[str], new: list[str], nodes: list[str]) -> None:
         for p in new:
             Path(p).unlink(missing_ok=True)
+        for p in nodes:                                     # whatever replaced the node goes; it is made again
+            if Path(p).is_dir() and not Path(p).is_symlink():
+                shutil.rmtree(p)
+            Path(p).unlink(missing_ok=True)
+            self._make_special(Path(p))
+        self.nodes = self._nodes()
         for p in changed:
             src = self.pristine / Path(p).relative_to(self.work)
             Path(p).unlink(missing_ok=True)
@@ -130,9 +176,6 @@ class Sandbox:
                     shutil.rmtree(dst)
                 dst.unlink(missing_ok=True)
                 dst.symlink_to(os.readlink(src))
-        if not (self.work / "fifo.gguf").exists():
-            (self.work / "fifo.gguf").unlink(missing_ok=True)
-            os.mkfifo(self.work / "fifo.gguf")
         for d in sorted((p for p in self.work.rglob("*") if p.is_dir()), reverse=True):
             if not (self.pristine / d.relative_to(self.work)).exists():
                 shutil.rmtree(d, ignore_errors=True)
@@ -204,7 +247,9 @@ def strategies(box: Sandbox) -> dict[str, st.SearchStrategy]:
     """argv strategies per subcommand: (argv, output paths the command may write with --force)."""
     paths = st.sampled_from(box.paths())
     model = st.one_of(st.just(str(box.work / "model.gguf")), paths)
-    outs = st.sampled_from(box.paths() + box.new_outputs())
+    # one output in four is a FIFO, a device, a socket or a symlink to a FIFO
+    regular, special = st.sampled_from(box.paths() + box.new_outputs()), st.sampled_from(box.special_outputs())
+    outs = st.integers(0, 3).flatmap(lambda i: special if i == 0 else regular)
     num = st.sampled_from(EDGE_NUMBERS)
 
     def small(*valid: int):
@@ -274,15 +319,21 @@ def strategies(box: Sandbox) -> dict[str, st.SearchStrategy]:
 def check(box: Sandbox, command: str, argv: list[str], outputs: list[str], log: list[dict]) -> None:
     t0 = time.monotonic()
     kind, value, output = run_case(argv, box.root)
-    changed, new = box.changes()
-    box.restore(changed, new)
-    record = {"argv": argv, "result": kind, "value": value, "seconds": round(time.monotonic() - t0, 2)}
+    changed, new, nodes = box.changes()
+    box.restore(changed, new, nodes)
+    specials = set(box.special_outputs())
+    record = {"argv": argv, "result": kind, "value": value, "seconds": round(time.monotonic() - t0, 2),
+              "special_output": any(p in specials for p in outputs)}
     log.append(record)
     named = {os.path.realpath(p) for p in outputs} if "--force" in argv else set()
     touched = [p for p in changed if os.path.realpath(p) not in named]
     problems = []
     if kind != "exit" or value not in (0, 2):
         problems.append(f"{kind} {value}")
+    elif record["special_output"] and value != 2:
+        problems.append(f"exit {value} with an output that is no regular file")
+    if nodes:
+        problems.append(f"replaced special files {nodes}")
     if "Traceback (most recent call last)" in output:
         problems.append("traceback")
     if touched:
@@ -321,8 +372,11 @@ def run_contract(examples: int, commands=SUBCOMMANDS, root: Path | None = None, 
         shutil.rmtree(tmp, ignore_errors=True)
     by = {}
     for r in log:
-        by.setdefault(r["argv"][0], {"cases": 0, "exit0": 0, "exit2": 0})
+        by.setdefault(r["argv"][0], {"cases": 0, "exit0": 0, "exit2": 0, "special_outputs": 0,
+                                     "special_outputs_forced": 0})
         by[r["argv"][0]]["cases"] += 1
+        by[r["argv"][0]]["special_outputs"] += r["special_output"]
+        by[r["argv"][0]]["special_outputs_forced"] += r["special_output"] and "--force" in r["argv"]
         if r["result"] == "exit" and r["value"] in (0, 2):
             by[r["argv"][0]][f"exit{r['value']}"] += 1
     return {"cases": len(log), "by_command": by, "log": log}

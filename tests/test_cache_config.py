@@ -7,6 +7,7 @@ import pytest
 
 from edgemoe_llamacpp.cache_config import CacheConfig
 from edgemoe_llamacpp.errors import ArgumentError, BudgetError, EdgeMoEError
+from edgemoe_llamacpp.layout import read_layout
 
 EVERY_OPTION = CacheConfig(memory_budget="25%", policy="lru", predictor="gate", prefetch_depth=2,
                            prefetch_threads=3, fetch_threads=5, substitute=0.5)
@@ -19,6 +20,8 @@ EVERY_OPTION = CacheConfig(memory_budget="25%", policy="lru", predictor="gate", 
     ({"memory_budget": "lots"}, BudgetError, "is not a size"),
     ({"memory_budget": 0}, BudgetError, "must be positive"),
     ({"memory_budget": True}, BudgetError, "is not a size"),
+    ({"memory_budget": ""}, BudgetError, "memory budget '' is empty"),        # was: no limit
+    ({"memory_budget": "  "}, BudgetError, "memory budget '  ' is empty"),
     ({"policy": "fifo"}, ArgumentError, "unknown cache policy 'fifo'; choose from nextuse, distance, lru, lfu, hobbit"),
     ({"policy": None}, ArgumentError, "unknown cache policy None"),
     ({"predictor": "oracle"}, ArgumentError, "unknown predictor 'oracle'; choose from gate, table, frequency or None"),
@@ -108,3 +111,38 @@ def test_server_settings_are_the_config(fixture_path, tmp_path):
     path.write_text(f"models:\n  - model: {fixture_path}\n    memory_budget: lots\n")
     with pytest.raises(EdgeMoEError, match=f"^{path}: models.0: memory budget 'lots' is not a size"):
         load_config_file(str(path))
+
+
+def test_an_empty_budget_is_an_error_everywhere(fixture_path):
+    """memory_budget="" (an unset variable, a lost argument) used to mean no limit; "none" still does."""
+    import subprocess
+    import sys
+
+    from edgemoe_llamacpp import Llama
+
+    with pytest.raises(BudgetError, match="memory budget '' is empty"):
+        Llama(str(fixture_path), memory_budget="", n_ctx=64, verbose=False)
+    assert CacheConfig(memory_budget="none").budget_for(read_layout(fixture_path)) is None
+    proc = subprocess.run([sys.executable, "-m", "edgemoe_llamacpp", "run", str(fixture_path), "-p", "x", "-n", "1",
+                           "--memory-budget", ""], capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 2 and proc.stderr.strip() == (
+        "edgemoe: error: memory budget '' is empty: give a size (800MB, 1.5GiB), a share of the expert bytes "
+        "(50%), or none for no limit"), proc.stderr
+
+
+def test_a_budget_over_every_expert_is_capped_as_100_percent(fixture_path, caplog):
+    """1TiB for a model of a few MB of experts: the cache holds it to every expert, as it does 100%, and says
+    so (it used to keep 1TiB as the budget)."""
+    layout = read_layout(fixture_path)
+    caches = {}
+    for budget in ("100%", "1TiB", layout.expert_bytes):
+        caplog.clear()
+        caches[budget] = cache = CacheConfig(memory_budget=budget).make_cache(layout)
+        cache.close()
+        capped = [r.getMessage() for r in caplog.records if "capped" in r.getMessage()]
+        note = (f"memory budget {2**40:,} bytes is more than every expert of {fixture_path} takes: capped at "
+                f"{cache.budget:,} bytes (every expert, as 100%)")
+        assert capped == ([note] if budget == "1TiB" else [])
+    assert caches["1TiB"].budget == caches["100%"].budget == caches[layout.expert_bytes].budget
+    assert layout.expert_bytes <= caches["1TiB"].budget < 2 * layout.expert_bytes
+    assert caches["1TiB"].headroom == 0 and caches["1TiB"].substitute is None

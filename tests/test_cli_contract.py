@@ -1,7 +1,8 @@
 """The CLI contract (tests/cli_contract.py) on every CI run: 50 generated cases per subcommand, each in a
 forked child: exit 0 or 2, no signal, no hang, no traceback, no pre-existing file changed unless --force
-names it. The runners are processes of their own, so no model this test session loaded shares their
-forks; two run at once, one per core."""
+names it, and an output that is a FIFO, a device or a socket refused (exit 2) and left as it was. The runners
+are processes of their own, so no model this test session loaded shares their forks; two run at once, one per
+core."""
 import os
 import subprocess
 import sys

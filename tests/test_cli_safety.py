@@ -269,3 +269,119 @@ def test_bad_server_config_files(model, tmp_path, text, needle):
     proc = edgemoe("serve", "--config_file", config, timeout=120)
     one_line_error(proc, needle.format(model=model, config=config))
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def make_special(path: Path, kind: str) -> Path:
+    """A FIFO, a character device (the null device's numbers, made here, never /dev/null itself), a Unix socket,
+    or a symlink to a FIFO at `path`."""
+    import socket
+    import stat
+
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "chardev":
+        os.mknod(path, stat.S_IFCHR | 0o666, os.makedev(1, 3))
+    elif kind == "socket":
+        with socket.socket(socket.AF_UNIX) as s:
+            s.bind(str(path))
+    else:
+        make_special(path.with_name(path.name + ".target"), "fifo")
+        path.symlink_to(path.name + ".target")
+    return path
+
+
+def node(path: Path) -> tuple[int, int]:
+    """What a path names, through symlinks (type and device numbers): unchanged if nothing replaced it."""
+    st = os.stat(path)
+    return st.st_mode, st.st_rdev
+
+
+SPECIAL_KINDS = {"fifo": "a FIFO", "chardev": "a character device", "socket": "a socket",
+                 "link-to-fifo": "a symlink to a FIFO"}
+# every CLI output flag, {out} the special file; the other options make the work as small as it gets
+OUTPUT_COMMANDS = {
+    "convert": ["convert", "{model}", "{out}", "--uniform", "Q4_K"],
+    "convert --save-plan": ["convert", "{model}", "{dir}/o.gguf", "--uniform", "Q4_K", "--save-plan", "{out}"],
+    "profile --out": ["profile", "{model}", "--out", "{out}", "--tokens", "512", "--samples", "4"],
+    "bench --json": ["bench", "{model}", "--memory-budget", "50%", "--runs", "1", "--tokens", "1", "--no-cgroup",
+                     "--json", "{out}"],
+}
+
+
+@pytest.mark.parametrize("force", [True, False], ids=["force", "no-force"])
+@pytest.mark.parametrize("kind", SPECIAL_KINDS)
+@pytest.mark.parametrize("command", OUTPUT_COMMANDS)
+def test_outputs_that_are_not_regular_files_are_refused(model, tmp_path, command, kind, force):
+    """A FIFO, device, socket or symlink to one given as an output is refused in one line before any work,
+    with or without --force; it stays what it was (--force used to replace it with a regular file)."""
+    (tmp_path / "d").mkdir()
+    out = make_special(tmp_path / "d" / "out", kind)
+    before = node(out)
+    argv = [a.format(model=model, out=out, dir=tmp_path / "d") for a in OUTPUT_COMMANDS[command]]
+    proc = edgemoe(*argv, *(["--force"] if force else []), timeout=120)
+    one_line_error(proc, f"{out} is {SPECIAL_KINDS[kind]}, not a regular file")
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert node(out) == before
+    assert sorted(p.name for p in (tmp_path / "d").iterdir()) == sorted(
+        ["out", "out.target"] if kind == "link-to-fifo" else ["out"])     # nothing written beside it
+
+
+@pytest.mark.parametrize("kind", SPECIAL_KINDS)
+def test_check_output_refuses_special_files(tmp_path, kind):
+    from edgemoe_llamacpp import files
+    from edgemoe_llamacpp.errors import EdgeMoEError
+
+    out = make_special(tmp_path / "out", kind)
+    for force in (False, True):
+        with pytest.raises(EdgeMoEError, match="not a regular file"):
+            files.check_output(out, force=force)
+    regular = tmp_path / "regular.json"
+    regular.write_text("{}")
+    (tmp_path / "link.json").symlink_to("regular.json")
+    (tmp_path / "dangling.json").symlink_to("gone.json")
+    for path in (regular, tmp_path / "link.json", tmp_path / "dangling.json"):
+        assert files.check_output(path, force=True) == path
+
+
+@pytest.mark.parametrize("argv, line", [
+    (["run", "{model}", "-p", "x", "--memory-budget", "-5GiB"], "memory budget '-5GiB' is not a size"),
+    (["run", "{model}", "-p", "x", "--memory-budget", "-.5GiB", "--json"], "memory budget '-.5GiB' is not a size"),
+    (["ppl", "{model}", "--memory-budget", "-5GiB"], "memory budget '-5GiB' is not a size"),
+    (["bench", "{model}", "--memory-budget", "-5GiB", "--no-cgroup"], "memory budget '-5GiB' is not a size"),
+    (["bench", "{model}", "--memory-budget", "50%", "--allowance", "-5MB"], "memory budget '-5MB' is not a size"),
+    (["convert", "{model}", "{dir}/o.gguf", "--profile", "{dir}/p.npz", "--size", "-5MB"],
+     "memory budget '-5MB' is not a size"),
+])
+def test_negative_looking_values_get_one_line(model, tmp_path, argv, line):
+    """A value that starts with '-' and a digit reaches the option's own check (argparse took it for an option
+    and printed the whole usage); nothing runs."""
+    argv = [a.format(model=model, dir=tmp_path) for a in argv]
+    proc = edgemoe(*argv, timeout=120)
+    one_line_error(proc, line)
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and "usage" not in proc.stderr, proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.gguf"]
+
+
+def test_negative_values_are_attached_to_value_options_only():
+    from edgemoe_llamacpp.cli import _attach_negative_values, build_parser
+
+    parser = build_parser()
+    argv = ["run", "m", "-p", "-5 apples", "--stock", "-n", "-1", "--memory-budget", "-5GiB", "--json", "--",
+            "--seed", "-3x"]
+    assert _attach_negative_values(parser, argv) == ["run", "m", "-p=-5 apples", "--stock", "-n=-1",
+                                                     "--memory-budget=-5GiB", "--json", "--", "--seed", "-3x"]
+    args = parser.parse_args(_attach_negative_values(parser, ["run", "m", "-p", "-5 apples", "-n", "3"]))
+    assert args.prompt == "-5 apples" and args.n == 3
+    assert _attach_negative_values(parser, ["--help"]) == ["--help"]
+
+
+def test_the_profile_api_refuses_a_special_output(model, tmp_path):
+    """profile() (what `edgemoe profile` and tools/quality_sweep.py call) checks its output too: it replaces a
+    profile, as it always did, but never a FIFO, before any work."""
+    from edgemoe_llamacpp.errors import EdgeMoEError
+    from edgemoe_llamacpp.profile import profile
+
+    out = make_special(tmp_path / "p.npz", "fifo")
+    with pytest.raises(EdgeMoEError, match="is a FIFO, not a regular file"):
+        profile(str(model), str(out), tokens=512, samples=4, progress=False)
+    assert out.is_fifo()

@@ -1,5 +1,6 @@
 """The rewriter, verifier, profiler and planner on the trained fixture, with the real llama.cpp."""
 import itertools
+import json
 import os
 import signal
 import subprocess
@@ -512,3 +513,29 @@ def test_run_and_ppl_refuse_non_finite_logits(nan_file, command):
     assert "Traceback" not in proc.stderr
     assert "non-finite logits" in proc.stderr.strip().splitlines()[-1]
     assert "perplexity" not in proc.stdout and "---" not in proc.stdout
+
+
+def test_inspect_shows_each_tensors_type_mix_and_the_mean_expert(fixture_path, tmp_path, capsys):
+    """A file whose layer-1 experts hold several types: inspect counts the experts at each type per tensor
+    (it used to print the type the tensor is declared at, its largest) and gives the mean and range of the
+    experts' bytes (it used to print expert 0's); --json adds the same per layer and keeps every field."""
+    layout = read_layout(fixture_path)
+    plan = uniform_plan(layout, "Q4_K")
+    for t in layout.expert_tensors:
+        if t.layer == 1:
+            plan[t.name] = ["Q3_K"] * 10 + ["Q6_K"] * 4 + ["Q4_K"] * 2
+    out = convert(fixture_path, tmp_path / "mix.gguf", plan, progress=False)
+    sizes = [out.expert(1, e).nbytes for e in range(16)]
+    assert cli(["inspect", str(out.path)]) == 0
+    rows = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()[4:]}
+    mean = f"{round(sum(sizes) / 16):,} ({min(sizes):,}-{max(sizes):,})"
+    assert rows["1"].split(mean)[1].split("MiB")[1].strip() == (
+        "ffn_down_exps: 10 Q3_K, 4 Q6_K, 2 Q4_K; ffn_gate_exps: 10 Q3_K, 4 Q6_K, 2 Q4_K; "
+        "ffn_up_exps: 10 Q3_K, 4 Q6_K, 2 Q4_K"), rows["1"]
+    assert rows["0"].split()[1] == f"{out.expert(0, 0).nbytes:,}" and "ffn_gate_exps: 16 Q4_K" in rows["0"]
+    assert cli(["inspect", str(out.path), "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert set(out.to_dict()) < set(doc)
+    (one,) = [x for x in doc["layers"] if x["layer"] == 1]
+    assert one["types"]["ffn_gate_exps"] == {"Q3_K": 10, "Q6_K": 4, "Q4_K": 2}
+    assert one["expert_bytes"] == {"mean": sum(sizes) / 16, "min": min(sizes), "max": max(sizes)}

@@ -215,3 +215,24 @@ def test_layer_recall_finds_a_fixed_mapping():
     assert s["layer_recall_popularity"] < 0.3
     shuffled = np.stack([first, perm[first[rng.permutation(400)]]], axis=1).astype(np.int32)
     assert RoutingTrace(shuffled, (0, 1), 16, "x").stats()["layer_recall"] < 0.3
+
+
+def test_a_file_that_is_no_trace_says_what_a_trace_is(fixture_path, tmp_path):
+    """--route-trace given the model (or any file that is no trace): one whole line that says what a trace is;
+    numpy's message, cut mid-word and offering allow_pickle, is never shown."""
+    what = ("a routing trace is an .npz of ids, layers, n_expert and source (tools/make_trace.py) or the JSON of "
+            "a recorded run (edgemoe run --json --trace)")
+    proc = subprocess.run([sys.executable, "-m", "edgemoe_llamacpp", "run", str(fixture_path), "-p", "x",
+                           "--route-trace", str(fixture_path)], capture_output=True, text=True, timeout=120,
+                          check=False)
+    assert proc.returncode == 2
+    assert proc.stderr == f"edgemoe: error: {fixture_path}: not a routing trace; {what}\n"
+    objects = _npz(tmp_path / "pickle.npz", **{**GOOD, "source": np.array([{"a": 1}], dtype=object)})
+    (tmp_path / "notzip.npz").write_bytes(b"\x93NUMPY not a zip")
+    for path, why in ((objects, "it holds Python objects, which edgemoe never loads"),
+                      (_npz(tmp_path / "two.npz", ids=GOOD["ids"], source=GOOD["source"]), "no layers, n_expert arrays"),
+                      (tmp_path / "notzip.npz", None)):
+        with pytest.raises(EdgeMoEError) as e:
+            RoutingTrace.load(path)
+        reason = "not a routing trace" if why is None else f"not a readable routing trace ({why})"
+        assert str(e.value) == f"{path}: {reason}; {what}"

@@ -28,7 +28,7 @@ OTHERS = ["tests/test_bench.py::test_belady_by_hand",
 KNOWN = ["tests/test_generation.py::test_greedy_generation_is_stdlib_like",
          "tests/test_convert.py::test_uniform_file_loads_in_stock_llama_cpp",
          "tests/test_convert.py::test_per_layer_plan_file_loads_in_stock_llama_cpp",
-         "tests/test_cli_run.py::test_run_json_edgemoe_and_stock_agree",
+         "tests/test_cli_run.py::test_run_stock_repack_on_names_the_other_path",
          "tests/test_bench.py::test_bench_stock_child_uses_llama_cpps_default_repack"]
 
 

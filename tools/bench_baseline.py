@@ -22,7 +22,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from edgemoe_llamacpp import bench, cgroup
+from edgemoe_llamacpp import bench, cgroup, files
 from edgemoe_llamacpp.cache_config import CacheConfig
 from edgemoe_llamacpp.layout import read_layout
 from edgemoe_llamacpp.residency import parse_budget
@@ -89,6 +89,7 @@ def main() -> int:
     ap.add_argument("--n-ctx", dest="n_ctx", type=int, default=512)
     ap.add_argument("--out", type=Path, default=ROOT / "bench/results/baseline.json")
     args = ap.parse_args()
+    files.tool_output(args.out)
     ctrl = cgroup.memory_controller()
     if ctrl.path is None:
         sys.exit(f"error: needs a writable cgroup memory controller (v1 or v2) to limit memory: {ctrl.reason}")
@@ -136,8 +137,7 @@ def main() -> int:
                  "same_text": len({r["text"] for rs in rows.values() for r in rs if r}) == 1}
         result["budgets"].append(entry)
     bar.close()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    files.write_text(args.out, json.dumps(result, indent=1) + "\n")
     for b in result["budgets"]:
         print(f"{b['budget']}: head {b['head']['decode_tok_s']:.2f} tok/s at "
               f"{b['head']['decode_read_bytes_per_token'] / 1e6:.1f} MB/token, baseline "

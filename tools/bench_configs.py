@@ -19,7 +19,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from edgemoe_llamacpp import bench, cgroup
+from edgemoe_llamacpp import bench, cgroup, files
 from edgemoe_llamacpp.cache_config import CacheConfig
 from edgemoe_llamacpp.errors import EdgeMoEError
 from edgemoe_llamacpp.layout import read_layout
@@ -49,6 +49,7 @@ def main() -> int:
     ap.add_argument("--n-ctx", dest="n_ctx", type=int, default=512)
     ap.add_argument("--out", type=Path, default=ROOT / "bench/results/configs.json")
     args = ap.parse_args()
+    files.tool_output(args.out)
     configs = [parse_config(c) for c in args.configs]
     layout = read_layout(args.model)
     ctrl = cgroup.memory_controller()
@@ -85,8 +86,7 @@ def main() -> int:
                                      **bench.compare(runs[label], runs["stock"], budget, expert_size)})
         result["budgets"].append(entry)
     bar.close()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    files.write_text(args.out, json.dumps(result, indent=1) + "\n")
     print(f"wrote {args.out}")
     return 0
 

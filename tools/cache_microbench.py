@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edgemoe_llamacpp import files
 from edgemoe_llamacpp.layout import ExpertUID
 from edgemoe_llamacpp.replay import ReplayCache, synthetic_layout
 from edgemoe_llamacpp.residency import POLICIES
@@ -118,6 +119,8 @@ def main() -> None:
     ap.add_argument("--before", default=BEFORE, help="git revision of the sorting cache ('' to skip)")
     ap.add_argument("--json")
     args = ap.parse_args()
+    if args.json:
+        files.tool_output(args.json, "--json")
     versions = {"after": (lambda layout, budget, policy: ReplayCache(layout, budget, policy=policy),
                           lambda layer, e: ExpertUID(layer, e))}
     print(f"median us of one ensure(), {MISSES} misses\n{'layout':8s} {'held':13s} {'policy':8s} {'before':>8s} "
@@ -132,7 +135,7 @@ def main() -> None:
               "before_revision": args.before or None, "load_average": os.getloadavg(), "cpus": os.cpu_count(),
               "python": sys.version.split()[0], "rows": rows}
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+        files.write_text(args.json, json.dumps(result, indent=1) + "\n")
 
 
 if __name__ == "__main__":

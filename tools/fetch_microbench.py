@@ -25,7 +25,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from edgemoe_llamacpp import cgroup, runtime, storage
+from edgemoe_llamacpp import cgroup, files, runtime, storage
 from edgemoe_llamacpp.bench import disk_bandwidth
 from edgemoe_llamacpp.layout import ExpertUID, read_layout
 
@@ -235,6 +235,8 @@ def setup_arg_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> None:
     args = setup_arg_parser().parse_args(argv)
+    if args.json:
+        files.tool_output(args.json, "--json")
     path = os.path.realpath(args.model)
     layout = read_layout(path)
     k = layout.n_expert_used
@@ -287,7 +289,7 @@ def main(argv=None) -> None:
                "queue": block_queue(path), "kernel": platform.release(), "cpus": os.cpu_count(),
                "loadavg_end": os.getloadavg(), "variants": rows,
                "time": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
-        Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
+        files.write_text(args.json, json.dumps(out, indent=1) + "\n")
     st.close()
     mm.close()
 

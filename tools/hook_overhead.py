@@ -13,6 +13,7 @@ import statistics
 
 import llama_cpp
 
+from edgemoe_llamacpp import files
 from edgemoe_llamacpp.cache_config import CacheConfig
 from edgemoe_llamacpp.generate import last_logits
 from edgemoe_llamacpp.llama import Llama, stock_llama
@@ -38,6 +39,8 @@ def main() -> None:
     ap.add_argument("--json", help="write the result here")
     ap.add_argument("--note", help="conditions of the run, recorded in the result")
     args = ap.parse_args()
+    if args.json:
+        files.tool_output(args.json, "--json")
     kw = {"n_ctx": 512, "verbose": False}
     if args.n_threads:
         kw.update(n_threads=args.n_threads, n_threads_batch=args.n_threads)
@@ -62,8 +65,7 @@ def main() -> None:
                    runtime=llama_cpp.__version__, note=args.note, rows=rows)
     print(json.dumps(summary))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(summary, f, indent=1)
+        files.write_text(args.json, json.dumps(summary, indent=1))
 
 
 if __name__ == "__main__":

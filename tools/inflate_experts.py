@@ -10,13 +10,13 @@ Works on Q8_0 experts (the fixture's type); new Q8_0 blocks are written directly
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
 import gguf
 import numpy as np
 from tqdm import tqdm
 
+from edgemoe_llamacpp import files
 from edgemoe_llamacpp.layout import STACKED_EXPERTS, read_layout
 
 Q8_0 = gguf.GGMLQuantizationType.Q8_0
@@ -55,6 +55,7 @@ def main() -> None:
     ap.add_argument("--force", action="store_true", help="overwrite dst")
     ap.add_argument("--check", action="store_true", help="greedy output of dst must equal src's")
     args = ap.parse_args()
+    files.tool_output(args.dst, "dst", inputs=[args.src], force=args.force)
 
     layout = read_layout(args.src)
     reader = gguf.GGUFReader(args.src)
@@ -65,10 +66,7 @@ def main() -> None:
         raise SystemExit(f"--ff must be a multiple of 256 above the current {old_ff}")
     if {t.type for t in layout.expert_tensors} != {"Q8_0"}:
         raise SystemExit("only Q8_0 experts can be widened")
-    if args.dst.exists() and not args.force:
-        raise SystemExit(f"{args.dst} exists; pass --force to overwrite")
-    args.dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.dst.with_name(args.dst.name + ".tmp")
+    tmp = files.temporary_beside(args.dst)
 
     writer = gguf.GGUFWriter(str(tmp), arch)
     for field in reader.fields.values():
@@ -101,9 +99,7 @@ def main() -> None:
             writer.write_tensor_data(data)
             bar.update(data.nbytes)
     writer.close()
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, args.dst)
+    files.commit(tmp, args.dst)
     new = read_layout(args.dst)
     print(f"wrote {args.dst}: {new.file_size / 1e9:.2f} GB, {len(new.experts)} experts of "
           f"{new.experts[0].nbytes / 1e6:.2f} MB (expert FFN {old_ff} -> {args.ff}), "

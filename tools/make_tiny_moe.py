@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import random
 import sys
 import time
@@ -37,7 +36,7 @@ from pathlib import Path
 import numpy as np
 from gguf import QK_K
 
-from edgemoe_llamacpp import quant
+from edgemoe_llamacpp import files, quant
 from edgemoe_llamacpp.corpus import EOT, is_validation, stdlib_files
 from edgemoe_llamacpp.perplexity import window_logp
 
@@ -276,10 +275,9 @@ def train(model, train_ids: np.ndarray, cfg: Config, *, checkpoint: Path | None 
         print(f"resumed from {checkpoint} at step {start} ({spent:.0f}s of training)")
 
     def save(step: int) -> None:
-        tmp = checkpoint.with_name(checkpoint.name + ".tmp")
-        torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "config": asdict(cfg),
-                    "tokenizer": tokenizer_json, "train_seconds": spent + time.time() - t0}, tmp)
-        os.replace(tmp, checkpoint)
+        with files.atomic_output(checkpoint) as tmp:
+            torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "config": asdict(cfg),
+                        "tokenizer": tokenizer_json, "train_seconds": spent + time.time() - t0}, tmp)
 
     gen = batches(train_ids, cfg, np.random.default_rng(cfg.seed), skip=start)
     model.train()
@@ -404,7 +402,7 @@ def write_gguf(model, tok, cfg: Config, path: Path, provenance: dict, dtype: str
     """The model as a qwen3moe GGUF with its matrices at `dtype` (Q8_0 or F16); norms and the router F32."""
     import gguf
     qt = gguf.GGMLQuantizationType[dtype]
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = files.temporary_beside(path)
     w = gguf.GGUFWriter(str(tmp), "qwen3moe")
     w.add_name("edgemoe tiny-moe")
     w.add_description(json.dumps(provenance, sort_keys=True))
@@ -464,9 +462,7 @@ def write_gguf(model, tok, cfg: Config, path: Path, provenance: dict, dtype: str
     w.write_kv_data_to_file()
     w.write_tensors_to_file(progress=False)
     w.close()
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    files.commit(tmp, path)
 
 
 # ----------------------------------------------------------------------------- llama.cpp perplexity
@@ -507,6 +503,10 @@ def main() -> None:
     ap.add_argument("--probe-tokens", type=int, default=16384)
     config_options(ap)
     args = ap.parse_args()
+    for out, what, written in ((args.out, "--out", not args.eval_only), (args.report, "--report", True),
+                               (args.checkpoint, "--checkpoint", True)):
+        if out is not None and written:
+            files.tool_output(out, what)
     cfg = Config(**{f.name: getattr(args, f.name) for f in fields(Config)})
     for name in ("n_embd", "n_ff_exp"):
         if getattr(cfg, name) % QK_K:
@@ -559,7 +559,6 @@ def main() -> None:
         print(f"validation perplexity (torch, fp32): {torch_ppl:.3f}")
         for key, val in report["routing"].items():
             print(f"{key}: {np.round(val, 3).tolist() if isinstance(val, list) else round(val, 3)}")
-        args.out.parent.mkdir(parents=True, exist_ok=True)
         provenance = {"tool": "tools/make_tiny_moe.py", "corpus": "python-stdlib",
                       "python": report["python"], "seed": cfg.seed, "steps": cfg.steps}
         if cfg != Config():                                  # the bundled fixture's description stays as it was
@@ -575,7 +574,7 @@ def main() -> None:
     report["llama_cpp_val_ppl"], report["llama_cpp_val_tokens"] = ppl, n
     print(f"validation perplexity (llama-cpp-python, {n} tokens): {ppl:.3f}")
     if args.report:
-        args.report.write_text(json.dumps(report, indent=2) + "\n")
+        files.write_text(args.report, json.dumps(report, indent=2) + "\n")
 
 
 if __name__ == "__main__":

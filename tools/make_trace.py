@@ -205,8 +205,8 @@ def run(args: argparse.Namespace) -> int:
         raise EdgeMoEError("--stats makes every preset's table at its model's geometry; it takes no preset, "
                            "--out or --calibrate")
     if args.stats:
+        files.tool_output(args.stats_json, "--stats-json")
         doc = all_stats(args.tokens, args.seed, args.seeds)
-        args.stats_json.parent.mkdir(parents=True, exist_ok=True)
         files.write_text(args.stats_json, json.dumps(doc, indent=2) + "\n")
         print(f"{args.tokens} tokens a trace; measured: seed {args.seed}; range: seeds {args.seed}-"
               f"{args.seed + args.seeds - 1}; written to {args.stats_json}\n")

@@ -36,6 +36,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 import numpy as np
 from tqdm import tqdm
 
+from edgemoe_llamacpp import files
 from edgemoe_llamacpp.bench import belady
 from edgemoe_llamacpp.cache_config import CacheConfig
 from edgemoe_llamacpp.layout import read_layout
@@ -176,6 +177,8 @@ def main() -> None:
                     "(held-out windows: --validation, default 10; completions: --tokens)")
     ap.add_argument("--json")
     args = ap.parse_args()
+    if args.json:
+        files.tool_output(args.json, "--json")
     layout = read_layout(args.model)
     if args.presets:
         result = replay_presets(args, layout)
@@ -186,8 +189,7 @@ def main() -> None:
         print("geometric mean x Belady:", {k: round(v, 3) for k, v in result["geomean_vs_belady"].items()},
               "best:", result["best"])
         if args.json:
-            with open(args.json, "w") as f:
-                json.dump(result, f, indent=1)
+            files.write_text(args.json, json.dumps(result, indent=1))
         return
     if args.validation:
         traces = record_windows(args.model, args.validation, WINDOW)
@@ -228,8 +230,7 @@ def main() -> None:
               "n_expert": layout.n_expert, "n_expert_used": layout.n_expert_used,
               "moe_layers": len(layout.moe_layers), "depths": args.depths, "budgets": rows}
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+        files.write_text(args.json, json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":

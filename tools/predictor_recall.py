@@ -15,11 +15,10 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from pathlib import Path
 
 import numpy as np
 
-from edgemoe_llamacpp import corpus
+from edgemoe_llamacpp import corpus, files
 from edgemoe_llamacpp.layout import read_layout
 from edgemoe_llamacpp.predict import (
     MAX_DEPTH,
@@ -84,6 +83,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0, help="order of the train files sampled")
     ap.add_argument("--json")
     args = ap.parse_args()
+    if args.json:
+        files.tool_output(args.json, "--json")
     train_txt, val_txt = list(corpus.split_texts("train")), list(corpus.split_texts("validation"))
     layout = read_layout(args.model)
     t0 = time.time()
@@ -115,7 +116,7 @@ def main() -> None:
                   ["--train-tokens", str(args.train_tokens), "--val-tokens", str(args.val_tokens),
                    "--also-tokens", str(args.also_tokens)] + (["--json", args.json] if args.json else []))}
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+        files.write_text(args.json, json.dumps(result, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from gguf import GGUFReader
 
-from edgemoe_llamacpp import quant, runtime
+from edgemoe_llamacpp import files, quant, runtime
 from edgemoe_llamacpp.convert import convert, uniform_plan
 from edgemoe_llamacpp.layout import read_layout
 from edgemoe_llamacpp.perplexity import paired_difference, perplexities
@@ -49,22 +49,23 @@ def main() -> int:
     ap.add_argument("--tokens", type=int, default=10**7, help="validation tokens scored per file (default: all)")
     ap.add_argument("--bar", type=float, default=0.03, help="the perplexity increase uniform Q2_K must reach")
     args = ap.parse_args()
+    files.tool_output(args.out)
     args.work.mkdir(parents=True, exist_ok=True)
 
     layout = read_layout(args.model)
     if layout.mixed:
         sys.exit(f"error: {args.model} has experts of several types; the source is a file of one type")
     n_weights = round(sum(8 * t.nbytes / quant.bits_per_weight(t.type) for t in layout.expert_tensors))
-    files = [("source", f"source {', '.join(sorted({t.type for t in layout.expert_tensors}))}", args.model)]
+    models = [("source", f"source {', '.join(sorted({t.type for t in layout.expert_tensors}))}", args.model)]
     for tn in args.types:
         path = args.work / f"uniform-{tn}.gguf"
         convert(args.model, path, uniform_plan(layout, tn), meta={"plan.method": f"uniform {tn}"}, force=True)
-        files.append(("uniform", f"uniform {tn}", path))
+        models.append(("uniform", f"uniform {tn}", path))
 
-    scores = perplexities([str(f[2]) for f in files], tokens=args.tokens, reference=str(args.model))
+    scores = perplexities([str(f[2]) for f in models], tokens=args.tokens, reference=str(args.model))
     source = scores[0]
     rows = []
-    for (kind, label, path), ppl in zip(files, scores, strict=True):
+    for (kind, label, path), ppl in zip(models, scores, strict=True):
         out = read_layout(path)
         row = {"kind": kind, "label": label, "file": path.name, "file_bytes": path.stat().st_size,
                "expert_bytes": out.expert_bytes, "bits_per_weight": 8 * out.expert_bytes / n_weights,
@@ -87,8 +88,7 @@ def main() -> int:
               "n_weights": n_weights, "rows": rows, "bar": bar, "runtime": runtime.runtime_info(),
               "date": time.strftime("%Y-%m-%d"), "python": platform.python_version(),
               "command": "python " + " ".join(sys.argv)}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    files.write_text(args.out, json.dumps(result, indent=1) + "\n")
     if bar is not None:
         print(f"uniform Q2_K raises perplexity by {bar['q2_k_increase']:.2%}: the bar of {args.bar:.0%} is "
               f"{'met' if bar['met'] else 'NOT met'}")

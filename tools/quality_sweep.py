@@ -27,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-from edgemoe_llamacpp import quant, runtime
+from edgemoe_llamacpp import files, quant, runtime
 from edgemoe_llamacpp.calibrate import calibrated, layer_scales
 from edgemoe_llamacpp.convert import convert, uniform_plan
 from edgemoe_llamacpp.errors import BudgetError
@@ -107,6 +107,7 @@ def main() -> int:
     ap.add_argument("--calibration-type", default="Q2_K", help="the type each layer is probed at (calibrate.py)")
     ap.add_argument("--calibration-tokens", type=int, default=16384, help="train-split tokens per probe")
     args = ap.parse_args()
+    files.tool_output(args.out)
     if not Path(args.model).exists():
         sys.exit(f"error: {args.model} does not exist; the quality fixture is made with tools/make_tiny_moe.py "
                  "(README: the quality fixture)")
@@ -131,14 +132,14 @@ def main() -> int:
         kl_costs = calibrated(costs, scales)
         variants.append(("plan-calibrated", ", layer-calibrated", kl_costs, True))
 
-    files: list[dict] = [{"kind": "source", "label": "source", "path": Path(args.model)}]
+    models: list[dict] = [{"kind": "source", "label": "source", "path": Path(args.model)}]
 
     def add(kind: str, label: str, name: str, plan: dict, method: str, use_imatrix: bool = True, off=None,
             **extra) -> None:
         path = args.work / name
         convert(args.model, path, plan, meta={"plan.method": method}, force=True,
                 imatrix=imatrix if use_imatrix else None, imatrix_off=off if use_imatrix else None)
-        files.append({"kind": kind, "label": label, "path": path, "imatrix": use_imatrix,
+        models.append({"kind": kind, "label": label, "path": path, "imatrix": use_imatrix,
                       "predicted_kld": predicted(kl_costs, plan) if kl_costs else None, **extra})
 
     for tn in args.uniform or costs["types"]:
@@ -165,7 +166,7 @@ def main() -> int:
             add("mix", f"mix {mix[0]} gate/up, {mix[1]} down", f"mix-{mix[0]}-{mix[1]}.gguf",
                 mix_plan(layout, *mix[:2]), f"mix {mix[0]}/{mix[1]}")
 
-    checks = {str(f["path"]): verify(str(f["path"])) for f in files if f["kind"] != "source"}
+    checks = {str(f["path"]): verify(str(f["path"])) for f in models if f["kind"] != "source"}
     # a mixed file's experts are page-aligned slots; a uniform file is packed as stock llama.cpp loads it
     bad = {p: c for p, c in checks.items()
            if c.get("checksums") != "ok" or (c.get("mixed") and c.get("unaligned_expert_ranges"))}
@@ -173,9 +174,9 @@ def main() -> int:
         sys.exit(f"error: files failed edgemoe verify: {sorted(bad)}")
 
     # every file scored on the same windows in one pass, the source evaluated once per window
-    scores = perplexities([str(f["path"]) for f in files], tokens=args.tokens, reference=args.model)
+    scores = perplexities([str(f["path"]) for f in models], tokens=args.tokens, reference=args.model)
     rows, windows = [], {}
-    for f, ppl in zip(files, scores, strict=True):
+    for f, ppl in zip(models, scores, strict=True):
         out = read_layout(f["path"])
         report = f.get("report") or {}
         row = {"kind": f["kind"], "label": f["label"], "file": f["path"].name, "expert_bytes": out.expert_bytes,
@@ -218,8 +219,7 @@ def main() -> int:
                                          "scale": scales["scale"].tolist()},
               "runtime": runtime.runtime_info(), "date": time.strftime("%Y-%m-%d"),
               "python": platform.python_version(), "command": "python " + " ".join(sys.argv)}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    files.write_text(args.out, json.dumps(result, indent=1) + "\n")
     print(f"wrote {args.out}")
     return 0
 

@@ -14,6 +14,8 @@ import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
+from edgemoe_llamacpp import files
+
 LOOPBACK = ("127.", "localhost", "[::1]")
 
 
@@ -63,12 +65,13 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=8)
     ap.add_argument("--json")
     args = ap.parse_args()
+    if args.json:
+        files.tool_output(args.json, "--json")
     result = run_load(args.base_url, args.api_key, clients=args.clients, requests=args.requests,
                       max_tokens=args.max_tokens)
     print(json.dumps({k: v for k, v in result.items() if k != "stats"}))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+        files.write_text(args.json, json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":

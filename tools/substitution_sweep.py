@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from edgemoe_llamacpp import runtime
+from edgemoe_llamacpp import files, runtime
 from edgemoe_llamacpp.cache_config import CacheConfig
 from edgemoe_llamacpp.convert import convert, uniform_plan
 from edgemoe_llamacpp.imatrix import from_profile
@@ -53,6 +53,7 @@ def main() -> int:
                     "importance matrices (`edgemoe profile` of --reference)")
     ap.add_argument("--thresholds", nargs="+", default=["none", "0.8", "0.6", "0.4", "0.2", "0.0"])
     args = ap.parse_args()
+    files.tool_output(args.out)
     if not runtime.patched():
         sys.exit("error: substitution needs the patched runtime: python tools/build_runtime.py")
     args.work.mkdir(parents=True, exist_ok=True)
@@ -74,8 +75,7 @@ def main() -> int:
     result = {"kind": "substitution", "command": "python " + " ".join(sys.argv), "model": str(model), "reference": str(args.reference), "budget": args.budget, "lowbit": args.lowbit,
               "imatrix": str(args.imatrix) if args.imatrix else None,
               "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "runtime": runtime.runtime_info(), "rows": rows}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    files.write_text(args.out, json.dumps(result, indent=1) + "\n")
     print("| threshold | perplexity | vs none | KL (nats/token) | same top-1 | ran from copies | "
           "expert MB read/token |\n|---|---|---|---|---|---|---|")
     for r in rows:
