@@ -1,6 +1,7 @@
 """`edgemoe` subcommands: parse, call, print. Errors a user caused print one line and exit 2."""
 from __future__ import annotations
 
+import _thread
 import argparse
 import contextlib
 import json
@@ -8,6 +9,7 @@ import math
 import os
 import re
 import sys
+import threading
 
 from . import files
 from .errors import EXIT_INTERRUPTED, BudgetError, EdgeMoEError
@@ -632,8 +634,7 @@ def _attach_negative_values(parser: argparse.ArgumentParser, argv: list[str]) ->
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+def _parse_and_run(argv: list[str]) -> int:
     if argv[:1] == ["serve"]:
         if not _llama_cpp_available():
             print("edgemoe: error: llama-cpp-python is not installed; build edgemoe's runtime: edgemoe build-runtime",
@@ -646,8 +647,28 @@ def main(argv: list[str] | None = None) -> int:
         argv = _underscore_flags(argv)
     parser = build_parser()
     args = parser.parse_args(_attach_negative_values(parser, argv))
-    try:
-        return args.func(args)
+    return args.func(args)
+
+
+def _redeliver_interrupt(previous):
+    """A sys.unraisablehook: a Ctrl-C that lands in code whose exceptions Python can only print (a finalizer, a gc
+    or ctypes callback) is delivered to the main thread again, where it stops the command, instead of being
+    printed and lost. From another thread, a moment later: delivered now, it would land in this hook."""
+    def hook(unraisable) -> None:
+        if issubclass(unraisable.exc_type, KeyboardInterrupt):
+            threading.Timer(REDELIVER_S, _thread.interrupt_main).start()
+        else:
+            previous(unraisable)
+    return hook
+
+
+REDELIVER_S = 0.01
+
+
+def main(argv: list[str] | None = None) -> int:
+    previous_hook, sys.unraisablehook = sys.unraisablehook, _redeliver_interrupt(sys.unraisablehook)
+    try:        # parsing imports llama-cpp-python for serve's flags: Ctrl-C may come before any command runs
+        return _parse_and_run(list(sys.argv[1:] if argv is None else argv))
     except EdgeMoEError as e:
         print(f"edgemoe: error: {e}", file=sys.stderr)
         return 2
@@ -662,6 +683,8 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:             # `edgemoe inspect | head`: the reader left; so do we, quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    finally:
+        sys.unraisablehook = previous_hook
 
 
 def entry() -> None:

@@ -5,7 +5,9 @@ character device, a socket),
     - prints no traceback;
     - leaves every file that existed before unchanged (sha256) unless --force is given and names it;
     - refuses (exit 2) an output that is a FIFO, a device or a socket, or a symlink to one, with or without
-      --force, and leaves it what it was.
+      --force, and leaves it what it was;
+    - interrupted by SIGINT (one case in four, at a generated moment), stops within STOP_WITHIN_S with exit 130
+      and no traceback, and leaves every file as it was, the outputs --force names included (or finishes first).
 
 Each case runs `edgemoe_llamacpp.cli.main(argv)` in a forked child of this process, which never loads a
 model itself (llama.cpp's and OpenMP's threads do not survive a fork). `serve` runs everything up to the
@@ -37,6 +39,10 @@ from hypothesis import strategies as st
 
 FIXTURE = Path(__file__).parent / "fixtures" / "tiny-moe.gguf"
 CASE_TIMEOUT_S = 300
+# when a case is sent SIGINT, seconds after it starts: None for most cases (not interrupted)
+SIGINT_SCHEDULE = [None, None, None, 0.005, 0.02, 0.1, 0.5, 2.0]
+STOP_WITHIN_S = 3.0         # two runners share two cores in the suite: a little above the 2 s test_interrupt holds
+EXIT_INTERRUPTED = 130
 SUBCOMMANDS = ("inspect", "verify", "run", "ppl", "profile", "convert", "bench", "serve")
 
 # numbers at the edges of every numeric option, and a few ordinary ones
@@ -197,12 +203,14 @@ def preload() -> None:
             pass                # the server extra may be missing: serve then says so itself
 
 
-def run_case(argv: list[str], workdir: Path) -> tuple[str, int, str]:
-    """Run main(argv) in a forked child; ('exit', code, output) or ('signal', signum, output) or
-    ('hang', seconds, output)."""
+def run_case(argv: list[str], workdir: Path, sigint_after: float | None = None) -> tuple[str, int, str, float | None]:
+    """Run main(argv) in a forked child, sent SIGINT `sigint_after` seconds in if given; ('exit', code, output,
+    seconds from the signal to the exit or None) or ('signal', signum, ...) or ('hang', seconds, ...)."""
     out_path = workdir / ".case-output"
+    start = time.monotonic()
     pid = os.fork()
     if pid == 0:                                            # child
+        signal.signal(signal.SIGINT, signal.default_int_handler)   # as Python starts, even where CI ignores SIGINT
         try:
             fd = os.open(out_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             os.dup2(fd, 1)
@@ -212,7 +220,8 @@ def run_case(argv: list[str], workdir: Path) -> tuple[str, int, str]:
             os.environ["TQDM_DISABLE"] = "1"
             import uvicorn
 
-            uvicorn.run = lambda app, **kw: print(f"serve: would listen on {kw.get('host')}:{kw.get('port')}")
+            uvicorn.Server.run = lambda self, **kw: print(f"serve: would listen on {self.config.host}:"
+                                                          f"{self.config.port}")
             from edgemoe_llamacpp.cli import main
 
             code = main(argv)
@@ -226,21 +235,27 @@ def run_case(argv: list[str], workdir: Path) -> tuple[str, int, str]:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code if isinstance(code, int) else 1)
-    deadline = time.monotonic() + CASE_TIMEOUT_S
+    deadline = start + CASE_TIMEOUT_S
+    sent = None
     while True:
         done, status = os.waitpid(pid, os.WNOHANG)
         if done:
             break
-        if time.monotonic() > deadline:
+        now = time.monotonic()
+        if sigint_after is not None and sent is None and now >= start + sigint_after:
+            os.kill(pid, signal.SIGINT)
+            sent = now
+        if now > deadline:
             os.kill(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
-            return "hang", CASE_TIMEOUT_S, out_path.read_text(errors="replace")
+            return "hang", CASE_TIMEOUT_S, out_path.read_text(errors="replace"), None
         select.select([], [], [], 0.01)
+    stopped = None if sent is None else time.monotonic() - sent
     output = out_path.read_text(errors="replace")
     out_path.unlink(missing_ok=True)
     if os.WIFSIGNALED(status):
-        return "signal", os.WTERMSIG(status), output
-    return "exit", os.WEXITSTATUS(status), output
+        return "signal", os.WTERMSIG(status), output, stopped
+    return "exit", os.WEXITSTATUS(status), output, stopped
 
 
 def strategies(box: Sandbox) -> dict[str, st.SearchStrategy]:
@@ -316,19 +331,27 @@ def strategies(box: Sandbox) -> dict[str, st.SearchStrategy]:
     return spec
 
 
-def check(box: Sandbox, command: str, argv: list[str], outputs: list[str], log: list[dict]) -> None:
+def check(box: Sandbox, command: str, argv: list[str], outputs: list[str], log: list[dict],
+          sigint_after: float | None = None) -> None:
     t0 = time.monotonic()
-    kind, value, output = run_case(argv, box.root)
+    kind, value, output, stopped = run_case(argv, box.root, sigint_after)
     changed, new, nodes = box.changes()
     box.restore(changed, new, nodes)
     specials = set(box.special_outputs())
+    interrupted = kind == "exit" and value == EXIT_INTERRUPTED and stopped is not None
     record = {"argv": argv, "result": kind, "value": value, "seconds": round(time.monotonic() - t0, 2),
-              "special_output": any(p in specials for p in outputs)}
+              "special_output": any(p in specials for p in outputs), "sigint_after": sigint_after,
+              "interrupted": interrupted, "stop_s": None if stopped is None else round(stopped, 3)}
     log.append(record)
-    named = {os.path.realpath(p) for p in outputs} if "--force" in argv else set()
+    named = {os.path.realpath(p) for p in outputs} if "--force" in argv and not interrupted else set()
     touched = [p for p in changed if os.path.realpath(p) not in named]
     problems = []
-    if kind != "exit" or value not in (0, 2):
+    if interrupted:
+        if stopped > STOP_WITHIN_S:
+            problems.append(f"stopped {stopped:.2f} s after SIGINT")
+        if new:
+            problems.append(f"interrupted, yet wrote {new}")
+    elif kind != "exit" or value not in (0, 2):
         problems.append(f"{kind} {value}")
     elif record["special_output"] and value != 2:
         problems.append(f"exit {value} with an output that is no regular file")
@@ -347,10 +370,10 @@ def _case(box: Sandbox, command: str, spec: st.SearchStrategy, log: list[dict], 
     """The hypothesis test of one subcommand."""
     @settings(max_examples=examples, deadline=None, database=None, derandomize=seed is not None,
               suppress_health_check=list(HealthCheck), print_blob=True)
-    @given(argv_outputs=spec)
-    def case(argv_outputs):
+    @given(argv_outputs=spec, sigint_after=st.sampled_from(SIGINT_SCHEDULE))
+    def case(argv_outputs, sigint_after):
         argv, outputs = argv_outputs
-        check(box, command, argv, outputs, log)
+        check(box, command, argv, outputs, log, sigint_after)
     return case
 
 
@@ -373,8 +396,12 @@ def run_contract(examples: int, commands=SUBCOMMANDS, root: Path | None = None, 
     by = {}
     for r in log:
         by.setdefault(r["argv"][0], {"cases": 0, "exit0": 0, "exit2": 0, "special_outputs": 0,
-                                     "special_outputs_forced": 0})
+                                     "special_outputs_forced": 0, "sigint_sent": 0, "interrupted": 0,
+                                     "max_stop_s": 0.0})
         by[r["argv"][0]]["cases"] += 1
+        by[r["argv"][0]]["sigint_sent"] += r["stop_s"] is not None
+        by[r["argv"][0]]["interrupted"] += r["interrupted"]
+        by[r["argv"][0]]["max_stop_s"] = max(by[r["argv"][0]]["max_stop_s"], r["stop_s"] or 0.0)
         by[r["argv"][0]]["special_outputs"] += r["special_output"]
         by[r["argv"][0]]["special_outputs_forced"] += r["special_output"] and "--force" in r["argv"]
         if r["result"] == "exit" and r["value"] in (0, 2):

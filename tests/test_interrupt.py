@@ -23,11 +23,18 @@ PROMPT = "import os\nimport sys\n\n\ndef main(argv):\n    "
 STOP_WITHIN_S = 2.0
 
 
+def default_sigint() -> None:
+    """In the child before exec: SIGINT as a terminal leaves it (a CI runner may start jobs with it ignored, and
+    Python then keeps ignoring it)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def interrupt(argv: list[str], after_s: float, *, group: bool = True, cwd: Path | None = None) -> dict:
     """Start `edgemoe argv`, SIGINT it `after_s` seconds later; its exit code, output, how long it took to stop
     and the processes it had started that outlived it."""
     proc = subprocess.Popen([sys.executable, "-m", "edgemoe_llamacpp", *argv], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True, cwd=cwd)
+                            stderr=subprocess.PIPE, text=True, start_new_session=True, cwd=cwd,
+                            preexec_fn=default_sigint)
     try:
         time.sleep(after_s)
         assert proc.poll() is None, f"edgemoe {argv[0]} ended before the signal: {proc.communicate()}"
