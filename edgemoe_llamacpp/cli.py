@@ -665,10 +665,10 @@ def _redeliver_interrupt(previous):
 REDELIVER_S = 0.01
 
 
-def main(argv: list[str] | None = None) -> int:
-    previous_hook, sys.unraisablehook = sys.unraisablehook, _redeliver_interrupt(sys.unraisablehook)
-    try:        # parsing imports llama-cpp-python for serve's flags: Ctrl-C may come before any command runs
-        return _parse_and_run(list(sys.argv[1:] if argv is None else argv))
+def _run(argv: list[str]) -> int:
+    """Parse and run one command; a user's error is one line and exit 2."""
+    try:
+        return _parse_and_run(argv)
     except EdgeMoEError as e:
         print(f"edgemoe: error: {e}", file=sys.stderr)
         return 2
@@ -678,11 +678,19 @@ def main(argv: list[str] | None = None) -> int:
         print("edgemoe: error: llama-cpp-python is not installed; build edgemoe's runtime: edgemoe build-runtime",
               file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        return EXIT_INTERRUPTED
     except BrokenPipeError:             # `edgemoe inspect | head`: the reader left; so do we, quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`edgemoe ARGV`: the exit code. Ctrl-C, wherever it lands (parsing imports llama-cpp-python for serve's
+    flags; an error may be being printed), is exit 130 without a traceback."""
+    previous_hook, sys.unraisablehook = sys.unraisablehook, _redeliver_interrupt(sys.unraisablehook)
+    try:
+        return _run(list(sys.argv[1:] if argv is None else argv))
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
     finally:
         sys.unraisablehook = previous_hook
 

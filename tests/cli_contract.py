@@ -210,8 +210,9 @@ def run_case(argv: list[str], workdir: Path, sigint_after: float | None = None) 
     start = time.monotonic()
     pid = os.fork()
     if pid == 0:                                            # child
-        signal.signal(signal.SIGINT, signal.default_int_handler)   # as Python starts, even where CI ignores SIGINT
+        code = 1
         try:
+            signal.signal(signal.SIGINT, signal.default_int_handler)   # as Python starts, where CI ignores it too
             fd = os.open(out_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             os.dup2(fd, 1)
             os.dup2(fd, 2)
@@ -232,9 +233,11 @@ def run_case(argv: list[str], workdir: Path, sigint_after: float | None = None) 
 
             traceback.print_exc()
             code = 1
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code if isinstance(code, int) else 1)
+        finally:            # the child never returns into this runner, whatever lands while it ends
+            with contextlib.suppress(BaseException):
+                sys.stdout.flush()
+                sys.stderr.flush()
+            os._exit(code if isinstance(code, int) else 1)
     deadline = start + CASE_TIMEOUT_S
     sent = None
     while True:

@@ -270,12 +270,11 @@ def test_a_sigint_during_an_evaluation_is_deferred_to_its_end():
     from edgemoe_llamacpp.hook import sigint_deferred
 
     seen, after = [], []
-    with pytest.raises(KeyboardInterrupt):
-        with sigint_deferred(lambda: seen.append("stop")):
-            os.kill(os.getpid(), signal.SIGINT)
-            for _ in range(1000):        # Python runs the handler at its next instructions: it must not raise here
-                sum(range(10))
-            after.append(list(seen))
+    with pytest.raises(KeyboardInterrupt), sigint_deferred(lambda: seen.append("stop")):
+        os.kill(os.getpid(), signal.SIGINT)
+        for _ in range(1000):        # Python runs the handler at its next instructions: it must not raise here
+            sum(range(10))
+        after.append(list(seen))
     assert after == [["stop"]] and signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 

@@ -34,7 +34,7 @@ def interrupt(argv: list[str], after_s: float, *, group: bool = True, cwd: Path 
     and the processes it had started that outlived it."""
     proc = subprocess.Popen([sys.executable, "-m", "edgemoe_llamacpp", *argv], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True, cwd=cwd,
-                            preexec_fn=default_sigint)
+                            preexec_fn=default_sigint)  # noqa: PLW1509 - one signal() call
     try:
         time.sleep(after_s)
         assert proc.poll() is None, f"edgemoe {argv[0]} ended before the signal: {proc.communicate()}"
