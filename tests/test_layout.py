@@ -62,7 +62,7 @@ def test_inspect_table_cli(fixture_path):
     out = subprocess.run([sys.executable, "-m", "edgemoe_llamacpp", "inspect", str(fixture_path)],
                          capture_output=True, text=True, check=True).stdout
     assert "qwen3moe" in out and "top-2" in out
-    assert len([line for line in out.splitlines() if "ffn_gate_exps:Q8_0" in line]) == 8
+    assert len([line for line in out.splitlines() if "ffn_gate_exps: 16 Q8_0" in line]) == 8
 
 
 @pytest.mark.parametrize("arch", ["qwen3moe", "olmoe", "llama"])

@@ -22,7 +22,7 @@ model_copy = test_server.model_copy         # the fixture: the servers' copy of 
 
 KEY = "metrics-key"
 CONTENT_TYPE = "text/plain; version=0.0.4"
-LOADING = {"error": {"code": 503, "message": "Loading model", "type": "unavailable_error"}}
+LOADING = {"error": {"code": 503, "message": "Loading model", "type": "unavailable_error", "param": None}}  # llama-server's, and OpenAI's param
 
 
 @pytest.fixture(scope="module")

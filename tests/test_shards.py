@@ -32,7 +32,7 @@ def test_read_layout_refuses_every_shard(shards):
                                   ["run", "-p", PROMPT, "-n", "4", "--stock"], ["ppl", "--tokens", "512"],
                                   ["profile", "--out", "{tmp}/p.npz"], ["convert", "{tmp}/o.gguf", "--uniform", "Q4_K"],
                                   ["bench", "--memory-budget", "50%", "--runs", "1", "--tokens", "4"],
-                                  ["serve", "--port", "0"]])
+                                  ["serve", "--port", "65000"]])
 def test_every_command_refuses_a_shard_in_one_line(shards, tmp_path, argv):
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
     proc = subprocess.run([sys.executable, "-m", "edgemoe_llamacpp", argv[0], str(shards[0]), *argv[1:]],
