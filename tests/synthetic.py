@@ -47,22 +47,33 @@ def moe_tensors(n_layer: int, n_expert: int, d: int = 32, ff: int = 16, *, dense
     return t
 
 
-def write_shards(src: Path, dst: Path, max_tensors: int) -> list[Path]:
-    """`src` split as gguf-py splits a model (GGUFWriter(split_max_tensors=...)): `dst` stem-0000i-of-0000N.gguf,
-    each with its own header; the same metadata and tensors, bytes unchanged. Returns the shards in order."""
+def copy_gguf(src: Path, dst: Path, *, kv: dict | None = None, split_max_tensors: int = 0) -> None:
+    """Write the GGUF `src` again with gguf-py: the same metadata, alignment and tensor bytes, metadata keys in
+    `kv` replaced (key -> (value, type[, sub_type]), or None to drop), split into shards of `split_max_tensors`
+    tensors if given (dst stem-0000i-of-0000N.gguf, each with its own header, as gguf-py splits a model)."""
+    kv = kv or {}
     reader = gguf.GGUFReader(src)
-    arch = reader.fields["general.architecture"].contents()
-    w = gguf.GGUFWriter(str(dst), arch, split_max_tensors=max_tensors)
+    w = gguf.GGUFWriter(str(dst), reader.fields["general.architecture"].contents(),
+                        split_max_tensors=split_max_tensors)
     for key, field in reader.fields.items():
-        if key.startswith("GGUF.") or key == "general.architecture":
+        if key.startswith("GGUF.") or key in ("general.architecture", "general.alignment") or key in kv:
             continue
         vtype = field.types[0]
         w.add_key_value(key, field.contents(), vtype,
                         sub_type=field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None)
+    for key, spec in kv.items():
+        if spec is not None:
+            w.add_key_value(key, spec[0], spec[1], sub_type=spec[2] if len(spec) > 2 else None)
+    w.add_custom_alignment(reader.alignment)
     for t in reader.tensors:
         w.add_tensor(t.name, np.asarray(t.data), raw_dtype=t.tensor_type)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+
+
+def write_shards(src: Path, dst: Path, max_tensors: int) -> list[Path]:
+    """`src` split as gguf-py splits a model (GGUFWriter(split_max_tensors=...)); the shards in order."""
+    copy_gguf(src, dst, split_max_tensors=max_tensors)
     return sorted(dst.parent.glob(f"{dst.stem}-*-of-*.gguf"))

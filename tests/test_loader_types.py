@@ -16,7 +16,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter
+from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType
+from synthetic import copy_gguf
 
 from edgemoe_llamacpp import runtime
 from edgemoe_llamacpp.cli import main as cli
@@ -207,24 +208,7 @@ def test_venv_reached_through_a_symlink(mixed, reference, tmp_path, engine):
 
 def rewrite(src: Path, dst: Path, kv: dict) -> Path:
     """A copy of the GGUF `src` with metadata keys replaced: key -> (value, type, sub_type), or None to drop."""
-    reader = GGUFReader(src)
-    writer = GGUFWriter(dst, reader.fields["general.architecture"].contents())
-    for key, field in reader.fields.items():
-        if key.startswith("GGUF.") or key in ("general.architecture", "general.alignment") or key in kv:
-            continue
-        vtype = field.types[0]
-        writer.add_key_value(key, field.contents(), vtype,
-                             sub_type=field.types[-1] if vtype == GGUFValueType.ARRAY else None)
-    for key, spec in kv.items():
-        if spec is not None:
-            writer.add_key_value(key, spec[0], spec[1], sub_type=spec[2] if len(spec) > 2 else None)
-    writer.add_custom_alignment(reader.alignment)
-    for t in reader.tensors:
-        writer.add_tensor(t.name, np.asarray(t.data), raw_dtype=t.tensor_type)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    copy_gguf(src, dst, kv=kv)
     return dst
 
 
