@@ -39,7 +39,7 @@ from hypothesis import strategies as st
 
 FIXTURE = Path(__file__).parent / "fixtures" / "tiny-moe.gguf"
 CASE_TIMEOUT_S = 300
-# when a case is sent SIGINT, seconds after it starts: None for most cases (not interrupted)
+# when a case is sent SIGINT, seconds after its main() starts: None for most cases (not interrupted)
 SIGINT_SCHEDULE = [None, None, None, 0.005, 0.02, 0.1, 0.5, 2.0]
 STOP_WITHIN_S = 3.0         # two runners share two cores in the suite: a little above the 2 s test_interrupt holds
 EXIT_INTERRUPTED = 130
@@ -207,10 +207,11 @@ def run_case(argv: list[str], workdir: Path, sigint_after: float | None = None) 
     """Run main(argv) in a forked child, sent SIGINT `sigint_after` seconds in if given; ('exit', code, output,
     seconds from the signal to the exit or None) or ('signal', signum, ...) or ('hang', seconds, ...)."""
     out_path = workdir / ".case-output"
-    start = time.monotonic()
+    ready_r, ready_w = os.pipe()        # the child writes a byte as it calls main(): the SIGINT clock starts there
     pid = os.fork()
     if pid == 0:                                            # child
         code = 1
+        os.close(ready_r)
         try:
             signal.signal(signal.SIGINT, signal.default_int_handler)   # as Python starts, where CI ignores it too
             fd = os.open(out_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -225,6 +226,7 @@ def run_case(argv: list[str], workdir: Path, sigint_after: float | None = None) 
                                                           f"{self.config.port}")
             from edgemoe_llamacpp.cli import main
 
+            os.write(ready_w, b"1")
             code = main(argv)
         except SystemExit as e:
             code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
@@ -238,6 +240,10 @@ def run_case(argv: list[str], workdir: Path, sigint_after: float | None = None) 
                 sys.stdout.flush()
                 sys.stderr.flush()
             os._exit(code if isinstance(code, int) else 1)
+    os.close(ready_w)
+    select.select([ready_r], [], [], CASE_TIMEOUT_S)      # the byte, or EOF if the child ended before main()
+    os.close(ready_r)
+    start = time.monotonic()
     deadline = start + CASE_TIMEOUT_S
     sent = None
     while True:
