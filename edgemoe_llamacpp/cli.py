@@ -1,7 +1,6 @@
 """`edgemoe` subcommands: parse, call, print. Errors a user caused print one line and exit 2."""
 from __future__ import annotations
 
-import _thread
 import argparse
 import contextlib
 import json
@@ -9,7 +8,6 @@ import math
 import os
 import re
 import sys
-import threading
 
 from . import files
 from .errors import EXIT_INTERRUPTED, BudgetError, EdgeMoEError
@@ -650,21 +648,6 @@ def _parse_and_run(argv: list[str]) -> int:
     return args.func(args)
 
 
-def _redeliver_interrupt(previous):
-    """A sys.unraisablehook: a Ctrl-C that lands in code whose exceptions Python can only print (a finalizer, a gc
-    or ctypes callback) is delivered to the main thread again, where it stops the command, instead of being
-    printed and lost. From another thread, a moment later: delivered now, it would land in this hook."""
-    def hook(unraisable) -> None:
-        if issubclass(unraisable.exc_type, KeyboardInterrupt):
-            threading.Timer(REDELIVER_S, _thread.interrupt_main).start()
-        else:
-            previous(unraisable)
-    return hook
-
-
-REDELIVER_S = 0.01
-
-
 def _run(argv: list[str]) -> int:
     """Parse and run one command; a user's error is one line and exit 2."""
     try:
@@ -686,13 +669,10 @@ def _run(argv: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     """`edgemoe ARGV`: the exit code. Ctrl-C, wherever it lands (parsing imports llama-cpp-python for serve's
     flags; an error may be being printed), is exit 130 without a traceback."""
-    previous_hook, sys.unraisablehook = sys.unraisablehook, _redeliver_interrupt(sys.unraisablehook)
     try:
         return _run(list(sys.argv[1:] if argv is None else argv))
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
-    finally:
-        sys.unraisablehook = previous_hook
 
 
 def entry() -> None:

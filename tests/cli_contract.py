@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import hashlib
 import json
 import os
@@ -209,10 +210,11 @@ def run_case(argv: list[str], workdir: Path, sigint_after: float | None = None) 
     out_path = workdir / ".case-output"
     ready_r, ready_w = os.pipe()        # the child writes a byte as it calls main(): the SIGINT clock starts there
     pid = os.fork()
-    if pid == 0:                                            # child
+    if pid == 0:                                            # child: never returns into this runner
         code = 1
-        os.close(ready_r)
         try:
+            os.close(ready_r)
+            gc.callbacks.clear()        # hypothesis's instrumentation: a Ctrl-C raised in it would be swallowed
             signal.signal(signal.SIGINT, signal.default_int_handler)   # as Python starts, where CI ignores it too
             fd = os.open(out_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             os.dup2(fd, 1)
@@ -235,11 +237,12 @@ def run_case(argv: list[str], workdir: Path, sigint_after: float | None = None) 
 
             traceback.print_exc()
             code = 1
-        finally:            # the child never returns into this runner, whatever lands while it ends
-            with contextlib.suppress(BaseException):
+        finally:    # nested: an exception raised anywhere above still ends here (unwound into the runner, a child
+            try:    # would run its clean-up, e.g. remove the sandbox)
                 sys.stdout.flush()
                 sys.stderr.flush()
-            os._exit(code if isinstance(code, int) else 1)
+            finally:
+                os._exit(code if isinstance(code, int) else 1)
     os.close(ready_w)
     select.select([ready_r], [], [], CASE_TIMEOUT_S)      # the byte, or EOF if the child ended before main()
     os.close(ready_r)
