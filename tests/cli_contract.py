@@ -6,8 +6,9 @@ character device, a socket),
     - leaves every file that existed before unchanged (sha256) unless --force is given and names it;
     - refuses (exit 2) an output that is a FIFO, a device or a socket, or a symlink to one, with or without
       --force, and leaves it what it was;
-    - interrupted by SIGINT (one case in four, at a generated moment), stops within STOP_WITHIN_S with exit 130
-      and no traceback, and leaves every file as it was, the outputs --force names included (or finishes first).
+    - interrupted by SIGINT (five cases in eight get a moment, 5 ms to 2 s after main() starts), stops within
+      STOP_WITHIN_S with exit 130 and no traceback, and leaves every file as it was, the outputs --force names
+      included (or finishes first).
 
 Each case runs `edgemoe_llamacpp.cli.main(argv)` in a forked child of this process, which never loads a
 model itself (llama.cpp's and OpenMP's threads do not survive a fork). `serve` runs everything up to the
