@@ -632,7 +632,8 @@ def _attach_negative_values(parser: argparse.ArgumentParser, argv: list[str]) ->
     return out
 
 
-def _parse_and_run(argv: list[str]) -> int:
+def _run(argv: list[str]) -> int:
+    """Parse and run one command; a user's error is one line and exit 2."""
     if argv[:1] == ["serve"]:
         if not _llama_cpp_available():
             print("edgemoe: error: llama-cpp-python is not installed; build edgemoe's runtime: edgemoe build-runtime",
@@ -645,13 +646,8 @@ def _parse_and_run(argv: list[str]) -> int:
         argv = _underscore_flags(argv)
     parser = build_parser()
     args = parser.parse_args(_attach_negative_values(parser, argv))
-    return args.func(args)
-
-
-def _run(argv: list[str]) -> int:
-    """Parse and run one command; a user's error is one line and exit 2."""
     try:
-        return _parse_and_run(argv)
+        return args.func(args)
     except EdgeMoEError as e:
         print(f"edgemoe: error: {e}", file=sys.stderr)
         return 2

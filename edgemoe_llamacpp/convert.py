@@ -34,7 +34,7 @@ from tqdm import tqdm
 from . import files, quant
 from .errors import EdgeMoEError
 from .imatrix import check as check_imatrix
-from .layout import EDGEMOE_PREFIX, EXPERT_TYPES, LOWBIT, MoELayout, read_layout
+from .layout import EDGEMOE_PREFIX, EXPERT_TYPES, LOWBIT, ExpertTensor, MoELayout, read_layout
 
 ALIGNMENT = mmap.PAGESIZE
 FORMAT_VERSION = 1
@@ -76,12 +76,11 @@ def _check_plan(layout: MoELayout, plan: dict[str, list[str]], reader: GGUFReade
                                    f"not a multiple of the type's block")
 
 
-def _out_tensors(reader: GGUFReader, layout: MoELayout, plan: dict[str, list[str]],
+def _out_tensors(reader: GGUFReader, stacks: dict[str, ExpertTensor], plan: dict[str, list[str]],
                  lowbit: str | None = None) -> list[dict]:
     """Every output tensor: name, numpy shape, declared type, nbytes, and the per-expert types if mixed; a
-    planned tensor's `stack` is the source's (its experts at their own types, if the source is a converted
-    file with per-expert types)."""
-    stacks = {t.name: t for t in layout.expert_tensors}
+    planned tensor's `stack` is the source's (`stacks`: its experts at their own types, if the source is a
+    converted file with per-expert types)."""
     out = []
     # one mixed tensor makes the file need the patched runtime; then every planned tensor gets slots
     mixed = any(len(set(types)) > 1 for types in plan.values())
@@ -191,6 +190,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, plan: dict[str, list
     dst = files.check_output(dst, inputs=[src], force=force)
     reader = GGUFReader(src)
     _check_plan(layout, plan, reader)
+    stacks = {t.name: t for t in layout.expert_tensors}
     if lowbit is not None:
         if lowbit not in quant.PLAN_TYPES:
             raise EdgeMoEError(f"low-bit copies can be {', '.join(quant.PLAN_TYPES)}; not {lowbit!r}")
@@ -212,14 +212,13 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, plan: dict[str, list
             if need:
                 raise EdgeMoEError(f"{name}: {', '.join(need)} cannot be made without importance matrices")
     else:
-        stacks = {t.name: t for t in layout.expert_tensors}
         made = {tn for name, types in plan.items() for e, tn in enumerate(types) if tn != stacks[name].slice(e).type}
         made |= {lowbit} - {None}
         need = sorted(tn for tn in made if quant.requires_imatrix(tn))
         if need:
             raise EdgeMoEError(f"{', '.join(need)} cannot be made without importance matrices: convert with "
                                f"--imatrix PROFILE (or plan from --profile without --no-imatrix)")
-    tensors = _out_tensors(reader, layout, plan, lowbit)
+    tensors = _out_tensors(reader, stacks, plan, lowbit)
 
     writer = GGUFWriter(None, layout.arch)
     _kv(writer, reader)

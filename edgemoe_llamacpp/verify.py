@@ -40,7 +40,7 @@ def verify(path: str | os.PathLike, *, progress: bool = False) -> dict:
             t = tensors[name]
             if _tensor_sha256(mm, t.data_offset, int(t.n_bytes)) != want:
                 raise BadModelError(f"{path}: tensor {name} fails its checksum (file damaged)")
-        sampled = check_weights(layout, mm, progress=progress)
+        finite, sampled = check_weights(layout, mm, progress=progress)
     unaligned = sum(1 for x in layout.experts for r in x.ranges if r.offset % mmap.PAGESIZE)
     low = [r for ranges in layout.low_experts.values() for r in ranges]
     return {"path": str(path), "tensors": len(tensors), "checksums": "ok", "mixed": layout.mixed,
@@ -48,25 +48,18 @@ def verify(path: str | os.PathLike, *, progress: bool = False) -> dict:
             "unaligned_lowbit_ranges": sum(1 for r in low if r.offset % mmap.PAGESIZE),
             "expert_bytes": layout.expert_bytes, "dense_bytes": layout.dense_bytes,
             "expert_ranges": sum(len(x.ranges) for x in layout.experts),
-            "unaligned_expert_ranges": unaligned, "finite_expert_ranges": n_ranges(layout),
+            "unaligned_expert_ranges": unaligned, "finite_expert_ranges": finite,
             "sampled_dequantize": sampled, "source": meta.get("source.name"), "imatrix": meta.get("imatrix"),
             "plan": {k: v for k, v in meta.items() if k.startswith("plan.")}}
 
 
-def _ranges(layout: MoELayout) -> list[ExpertRange]:
-    """Every expert's byte ranges at their own types, low-bit copies included."""
-    return [r for x in layout.experts for r in x.ranges] + [r for rs in layout.low_experts.values() for r in rs]
-
-
-def n_ranges(layout: MoELayout) -> int:
-    return len(_ranges(layout))
-
-
-def check_weights(layout: MoELayout, mm, *, progress: bool = False) -> int:
-    """Every expert weight, dequantized by ggml (the code llama.cpp computes with) at the expert's own type, is
-    finite; for a sample of experts spread over the file, gguf-py's reference dequantizer gives the same values.
-    Raises BadModelError naming the first bad range; returns how many ranges were compared."""
-    ranges = _ranges(layout)
+def check_weights(layout: MoELayout, mm, *, progress: bool = False) -> tuple[int, int]:
+    """Every expert weight (low-bit copies included), dequantized by ggml (the code llama.cpp computes with) at the
+    expert's own type, is finite; for a sample of experts spread over the file, gguf-py's reference dequantizer
+    gives the same values. Raises BadModelError naming the first bad range; returns how many ranges were checked
+    and how many of them compared."""
+    ranges: list[ExpertRange] = [r for x in layout.experts for r in x.ranges]
+    ranges += [r for rs in layout.low_experts.values() for r in rs]
     step = max(1, len(ranges) // SAMPLED_EXPERTS)
     compared = 0
     for i, r in enumerate(tqdm(ranges, desc="check weights", unit="range", disable=not progress)):
@@ -83,4 +76,4 @@ def check_weights(layout: MoELayout, mm, *, progress: bool = False) -> int:
                                     f"differently in gguf-py and ggml at {r.type}: the file's types disagree with "
                                     f"its data")
             compared += 1
-    return compared
+    return len(ranges), compared
