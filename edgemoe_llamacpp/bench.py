@@ -216,6 +216,9 @@ def _engine_summary(runs: list[dict]) -> dict:
         "prefill_tok_s": _spread([r["prefill_tok_s"] for r in ok]),
         "decode_read_bytes_per_token": _spread([per_token(r, "decode_read_bytes") for r in ok]),
         "decode_major_faults_per_token": _spread([per_token(r, "decode_major_faults") for r in ok]),
+        # outside edgemoe's reader threads: pages computing found missing (stock: every fault)
+        "decode_compute_major_faults_per_token": _spread([per_token(r, "decode_compute_major_faults") for r in ok
+                                                          if "decode_compute_major_faults" in r]),
         "peak_bytes": _spread([r["peak_bytes"] for r in ok]),
         "load_s": _spread([r.get("load_s") for r in ok]),
         "load_read_bytes": _spread([r.get("load_read_bytes") for r in ok]),

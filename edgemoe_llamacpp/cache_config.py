@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field, fields
 import numpy as np
 
 from .checks import is_int, is_real
+from .dense_hold import check_mode
 from .errors import ArgumentError, BudgetError, EdgeMoEError
 from .layout import MoELayout
 from .predict import MAX_DEPTH, PREDICTORS
@@ -36,6 +37,9 @@ class CacheConfig:
     prefetch_depth: int = field(default=1, metadata={"help": "MoE layers ahead to prefetch."})
     prefetch_threads: int = field(default=2, metadata={"help": "Background readers for prefetches."})
     fetch_threads: int = field(default=4, metadata={"help": "Parallel readers for expert fetches."})
+    hold_dense: str = field(default="auto", metadata={
+        "help": "Under a budget, hold the dense weights where the kernel cannot reclaim them: mlock, copy (an "
+                "anonymous copy), auto (mlock where allowed, else copy) or off."})
     substitute: float | None = field(default=None, metadata={
         "help": "Run a missed expert from its low-bit copy (convert --lowbit) when the experts ranked above it "
                 "carry more than this share of the gate weight; changes the output. Unset: never."})
@@ -50,6 +54,7 @@ class CacheConfig:
             value = getattr(self, name)
             if not is_int(value) or not 1 <= value <= hi:
                 raise ArgumentError(f"{name} must be an integer from 1 to {hi}, not {value!r}")
+        check_mode(self.hold_dense)
         if self.substitute is not None and not (is_real(self.substitute) and 0 <= self.substitute < 1):
             raise ArgumentError(f"substitute is a share of the gate weight in [0, 1), not {self.substitute!r}")
         budget = self.memory_budget

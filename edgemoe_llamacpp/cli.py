@@ -192,6 +192,7 @@ def add_cache_options(p: argparse.ArgumentParser, *, budgets: bool = False) -> N
     """The expert cache's options (cache_config.CacheConfig) as flags of `p`; with `budgets`, --memory-budget
     takes several (bench measures each)."""
     from .cache_config import MAX_THREADS, CacheConfig
+    from .dense_hold import HOLD_MODES
     from .predict import MAX_DEPTH, PREDICTORS
     from .residency import POLICIES
     from .substitute import DEFAULT_THRESHOLD
@@ -213,6 +214,8 @@ def add_cache_options(p: argparse.ArgumentParser, *, budgets: bool = False) -> N
     for name in ("prefetch_threads", "fetch_threads"):
         p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=_int(1, MAX_THREADS),
                        default=getattr(default, name), help=explain(name))
+    p.add_argument("--hold-dense", dest="hold_dense", choices=HOLD_MODES, default=default.hold_dense,
+                   help=explain("hold_dense"))
     p.add_argument("--substitute", type=_float(0, 1, hi_open=True), nargs="?", const=DEFAULT_THRESHOLD, default=None,
                    metavar="SHARE", help=f"{explain('substitute')} Without SHARE: {DEFAULT_THRESHOLD}.")
 

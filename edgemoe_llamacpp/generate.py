@@ -69,7 +69,7 @@ class _EvalClock:
         self.calls.append((len(tokens), time.perf_counter() - start))
         check_finite(self.llm, last_logits(self.llm))
         if self.after_prompt is None:
-            self.after_prompt = _io()
+            self.after_prompt = _io(self.cache)
             self.waits_after_prompt = self._waits()
 
     def _waits(self) -> tuple[float, float] | None:
@@ -159,10 +159,11 @@ def generate(model: str, prompt: str, *, max_tokens: int, cache: CacheConfig | N
         clock = llm.eval = _EvalClock(llm)
         if on_text is not None:
             llm.sample = _TextStream(llm, on_text)
-        start = _io()
+        reads = getattr(llm, "_edgemoe_cache", None)
+        start = _io(reads)
         out = llm.create_completion(prompt, max_tokens=max_tokens, temperature=temperature, seed=seed,
                                     repeat_penalty=repeat_penalty)
-        end = _io()
+        end = _io(reads)
         first = clock.after_prompt or end
         choice = out["choices"][0]
         result = {
@@ -175,6 +176,8 @@ def generate(model: str, prompt: str, *, max_tokens: int, cache: CacheConfig | N
             "storage_read_bytes": end[0] - start[0],
             "prefill_read_bytes": first[0] - start[0], "decode_read_bytes": end[0] - first[0],
             "major_faults": end[1] - start[1], "decode_major_faults": end[1] - first[1],
+            # faults while computing: the process's less those of edgemoe's reader threads (stock: all of them)
+            "decode_compute_major_faults": end[1] - end[2] - (first[1] - first[2]),
         }
         result["rss_anon_bytes"] = _rss_anon()
         result["runtime"] = runtime.runtime_info()
@@ -189,9 +192,12 @@ def generate(model: str, prompt: str, *, max_tokens: int, cache: CacheConfig | N
         llm.close()
 
 
-def _io() -> tuple[int, int]:
-    """(bytes this process read from storage, major page faults) so far."""
-    return psutil.Process().io_counters().read_bytes, resource.getrusage(resource.RUSAGE_SELF).ru_majflt
+def _io(cache=None) -> tuple[int, int, int]:
+    """(bytes this process read from storage, major page faults, those of them taken by `cache`'s reader threads)
+    so far."""
+    readers = 0 if cache is None else cache.storage.major_faults
+    return (psutil.Process().io_counters().read_bytes, resource.getrusage(resource.RUSAGE_SELF).ru_majflt,
+            readers)
 
 
 def _rss_anon() -> int:

@@ -15,6 +15,7 @@ import llama_cpp.llama_cpp as lc
 from . import cgroup, loading, quant, runtime
 from .arguments import ArgumentChecks, bind, check_context, check_sample_position, context_errors, is_int
 from .cache_config import CacheConfig
+from .dense_hold import DenseHold
 from .errors import ArgumentError, BudgetError, EdgeMoEError, MixedTypesError
 from .guard import CallGuard, Stream, serialised
 from .hook import ExpertHook
@@ -212,6 +213,7 @@ class Llama(llama_cpp.Llama):
         self._edgemoe_layout = layout
         self._edgemoe_pointers = None
         self._edgemoe_injector = None
+        self._edgemoe_dense = DenseHold("off", 0, [])    # dense pages held from reclaim (under a budget)
         if route_trace is not None:
             trace = route_trace if isinstance(route_trace, RoutingTrace) else RoutingTrace.load(route_trace)
             self._edgemoe_injector = TraceInjector(trace.for_layout(layout))
@@ -271,6 +273,8 @@ class Llama(llama_cpp.Llama):
                 self._edgemoe_pointers = ExpertPointers(layout, base)
             cache.attach(base, mapped=(min(off for _, _, off, _ in new),
                                        max(off + end - start for start, end, off, _ in new)))
+            if budget is not None and budget < cache.storage.full_cost:
+                self._edgemoe_dense = loading.hold_dense(layout, new, config.hold_dense)
         except BaseException:
             self.close()
             raise
@@ -437,6 +441,8 @@ class Llama(llama_cpp.Llama):
             self._edgemoe_trace.append((layer, ids.tolist()))
         above = None if weights is None else weight_above(ids, weights)
         low = self._edgemoe_cache.ensure_ids(layer, ids, above)
+        if len(ids) > 1:                    # a prompt batch: the next layer's experts are read while this computes
+            self._edgemoe_cache.prefetch_batch(layer, len(ids))
         if self._edgemoe_pointers is not None:
             self._edgemoe_pointers.point(layer, ids.ravel().tolist(), low)
         if self._edgemoe_lookahead is not None:
@@ -469,6 +475,7 @@ class Llama(llama_cpp.Llama):
                 "predictor": self._edgemoe_config.predictor,
                 "routing": routing_label(self._edgemoe_injector),
                 "prefetch_depth": self._edgemoe_lookahead.depth if self._edgemoe_lookahead else 0,
+                "dense_hold": self._edgemoe_dense.to_dict(),
                 "tokens": {"prompt": prompt, "generated": generated}}
 
     def edgemoe_stats(self) -> dict:

@@ -6,14 +6,16 @@ without that (LLAMA_MMAP_PREFETCH=0, patches/0003) and then, before the first ev
   a dense tensor would otherwise read up to a readahead window of the expert bytes beside it, and a later
   refault the same);
 - reads the dense byte ranges (everything but the expert tensors and their low-bit copies) with readahead(2) on
-  the file, in exact ranges: the first evaluation then faults them in from the page cache, reading nothing more.
+  the file, in exact ranges: the first evaluation then faults them in from the page cache, reading nothing more;
+- holds them where the kernel cannot reclaim them (hold_dense: mlock, or an anonymous copy), so pressure from
+  the experts' reads never makes a token fault its dense weights back in.
 Experts are read by the cache, by explicit readahead of their own ranges, which MADV_RANDOM does not affect.
 """
 from __future__ import annotations
 
 import os
 
-from . import runtime
+from . import dense_hold, runtime
 from .layout import MoELayout
 
 
@@ -51,5 +53,15 @@ def read_dense(layout: MoELayout, mappings: list[tuple[int, int, int, str]]) -> 
         for start, end in dense_spans(layout):
             a, b = runtime.page_span(start, end - start)
             runtime.readahead(fd, a, b - a)
+    finally:
+        os.close(fd)
+
+
+def hold_dense(layout: MoELayout, mappings: list[tuple[int, int, int, str]], mode: str) -> dense_hold.DenseHold:
+    """Hold the dense bytes of llama.cpp's mapping (`mappings`) where the kernel cannot reclaim them
+    (dense_hold.py), after the expert cache's start-up drop and before the first evaluation."""
+    fd = os.open(layout.path, os.O_RDONLY)
+    try:
+        return dense_hold.hold_dense(mode, dense_spans(layout), mappings, fd)
     finally:
         os.close(fd)

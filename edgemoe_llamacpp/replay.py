@@ -45,19 +45,23 @@ class ReplayStorage(ExpertStorage):
 
     def _open(self, threads, prefetch_threads):
         self.fd = -1
+        self.major_faults = 0
 
     def fetch(self, uids, *, wait=True):
         return sum(self.cost[u] for u in uids)
 
     def submit(self, uid):
+        return self.submit_many([uid])
+
+    def submit_many(self, uids):
         done = Future()
-        done.set_result(self.cost[uid])
+        done.set_result(sum(self.cost[u] for u in uids))
         return done
 
-    def drop(self, uid):
+    def drop(self, uid, resident=()):
         pass
 
-    def drop_later(self, uids):
+    def drop_later(self, uids, resident=()):
         pass
 
     def settle(self):

@@ -28,6 +28,8 @@ from .storage import ExpertStorage, tensor_span
 # what callers import from here: the cache, its options and the page arithmetic tests check it with
 __all__ = ["POLICIES", "USE_DECAY", "ExpertCache", "ExpertUID", "make_policy", "parse_budget", "tensor_span"]
 log = logging.getLogger(__name__)
+# a prompt batch reads a later layer's experts whole once it will use at least this share of them (expected)
+BATCH_COVERAGE = 0.9
 
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2, "mib": 1024**2,
           "g": 1000**3, "gb": 1000**3, "gib": 1024**3, "t": 1000**4, "tb": 1000**4, "tib": 1024**4}
@@ -254,8 +256,28 @@ class ExpertCache:
         if not self.max_inflight:
             return
         bound = min(self.max_inflight, self.capacity - self.min_budget)
-        if bound <= 0:
+        if bound > 0:
+            self._read_ahead(layer, experts, bound, together=False)
+
+    def prefetch_batch(self, after: int, tokens: int) -> None:
+        """A prompt batch of `tokens` tokens is computing MoE layer `after`: read the next MoE layer's experts now,
+        in one pass of large sequential reads, if the batch will use nearly all of them (k of n experts per
+        token: each is left out by all T tokens with probability (1 - k/n)^T; read when that is under
+        BATCH_COVERAGE's complement). Room: the budget less the current layer's experts; never those or reads
+        in flight."""
+        k, n = self.layout.n_expert_used, self.layout.n_expert
+        pos = self.layer_pos[after] + 1
+        if self.budget is None or self.budget >= self.storage.full_cost or pos == len(self.layer_pos) or \
+                (1 - k / n) ** tokens > 1 - BATCH_COVERAGE:
             return
+        layer = self.layout.moe_layers[pos]
+        bound = self.capacity - sum(self.storage.cost[u] for u in self._needed)
+        if bound > 0:
+            self._read_ahead(layer, range(n), bound, together=True)
+
+    def _read_ahead(self, layer: int, experts, bound: int, *, together: bool) -> None:
+        """prefetch's walk: `experts` of `layer` best first, up to `bound` bytes in flight; together=True reads them
+        as one request (storage.submit_many) instead of one per expert."""
         self._reap()
         cost, resident = self.storage.cost, self.ledger.resident
         keep = self._needed | self.inflight.keys()
@@ -284,6 +306,11 @@ class ExpertCache:
         for uid in batch:
             self.ledger.admit_prefetch(uid, cost[uid])
             self.eviction.add(uid)
+        if together and batch:
+            read = self.storage.submit_many(list(batch))
+            self.inflight.update(dict.fromkeys(batch, read))
+            return
+        for uid in batch:
             self.inflight[uid] = self.storage.submit(uid)
 
     def _reap(self) -> None:
@@ -321,14 +348,15 @@ class ExpertCache:
         for uid in victims:
             self._release(uid)
         if victims:
-            self.storage.drop_later(victims)
+            self.storage.drop_later(victims, self.ledger.resident)
 
     def evict(self, uid: ExpertUID) -> None:
         fut = self.inflight.pop(uid, None)
-        if fut is not None and not fut.cancel():
-            fut.result()                 # a read still running would map the pages again after the drop
+        if fut is not None and (fut in self.inflight.values() or not fut.cancel()):
+            fut.result()                 # a read still running would map the pages again after the drop (a read
+                                         # of several experts is waited for, never cancelled)
         self._release(uid)
-        self.storage.drop(uid)
+        self.storage.drop(uid, self.ledger.resident)
 
     def _release(self, uid: ExpertUID) -> None:
         """`uid` is no longer resident for the ledger (and the runtime's ready table) and the policy."""
@@ -344,17 +372,17 @@ class ExpertCache:
         """What summary() reports, copied cheaply (plain numbers and per-layer dicts): taken after every
         evaluation, formatted only when read."""
         return (self.ledger.resident_bytes, len(self.ledger.resident), self.storage.pinned_edge_bytes,
-                {layer: vars(s).copy() for layer, s in self.ledger.stats.layers.items()})
+                {layer: vars(s).copy() for layer, s in self.ledger.stats.layers.items()}, self.storage.major_faults)
 
     def summary(self, counters: tuple | None = None) -> dict:
-        resident_bytes, resident_experts, pinned, layers = counters or self.counters()
+        resident_bytes, resident_experts, pinned, layers, reader_faults = counters or self.counters()
         tot = {k: sum(s[k] for s in layers.values()) for k in vars(LayerStats())}
         lookups = tot["hits"] + tot["misses"]
         return {
             "budget_bytes": self.budget, "policy": self.policy, "resident_expert_bytes": resident_bytes,
             "substitute": self.substitute, "lowbit_type": self.layout.lowbit_type,
             "resident_experts": resident_experts, "expert_bytes": self.layout.expert_bytes,
-            "pinned_edge_bytes": pinned,
+            "pinned_edge_bytes": pinned, "reader_major_faults": reader_faults,
             "total": {**tot, "hit_rate": tot["hits"] / lookups if lookups else None},
             "layers": [{"layer": layer, **s} for layer, s in layers.items()],
         }

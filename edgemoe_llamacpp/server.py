@@ -21,6 +21,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 
 from . import files
 from .cache_config import MAX_THREADS, CacheConfig
+from .dense_hold import HOLD_MODES
 from .errors import EdgeMoEError
 from .llama import Llama
 from .predict import MAX_DEPTH, PREDICTORS
@@ -43,6 +44,7 @@ class EdgeMoEModelSettings(ModelSettings):
     prefetch_depth: int = _cache_field("prefetch_depth", ge=1, le=MAX_DEPTH)
     prefetch_threads: int = _cache_field("prefetch_threads", ge=1, le=MAX_THREADS)
     fetch_threads: int = _cache_field("fetch_threads", ge=1, le=MAX_THREADS)
+    hold_dense: Literal[HOLD_MODES] = _cache_field("hold_dense")
     substitute: Optional[float] = _cache_field("substitute", ge=0, lt=1)
     use_mlock: bool = Field(default=False, description="Must stay off: experts are streamed, not locked.")
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import resource
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -34,6 +35,35 @@ def clip(span: tuple[int, int], bounds: tuple[int, int]) -> tuple[int, int]:
     return a, max(a, min(span[1], bounds[1]))
 
 
+def _thread_major_faults() -> int:
+    return resource.getrusage(resource.RUSAGE_THREAD).ru_majflt
+
+
+def _all_of(parts: list[Future]) -> Future:
+    """A future done when every one of `parts` is: their results summed, or the first exception."""
+    out: Future = Future()
+    out.set_running_or_notify_cancel()
+    left = [len(parts)]
+    lock = threading.Lock()
+
+    def one_done(_):
+        with lock:
+            left[0] -= 1
+            if left[0]:
+                return
+        errors = [f.exception() for f in parts if not f.cancelled() and f.exception() is not None]
+        if errors:
+            out.set_exception(errors[0])
+        else:
+            out.set_result(sum(f.result() for f in parts if not f.cancelled()))
+
+    if not parts:
+        out.set_result(0)
+    for f in parts:
+        f.add_done_callback(one_done)
+    return out
+
+
 class ExpertStorage:
     """Each expert's pages and their cost; fetch (demand reads on one pool, prefetch reads on another) and
     drop them in llama.cpp's mapping of the file, based at `base` once attached."""
@@ -54,6 +84,7 @@ class ExpertStorage:
         self._open(threads, prefetch_threads)
 
     def _open(self, threads: int, prefetch_threads: int) -> None:
+        self.prefetch_threads = prefetch_threads
         self.fd = os.open(self.layout.path, os.O_RDONLY)
         os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_RANDOM)   # our reads: exact ranges, no readahead
         self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="edgemoe-fetch")
@@ -63,11 +94,16 @@ class ExpertStorage:
         self.drop_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edgemoe-drop")
         self._drops: list[Future] = []
         self._local = threading.local()
+        # major faults taken by our own reads (MADV_POPULATE_READ maps pages by faulting them): a process's
+        # faults less these are the faults of computing, pages llama.cpp found missing
+        self.major_faults = 0
+        self._faults_lock = threading.Lock()
 
     def _set_spans(self) -> None:
         """Each expert's pages (whole pages inside its tensor's span) and their cost."""
         self.spans: dict[ExpertUID, list[tuple[int, int]]] = {}
         self.cost: dict[ExpertUID, int] = {}
+        self.edge_owners: dict[int, list[ExpertUID]] = {}     # first or last page of a span -> the experts it is of
         for x in self.layout.experts:
             self._add(ExpertUID(x.layer, x.expert), x.ranges)
         self.full_cost = sum(self.cost.values())      # every expert at full precision
@@ -78,6 +114,23 @@ class ExpertStorage:
         spans = [clip(runtime.page_span(r.offset, r.size), self.tensor_spans[r.tensor]) for r in ranges]
         self.spans[uid] = spans
         self.cost[uid] = sum(b - a for a, b in spans)
+        for a, b in spans:
+            if b > a:
+                self.edge_owners.setdefault(a, []).append(uid)
+                self.edge_owners.setdefault(b - runtime.PAGE, []).append(uid)
+
+    def unshared_spans(self, uid: ExpertUID, resident) -> list[tuple[int, int]]:
+        """`uid`'s spans less the edge pages it shares with an expert in `resident` (experts not whole pages
+        share a page with each neighbour): dropping one would make the neighbour fault it back."""
+        out = []
+        for a, b in self.spans[uid]:
+            if b > a and any(o != uid and o in resident for o in self.edge_owners[a]):
+                a += runtime.PAGE
+            if b > a and any(o != uid and o in resident for o in self.edge_owners[b - runtime.PAGE]):
+                b -= runtime.PAGE
+            if b > a:
+                out.append((a, b))
+        return out
 
     def attach(self, mapping_base: int, mapped: tuple[int, int] | None = None) -> None:
         self.base = mapping_base
@@ -116,20 +169,37 @@ class ExpertStorage:
         self.settle()
         return self.prefetch_pool.submit(self._read_expert, uid)
 
-    def _read_expert(self, uid: ExpertUID) -> int:
-        chunks = self._chunks([uid])
+    def submit_many(self, uids: list[ExpertUID]) -> Future:
+        """Start reading `uids` in the background as one request (a prompt batch's next layer): their spans merged
+        into large sequential reads, queued at once, then mapped by every prefetch thread, each taking a
+        contiguous share. The future gives the bytes read once all have landed."""
+        self.settle()
+        chunks = self._chunks(uids)
+        n = self.prefetch_threads
+        shares = [chunks[i * len(chunks) // n:(i + 1) * len(chunks) // n] for i in range(n)]
+        parts = [self.prefetch_pool.submit(self._read_chunks, share) for share in shares if share]
+        return _all_of(parts)
+
+    def _read_chunks(self, chunks: list[tuple[int, int]]) -> int:
         try:
             if self.populate:
                 for off, size in chunks:
                     runtime.readahead(self.fd, off, size)
                 return sum(self._populate(c) for c in chunks)
         except OSError as e:
-            log.debug("prefetch of %s by mapping failed (%s): pread", uid, e)
+            log.debug("read ahead by mapping failed (%s): pread", e)
         return sum(self._read(c) for c in chunks)
+
+    def _read_expert(self, uid: ExpertUID) -> int:
+        return self._read_chunks(self._chunks([uid]))
 
     def _populate(self, chunk: tuple[int, int]) -> int:
         off, size = chunk
-        runtime.madvise(self.base + off, size, runtime.MADV_POPULATE_READ)
+        before = _thread_major_faults()
+        try:
+            runtime.madvise(self.base + off, size, runtime.MADV_POPULATE_READ)
+        finally:
+            self._count_faults(before)
         return size
 
     def _read(self, chunk: tuple[int, int]) -> int:
@@ -139,14 +209,22 @@ class ExpertStorage:
         off, size = chunk
         return os.preadv(self.fd, [memoryview(buf)[:size]], off)
 
-    # ------------------------------------------------------------------ drop
-    def drop(self, uid: ExpertUID) -> None:
-        self._drop(self.spans[uid])
+    def _count_faults(self, before: int) -> None:
+        n = _thread_major_faults() - before
+        if n:
+            with self._faults_lock:
+                self.major_faults += n
 
-    def drop_later(self, uids: list[ExpertUID]) -> None:
-        """Drop `uids` on the drop thread; `settle` waits for it. The caller reads nothing into the room they
-        free before settling, so memory holds what the budget counts."""
-        spans = [s for u in uids for s in self.spans[u]]
+    # ------------------------------------------------------------------ drop
+    def drop(self, uid: ExpertUID, resident=()) -> None:
+        """Drop `uid`'s pages, but for edge pages it shares with experts in `resident`."""
+        self._drop(self.unshared_spans(uid, resident))
+
+    def drop_later(self, uids: list[ExpertUID], resident=()) -> None:
+        """Drop `uids` on the drop thread (but for edge pages shared with experts in `resident`); `settle` waits for
+        it. The caller reads nothing into the room they free before settling, so memory holds what the budget
+        counts."""
+        spans = [s for u in uids for s in self.unshared_spans(u, resident)]
         self._drops.append(self.drop_pool.submit(self._drop, spans))
 
     def settle(self) -> None:

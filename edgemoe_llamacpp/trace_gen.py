@@ -199,14 +199,17 @@ def uniform_targets(geometry: Geometry, *, window: int = WINDOW, residency: floa
 
 
 def preset(name: str, geometry: Geometry | None = None) -> Preset:
-    """A preset by name; `geometry` replaces the uniform preset's (the others' targets belong to their models)."""
+    """A preset by name; `geometry` replaces its model's. At another geometry a preset keeps its parameters (its kind
+    of locality) but has no targets: they are its model's statistics (the uniform preset's are worked out)."""
     if name not in PRESETS:
         raise EdgeMoEError(f"unknown trace preset {name!r}; choose from {', '.join(PRESETS)}")
     p = PRESETS[name]
     if geometry is not None and geometry != p.geometry:
-        if name != "uniform":
-            raise EdgeMoEError(f"the {name} preset has its model's geometry; only uniform takes another")
         p = replace(p, geometry=geometry)
+        if name != "uniform":
+            note = (f"the {name} preset's parameters at {geometry.n_layers} layers x {geometry.n_expert} experts "
+                    f"top-{geometry.k}: no targets")
+            p = replace(p, targets={}, sources=(note,))
     p.geometry.check()
     if name == "uniform":
         p = replace(p, targets=uniform_targets(p.geometry))

@@ -27,6 +27,7 @@ from edgemoe_llamacpp.hobbit_policy import HOBBIT_WEIGHTS
 from edgemoe_llamacpp.layout import ExpertUID
 from edgemoe_llamacpp.policies import POLICIES
 from edgemoe_llamacpp.replay import ReplayCache, ReplayStorage, synthetic_layout
+from edgemoe_llamacpp.runtime import PAGE
 
 
 class SortingCache:
@@ -366,10 +367,10 @@ class DropCounting(ReplayStorage):
         super()._open(threads, prefetch_threads)
         self.now, self.later = [], []
 
-    def drop(self, uid):
+    def drop(self, uid, resident=()):
         self.now.append(uid)
 
-    def drop_later(self, uids):
+    def drop_later(self, uids, resident=()):
         self.later.extend(uids)
 
 
@@ -414,3 +415,65 @@ def test_a_budget_that_holds_every_expert_keeps_no_room_and_evicts_nothing():
         seen.update((step % 4, int(e)) for e in ids)
     assert cache.stats.total().bytes_evicted == 0
     assert cache.stats.total().misses == len(seen)
+
+
+class SubmitCounting(ReplayStorage):
+    """Counts read requests: one per expert (submit) or one for many (submit_many)."""
+
+    def _open(self, threads, prefetch_threads):
+        super()._open(threads, prefetch_threads)
+        self.requests = []
+
+    def submit_many(self, uids):
+        self.requests.append(list(uids))
+        return super().submit_many(uids)
+
+
+class BatchCache(ReplayCache):
+    storage_class = SubmitCounting
+
+
+def test_a_prompt_batch_reads_the_next_layer_whole_in_one_request():
+    layout = synthetic_layout(4, 16, 2)
+    cache = BatchCache(layout, 40 * PAGE)
+    ids = np.random.default_rng(0).integers(0, 16, (64, 2))     # 64 tokens: (14/16)^64 leaves out ~0.02%
+    cache.ensure_ids(0, ids)
+    cache.prefetch_batch(0, len(ids))
+    assert cache.storage.requests == [[ExpertUID(1, e) for e in range(16)]]
+    assert set(cache.inflight) == {ExpertUID(1, e) for e in range(16)}
+    assert cache.resident_bytes <= cache.capacity
+    cache.ensure_ids(1, ids)            # the next layer's experts are resident: hits, no demand read
+    layer = cache.stats.layers[1]
+    assert layer.misses == 0 and layer.prefetch_used == len(np.unique(ids))
+    cache.prefetch_batch(3, len(ids))   # past the last layer: nothing
+    cache.prefetch_batch(1, 4)          # a few tokens use few experts: nothing
+    assert len(cache.storage.requests) == 1
+
+
+def test_a_batch_reads_no_more_than_the_budget_leaves():
+    layout = synthetic_layout(4, 16, 2)
+    cache = BatchCache(layout, 24 * PAGE)
+    ids = np.random.default_rng(1).integers(0, 16, (64, 2))
+    cache.ensure_ids(0, ids)
+    cache.prefetch_batch(0, len(ids))
+    assert cache.resident_bytes <= cache.capacity
+    assert all(u in cache.resident for u in cache._needed)      # this layer's experts were not evicted for it
+    assert 0 < len(cache.storage.requests[0]) < 16
+
+
+def test_an_expert_drops_no_edge_page_a_resident_neighbour_shares():
+    """Experts that are not whole pages share an edge page with each neighbour: evicting one keeps that page while
+    the neighbour is resident."""
+    storage = ReplayStorage(synthetic_layout(1, 4, 1))
+    a, b, c = (ExpertUID(0, e) for e in range(3))
+    # as if each expert ran a page into the next: 0 [p, p+2P), 1 [p+P, p+3P), 2 [p+2P, p+4P)
+    start = storage.spans[a][0][0]
+    storage.spans = {u: [(start + i * PAGE, start + (i + 2) * PAGE)] for i, u in enumerate((a, b, c))}
+    storage.edge_owners = {}
+    for u, spans in storage.spans.items():
+        for x, y in spans:
+            storage.edge_owners.setdefault(x, []).append(u)
+            storage.edge_owners.setdefault(y - PAGE, []).append(u)
+    assert storage.unshared_spans(b, {}) == [(start + PAGE, start + 3 * PAGE)]
+    assert storage.unshared_spans(b, {a: 1}) == [(start + 2 * PAGE, start + 3 * PAGE)]
+    assert storage.unshared_spans(b, {a: 1, c: 1}) == []

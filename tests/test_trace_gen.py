@@ -111,8 +111,6 @@ def test_bad_parameters(kwargs, message):
 def test_bad_requests():
     with pytest.raises(EdgeMoEError, match="unknown trace preset 'qwen'"):
         make_trace("qwen", 10)
-    with pytest.raises(EdgeMoEError, match="only uniform takes another"):
-        make_trace("olmoe", 10, geometry=Geometry(4, 64, 8))
     with pytest.raises(EdgeMoEError, match="top-9 of 8 experts"):
         make_trace("uniform", 10, geometry=Geometry(4, 8, 9))
     with pytest.raises(EdgeMoEError, match="at least one token"):
@@ -169,3 +167,10 @@ def test_make_trace_tool_writes_every_presets_table(tmp_path):
         if row["target"] is not None:
             worst = max(abs(v - row["target"]) for v in values) / row["target"]
             assert abs(row["worst_rel_error_over_seeds"]) == pytest.approx(worst)
+
+
+def test_a_preset_at_another_geometry_keeps_its_parameters_not_its_targets():
+    p = preset("qwen3-30b-a3b", Geometry(6, 32, 4))
+    assert p.params == preset("qwen3-30b-a3b").params and p.targets == {}
+    trace = make_trace("qwen3-30b-a3b", 64, geometry=Geometry(6, 32, 4))
+    assert (len(trace.layers), trace.n_expert, trace.k, trace.n_tokens) == (6, 32, 4, 64)

@@ -111,6 +111,12 @@ PRESETS = {
         {"context_length": 131072, "rope.freq_base": 150000.0, "attention.layer_norm_rms_epsilon": 1e-5,
          "attention.sliding_window": 128},
         "openai/gpt-oss-20b config.json"),
+    # gpt-oss-120b: gpt-oss-20b's width and attention, 36 layers of 128 experts (about 60 GB at MXFP4)
+    "gpt-oss-120b": Preset(
+        "gpt-oss", 36, 2880, 128, 4, 2880, 64, 8, 64, ("MXFP4", "MXFP4", "MXFP4"),
+        {"context_length": 131072, "rope.freq_base": 150000.0, "attention.layer_norm_rms_epsilon": 1e-5,
+         "attention.sliding_window": 128},
+        "openai/gpt-oss-120b config.json"),
     "mixtral-8x7b": Preset(
         "llama", 32, 4096, 8, 2, 14336, 32, 8, 128, ("Q4_K", "Q4_K", "Q6_K"),
         {"context_length": 32768, "feed_forward_length": 14336, "rope.freq_base": 1e6,

@@ -254,9 +254,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--stats-json", type=Path, default=STATS_JSON, help="where --stats writes (JSON)")
     ap.add_argument("--seeds", type=int, default=5, help="--stats: also the range of each statistic over this many "
                     "traces (seeds from --seed)")
-    ap.add_argument("--layers", type=int, help="uniform only: MoE layers")
-    ap.add_argument("--experts", type=int, help="uniform only: experts per layer")
-    ap.add_argument("--k", type=int, help="uniform only: experts per token")
+    ap.add_argument("--layers", type=int, help="MoE layers (another geometry: the preset's parameters, no targets)")
+    ap.add_argument("--experts", type=int, help="experts per layer")
+    ap.add_argument("--k", type=int, help="experts per token")
     ap.add_argument("--calibrate", action="store_true", help="search the preset's parameters instead")
     ap.add_argument("--iters", type=int, default=150, help="--calibrate: simplex iterations")
     ap.add_argument("--calibrate-seeds", type=int, default=3, help="--calibrate: traces (seeds from --seed) whose "

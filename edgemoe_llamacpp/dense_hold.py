@@ -1,0 +1,152 @@
+"""Dense weights held where the kernel cannot reclaim them.
+
+Under a memory limit the dense weights (attention, embeddings, norms, routers, shared experts) are file pages
+like the experts: when the page cache runs short, the kernel reclaims some of them and every token faults them
+back during compute, outside the expert cache's control. Far past RAM that is most of a token's wait. Held:
+- "mlock": the dense pages of llama.cpp's mapping are locked (mlock(2)): no copy, nothing more to read. Needs
+  CAP_IPC_LOCK or a RLIMIT_MEMLOCK as large as the dense bytes (the soft limit is raised to the hard one first).
+- "copy": each dense range of the mapping is replaced, in place, by an anonymous read-only copy of its bytes
+  (mremap over it), and the file's pages are dropped: anonymous memory with no swap is never reclaimed.
+- "auto" (default): mlock where the limits allow it, else copy. "off": leave them to the kernel.
+
+A page shared by a dense tensor and an expert is held with the dense bytes: the expert cache never drops it
+(storage.tensor_span leaves it out of every expert's pages).
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import logging
+import os
+import resource
+from dataclasses import dataclass
+
+from . import runtime
+from .errors import ArgumentError
+
+log = logging.getLogger(__name__)
+
+HOLD_MODES = ("auto", "mlock", "copy", "off")
+COPY_PIECE = 64 << 20         # the copy replaces the mapping this much at a time: little extra memory at once
+
+PROT_READ, PROT_WRITE = 1, 2
+MAP_PRIVATE, MAP_ANONYMOUS = 0x02, 0x20
+MREMAP_MAYMOVE, MREMAP_FIXED = 1, 2
+MAP_FAILED = ctypes.c_void_p(-1).value
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc.mlock.argtypes = _libc.munlock.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mremap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_int, ctypes.c_void_p]
+_libc.mremap.restype = ctypes.c_void_p
+_libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+
+
+def check_mode(mode) -> str:
+    if mode not in HOLD_MODES:
+        raise ArgumentError(f"hold_dense must be one of {', '.join(HOLD_MODES)}, not {mode!r}")
+    return mode
+
+
+@dataclass
+class DenseHold:
+    """How the dense pages are held: `mode` ("mlock", "copy" or "off"), `bytes` held, and each held piece as
+    (address, length)."""
+    mode: str
+    bytes: int
+    pieces: list[tuple[int, int]]
+
+    def resident_bytes(self) -> int:
+        """Of the held bytes, those in memory now (mincore)."""
+        return sum(runtime.resident_bytes(a, n) for a, n in self.pieces)
+
+    def to_dict(self) -> dict:
+        return {"mode": self.mode, "bytes": self.bytes, "resident_bytes": self.resident_bytes()}
+
+
+def _os_error(what: str) -> OSError:
+    err = ctypes.get_errno()
+    return OSError(err, f"{what}: {os.strerror(err)}")
+
+
+def raise_memlock_limit() -> None:
+    """Raise this process's soft RLIMIT_MEMLOCK to its hard limit. With CAP_IPC_LOCK the limit does not apply:
+    whether a lock is allowed is found by trying (hold_dense falls back to a copy on refusal)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_MEMLOCK)
+    if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or hard > soft):
+        try:
+            resource.setrlimit(resource.RLIMIT_MEMLOCK, (hard, hard))
+        except (ValueError, OSError):
+            pass
+
+
+def _lock(pieces: list[tuple[int, int]]) -> None:
+    done = []
+    for addr, n in pieces:
+        if _libc.mlock(addr, n) != 0:
+            e = _os_error("mlock")
+            for a, m in done:
+                _libc.munlock(a, m)
+            raise e
+        done.append((addr, n))
+
+
+def _copy_piece(addr: int, n: int, fd: int, file_offset: int) -> None:
+    """Replace [addr, addr + n) of the file mapping by an anonymous read-only copy; drop the file's pages."""
+    new = _libc.mmap(None, n, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)
+    if new in (None, MAP_FAILED):
+        raise _os_error("mmap")
+    try:
+        ctypes.memmove(new, addr, n)             # faults the file pages in (read_dense queued their reads)
+        if _libc.mprotect(new, n, PROT_READ) != 0:
+            raise _os_error("mprotect")
+        if _libc.mremap(new, n, n, MREMAP_MAYMOVE | MREMAP_FIXED, addr) in (None, MAP_FAILED):
+            raise _os_error("mremap")
+    except BaseException:
+        _libc.munmap(new, n)
+        raise
+    runtime.fadvise_dontneed(fd, file_offset, n)
+
+
+def _copy(pieces: list[tuple[int, int, int]], fd: int) -> None:
+    for addr, n, off in pieces:
+        for at in range(0, n, COPY_PIECE):
+            m = min(COPY_PIECE, n - at)
+            _copy_piece(addr + at, m, fd, off + at)
+
+
+def held_pieces(dense: list[tuple[int, int]], mappings) -> list[tuple[int, int, int]]:
+    """(address, length, file offset) of the whole pages covering the dense file ranges `dense`, within the parts of
+    the file llama.cpp keeps mapped (`mappings`: runtime.file_mappings rows)."""
+    out = []
+    for start, end, off, _ in mappings:
+        for a, b in dense:
+            a, b = runtime.page_span(a, b - a)
+            lo, hi = max(a, off), min(b, off + end - start)
+            if lo < hi:
+                out.append((start + lo - off, hi - lo, lo))
+    return sorted(out)
+
+
+def hold_dense(mode: str, dense: list[tuple[int, int]], mappings, fd: int) -> DenseHold:
+    """Hold the dense file ranges `dense` of llama.cpp's mapping (`mappings`) as `mode` says; `fd` is the file,
+    for the copy's drop of the file pages. Before the first evaluation only: the copy replaces pages under
+    llama.cpp's tensors."""
+    pieces = held_pieces(dense, mappings)
+    total = sum(n for _, n, _ in pieces)
+    if mode == "off" or not pieces:
+        return DenseHold("off", 0, [])
+    if mode in ("auto", "mlock"):
+        raise_memlock_limit()
+        try:
+            _lock([(a, n) for a, n, _ in pieces])
+            return DenseHold("mlock", total, [(a, n) for a, n, _ in pieces])
+        except OSError as e:
+            if mode == "mlock" or e.errno not in (errno.EPERM, errno.ENOMEM, errno.EAGAIN):
+                raise
+            log.info("mlock of %s dense bytes refused (%s): holding an anonymous copy instead", f"{total:,}", e)
+    _copy(pieces, fd)
+    return DenseHold("copy", total, [(a, n) for a, n, _ in pieces])
