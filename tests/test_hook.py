@@ -1,7 +1,9 @@
 """The hook and the residency manager on the real llama.cpp and the trained fixture."""
 import ctypes
+import os
 import re
 import shutil
+from pathlib import Path
 
 import llama_cpp
 import numpy as np
@@ -304,3 +306,37 @@ def test_a_sigint_stops_the_evaluation_at_the_next_layer_and_leaves_the_llama_as
     assert len(routed) == 1 and llm.n_tokens == 3
     assert greedy(llm, PROMPT, 8)[0] == want
     llm.close()
+
+
+LONG_PROMPT = Path(os.__file__).read_text()[:3000]       # some 900 tokens of real Python: two prompt batches
+
+
+@pytest.mark.parametrize("budget", ["25%", "50%"])
+def test_a_long_prompt_reads_each_next_layer_ahead_with_tokens_and_logits_unchanged(fixture_path, budget):
+    """A prompt of several batches at a budget: every MoE layer after the first of a batch finds its experts read
+    ahead (one request while the layer before computed), the budget holds by mincore after every layer, and the
+    tokens and logits are stock's."""
+    stock = stock_llama(fixture_path, use_extra_bufts=False, n_ctx=1024, verbose=False)
+    want_tokens, want_logits = greedy(stock, LONG_PROMPT, 8)
+    stock.close()
+    llm = Measured(str(fixture_path), memory_budget=budget, n_ctx=1024, verbose=False)
+    tokens, logits = greedy(llm, LONG_PROMPT, 8)
+    seen = llm.seen
+    llm.close()
+    assert tokens == want_tokens
+    np.testing.assert_array_equal(logits, want_logits)
+    llm = Measured(str(fixture_path), memory_budget=budget, n_ctx=1024, verbose=False)
+    prompt = llm.tokenize(LONG_PROMPT.encode())
+    llm.eval(prompt)                                  # the prompt alone, in batches of 512
+    stats = llm.edgemoe_stats()
+    seen += llm.seen
+    layers = llm._edgemoe_layout.moe_layers
+    llm.close()
+    assert len(prompt) > 512
+    assert max(seen) <= stats["budget_bytes"]
+    # each batch read every layer but its first ahead, as much as the budget leaves beside the layer computing:
+    # most of those layers' experts were found read ahead, few missed
+    later = [x for x in stats["layers"] if x["layer"] in layers[1:]]
+    used, missed = sum(x["prefetch_used"] for x in later), sum(x["misses"] for x in later)
+    assert used >= 3 * missed, later
+    assert all(x["prefetch_used"] > 0 for x in later), later
