@@ -488,12 +488,12 @@ def test_config_file_budget_in_bytes_and_every_cache_option(fixture_path, tmp_pa
     path = tmp_path / "edgemoe.yaml"
     path.write_text(f"api_key: k\nqueue_size: 3\nmodels:\n  - model: {fixture_path}\n    memory_budget: 5000000\n"
                     "    policy: lru\n    predictor: gate\n    prefetch_depth: 2\n    prefetch_threads: 3\n"
-                    "    fetch_threads: 5\n    substitute: 0.5\n")
+                    "    fetch_threads: 5\n    hold_dense: copy\n    substitute: 0.5\n")
     server, (model,) = load_config_file(str(path))
     assert server.api_key == "k" and server.queue_size == 3 and server.interrupt_requests is False
     assert {k: getattr(model, k) for k in CACHE_OPTIONS} == {
         "memory_budget": 5000000, "policy": "lru", "predictor": "gate", "prefetch_depth": 2, "prefetch_threads": 3,
-        "fetch_threads": 5, "substitute": 0.5}
+        "fetch_threads": 5, "hold_dense": "copy", "substitute": 0.5}
 
 
 def test_api_key_file(tmp_path):
