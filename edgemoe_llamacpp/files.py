@@ -174,8 +174,14 @@ def clear_dead_temporaries(dst: Path) -> None:
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 8 << 20) -> str:
+    return sha256_files([path], chunk)
+
+
+def sha256_files(paths, chunk: int = 8 << 20) -> str:
+    """The sha256 of the files' bytes one after the other (a split model's shards, in order)."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
+    for path in paths:
+        with open(path, "rb") as f:
+            while block := f.read(chunk):
+                h.update(block)
     return h.hexdigest()
