@@ -589,12 +589,20 @@ def _read_files(path: Path) -> tuple[tuple[Path, ...], list[GGUFHeader], list[in
                              f"{_plus_one(seen[0])} of {seen[1]}, {seen[2]} tensors; expected {i + 1} of {count}, "
                              f"{total} tensors)")
         headers.append(h)
-    found = sum(len(h.tensors) for h in headers)
-    names = {t.name for h in headers for t in h.tensors}
-    if found != total or len(names) != found:
-        raise ShardError(f"{paths[0]}: its {count} shards hold {found} tensors ({len(names)} names), but "
+    names = [t.name for h in headers for t in h.tensors]
+    found = _weight_count(names, _field(headers[0], REQUIRED_FEATURES, paths[0], list, required=False) or [])
+    if found != total or len(set(names)) != len(names):
+        raise ShardError(f"{paths[0]}: its {count} shards hold {found} weight tensors ({len(set(names))} names), but "
                          f"split.tensors.count is {total}")
     return paths, headers, [p.stat().st_size for p in paths]
+
+
+def _weight_count(names: list[str], features: list) -> int:
+    """How many of `names` llama.cpp loads as weights, the number `split.tensors.count` gives: the patched loader
+    (patches/0002) leaves out the guard of a file that requires features, and the low-bit copies of one that
+    requires "lowbit"."""
+    return sum(not ((features and name == GUARD) or ("lowbit" in features and name.startswith(LOWBIT)))
+               for name in names)
 
 
 def _plus_one(no: int | None) -> str:
@@ -603,6 +611,8 @@ def _plus_one(no: int | None) -> str:
 
 FILE_BITS = 40          # no file may reach 1 TiB: storage keys a file's byte by file << FILE_BITS | offset
 EDGEMOE_PREFIX = "edgemoe."
+GUARD = "edgemoe.guard"             # the tensor that makes stock llama.cpp refuse a file with per-expert types
+REQUIRED_FEATURES = "edgemoe.required_features"     # what the patched loader must understand (patches/0002)
 EXPERT_TYPES = "edgemoe.expert_types."
 LOWBIT = "edgemoe.lowbit."          # tensor name prefix of the low-bit copies; their type: edgemoe.lowbit_type
 

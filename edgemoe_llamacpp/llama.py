@@ -135,6 +135,9 @@ def require_runtime_for(layout: MoELayout) -> None:
         raise MixedTypesError(f"{layout.path} carries low-bit copies of its experts; this llama-cpp-python "
                               f"({llama_cpp.__version__}) is not built with edgemoe's patches and refuses such a "
                               f"file. Build it: edgemoe build-runtime")
+    if any(t.low is not None and t.low.file != 0 for t in layout.expert_tensors):
+        raise MixedTypesError(f"{layout.path} keeps low-bit copies outside shard 1, where llama.cpp's patched loader "
+                              f"counts them as weights and refuses the model; convert it again with this edgemoe")
     if layout.needs_patched_runtime and "required_features" not in (layout.edgemoe or {}):
         raise MixedTypesError(f"{layout.path} was written by an older edgemoe convert: it does not name the features "
                               f"it needs (edgemoe.required_features), so llama.cpp refuses it. Convert it again")
