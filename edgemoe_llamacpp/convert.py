@@ -336,13 +336,15 @@ def _write_file(tmp: Path, writer: GGUFWriter, tensors: list[dict], bar, imatrix
 def _fill_checksums(paths: list[Path], groups: list[list[dict]], offsets: list[list[int]]) -> None:
     """Replace the checksum placeholders in the first file (same length, so nothing moves) with each tensor's
     sha256, read from whichever file holds it."""
-    sums = []
+    sums = {}
     for path, tensors, offs in zip(paths, groups, offsets, strict=True):
         with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-            sums += [_tensor_sha256(mm, off, e["nbytes"]) for e, off in zip(tensors, offs, strict=True)]
+            sums |= {e["name"]: _tensor_sha256(mm, off, e["nbytes"]) for e, off in zip(tensors, offs, strict=True)}
     reader = GGUFReader(paths[0], "r+")
     field = reader.fields[CHECKSUM_SHA256]
-    for idx, digest in zip(field.data, sums, strict=True):
+    names = reader.fields[CHECKSUM_NAMES].contents()
+    for idx, name in zip(field.data, names, strict=True):
+        digest = sums[name]
         part = field.parts[idx]
         assert bytes(part) == _PLACEHOLDER.encode()
         part[:] = np.frombuffer(digest.encode(), dtype=np.uint8)
