@@ -280,3 +280,22 @@ def test_an_interrupted_split_conversion_leaves_no_shard_and_no_temporary(shards
         convert(shards[0], tmp_path / "out.gguf", uniform_plan(read_layout(shards[0]), "Q4_K"), progress=False,
                 split_max_size=5_000_000)
     assert len(calls) == 2 and list(tmp_path.iterdir()) == []
+
+
+def test_a_split_with_per_expert_types_runs_as_the_same_conversion_in_one_file(shards, tmp_path):
+    layout = read_layout(shards[0])
+    plan = {t.name: ["Q4_K" if e % 2 else "Q8_0" for e in range(t.count)] for t in layout.expert_tensors}
+    one = convert(shards[2], tmp_path / "one.gguf", plan, progress=False)
+    split = convert(shards[2], tmp_path / "split.gguf", plan, progress=False, split_max_size=6_000_000)
+    assert one.mixed and split.mixed and split.split and len({t.file for t in split.expert_tensors}) > 2
+    assert split.edgemoe["checksum.sha256"] == one.edgemoe["checksum.sha256"]
+    runs = []
+    for path, budget in ((one.path, None), (split.files[1], None), (split.files[2], "25%")):
+        llm = Llama(path, memory_budget=budget, n_ctx=256, verbose=False)
+        try:
+            runs.append(greedy(llm, PROMPT, 8))
+        finally:
+            llm.close()
+    for tokens, logits in runs[1:]:
+        assert tokens == runs[0][0]
+        np.testing.assert_array_equal(logits, runs[0][1])
