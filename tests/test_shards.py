@@ -176,9 +176,15 @@ def test_convert_reads_shards_and_writes_one_file_or_shards_with_the_single_file
     assert sums[0] == sums[1] == sums[2]                  # every tensor's bytes the same, in one file or in shards
     assert all(r.offset % 4096 == 0 for x in split.experts for r in x.ranges)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["joined.gguf", "whole.gguf"]    # no temporaries left
+    assert_same_greedy([(tmp_path / "whole.gguf", "50%"), (tmp_path / "joined.gguf", "50%"), (converted[0], "50%"),
+                        (converted[-1], "50%")])
+
+
+def assert_same_greedy(models: list) -> None:
+    """Every (path, memory budget) gives the first's greedy tokens and logits."""
     runs = []
-    for path in (tmp_path / "whole.gguf", tmp_path / "joined.gguf", converted[0], converted[-1]):
-        llm = Llama(str(path), memory_budget="50%", n_ctx=256, verbose=False)
+    for path, budget in models:
+        llm = Llama(str(path), memory_budget=budget, n_ctx=256, verbose=False)
         try:
             runs.append(greedy(llm, PROMPT, 8))
         finally:
@@ -289,13 +295,4 @@ def test_a_split_with_per_expert_types_runs_as_the_same_conversion_in_one_file(s
     split = convert(shards[2], tmp_path / "split.gguf", plan, progress=False, split_max_size=6_000_000)
     assert one.mixed and split.mixed and split.split and len({t.file for t in split.expert_tensors}) > 2
     assert split.edgemoe["checksum.sha256"] == one.edgemoe["checksum.sha256"]
-    runs = []
-    for path, budget in ((one.path, None), (split.files[1], None), (split.files[2], "25%")):
-        llm = Llama(path, memory_budget=budget, n_ctx=256, verbose=False)
-        try:
-            runs.append(greedy(llm, PROMPT, 8))
-        finally:
-            llm.close()
-    for tokens, logits in runs[1:]:
-        assert tokens == runs[0][0]
-        np.testing.assert_array_equal(logits, runs[0][1])
+    assert_same_greedy([(one.path, None), (split.files[1], None), (split.files[2], "25%")])
