@@ -99,10 +99,18 @@ def disk_bandwidth(path: str, nbytes: int = 256 << 20, region: tuple[int, int] |
     return done / dt
 
 
-def expert_region(layout: MoELayout) -> tuple[int, int]:
-    """The file bytes from the first expert tensor's start to the last one's end: where fetches read."""
-    return (min(t.offset for t in layout.expert_tensors),
-            max(t.offset + t.nbytes for t in layout.expert_tensors))
+def expert_file(layout: MoELayout) -> int:
+    """The model's file that holds the most expert bytes (0 for a single file): where the disk probe reads."""
+    held = [sum(t.nbytes for t in layout.expert_tensors if t.file == i) for i in range(len(layout.files))]
+    return held.index(max(held))
+
+
+def expert_region(layout: MoELayout, file: int | None = None) -> tuple[int, int]:
+    """The bytes of file `file` (default: expert_file) from its first expert tensor's start to its last one's end:
+    where fetches read."""
+    file = expert_file(layout) if file is None else file
+    tensors = [t for t in layout.expert_tensors if t.file == file]
+    return min(t.offset for t in tensors), max(t.offset + t.nbytes for t in tensors)
 
 
 STOCK_RUNTIME_ENV = "EDGEMOE_STOCK_RUNTIME"
@@ -168,7 +176,7 @@ def _child(model: str, *, stock: bool, tokens: int, prompt: str, n_ctx: int, lim
         args.update(record_routing=True, cache=(cache or CacheConfig()).to_dict())
     cmd = [sys.executable, "-c", CHILD, json.dumps(args)]
     env = stock_env() if stock else None
-    cgroup.drop_file_cache(model)
+    cgroup.drop_file_cache(*read_layout(model).files)
     if limit is None:
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env,
@@ -302,8 +310,8 @@ def run_bench(model: str, budgets: list[str], *, runs: int = 3, tokens: int = 64
     else:
         controller = cgroup.Controller("none", None, "not requested (--no-cgroup)")
     kv = kv_cache_bytes(model, n_ctx)
-    region = expert_region(layout)
-    bandwidth = disk_bandwidth(model, region=region)
+    probe, region = layout.files[expert_file(layout)], expert_region(layout)
+    bandwidth = disk_bandwidth(probe, region=region)
     calibration = None
     if allowance is None:
         allowance, calibration = calibrate(model, prompt=prompt, n_ctx=n_ctx, use_cgroup=use_cgroup,
@@ -352,7 +360,7 @@ def run_bench(model: str, budgets: list[str], *, runs: int = 3, tokens: int = 64
         for r in range(runs):
             # the disk's speed drifts on shared machines: measured again beside every pair, and each run's reads
             # are judged against the measurement next to it
-            pair = {"disk_bandwidth_bps": disk_bandwidth(model, region=region)}
+            pair = {"disk_bandwidth_bps": disk_bandwidth(probe, region=region)}
             for name, repack in (engines if r % 2 == 0 else engines[::-1]):
                 bar.set_postfix(budget=spec, engine=name)
                 stock = name != "edgemoe"

@@ -310,14 +310,16 @@ class LimitedRun:
     kind: str = "none"
 
 
-def drop_file_cache(path: str | os.PathLike) -> None:
-    """Cold start for one file: ask the kernel to drop its clean page-cache pages."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        runtime.flush(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
+def drop_file_cache(*paths: str | os.PathLike) -> None:
+    """Cold start for files (a model's, every shard of a split one): ask the kernel to drop their clean page-cache
+    pages."""
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            runtime.flush(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
 
 
 def _events(path: Path) -> dict[str, int]:

@@ -35,6 +35,20 @@ def _int(lo: int, hi: int | None = None):
     return parse
 
 
+def _size(text: str) -> int:
+    """argparse type: a size in bytes, with or without a unit (2G and 500M as llama.cpp's gguf-split takes them,
+    1.5GiB, 4096)."""
+    try:
+        if text.strip().endswith("%") or text.strip().lower() == "none":
+            raise BudgetError(text)
+        return parse_budget(text, 0)
+    except BudgetError:
+        raise argparse.ArgumentTypeError(f"{text[:40]!r} is not a size (e.g. 2G, 500M, 1.5GiB or bytes)") from None
+
+
+_size.__name__ = "size"
+
+
 def _float(lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = False):
     """argparse type: a finite float in [lo, hi] (or open at either end)."""
     def parse(text: str) -> float:
@@ -83,6 +97,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     print(f"  file {_mib(layout.file_size)}; dense {_mib(layout.dense_bytes)}; "
           f"experts {_mib(layout.expert_bytes)} ({100 * layout.expert_bytes / layout.tensor_data_bytes:.1f}%"
           f" of tensor data)")
+    if layout.split:
+        print(f"  split in {len(layout.files)} files: " + ", ".join(f"{os.path.basename(p)} {_mib(size)}"
+                                                              for p, size in zip(layout.files, layout.file_sizes,
+                                                                                 strict=True)))
     print(f"  runtime: {_runtime_line()}" + ("; this file has per-expert types" if layout.mixed else ""))
     sized = [s["expert_bytes"] for s in layers]
     header = "bytes/expert" if all(s["min"] == s["max"] for s in sized) else "bytes/expert: mean (min-max)"
@@ -356,21 +374,24 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from .convert import convert
     from .layout import read_layout
 
-    inputs = [args.input, args.profile, args.plan, args.imatrix]
-    files.check_output(args.output, inputs=inputs, force=args.force)
+    source = read_layout(args.input)
+    inputs = [*source.files, args.profile, args.plan, args.imatrix]
+    if args.split_max_size is None:
+        files.check_output(args.output, inputs=inputs, force=args.force)
     if args.save_plan:
         files.check_output(args.save_plan, inputs=[*inputs, args.output], force=args.force, what="--save-plan")
-    plan, meta, imatrix, off = _plan_from_args(args, read_layout(args.input))
+    plan, meta, imatrix, off = _plan_from_args(args, source)
     if args.save_plan:
         files.write_text(args.save_plan, json.dumps(plan, indent=1) + "\n")
     if imatrix is not None:
         meta["imatrix.profile.sha256"] = files.sha256_file(args.imatrix or args.profile)
     layout = convert(args.input, args.output, plan, meta=meta, force=args.force, lowbit=args.lowbit,
-                     imatrix=imatrix, imatrix_off=off)
+                     imatrix=imatrix, imatrix_off=off, split_max_size=args.split_max_size)
     needs = [x for x, on in (("per-expert types", layout.mixed),
                              (f"{layout.lowbit_type} copies of the experts", args.lowbit)) if on]
     kind = f"{' and '.join(needs)}: needs the patched runtime" if needs else "loads in stock llama.cpp"
-    print(f"{args.output}: experts {_mib(layout.expert_bytes)}, dense {_mib(layout.dense_bytes)}, {kind}")
+    where = args.output if not layout.split else f"{layout.path} (shard 1 of {len(layout.files)})"
+    print(f"{where}: experts {_mib(layout.expert_bytes)}, dense {_mib(layout.dense_bytes)}, {kind}")
     return 0
 
 
@@ -537,6 +558,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "IQ2_XXS and IQ2_XS need one")
     p.add_argument("--no-imatrix", dest="no_imatrix", action="store_true",
                    help="quantize without importance matrices (a plan then leaves out IQ2_XXS and IQ2_XS)")
+    p.add_argument("--split-max-size", dest="split_max_size", type=_size, metavar="SIZE",
+                   help="write shards of at most SIZE of tensor data each (e.g. 2G, 500M, as llama.cpp's gguf-split): "
+                   "OUTPUT without .gguf, then -00001-of-0000N.gguf, and so on")
     p.add_argument("--force", action="store_true", help="replace OUTPUT (and --save-plan) if it exists")
     p.set_defaults(func=cmd_convert)
 

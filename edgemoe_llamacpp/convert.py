@@ -16,8 +16,9 @@ With `imatrix` (tensor name -> [n_expert, n_per_row], imatrix.py), every expert 
 importance matrix; IQ2_XXS and IQ2_XS cannot be made without one. `imatrix_off` (tensor name -> a flag per
 expert) names the experts a plan found better quantized without it (plan.imatrix_off).
 
-The output is written to a temporary file beside OUT, fsynced and renamed: a killed conversion leaves
-OUT as it was, and IN is only ever read.
+IN may be any shard of a split model; with a size limit the output is split too (OUT-0000i-of-0000N.gguf, each
+shard page-aligned, the `edgemoe.*` metadata and tensors in the first). The output is written to temporary files beside OUT,
+fsynced and renamed: a killed conversion leaves OUT as it was, and IN is only ever read.
 """
 from __future__ import annotations
 
@@ -34,13 +35,20 @@ from tqdm import tqdm
 from . import files, quant
 from .errors import EdgeMoEError
 from .imatrix import check as check_imatrix
-from .layout import EDGEMOE_PREFIX, EXPERT_TYPES, LOWBIT, ExpertTensor, MoELayout, read_layout
+from .layout import (
+    EDGEMOE_PREFIX,
+    EXPERT_TYPES,
+    GUARD,
+    LOWBIT,
+    REQUIRED_FEATURES,
+    ExpertTensor,
+    MoELayout,
+    read_layout,
+)
+from .shards import SPLIT_COUNT, SPLIT_KEYS, SPLIT_NO, SPLIT_TENSORS, GGUFSet, open_gguf, shard_name
 
 ALIGNMENT = mmap.PAGESIZE
 FORMAT_VERSION = 1
-GUARD = "edgemoe.guard"
-# what the patched loader must understand to load the file (patches/0002); a loader that knows fewer refuses it
-REQUIRED_FEATURES = "edgemoe.required_features"
 CHECKSUM_NAMES = "edgemoe.checksum.tensors"
 CHECKSUM_SHA256 = "edgemoe.checksum.sha256"
 _PLACEHOLDER = "0" * 64
@@ -55,7 +63,7 @@ def _pad(n: int) -> int:
     return -(-n // ALIGNMENT) * ALIGNMENT
 
 
-def _check_plan(layout: MoELayout, plan: dict[str, list[str]], reader: GGUFReader) -> None:
+def _check_plan(layout: MoELayout, plan: dict[str, list[str]], reader: GGUFSet) -> None:
     stacked = {t.name: t for t in layout.expert_tensors if t.count == layout.n_expert}
     if set(plan) != set(stacked):
         raise EdgeMoEError(f"the plan must give types for exactly the stacked expert tensors; missing "
@@ -76,7 +84,7 @@ def _check_plan(layout: MoELayout, plan: dict[str, list[str]], reader: GGUFReade
                                    f"not a multiple of the type's block")
 
 
-def _out_tensors(reader: GGUFReader, stacks: dict[str, ExpertTensor], plan: dict[str, list[str]],
+def _out_tensors(reader: GGUFSet, stacks: dict[str, ExpertTensor], plan: dict[str, list[str]],
                  lowbit: str | None = None) -> list[dict]:
     """Every output tensor: name, numpy shape, declared type, nbytes, and the per-expert types if mixed; a
     planned tensor's `stack` is the source's (`stacks`: its experts at their own types, if the source is a
@@ -126,9 +134,9 @@ def _slot_type(types: list[str], row_len: int, rows: int) -> str:
     return next((tn for tn in wider if rows * quant.row_bytes(tn, row_len) % ALIGNMENT == 0), largest)
 
 
-def _kv(writer: GGUFWriter, reader: GGUFReader) -> None:
+def _kv(writer: GGUFWriter, reader: GGUFSet) -> None:
     for key, field in reader.fields.items():
-        if key.startswith(("GGUF.", EDGEMOE_PREFIX)) or key in ("general.alignment", "general.architecture"):
+        if key.startswith(("GGUF.", EDGEMOE_PREFIX)) or key in ("general.alignment", "general.architecture", *SPLIT_KEYS):
             continue
         vtype = field.types[0]
         sub = field.types[-1] if vtype == GGUFValueType.ARRAY else None
@@ -181,16 +189,48 @@ def _check_low_type(type_name: str, row_len: int, name: str) -> None:
 def convert(src: str | os.PathLike, dst: str | os.PathLike, plan: dict[str, list[str]], *,
             meta: dict | None = None, force: bool = False, progress: bool = True,
             lowbit: str | None = None, imatrix: dict[str, np.ndarray] | None = None,
-            imatrix_off: dict[str, list[bool]] | None = None) -> MoELayout:
-    """Write `src` with its experts at `plan`'s types to `dst`, plus low-bit copies of every expert at
-    `lowbit` if given, quantizing with the per-expert importance matrices `imatrix` if given. Returns the new
-    file's layout."""
+            imatrix_off: dict[str, list[bool]] | None = None, split_max_size: int | None = None) -> MoELayout:
+    """Write `src` (a file, or any shard of a split model) with its experts at `plan`'s types to `dst`, plus
+    low-bit copies of every expert at `lowbit` if given, quantizing with the per-expert importance matrices
+    `imatrix` if given; in shards of at most `split_max_size` bytes of tensor data if given (DST-0000i-of-0000N.gguf,
+    as gguf-split names them; a tensor larger than that gets a shard of its own). Returns the new model's layout."""
     src, dst = Path(src), Path(dst)
     layout = read_layout(src)
-    dst = files.check_output(dst, inputs=[src], force=force)
-    reader = GGUFReader(src)
+    if split_max_size is None:
+        files.check_output(dst, inputs=layout.files, force=force)
+    reader = open_gguf(layout.files)
     _check_plan(layout, plan, reader)
     stacks = {t.name: t for t in layout.expert_tensors}
+    _check_options(reader, stacks, plan, lowbit, imatrix, imatrix_off)
+    tensors = _out_tensors(reader, stacks, plan, lowbit)
+    groups = _shard_groups(tensors, split_max_size)
+    dsts = [dst] if len(groups) == 1 else [shard_name(_prefix(dst), i + 1, len(groups)) for i in range(len(groups))]
+    for out in dsts:
+        files.check_output(out, inputs=layout.files, force=force)
+    writers = [GGUFWriter(None, layout.arch) for _ in groups]
+    _metadata(writers[0], reader, layout, tensors, meta, lowbit, imatrix is not None)
+    for i, (writer, group) in enumerate(zip(writers, groups, strict=True)):
+        if i:
+            writer.add_custom_alignment(ALIGNMENT)
+        if len(groups) > 1:
+            writer.add_uint16(SPLIT_NO, i)
+            writer.add_uint16(SPLIT_COUNT, len(groups))
+            # llama.cpp checks it against the weights it loads: edgemoe.* tensors are none (patches/0002)
+            writer.add_int32(SPLIT_TENSORS, sum(not e["name"].startswith(EDGEMOE_PREFIX) for e in tensors))
+        for e in group:
+            writer.add_tensor_info(e["name"], e["shape"], np.float32, e["nbytes"], raw_dtype=quant.qtype(e["type"]))
+    n_experts = sum(len(e["experts"]) for e in tensors if e["experts"])
+    with files.atomic_outputs(dsts) as tmps, \
+            tqdm(total=n_experts, desc="quantize experts", unit="expert", disable=not progress) as bar:
+        offsets = [_write_file(tmp, writer, group, bar, imatrix, imatrix_off)
+                   for tmp, writer, group in zip(tmps, writers, groups, strict=True)]
+        _fill_checksums(tmps, groups, offsets)
+    return read_layout(dsts[0])
+
+
+def _check_options(reader: GGUFSet, stacks: dict[str, ExpertTensor], plan: dict[str, list[str]], lowbit: str | None,
+                   imatrix: dict[str, np.ndarray] | None, imatrix_off: dict[str, list[bool]] | None) -> None:
+    """The low-bit type and the importance matrices fit the plan, before anything is written."""
     if lowbit is not None:
         if lowbit not in quant.PLAN_TYPES:
             raise EdgeMoEError(f"low-bit copies can be {', '.join(quant.PLAN_TYPES)}; not {lowbit!r}")
@@ -218,19 +258,22 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, plan: dict[str, list
         if need:
             raise EdgeMoEError(f"{', '.join(need)} cannot be made without importance matrices: convert with "
                                f"--imatrix PROFILE (or plan from --profile without --no-imatrix)")
-    tensors = _out_tensors(reader, stacks, plan, lowbit)
 
-    writer = GGUFWriter(None, layout.arch)
+
+def _metadata(writer: GGUFWriter, reader: GGUFSet, layout: MoELayout, tensors: list[dict], meta: dict | None,
+              lowbit: str | None, with_imatrix: bool) -> None:
+    """The (first) output file's metadata: the source's, the alignment, edgemoe's provenance, plan, per-expert types
+    and checksum table (placeholders, filled once the data is written)."""
     _kv(writer, reader)
     writer.add_custom_alignment(ALIGNMENT)
     writer.add_uint32("edgemoe.version", FORMAT_VERSION)
     features = ["expert_types"] * any(e["slotted"] for e in tensors) + ["lowbit"] * (lowbit is not None)
     if features:
         writer.add_array(REQUIRED_FEATURES, features)
-    writer.add_string("edgemoe.source.name", src.name)
-    writer.add_string("edgemoe.source.sha256", files.sha256_file(src))
+    writer.add_string("edgemoe.source.name", Path(layout.path).name)
+    writer.add_string("edgemoe.source.sha256", files.sha256_files(layout.files))
     writer.add_string("edgemoe.created", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
-    writer.add_bool("edgemoe.imatrix", imatrix is not None)
+    writer.add_bool("edgemoe.imatrix", with_imatrix)
     if lowbit is not None:
         writer.add_string("edgemoe.lowbit_type", lowbit)
     for key, value in (meta or {}).items():
@@ -241,37 +284,67 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, plan: dict[str, list
             writer.add_array(EXPERT_TYPES + e["name"], [int(quant.qtype(tn)) for tn in e["experts"]])
     writer.add_array(CHECKSUM_NAMES, [e["name"] for e in tensors])
     writer.add_array(CHECKSUM_SHA256, [_PLACEHOLDER] * len(tensors))
+
+
+def _shard_groups(tensors: list[dict], max_size: int | None) -> list[list[dict]]:
+    """The output tensors in shards of at most `max_size` bytes of (padded) data each; one shard without a size.
+    Every `edgemoe.*` tensor goes to shard 1, after its first tensor: the patched loader (patches/0002) leaves them
+    out of the weights in shard 1 only, and llama.cpp maps a file from its first weight to its last, so a low-bit
+    copy must lie between two weights. Shard 1 then holds them on top of its `max_size`."""
+    if max_size is None:
+        return [tensors]
+    ours = [e for e in tensors if e["name"].startswith(EDGEMOE_PREFIX)]
+    weights = [e for e in tensors if not e["name"].startswith(EDGEMOE_PREFIX)]
+    tensors = weights[:1] + ours + weights[1:]
+    groups: list[list[dict]] = [[]]
+    size = 0
+    for prev, e in zip([None, *tensors], tensors, strict=False):
+        glued = e["name"].startswith(EDGEMOE_PREFIX) or (prev is not None and prev["name"].startswith(EDGEMOE_PREFIX))
+        if groups[-1] and not glued and size + _pad(e["nbytes"]) > max_size:
+            groups.append([])
+            size = 0
+        groups[-1].append(e)
+        size += _pad(e["nbytes"])
+    return groups
+
+
+def _prefix(dst: Path) -> Path:
+    """The shard names' prefix for output `dst`: DST without .gguf (out.gguf -> out-00001-of-00002.gguf)."""
+    return dst.with_suffix("") if dst.suffix == ".gguf" else dst
+
+
+def _write_file(tmp: Path, writer: GGUFWriter, tensors: list[dict], bar, imatrix: dict[str, np.ndarray] | None,
+                imatrix_off: dict[str, list[bool]] | None) -> list[int]:
+    """Write one output file (header, metadata, tensor infos, then every tensor at its page-aligned offset) to
+    `tmp`; the tensors' offsets."""
+    writer.write_header_to_file(tmp)
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    f = writer.fout[0]
+    offsets, pos = [], _pad(f.tell())
     for e in tensors:
-        writer.add_tensor_info(e["name"], e["shape"], np.float32, e["nbytes"], raw_dtype=quant.qtype(e["type"]))
-
-    with files.atomic_output(dst) as tmp:
-        writer.write_header_to_file(tmp)
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        f = writer.fout[0]
-        data_start = _pad(f.tell())
-        offsets, pos = [], data_start
-        for e in tensors:
-            offsets.append(pos)
-            pos += _pad(e["nbytes"])
-        n_experts = sum(len(e["experts"]) for e in tensors if e["experts"])
-        with tqdm(total=n_experts, desc="quantize experts", unit="expert", disable=not progress) as bar:
-            for e, off in zip(tensors, offsets, strict=True):
-                _write_tensor(f, off, e, bar, imatrix, imatrix_off)
-        f.truncate(pos)
-        f.flush()
-        writer.close()
-        _fill_checksums(tmp, tensors, offsets)
-    return read_layout(dst)
+        offsets.append(pos)
+        pos += _pad(e["nbytes"])
+    for e, off in zip(tensors, offsets, strict=True):
+        _write_tensor(f, off, e, bar, imatrix, imatrix_off)
+    f.truncate(pos)
+    f.flush()
+    writer.close()
+    return offsets
 
 
-def _fill_checksums(path: Path, tensors: list[dict], offsets: list[int]) -> None:
-    """Replace the checksum placeholders (same length, so nothing moves) with each tensor's sha256."""
-    with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-        sums = [_tensor_sha256(mm, off, e["nbytes"]) for e, off in zip(tensors, offsets, strict=True)]
-    reader = GGUFReader(path, "r+")
+def _fill_checksums(paths: list[Path], groups: list[list[dict]], offsets: list[list[int]]) -> None:
+    """Replace the checksum placeholders in the first file (same length, so nothing moves) with each tensor's
+    sha256, read from whichever file holds it."""
+    sums = {}
+    for path, tensors, offs in zip(paths, groups, offsets, strict=True):
+        with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+            sums |= {e["name"]: _tensor_sha256(mm, off, e["nbytes"]) for e, off in zip(tensors, offs, strict=True)}
+    reader = GGUFReader(paths[0], "r+")
     field = reader.fields[CHECKSUM_SHA256]
-    for idx, digest in zip(field.data, sums, strict=True):
+    names = reader.fields[CHECKSUM_NAMES].contents()
+    for idx, name in zip(field.data, names, strict=True):
+        digest = sums[name]
         part = field.parts[idx]
         assert bytes(part) == _PLACEHOLDER.encode()
         part[:] = np.frombuffer(digest.encode(), dtype=np.uint8)

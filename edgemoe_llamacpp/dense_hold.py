@@ -59,6 +59,12 @@ class DenseHold:
     bytes: int
     pieces: list[tuple[int, int]]
 
+    @classmethod
+    def combined(cls, holds: list[DenseHold]) -> DenseHold:
+        """One record of several files' holds (a split model): the mode of those that held anything."""
+        modes = {h.mode for h in holds if h.mode != "off"}
+        return cls("+".join(sorted(modes)) or "off", sum(h.bytes for h in holds), [p for h in holds for p in h.pieces])
+
     def resident_bytes(self) -> int:
         """Of the held bytes, those in memory now (mincore)."""
         return sum(runtime.resident_bytes(a, n) for a, n in self.pieces)

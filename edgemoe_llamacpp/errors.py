@@ -12,7 +12,8 @@ class BadModelError(EdgeMoEError):
 
 
 class ShardError(EdgeMoEError):
-    """One shard of a model split over several files (NAME-00001-of-00003.gguf)."""
+    """A model split over several files (NAME-00001-of-00003.gguf) whose shards are missing, misnamed or not of one
+    split."""
 
 
 class NotMoEError(EdgeMoEError):

@@ -119,12 +119,15 @@ def _umask() -> int:
     return mask
 
 
-def commit(tmp: Path, dst: Path) -> None:
-    """fsync `tmp`, give it the mode a newly created file gets (mkstemp made it 0600), rename it over `dst`,
-    fsync the directory."""
+def _seal(tmp: Path) -> None:
+    """fsync `tmp` and give it the mode a newly created file gets (mkstemp made it 0600)."""
     with open(tmp, "rb+") as fh:
         os.fchmod(fh.fileno(), 0o666 & ~_umask())
         os.fsync(fh.fileno())
+
+
+def _rename(tmp: Path, dst: Path) -> None:
+    """Rename `tmp` over `dst` and fsync the directory."""
     os.replace(tmp, dst)
     with contextlib.suppress(OSError):
         dfd = os.open(dst.parent, os.O_RDONLY)
@@ -134,20 +137,44 @@ def commit(tmp: Path, dst: Path) -> None:
             os.close(dfd)
 
 
+def commit(tmp: Path, dst: Path) -> None:
+    """fsync `tmp`, give it the mode a newly created file gets, rename it over `dst`, fsync the directory."""
+    _seal(tmp)
+    _rename(tmp, dst)
+
+
 @contextlib.contextmanager
 def atomic_output(dst: Path) -> Iterator[Path]:
     """Write to the yielded temporary path; on success it replaces `dst`, on any failure it is removed."""
-    dst = Path(dst)
-    clear_dead_temporaries(dst)
-    tmp = temporary_beside(dst)
-    try:
+    with atomic_outputs([dst]) as (tmp,):
         yield tmp
-        commit(tmp, dst)
+
+
+@contextlib.contextmanager
+def atomic_outputs(dsts: list[Path]) -> Iterator[list[Path]]:
+    """atomic_output for a set of files (a split model's shards): write to the yielded temporaries; on success every
+    one is fsynced before any is renamed, the first last. On a failure or an interrupt the temporaries, and the
+    outputs already renamed, are removed: no partial set is left (a kill between two renames, a matter of
+    microseconds, is the one window)."""
+    dsts = [Path(d) for d in dsts]
+    tmps: list[Path] = []
+    done: list[Path] = []
+    try:
+        for dst in dsts:
+            clear_dead_temporaries(dst)
+            tmps.append(temporary_beside(dst))
+        yield tmps
+        for tmp in tmps:
+            _seal(tmp)
+        for tmp, dst in reversed(list(zip(tmps, dsts, strict=True))):
+            _rename(tmp, dst)
+            done.append(dst)
     except BaseException as e:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
+        for path in (*tmps, *done):
+            with contextlib.suppress(OSError):
+                path.unlink()
         if isinstance(e, OSError):
-            raise EdgeMoEError(f"cannot write {dst}: {e.strerror or e}") from None
+            raise EdgeMoEError(f"cannot write {dsts[0]}: {e.strerror or e}") from None
         raise
 
 
@@ -174,8 +201,14 @@ def clear_dead_temporaries(dst: Path) -> None:
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 8 << 20) -> str:
+    return sha256_files([path], chunk)
+
+
+def sha256_files(paths, chunk: int = 8 << 20) -> str:
+    """The sha256 of the files' bytes one after the other (a split model's shards, in order)."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
+    for path in paths:
+        with open(path, "rb") as f:
+            while block := f.read(chunk):
+                h.update(block)
     return h.hexdigest()

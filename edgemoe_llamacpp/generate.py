@@ -19,10 +19,11 @@ if TYPE_CHECKING:
 
 
 def kv_cache_bytes(path: str, n_ctx: int) -> int:
-    """F16 K and V for every layer at n_ctx (llama.cpp's default cache type)."""
-    from .layout import read_header
+    """F16 K and V for every layer at n_ctx (llama.cpp's default cache type); of a split model, from shard 1's
+    metadata (the only shard that has it)."""
+    from .layout import read_header, read_layout
 
-    fields = read_header(path).fields
+    fields = read_header(read_layout(path).path).fields
     arch = fields["general.architecture"].contents()
 
     def get(key, default=None):

@@ -77,16 +77,17 @@ class _TypeRegistry:
     def __init__(self):
         self._by_owner: dict[int, list[tuple[str, int, list[int], list[int]]]] = {}
 
-    def add(self, owner: object, layout: MoELayout, mapping_base: int, every: bool = False) -> None:
+    def add(self, owner: object, layout: MoELayout, bases: list[int], every: bool = False) -> None:
         """Check the tensors with per-expert types, or (every=True, for substitution) every stacked one with
-        low-bit copies, are registered at the file's types and slots."""
+        low-bit copies, are registered at the file's types and slots (`bases`: per file of the model, the
+        address of its offset 0 in llama.cpp's mapping)."""
         entries = []
         for t in layout.expert_tensors:
             if t.types is None and not (every and t.low is not None):
                 continue
             types = [int(quant.qtype(t.slice(e).type)) for e in range(t.count)]
-            pointers = [mapping_base + t.slice(e).offset for e in range(t.count)]
-            entries.append((t.name, mapping_base + t.offset, types, pointers))
+            pointers = [bases[t.file] + t.slice(e).offset for e in range(t.count)]
+            entries.append((t.name, bases[t.file] + t.offset, types, pointers))
         try:
             for entry in entries:
                 runtime.check_registered(*entry)
@@ -101,16 +102,29 @@ class _TypeRegistry:
 _types = _TypeRegistry()
 
 
-def _check_mapped(layout: MoELayout, mappings, model_path) -> None:
-    """Every expert byte, low-bit copies included, must lie in llama.cpp's mapping (it unmaps the parts of
-    the file before its first tensor and after its last) before any pointer into it is used."""
-    offsets = sorted((off, off + end - start) for start, end, off, _ in mappings)
+def _check_mapped(layout: MoELayout, mappings) -> None:
+    """Every expert byte, low-bit copies included, must lie in llama.cpp's mapping of its file (`mappings[i]`: file
+    i's; llama.cpp unmaps the parts of a file before its first tensor and after its last) before any pointer into
+    it is used."""
+    offsets = [sorted((off, off + end - start) for start, end, off, _ in rows) for rows in mappings]
     ranges = [r for x in layout.experts for r in x.ranges]
     ranges += [r for rs in layout.low_experts.values() for r in rs]
     for r in ranges:
-        if not any(a <= r.offset and r.offset + r.size <= b for a, b in offsets):
-            raise EdgeMoEError(f"{model_path}: {r.tensor} bytes [{r.offset}, {r.offset + r.size}) are outside "
-                               f"llama.cpp's mapping of the file; rewrite it with this edgemoe's convert")
+        if not any(a <= r.offset and r.offset + r.size <= b for a, b in offsets[r.file]):
+            raise EdgeMoEError(f"{layout.files[r.file]}: {r.tensor} bytes [{r.offset}, {r.offset + r.size}) are "
+                               f"outside llama.cpp's mapping of the file; rewrite it with this edgemoe's convert")
+
+
+def _new_mappings(layout: MoELayout, before: list[set]) -> list[list[tuple[int, int, int, str]]]:
+    """Per file of the model, the mappings llama.cpp made of it (those not in `before`), checked read-only and
+    covering every expert byte."""
+    new = [[m for m in runtime.file_mappings(path) if m not in seen]
+           for path, seen in zip(layout.files, before, strict=True)]
+    for path, rows in zip(layout.files, new, strict=True):
+        if not rows or any("w" in perms for *_, perms in rows):
+            raise EdgeMoEError(f"{path}: llama.cpp did not map the file read-only; cannot stream")
+    _check_mapped(layout, new)
+    return new
 
 
 def require_runtime_for(layout: MoELayout) -> None:
@@ -122,6 +136,9 @@ def require_runtime_for(layout: MoELayout) -> None:
         raise MixedTypesError(f"{layout.path} carries low-bit copies of its experts; this llama-cpp-python "
                               f"({llama_cpp.__version__}) is not built with edgemoe's patches and refuses such a "
                               f"file. Build it: edgemoe build-runtime")
+    if any(t.low is not None and t.low.file != 0 for t in layout.expert_tensors):
+        raise MixedTypesError(f"{layout.path} keeps low-bit copies outside shard 1, where llama.cpp's patched loader "
+                              f"counts them as weights and refuses the model; convert it again with this edgemoe")
     if layout.needs_patched_runtime and "required_features" not in (layout.edgemoe or {}):
         raise MixedTypesError(f"{layout.path} was written by an older edgemoe convert: it does not name the features "
                               f"it needs (edgemoe.required_features), so llama.cpp refuses it. Convert it again")
@@ -136,11 +153,11 @@ def stock_llama(model_path: str, *, use_extra_bufts: bool = True, route_trace=No
         raise MixedTypesError(f"{model_path} has {what}: only edgemoe_llamacpp.Llama runs it")
     if route_trace is None:
         with llama_params(use_extra_bufts=use_extra_bufts):
-            return llama_cpp.Llama(model_path=str(model_path), **kwargs)
+            return llama_cpp.Llama(model_path=layout.path, **kwargs)
     trace = route_trace if isinstance(route_trace, RoutingTrace) else RoutingTrace.load(route_trace)
     hook = ExpertHook(inject=TraceInjector(trace.for_layout(layout)))
     with llama_params(use_extra_bufts=use_extra_bufts, **hook.cb_eval_args()):
-        return InjectedLlama(model_path=str(model_path), hook=hook, **kwargs)
+        return InjectedLlama(model_path=layout.path, hook=hook, **kwargs)
 
 
 @dataclass
@@ -241,38 +258,37 @@ class Llama(llama_cpp.Llama):
         if self._edgemoe_lookahead is None and cache.substitute is None:
             # no layer needs Python when its experts are all resident: the runtime lets it pass (patches/0005)
             hook.pass_resident(cache.ledger.ready, self._on_logged)
-        before = set(runtime.file_mappings(model_path))
-        if before:
+        before = [set(runtime.file_mappings(path)) for path in layout.files]
+        if any(before):
             log.warning("%s is already mapped in this process: pages another instance keeps mapped cannot be "
                         "dropped, so the memory budget may not hold", model_path)
         try:
-            if budget is not None and budget < layout.expert_bytes and not before:
+            if budget is not None and budget < layout.expert_bytes and not any(before):
                 # Pages of the file already cached (just written, downloaded, or read by an earlier run) can sit
                 # in large folios; once llama.cpp maps its dense tensors, a folio shared with expert bytes can
                 # no longer be dropped. Drop them while nothing maps the file: the load then reads it in
                 # readahead-sized folios and the start-up drop (cache.attach) releases all but the edges.
-                cgroup.drop_file_cache(model_path)
+                for path in layout.files:
+                    cgroup.drop_file_cache(path)
             # Under a budget the file is mapped without llama.cpp's whole-file read (LLAMA_MMAP_PREFETCH=0,
             # patches/0003); loading.read_dense then reads the dense bytes only, with read-around off.
+            # llama.cpp opens a split model's shard 1 and finds the others by name.
             with llama_params(use_extra_bufts=False, mmap_prefetch=budget is None, **hook.cb_eval_args()):
-                super().__init__(model_path, *args, **kwargs)
+                super().__init__(layout.path, *args, **kwargs)
             # llama.cpp pads the context (to 256 tokens); llama-cpp-python takes the padded size as its window
             # but sizes its token buffer by the n_ctx asked for, and a prompt between the two overran that
             # buffer (ValueError deep in eval). The window is what the buffer holds.
             self._n_ctx = min(self._n_ctx, len(self.input_ids))
-            new = [m for m in runtime.file_mappings(model_path) if m not in before]
-            if not new or any("w" in perms for *_, perms in new):
-                raise EdgeMoEError(f"{model_path}: llama.cpp did not map the file read-only; cannot stream")
-            base = new[0][0] - new[0][2]
-            _check_mapped(layout, new, model_path)
+            new = _new_mappings(layout, before)
+            bases = [rows[0][0] - rows[0][2] for rows in new]
             if budget is not None:
                 loading.read_dense(layout, new)
             if layout.mixed or cache.substitute is not None:
-                _types.add(self, layout, base, every=cache.substitute is not None)
+                _types.add(self, layout, bases, every=cache.substitute is not None)
             if cache.substitute is not None:
-                self._edgemoe_pointers = ExpertPointers(layout, base)
-            cache.attach(base, mapped=(min(off for _, _, off, _ in new),
-                                       max(off + end - start for start, end, off, _ in new)))
+                self._edgemoe_pointers = ExpertPointers(layout, bases)
+            cache.attach(bases, mapped=[(min(off for _, _, off, _ in rows),
+                                         max(off + end - start for start, end, off, _ in rows)) for rows in new])
             if budget is not None and budget < cache.storage.full_cost:
                 self._edgemoe_dense = loading.hold_dense(layout, new, config.hold_dense)
         except BaseException:

@@ -19,49 +19,55 @@ from . import dense_hold, runtime
 from .layout import MoELayout
 
 
-def expert_spans(layout: MoELayout) -> list[tuple[int, int]]:
-    """Every expert tensor's and low-bit copy's [start, end) file range, merged, ascending."""
-    spans = [(t.offset, t.offset + t.nbytes) for t in layout.expert_tensors]
-    spans += [(t.low.offset, t.low.offset + t.low.stride * t.count) for t in layout.expert_tensors if t.low]
+def expert_spans(layout: MoELayout, file: int = 0) -> list[tuple[int, int]]:
+    """Every expert tensor's and low-bit copy's [start, end) range in the model's file `file`, merged, ascending."""
+    spans = [(t.offset, t.offset + t.nbytes) for t in layout.expert_tensors if t.file == file]
+    spans += [(t.low.offset, t.low.offset + t.low.stride * t.count) for t in layout.expert_tensors
+              if t.low and t.low.file == file]
     return runtime.merge_spans(spans)
 
 
-def dense_spans(layout: MoELayout) -> list[tuple[int, int]]:
-    """The file's [start, end) ranges outside the expert tensors: header, metadata, dense tensors."""
+def dense_spans(layout: MoELayout, file: int = 0) -> list[tuple[int, int]]:
+    """The [start, end) ranges of file `file` outside the expert tensors: header, metadata, dense tensors."""
     out, at = [], 0
-    for a, b in expert_spans(layout):
+    for a, b in expert_spans(layout, file):
         if a > at:
             out.append((at, a))
         at = max(at, b)
-    if at < layout.file_size:
-        out.append((at, layout.file_size))
+    if at < layout.file_sizes[file]:
+        out.append((at, layout.file_sizes[file]))
     return out
 
 
 def dense_read_bytes(layout: MoELayout) -> int:
-    """Bytes the dense reads cover, whole pages (what a budgeted load should read, give or take)."""
-    return sum(b - a for a, b in (runtime.page_span(s, e - s) for s, e in dense_spans(layout)))
+    """Bytes the dense reads cover, whole pages, over every file (what a budgeted load should read, give or take)."""
+    return sum(b - a for i in range(len(layout.files))
+               for a, b in (runtime.page_span(s, e - s) for s, e in dense_spans(layout, i)))
 
 
-def read_dense(layout: MoELayout, mappings: list[tuple[int, int, int, str]]) -> None:
-    """After llama.cpp mapped the file (`mappings`: runtime.file_mappings rows, the pieces llama.cpp kept mapped)
-    without populating it: read-around off, then the dense bytes."""
-    for start, end, _, _ in mappings:
+def read_dense(layout: MoELayout, mappings: list[list[tuple[int, int, int, str]]]) -> None:
+    """After llama.cpp mapped the files (`mappings[i]`: runtime.file_mappings rows of file i, the pieces llama.cpp
+    kept mapped) without populating them: read-around off, then the dense bytes."""
+    for start, end, _, _ in (m for rows in mappings for m in rows):
         runtime.madvise(start, end - start, runtime.MADV_RANDOM)
-    fd = os.open(layout.path, os.O_RDONLY)
-    try:
-        for start, end in dense_spans(layout):
-            a, b = runtime.page_span(start, end - start)
-            runtime.readahead(fd, a, b - a)
-    finally:
-        os.close(fd)
+    for i, path in enumerate(layout.files):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            for start, end in dense_spans(layout, i):
+                a, b = runtime.page_span(start, end - start)
+                runtime.readahead(fd, a, b - a)
+        finally:
+            os.close(fd)
 
 
-def hold_dense(layout: MoELayout, mappings: list[tuple[int, int, int, str]], mode: str) -> dense_hold.DenseHold:
-    """Hold the dense bytes of llama.cpp's mapping (`mappings`) where the kernel cannot reclaim them
-    (dense_hold.py), after the expert cache's start-up drop and before the first evaluation."""
-    fd = os.open(layout.path, os.O_RDONLY)
-    try:
-        return dense_hold.hold_dense(mode, dense_spans(layout), mappings, fd)
-    finally:
-        os.close(fd)
+def hold_dense(layout: MoELayout, mappings: list[list[tuple[int, int, int, str]]], mode: str) -> dense_hold.DenseHold:
+    """Hold the dense bytes of llama.cpp's mappings of the files (`mappings[i]`: file i's rows) where the kernel
+    cannot reclaim them (dense_hold.py), after the expert cache's start-up drop and before the first evaluation."""
+    held = []
+    for i, path in enumerate(layout.files):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            held.append(dense_hold.hold_dense(mode, dense_spans(layout, i), mappings[i], fd))
+        finally:
+            os.close(fd)
+    return dense_hold.DenseHold.combined(held)

@@ -29,7 +29,6 @@ import threading
 from concurrent.futures import ThreadPoolExecutor, as_completed
 
 import numpy as np
-from gguf import GGUFReader
 from tqdm import tqdm
 
 from . import quant
@@ -37,6 +36,7 @@ from .errors import BudgetError, EdgeMoEError
 from .imatrix import check as check_imatrix
 from .layout import MoELayout, read_layout
 from .profile import Profile
+from .shards import open_gguf
 
 SWIGLU = ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")
 
@@ -50,7 +50,7 @@ class _Experts:
 
     def __init__(self, layout: MoELayout):
         self.layout = layout
-        self.reader = GGUFReader(layout.path)
+        self.reader = open_gguf(layout.files)
         self.by_name = {t.name: t for t in self.reader.tensors}
         self.tensors: dict[tuple[int, str], object] = {}
         for t in layout.expert_tensors:

@@ -35,11 +35,13 @@ class Routers:
 
 
 def read_routers(path: str | os.PathLike, layout: MoELayout) -> Routers:
-    """`blk.N.ffn_gate_inp.weight` and `blk.N.ffn_norm.weight` of each MoE layer, dequantized with gguf-py."""
-    from gguf import GGUFReader
+    """`blk.N.ffn_gate_inp.weight` and `blk.N.ffn_norm.weight` of each MoE layer, dequantized with gguf-py (from
+    whichever of the layout's files holds them)."""
     from gguf.quants import dequantize
 
-    reader = GGUFReader(path)
+    from .shards import open_gguf
+
+    reader = open_gguf(layout.files)
     tensors = {t.name: t for t in reader.tensors}
 
     def load(name: str) -> np.ndarray:

@@ -25,14 +25,14 @@ from pathlib import Path
 
 import numpy as np
 import psutil
-from gguf import GGUFReader
 from tqdm import tqdm
 
 from . import corpus, files
 from .errors import EdgeMoEError
-from .files import sha256_file
+from .files import sha256_files
 from .hook import ExpertHook
 from .layout import MoELayout, read_layout
+from .shards import open_gguf
 
 FORMAT = ("edgemoe-profile", 2)         # 2: down_inputs
 ZIP_MAGIC = b"PK"             # an .npz file is a zip archive
@@ -112,7 +112,7 @@ def profile(model_path: str, out: str, *, texts=None, text_label: str = "stdlib 
     check_context_memory(model_path, n_ctx)
     if layout.mixed:
         raise EdgeMoEError(f"{model_path}: profile the source model, not a file with per-expert types")
-    reader = GGUFReader(model_path)
+    reader = open_gguf(layout.files)
     n_embd = int(reader.fields[f"{layout.arch}.embedding_length"].contents())
     n_ff = next((int(t.shape[0]) for t in reader.tensors if t.name.endswith("ffn_down_exps.weight")), n_embd)
     sample_bytes = len(layout.moe_layers) * layout.n_expert * samples * (n_embd + n_ff) * 2
@@ -123,7 +123,7 @@ def profile(model_path: str, out: str, *, texts=None, text_label: str = "stdlib 
     hook = ExpertHook(on_route=rec.route, hidden_node=FFN_INPUT.get(layout.arch, "ffn_norm"), want_weights=True,
                       on_down=rec.down)
     with llama_params(use_extra_bufts=False, **hook.cb_eval_args()):
-        llm = llama_cpp.Llama(model_path=str(model_path), n_ctx=n_ctx, n_batch=n_ctx, logits_all=True,
+        llm = llama_cpp.Llama(model_path=layout.path, n_ctx=n_ctx, n_batch=n_ctx, logits_all=True,
                               verbose=False)
     try:
         ids = corpus.tokens(llm, texts if texts is not None else corpus.split_texts("train"), tokens)
@@ -139,7 +139,7 @@ def profile(model_path: str, out: str, *, texts=None, text_label: str = "stdlib 
         llm.close()
     routed = np.stack([np.concatenate(x) for x in rec.ids], axis=1)
     weights = np.stack([np.concatenate(x) for x in rec.weights], axis=1)
-    meta = {"format": list(FORMAT), "model": str(model_path), "model_sha256": sha256_file(model_path),
+    meta = {"format": list(FORMAT), "model": str(model_path), "model_sha256": sha256_files(layout.files),
             "arch": layout.arch, "moe_layers": list(layout.moe_layers), "n_expert": layout.n_expert,
             "n_expert_used": layout.n_expert_used, "n_embd": n_embd, "tokens": int(routed.shape[0]),
             "windows": len(parts), "n_ctx": n_ctx, "samples_per_expert": samples, "text": text_label,

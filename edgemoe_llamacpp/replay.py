@@ -44,7 +44,7 @@ class ReplayStorage(ExpertStorage):
     """Pages and costs only: fetches and drops touch neither memory nor the file (which need not exist)."""
 
     def _open(self, threads, prefetch_threads):
-        self.fd = -1
+        self.fds = []
         self.major_faults = 0
 
     def fetch(self, uids, *, wait=True):

@@ -129,19 +129,20 @@ class ExpertCache:
 
     # the parts' figures, under the names the cache has always had
     cost = property(lambda self: self.storage.cost, doc="expert -> its cost in bytes (whole pages)")
-    base = property(lambda self: self.storage.base, doc="address of file offset 0 in llama.cpp's mapping")
+    base = property(lambda self: self.storage.base, doc="address of (the first) file's offset 0 in llama.cpp's mapping")
     pinned_edge_bytes = property(lambda self: self.storage.pinned_edge_bytes)
     resident = property(lambda self: self.ledger.resident, doc="resident expert -> its cost")
     resident_bytes = property(lambda self: self.ledger.resident_bytes)
     stats = property(lambda self: self.ledger.stats)
 
-    def attach(self, mapping_base: int, mapped: tuple[int, int] | None = None) -> None:
-        """Bind to llama.cpp's mapping of the file. No budget, or one that holds every expert, keeps what the
+    def attach(self, bases, mapped=None) -> None:
+        """Bind to llama.cpp's mappings of the model's files (storage.attach: per file, the address of its offset 0
+        and the offsets it keeps mapped). No budget, or one that holds every expert, keeps what the
         load read: those experts start resident (and ready, so the runtime's filter lets their layers pass
         from the first token), and only an expert the load left out is a miss at its first touch. A smaller
         budget starts empty (a partial keep would leave large page-cache folios straddling kept and dropped
         experts, resident but unaccounted)."""
-        self.storage.attach(mapping_base, mapped)
+        self.storage.attach(bases, mapped)
         if self.budget is not None and self.budget < self.storage.full_cost:
             self.drop_all()
             return
@@ -364,9 +365,10 @@ class ExpertCache:
         self.eviction.remove(uid)
 
     # ------------------------------------------------------------------ measurement
-    def measured_resident_bytes(self) -> int:
-        """Expert bytes in memory as the kernel reports them (mincore over every expert tensor)."""
-        return self.storage.measured_resident_bytes()
+    def measured_resident_bytes(self, file: int | None = None) -> int:
+        """Expert bytes in memory as the kernel reports them (mincore over every expert tensor; of the model's
+        file `file` alone if given)."""
+        return self.storage.measured_resident_bytes(file)
 
     def counters(self) -> tuple:
         """What summary() reports, copied cheaply (plain numbers and per-layer dicts): taken after every

@@ -52,7 +52,7 @@ def record(model: str, texts: list[str], n: int, *, seed: int | None, hidden: bo
     hook = ExpertHook(on_route=on_route, hidden_node=FFN_INP if hidden else None)
     with llama_params(use_extra_bufts=False, cb_eval=hook.callback):
         # logits for every token: otherwise llama.cpp computes the last layer for the last token only
-        llm = llama_cpp.Llama(model, n_ctx=N_CTX, n_batch=N_CTX, logits_all=True, verbose=False)
+        llm = llama_cpp.Llama(layout.path, n_ctx=N_CTX, n_batch=N_CTX, logits_all=True, verbose=False)
     tokens = tokens_of(llm, texts, n, seed)
     for s in tqdm(range(0, len(tokens), N_CTX), desc=Path(model).name, unit="window"):
         llm.reset()

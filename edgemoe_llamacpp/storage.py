@@ -7,6 +7,9 @@ unavailable; adjacent ranges merged so a prompt batch reads a layer sequentially
 dropping removes the pages from llama.cpp's mapping (`MADV_DONTNEED`) and from the page cache
 (`POSIX_FADV_DONTNEED`). Costs are counted in whole pages, the unit the kernel keeps, so `mincore` can check
 the bookkeeping. Every madvise/fadvise call on the mapped experts lives here.
+
+A split model's shards are separate files and separate mappings: a byte is keyed by `file << FILE_BITS | offset`
+(`key`), so spans of different files never merge, and each key finds its file's descriptor and mapping.
 """
 from __future__ import annotations
 
@@ -17,11 +20,21 @@ import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from . import runtime
-from .layout import LOWBIT, ExpertUID, MoELayout
+from .layout import FILE_BITS, LOWBIT, ExpertUID, MoELayout
 
 log = logging.getLogger(__name__)
 
 READ_CHUNK = 1 << 20          # one pread asks for at most this: full disk speed, little buffer memory
+_OFFSET = (1 << FILE_BITS) - 1
+
+
+def key(file: int, offset: int) -> int:
+    """The storage key of byte `offset` of the model's file `file` (0 for a single file: the offset)."""
+    return file << FILE_BITS | offset
+
+
+def file_span(file: int, span: tuple[int, int]) -> tuple[int, int]:
+    return key(file, span[0]), key(file, span[1])
 
 
 def tensor_span(offset: int, size: int) -> tuple[int, int]:
@@ -70,14 +83,14 @@ class ExpertStorage:
 
     def __init__(self, layout: MoELayout, *, threads: int = 4, prefetch_threads: int = 2):
         self.layout = layout
-        self.base = 0                                 # address of file offset 0 in llama.cpp's mapping
-        self.mapped = (0, layout.file_size)           # the file bytes llama.cpp keeps mapped
+        self.bases = [0] * len(layout.files)          # per file: address of its offset 0 in llama.cpp's mapping
+        self.mapped = [file_span(i, (0, size)) for i, size in enumerate(layout.file_sizes)]   # what llama.cpp keeps
         # Fetch into llama.cpp's mapping (readahead + MADV_POPULATE_READ): the experts arrive mapped and
         # referenced, so memory pressure reclaims other pages first, and no copy is made. Measured under a
         # 50% cgroup limit: 4.5 tok/s and 2,408 major faults/token against 3.2 and 4,334 with pread.
         self.populate = True
-        self.tensor_spans = {t.name: tensor_span(t.offset, t.nbytes) for t in layout.expert_tensors}
-        self.tensor_spans |= {LOWBIT + t.name: tensor_span(t.low.offset, t.low.stride * t.count)
+        self.tensor_spans = {t.name: file_span(t.file, tensor_span(t.offset, t.nbytes)) for t in layout.expert_tensors}
+        self.tensor_spans |= {LOWBIT + t.name: file_span(t.low.file, tensor_span(t.low.offset, t.low.stride * t.count))
                               for t in layout.expert_tensors if t.low is not None}
         self.pinned_edge_bytes = 0    # edge pages the kernel would not drop (see drop_all): counted as dense
         self._set_spans()
@@ -85,8 +98,10 @@ class ExpertStorage:
 
     def _open(self, threads: int, prefetch_threads: int) -> None:
         self.prefetch_threads = prefetch_threads
-        self.fd = os.open(self.layout.path, os.O_RDONLY)
-        os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_RANDOM)   # our reads: exact ranges, no readahead
+        self.fds: list[int] = []
+        for path in self.layout.files:
+            self.fds.append(os.open(path, os.O_RDONLY))
+            os.posix_fadvise(self.fds[-1], 0, 0, os.POSIX_FADV_RANDOM)   # our reads: exact ranges, no readahead
         self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="edgemoe-fetch")
         # prefetch reads run on their own threads, so demand fetches never queue behind them
         self.prefetch_pool = ThreadPoolExecutor(max_workers=prefetch_threads, thread_name_prefix="edgemoe-pre")
@@ -111,7 +126,8 @@ class ExpertStorage:
             self._add(ExpertUID(layer, e, True), ranges)
 
     def _add(self, uid: ExpertUID, ranges) -> None:
-        spans = [clip(runtime.page_span(r.offset, r.size), self.tensor_spans[r.tensor]) for r in ranges]
+        spans = [clip(file_span(r.file, runtime.page_span(r.offset, r.size)), self.tensor_spans[r.tensor])
+                 for r in ranges]
         self.spans[uid] = spans
         self.cost[uid] = sum(b - a for a, b in spans)
         for a, b in spans:
@@ -132,12 +148,26 @@ class ExpertStorage:
                 out.append((a, b))
         return out
 
-    def attach(self, mapping_base: int, mapped: tuple[int, int] | None = None) -> None:
-        self.base = mapping_base
-        self.mapped = mapped or (0, self.layout.file_size)
+    def attach(self, bases, mapped=None) -> None:
+        """Bind to llama.cpp's mappings: `bases[i]` is the address of file i's offset 0, `mapped[i]` the (start,
+        end) offsets of file i it keeps mapped (default: whole files)."""
+        assert len(bases) == len(self.layout.files)
+        self.bases = list(bases)
+        if mapped is not None:
+            self.mapped = [file_span(i, span) for i, span in enumerate(mapped)]
+
+    base = property(lambda self: self.bases[0], doc="address of (the first) file's offset 0 in llama.cpp's mapping")
+    fd = property(lambda self: self.fds[0] if self.fds else -1, doc="(the first) file's descriptor")
+
+    def address(self, at: int) -> int:
+        """Where the byte keyed `at` lies in llama.cpp's mapping."""
+        return self.bases[at >> FILE_BITS] + (at & _OFFSET)
+
+    def _fd(self, at: int) -> int:
+        return self.fds[at >> FILE_BITS]
 
     def in_memory(self, uid: ExpertUID) -> bool:
-        return all(runtime.resident_bytes(self.base + a, b - a) == b - a for a, b in self.spans[uid])
+        return all(runtime.resident_bytes(self.address(a), b - a) == b - a for a, b in self.spans[uid])
 
     # ------------------------------------------------------------------ fetch
     def _chunks(self, uids: list[ExpertUID]) -> list[tuple[int, int]]:
@@ -155,7 +185,7 @@ class ExpertStorage:
         if self.populate:
             try:
                 for off, size in chunks:       # queue every read at once, then map them as they land
-                    runtime.readahead(self.fd, off, size)
+                    runtime.readahead(self._fd(off), off & _OFFSET, size)
                 if not wait:
                     return sum(size for _, size in chunks)
                 return sum(self.pool.map(self._populate, chunks))
@@ -184,7 +214,7 @@ class ExpertStorage:
         try:
             if self.populate:
                 for off, size in chunks:
-                    runtime.readahead(self.fd, off, size)
+                    runtime.readahead(self._fd(off), off & _OFFSET, size)
                 return sum(self._populate(c) for c in chunks)
         except OSError as e:
             log.debug("read ahead by mapping failed (%s): pread", e)
@@ -197,7 +227,7 @@ class ExpertStorage:
         off, size = chunk
         before = _thread_major_faults()
         try:
-            runtime.madvise(self.base + off, size, runtime.MADV_POPULATE_READ)
+            runtime.madvise(self.address(off), size, runtime.MADV_POPULATE_READ)
         finally:
             self._count_faults(before)
         return size
@@ -207,7 +237,7 @@ class ExpertStorage:
         if buf is None:
             buf = self._local.buf = bytearray(READ_CHUNK)
         off, size = chunk
-        return os.preadv(self.fd, [memoryview(buf)[:size]], off)
+        return os.preadv(self._fd(off), [memoryview(buf)[:size]], off & _OFFSET)
 
     def _count_faults(self, before: int) -> None:
         n = _thread_major_faults() - before
@@ -239,21 +269,22 @@ class ExpertStorage:
 
     def _drop(self, spans) -> None:
         for a, b in spans:
-            runtime.madvise(self.base + a, b - a, runtime.MADV_DONTNEED)
-            runtime.fadvise_dontneed(self.fd, a, b - a)
+            runtime.madvise(self.address(a), b - a, runtime.MADV_DONTNEED)
+            runtime.fadvise_dontneed(self._fd(a), a & _OFFSET, b - a)
 
     def drop_all(self) -> None:
         """Start-up: release every expert page the load pulled in. Edge pages that still would not drop are
         left out of every expert's span and counted in `pinned_edge_bytes`."""
         self.settle()
-        runtime.flush(self.fd)      # dirty pages (a file just written or copied) cannot be dropped
+        for fd in self.fds:
+            runtime.flush(fd)       # dirty pages (a file just written or copied) cannot be dropped
         whole = list(self.tensor_spans.values())
         self._drop(whole)
         self._split_edge_folios(whole)
         # Whatever edge pages still would not drop (a folio another process maps, say) stay resident for good:
         # count them as dense and leave them out of every expert's span.
         for name, (a, b) in self.tensor_spans.items():
-            vec = runtime.mincore_pages(self.base + a, b - a)
+            vec = runtime.mincore_pages(self.address(a), b - a)
             lead = min(len(vec) - len(vec.lstrip(b"\x01")), runtime.MAX_FOLIO_PAGES)
             trail = min(len(vec) - len(vec.rstrip(b"\x01")), runtime.MAX_FOLIO_PAGES, len(vec) - lead)
             self.tensor_spans[name] = (a + lead * runtime.PAGE, b - trail * runtime.PAGE)
@@ -263,7 +294,7 @@ class ExpertStorage:
         # Those stay resident only as long as the kernel keeps their folio (reclaim may take it later); a fault
         # on one then reads that page alone, not a read-ahead window of neighbouring experts (8 MB here).
         for a, b in whole:
-            runtime.madvise(self.base + a, b - a, runtime.MADV_RANDOM)
+            runtime.madvise(self.address(a), b - a, runtime.MADV_RANDOM)
 
     def _split_edge_folios(self, spans: list[tuple[int, int]]) -> None:
         """The load reads the file in large page-cache folios (up to 2 MiB, naturally aligned); one that
@@ -274,28 +305,30 @@ class ExpertStorage:
         # an edge whose expert-side page dropped has no straddling folio (a load that read the dense ranges in
         # exact pieces, loading.read_dense, leaves none): nothing to split or read back there
         edges = {x for a, b in spans for x, page in ((a, a), (b, b - runtime.PAGE))
-                 if x % block and b > a and runtime.mincore_pages(self.base + page, runtime.PAGE)[0] & 1}
+                 if x % block and b > a and runtime.mincore_pages(self.address(page), runtime.PAGE)[0] & 1}
         for x in sorted(edges):
-            lo, hi = clip((x // block * block, x // block * block + block), self.mapped)
+            lo, hi = clip((x // block * block, x // block * block + block), self.mapped[x >> FILE_BITS])
             dense = [(lo, hi)]
             for a, b in spans:
                 dense = [piece for c, d in dense for piece in ((c, min(d, a)), (max(c, b), d)) if piece[0] < piece[1]]
             self._drop([(lo, hi)])
             for a, b in dense:
                 for off in range(a, b, READ_CHUNK):
-                    os.pread(self.fd, min(READ_CHUNK, b - off), off)
-            runtime.madvise(self.base + lo, hi - lo, runtime.MADV_RANDOM)
+                    os.pread(self._fd(off), min(READ_CHUNK, b - off), off & _OFFSET)
+            runtime.madvise(self.address(lo), hi - lo, runtime.MADV_RANDOM)
 
     # ------------------------------------------------------------------ measurement
-    def measured_resident_bytes(self) -> int:
-        """Expert bytes in memory as the kernel reports them (mincore over every expert tensor)."""
+    def measured_resident_bytes(self, file: int | None = None) -> int:
+        """Expert bytes in memory as the kernel reports them (mincore over every expert tensor; of file `file`
+        alone if given)."""
         self.settle()
-        return sum(runtime.resident_bytes(self.base + a, b - a) for a, b in self.tensor_spans.values())
+        return sum(runtime.resident_bytes(self.address(a), b - a) for a, b in self.tensor_spans.values()
+                   if file is None or a >> FILE_BITS == file)
 
     def close(self) -> None:
         self.prefetch_pool.shutdown(wait=True, cancel_futures=True)
         self.pool.shutdown(wait=True)
         self.drop_pool.shutdown(wait=True)
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        fds, self.fds = self.fds, []
+        for fd in fds:
+            os.close(fd)

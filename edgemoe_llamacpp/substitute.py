@@ -33,7 +33,8 @@ class ExpertPointers:
     """Where the patched kernel reads each expert of each stacked tensor: its full-precision slot or its
     low-bit copy. Every stacked tensor is registered with the kernel (llama.Llama does that)."""
 
-    def __init__(self, layout: MoELayout, base: int):
+    def __init__(self, layout: MoELayout, bases: list[int]):
+        """`bases`: per file of the model, the address of its offset 0 in llama.cpp's mapping."""
         # layer -> its stacked tensors: (base, per expert: full type, full pointer; copy type, copy pointer)
         self.tensors: dict[int, list[tuple[int, list[int], list[int], int, list[int]]]] = {}
         for t in layout.expert_tensors:
@@ -42,8 +43,9 @@ class ExpertPointers:
             full = [t.slice(e) for e in range(t.first_expert, t.first_expert + t.count)]
             copies = [t.low_slice(e) for e in range(t.first_expert, t.first_expert + t.count)]
             self.tensors.setdefault(t.layer, []).append(
-                (base + t.offset, [int(quant.qtype(r.type)) for r in full], [base + r.offset for r in full],
-                 int(quant.qtype(t.low.type)), [base + r.offset for r in copies]))
+                (bases[t.file] + t.offset, [int(quant.qtype(r.type)) for r in full],
+                 [bases[r.file] + r.offset for r in full],
+                 int(quant.qtype(t.low.type)), [bases[r.file] + r.offset for r in copies]))
         self.low: dict[int, set[int]] = {layer: set() for layer in self.tensors}   # experts pointed low now
         self.generation = runtime.registry_generation()
 

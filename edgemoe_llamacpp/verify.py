@@ -1,17 +1,18 @@
 """`edgemoe verify FILE`: structure, bounds and checksums of a converted GGUF."""
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 
 import numpy as np
-from gguf import GGUFReader
 from tqdm import tqdm
 
 from . import quant
 from .convert import CHECKSUM_NAMES, CHECKSUM_SHA256, FORMAT_VERSION, GUARD, _tensor_sha256
 from .errors import BadModelError
 from .layout import ExpertRange, MoELayout, read_layout
+from .shards import open_gguf
 
 SAMPLED_EXPERTS = 8          # experts dequantized by both gguf-py's reference code and ggml's, and compared
 
@@ -25,7 +26,7 @@ def verify(path: str | os.PathLike, *, progress: bool = False) -> dict:
     if meta.get("version") != FORMAT_VERSION:
         raise BadModelError(f"{path}: edgemoe.version is {meta.get('version')!r}, this edgemoe reads "
                             f"{FORMAT_VERSION}")
-    reader = GGUFReader(path)
+    reader = open_gguf(layout.files)
     tensors = {t.name: t for t in reader.tensors}
     if layout.mixed and GUARD not in tensors:
         raise BadModelError(f"{path}: per-expert types without the {GUARD} tensor: a stock llama.cpp "
@@ -35,12 +36,14 @@ def verify(path: str | os.PathLike, *, progress: bool = False) -> dict:
         raise BadModelError(f"{path}: checksum table missing or malformed")
     if set(names) != set(tensors):
         raise BadModelError(f"{path}: checksum table lists {len(names)} tensors, the file has {len(tensors)}")
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+    with contextlib.ExitStack() as stack:
+        mms = [stack.enter_context(_map(p)) for p in layout.files]
         for name, want in zip(names, sums, strict=True):
             t = tensors[name]
-            if _tensor_sha256(mm, t.data_offset, int(t.n_bytes)) != want:
-                raise BadModelError(f"{path}: tensor {name} fails its checksum (file damaged)")
-        finite, sampled = check_weights(layout, mm, progress=progress)
+            if _tensor_sha256(mms[reader.file_of[name]], t.data_offset, int(t.n_bytes)) != want:
+                raise BadModelError(f"{layout.files[reader.file_of[name]]}: tensor {name} fails its checksum "
+                                    f"(file damaged)")
+        finite, sampled = check_weights(layout, mms, progress=progress)
     unaligned = sum(1 for x in layout.experts for r in x.ranges if r.offset % mmap.PAGESIZE)
     low = [r for ranges in layout.low_experts.values() for r in ranges]
     return {"path": str(path), "tensors": len(tensors), "checksums": "ok", "mixed": layout.mixed,
@@ -53,9 +56,16 @@ def verify(path: str | os.PathLike, *, progress: bool = False) -> dict:
             "plan": {k: v for k, v in meta.items() if k.startswith("plan.")}}
 
 
-def check_weights(layout: MoELayout, mm, *, progress: bool = False) -> tuple[int, int]:
+@contextlib.contextmanager
+def _map(path: str):
+    """The file mapped read-only."""
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        yield mm
+
+
+def check_weights(layout: MoELayout, mms: list, *, progress: bool = False) -> tuple[int, int]:
     """Every expert weight (low-bit copies included), dequantized by ggml (the code llama.cpp computes with) at the
-    expert's own type, is finite; for a sample of experts spread over the file, gguf-py's reference dequantizer
+    expert's own type (`mms`: each of the layout's files mapped), is finite; for a sample of experts spread over the file, gguf-py's reference dequantizer
     gives the same values. Raises BadModelError naming the first bad range; returns how many ranges were checked
     and how many of them compared."""
     ranges: list[ExpertRange] = [r for x in layout.experts for r in x.ranges]
@@ -63,7 +73,7 @@ def check_weights(layout: MoELayout, mm, *, progress: bool = False) -> tuple[int
     step = max(1, len(ranges) // SAMPLED_EXPERTS)
     compared = 0
     for i, r in enumerate(tqdm(ranges, desc="check weights", unit="range", disable=not progress)):
-        raw = np.frombuffer(mm[r.offset:r.offset + r.size], dtype=np.uint8)     # a copy: mm can close after an error
+        raw = np.frombuffer(mms[r.file][r.offset:r.offset + r.size], dtype=np.uint8)   # a copy: mms may close after
         values = quant.ggml_dequantize(raw, r.type)
         bad = int(values.size - np.isfinite(values).sum())
         if bad:

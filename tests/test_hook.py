@@ -203,7 +203,10 @@ class Measured(Llama):
 
     def _on_route(self, layer, ids, hidden=None, weights=None):
         super()._on_route(layer, ids, hidden, weights)
-        self.seen.append(expert_pages_in_memory(self._edgemoe_layout, self._edgemoe_cache.base))
+        self.seen.append(self.measure())
+
+    def measure(self):
+        return expert_pages_in_memory(self._edgemoe_layout, self._edgemoe_cache.base)
 
 
 @pytest.mark.parametrize("depth", [1, 3])

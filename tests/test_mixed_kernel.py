@@ -101,7 +101,7 @@ def run(path, layout, prompt_tokens: int):
     try:
         start, _, offset, _ = runtime.file_mappings(path)[0]
         base = start - offset
-        _types.add(owner, layout, base)
+        _types.add(owner, layout, [base])
         tokens = llm.tokenize(b"import os\nimport sys\n\ndef main(argv):\n    return argv[0]\n" * 8)
         llm.eval(tokens[:prompt_tokens])
         batch = list(cap.nodes)

@@ -246,7 +246,7 @@ def main(argv=None) -> None:
     os.close(fd)
     base = next(start for start, end, off, _ in runtime.file_mappings(path) if off == 0 and end - start >= layout.file_size)
     st = storage.ExpertStorage(layout)
-    st.attach(base, (0, layout.file_size))
+    st.attach([base], [(0, layout.file_size)])
     st.drop_all()
     pools = {t: ThreadPoolExecutor(t, thread_name_prefix=f"bench{t}") for t in sorted({v["threads"] for v in vs})}
     rng = random.Random(args.seed)
