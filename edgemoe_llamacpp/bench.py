@@ -3,7 +3,9 @@
 Each run is a child process (what `edgemoe run --json` runs, given the cache's options) in a cgroup whose limit is
 dense bytes + budget + KV cache + an allowance for the interpreter, started with a cold page cache.
 Engines alternate run by run so drift on a shared machine hits both. The Belady floor replays the
-recorded routing with perfect knowledge of the future: the fewest expert bytes any cache could read.
+recorded routing with perfect knowledge of the future: the fewest expert bytes any cache could read. Compute
+alone, what reads are judged against, is one more edgemoe run with no budget and no limit from a warm page cache
+(the file read whole first): a run faster than it is flagged, never reported as a bound.
 """
 from __future__ import annotations
 
