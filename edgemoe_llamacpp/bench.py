@@ -3,10 +3,13 @@
 Each run is a child process (what `edgemoe run --json` runs, given the cache's options) in a cgroup whose limit is
 dense bytes + budget + KV cache + an allowance for the interpreter, started with a cold page cache.
 Engines alternate run by run so drift on a shared machine hits both. The Belady floor replays the
-recorded routing with perfect knowledge of the future: the fewest expert bytes any cache could read.
+recorded routing with perfect knowledge of the future: the fewest expert bytes any cache could read. Compute
+alone, what reads are judged against, is one more edgemoe run with no budget and no limit from a warm page cache
+(the file read whole first): a run faster than it is flagged, never reported as a bound.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -23,7 +26,7 @@ from pathlib import Path
 
 import psutil
 
-from . import cgroup
+from . import cgroup, runtime
 from .cache_config import CacheConfig
 from .errors import EXIT_INTERRUPTED, EdgeMoEError
 from .generate import kv_cache_bytes
@@ -113,6 +116,11 @@ def expert_region(layout: MoELayout, file: int | None = None) -> tuple[int, int]
     return min(t.offset for t in tensors), max(t.offset + t.nbytes for t in tensors)
 
 
+def probe_bandwidth(layout: MoELayout) -> float:
+    """disk_bandwidth where the model's fetches read: its file holding the most expert bytes, over their region."""
+    return disk_bandwidth(layout.files[expert_file(layout)], region=expert_region(layout))
+
+
 STOCK_RUNTIME_ENV = "EDGEMOE_STOCK_RUNTIME"
 # One run: generate() as `edgemoe run --json` calls it, its arguments as JSON (edgemoe's cache options as a
 # CacheConfig's fields); for a stock run, what llama.cpp was given (use_extra_bufts) read back from the Llama it built.
@@ -164,10 +172,10 @@ def signal_name(returncode: int) -> str | None:
 
 def _child(model: str, *, stock: bool, tokens: int, prompt: str, n_ctx: int, limit: int | None,
            n_threads: int | None = None, cache: CacheConfig | None = None, stock_repack: bool = True,
-           controller: cgroup.Controller | None = None, route_trace: str | None = None) -> dict:
-    """One run of `model` in a child process under `limit` bytes (None: no limit), with a cold page cache:
-    stock llama-cpp-python (`stock_repack`: its CPU repack on), or edgemoe keeping experts as `cache` says
-    (routing recorded, for the Belady floor)."""
+           controller: cgroup.Controller | None = None, route_trace: str | None = None, cold: bool = True) -> dict:
+    """One run of `model` in a child process under `limit` bytes (None: no limit), with a cold page cache (or,
+    `cold` False, the page cache as it is): stock llama-cpp-python (`stock_repack`: its CPU repack on), or
+    edgemoe keeping experts as `cache` says (routing recorded, for the Belady floor)."""
     args = {"model": model, "prompt": prompt, "max_tokens": tokens, "n_ctx": n_ctx, "n_threads": n_threads,
             "route_trace": route_trace}
     if stock:
@@ -176,7 +184,8 @@ def _child(model: str, *, stock: bool, tokens: int, prompt: str, n_ctx: int, lim
         args.update(record_routing=True, cache=(cache or CacheConfig()).to_dict())
     cmd = [sys.executable, "-c", CHILD, json.dumps(args)]
     env = stock_env() if stock else None
-    cgroup.drop_file_cache(*read_layout(model).files)
+    if cold:
+        cgroup.drop_file_cache(*read_layout(model).files)
     if limit is None:
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env,
@@ -281,37 +290,109 @@ def measure_allowance(model: str, *, prompt: str = PROMPT, n_ctx: int = 512, use
                      stock_model=stock_model, engines=engines)[0]
 
 
-def run_bench(model: str, budgets: list[str], *, runs: int = 3, tokens: int = 64, prompt: str = PROMPT,
-              n_ctx: int = 512, use_cgroup: bool = True, allowance: int | None = None,
-              n_threads: int | None = None, progress: bool = True, cache: CacheConfig | None = None,
-              stock_model: str | None = None, stock_repack: bool | str = True, route_trace: str | None = None) -> dict:
-    """Stock and edgemoe alternately, cold cache, per budget; edgemoe keeps its experts as `cache` says, at
-    each of `budgets` in turn (its own memory_budget is not used). `stock_model`: the file stock runs when `model`
-    is one only edgemoe loads (low-bit copies, per-expert types): the one it was converted from.
-    `stock_repack`: stock with llama.cpp's CPU repack (its default) or without (edgemoe's compute path), or
-    "both": two stock baselines per pair, the ratio taken against the repack-on one and also given against the other.
-    A stock run that dies is recorded with its signal; edgemoe is still measured, and that budget's ratio
-    is marked absent when no pair has both. `route_trace`: both engines compute that trace's routing (the
-    results say `routing: injected`), for workloads shaped like models this machine does not hold."""
-    from tqdm import tqdm
+DEFAULT_N_CTX = 512
 
-    layout: MoELayout = read_layout(model)
-    cache = cache or CacheConfig()
-    stock_model = stock_model or model
+
+def bench_prompt(model: str, n_tokens: int) -> str:
+    """A prompt of exactly `n_tokens` of `model`'s tokens (BOS included, as a completion counts them): held-out
+    text, the standard library's validation split (corpus.py), cut by llama.cpp's vocabulary alone."""
+    import llama_cpp
+
+    from .corpus import prompt_of, split_texts
+
+    llm = llama_cpp.Llama(model_path=str(model), vocab_only=True, verbose=False)
+    try:
+        return prompt_of(llm, n_tokens, split_texts("validation"))
+    finally:
+        llm.close()
+
+
+def context_for(n_ctx: int | None, prompt_tokens: int | None, tokens: int) -> int:
+    """The context of every run: `n_ctx` as given (refused if it cannot hold a prompt of `prompt_tokens` and the
+    `tokens` generated), or by default DEFAULT_N_CTX, more where the prompt and the tokens need it."""
+    if prompt_tokens is None:
+        return n_ctx or DEFAULT_N_CTX
+    need = prompt_tokens + tokens
+    if n_ctx is None:
+        return max(DEFAULT_N_CTX, need)
+    if n_ctx < need:
+        raise EdgeMoEError(f"--n-ctx {n_ctx} cannot hold a prompt of {prompt_tokens} tokens and {tokens} generated: "
+                           f"give at least {need}, or leave --n-ctx out")
+    return n_ctx
+
+
+def compute_alone(model: str, **run) -> dict:
+    """The reference each budget's reads are judged against: the same edgemoe run with every expert in memory (no
+    budget, no memory limit), the file read whole into the page cache first so that nothing waits for a read.
+    `warm` says whether it was: the file all cached before the run, and nothing read while it ran; a file larger
+    than the memory available cannot be (`not_warm` says why, and a bound built on it is no bound)."""
+    paths = read_layout(model).files
+    size, available = sum(os.path.getsize(p) for p in paths), psutil.virtual_memory().available
+    cached = sum(cgroup.warm_file_cache(p) if size <= available else runtime.file_cached_bytes(p) for p in paths)
+    ref = _child(model, stock=False, limit=None, cold=False, **run)
+    evals, read = ref.get("decode_evals"), (ref.get("prefill_read_bytes") or 0) + (ref.get("decode_read_bytes") or 0)
+    not_warm = []
+    if size > available:
+        not_warm.append(f"the file ({size:,} bytes) is larger than the memory available ({available:,} bytes): "
+                        "it cannot be held whole")
+    elif cached < size:
+        not_warm.append(f"{cached:,} of the file's {size:,} bytes stayed in the page cache after reading it whole")
+    if read:
+        not_warm.append(f"the run read {read:,} bytes from storage while it evaluated")
+    if not ref["ok"]:
+        not_warm.append(f"the run failed ({ref.get('error')})")
+    return {"ms_per_token": (ref.get("decode_ms_per_token") or {}).get("compute"),
+            "decode_tok_s": ref.get("decode_tok_s"), "decode_ms_per_token": ref.get("decode_ms_per_token"),
+            "prefill_s": ref.get("prefill_s"), "prefill_tok_s": ref.get("prefill_tok_s"),
+            "prompt_tokens": ref.get("prompt_tokens"), "ok": ref["ok"], "error": ref.get("error"),
+            "warm": not not_warm, "not_warm": not_warm, "file_bytes": size, "cached_bytes_before": cached,
+            "prefill_read_bytes": ref.get("prefill_read_bytes"), "decode_read_bytes": ref.get("decode_read_bytes"),
+            "decode_read_bytes_per_token": ref["decode_read_bytes"] / evals if evals else None}
+
+
+def _controller(use_cgroup: bool) -> cgroup.Controller:
+    """Where the runs' memory limits go (kind "none", with the reason, where they cannot be imposed)."""
+    if not use_cgroup:
+        return cgroup.Controller("none", None, "not requested (--no-cgroup)")
+    controller = cgroup.prepare(cgroup.memory_controller())
+    if controller.kind == "none":
+        log.warning("runs are not memory-limited: %s", controller.reason)
+    return controller
+
+
+def _check_stock_model(model: str, stock_model: str, layout: MoELayout) -> None:
     if stock_model != model:
         stock_layout = read_layout(stock_model)
         if stock_layout.expert_bytes != layout.expert_bytes or stock_layout.dense_bytes != layout.dense_bytes:
             raise EdgeMoEError(f"{stock_model} is not {model}'s model: expert/dense bytes differ")
-    if use_cgroup:
-        controller = cgroup.prepare(cgroup.memory_controller())
-        if controller.kind == "none":
-            log.warning("runs are not memory-limited: %s", controller.reason)
-            use_cgroup = False
-    else:
-        controller = cgroup.Controller("none", None, "not requested (--no-cgroup)")
-    kv = kv_cache_bytes(model, n_ctx)
-    probe, region = layout.files[expert_file(layout)], expert_region(layout)
-    bandwidth = disk_bandwidth(probe, region=region)
+
+
+def run_bench(model: str, budgets: list[str], *, runs: int = 3, tokens: int = 64, prompt: str = PROMPT,
+              prompt_tokens: int | None = None, n_ctx: int | None = None, use_cgroup: bool = True,
+              allowance: int | None = None, n_threads: int | None = None, progress: bool = True,
+              cache: CacheConfig | None = None, stock_model: str | None = None, stock_repack: bool | str = True,
+              route_trace: str | None = None) -> dict:
+    """Stock and edgemoe alternately, cold cache, per budget; edgemoe keeps its experts as `cache` says, at
+    each of `budgets` in turn (its own memory_budget is not used). `prompt_tokens`: a prompt of exactly that many
+    tokens of held-out text instead of `prompt` (bench_prompt), the context sized to hold it (context_for).
+    `stock_model`: the file stock runs when `model` is one only edgemoe loads (low-bit copies, per-expert types):
+    the one it was converted from. `stock_repack`: stock with llama.cpp's CPU repack (its default) or without
+    (edgemoe's compute path), or "both": two stock baselines per pair, the ratio taken against the repack-on one
+    and also given against the other. A stock run that dies is recorded with its signal; edgemoe is still
+    measured, and that budget's ratio is marked absent when no pair has both. `route_trace`: both engines compute
+    that trace's routing (the results say `routing: injected`), for workloads shaped like models this machine
+    does not hold."""
+    layout: MoELayout = read_layout(model)
+    cache = cache or CacheConfig()
+    stock_model = stock_model or model
+    _check_stock_model(model, stock_model, layout)
+    n_ctx = context_for(n_ctx, prompt_tokens, tokens)
+    if prompt_tokens is not None:
+        prompt = bench_prompt(model, prompt_tokens)
+    controller = _controller(use_cgroup)
+    use_cgroup = controller.kind != "none"
+    run = {"tokens": tokens, "prompt": prompt, "n_ctx": n_ctx, "n_threads": n_threads, "route_trace": route_trace}
+    bandwidth = probe_bandwidth(layout)
     calibration = None
     if allowance is None:
         allowance, calibration = calibrate(model, prompt=prompt, n_ctx=n_ctx, use_cgroup=use_cgroup,
@@ -321,98 +402,164 @@ def run_bench(model: str, budgets: list[str], *, runs: int = 3, tokens: int = 64
                                            # process's own
                                            stock_repack=stock_repack is True,
                                            controller=controller if use_cgroup else None, route_trace=route_trace)
-    # compute alone: the same run with every expert in memory (no budget, no memory limit), the time a token
-    # takes when nothing waits for reads; each budget's reads are judged by the time they add to it
-    reference = _child(model, stock=False, tokens=tokens, prompt=prompt, n_ctx=n_ctx, limit=None,
-                       n_threads=n_threads, cache=replace(cache, memory_budget=None), route_trace=route_trace)
-    compute_only = (reference.get("decode_ms_per_token") or {}).get("compute")
-    if compute_only is None:
-        log.warning("the compute-only run failed (%s): each run's own compute time stands in for it",
-                    reference.get("error"))
+    # compute alone: each budget's reads are judged by the time they add to it
+    only = compute_alone(model, cache=replace(cache, memory_budget=None), **run)
+    if not only["warm"]:
+        log.warning("compute alone is not compute alone: %s", "; ".join(only["not_warm"]))
     result = {
-        "compute_only": {"ms_per_token": compute_only, "decode_tok_s": reference.get("decode_tok_s"),
-                         "ok": reference["ok"], "error": reference.get("error"),
-                         "decode_ms_per_token": reference.get("decode_ms_per_token")},
-        "model": str(model), "arch": layout.arch, "n_layer": layout.n_layer, "n_expert": layout.n_expert,
-        "n_expert_used": layout.n_expert_used, "dense_bytes": layout.dense_bytes,
-        "expert_bytes": layout.expert_bytes, "file_bytes": layout.file_size, "kv_cache_bytes": kv,
+        "compute_only": only, "model": str(model), "arch": layout.arch, "n_layer": layout.n_layer,
+        "n_expert": layout.n_expert, "n_expert_used": layout.n_expert_used, "dense_bytes": layout.dense_bytes,
+        "expert_bytes": layout.expert_bytes, "file_bytes": layout.file_size, "kv_cache_bytes": kv_cache_bytes(model, n_ctx),
         "allowance_bytes": allowance, "calibration": calibration, "cgroup": use_cgroup,
         "memory_limit": controller.to_dict(), "disk_bandwidth_bps": bandwidth,
-        "tokens": tokens, "n_ctx": n_ctx, "prompt": prompt, "machine": _machine(),
-        **cache.to_dict(budget=False),
+        "tokens": tokens, "n_ctx": n_ctx, "prompt": prompt, "prompt_tokens": only["prompt_tokens"] or prompt_tokens,
+        "machine": _machine(), **cache.to_dict(budget=False),
         "stock_model": str(stock_model), "stock_repack": stock_repack,
         "stock_runtime": os.environ.get(STOCK_RUNTIME_ENV) or None, "lowbit_type": layout.lowbit_type,
         "routing": "router" if route_trace is None else f"injected: {_trace_source(route_trace)}",
         "route_trace": route_trace,
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "budgets": [],
     }
-    both = stock_repack == "both"
-    engines = [("stock", True), ("stock_repack_off", False), ("edgemoe", None)] if both else \
-        [("stock", bool(stock_repack)), ("edgemoe", None)]
-    bar = tqdm(total=len(budgets) * runs * len(engines), desc="bench", unit="run", disable=not progress)
-    expert_size = layout.expert_bytes / len(layout.experts)
-    for spec in budgets:
+    bench = _Budgets(model, stock_model, layout, result, controller if use_cgroup else None, stock_repack, run)
+    with bench.progress(len(budgets) * runs, progress):
+        for spec in budgets:
+            result["budgets"].append(bench.measure(spec, runs, replace(cache, memory_budget=spec)))
+    floor_speeds(result)
+    check_compute_floor(result)
+    return result
+
+
+class _Budgets:
+    """One bench's runs at each budget: the pairs of runs (engines alternating), and the budget's entry."""
+
+    def __init__(self, model: str, stock_model: str, layout: MoELayout, result: dict,
+                 controller: cgroup.Controller | None, stock_repack: bool | str, run: dict):
+        self.model, self.stock_model, self.layout, self.result = model, stock_model, layout, result
+        self.controller, self.run = controller, run
+        self.both = stock_repack == "both"
+        self.engines = [("stock", True), ("stock_repack_off", False), ("edgemoe", None)] if self.both else \
+            [("stock", bool(stock_repack)), ("edgemoe", None)]
+        self.bar = None
+
+    @contextlib.contextmanager
+    def progress(self, runs: int, show: bool):
+        from tqdm import tqdm
+
+        with tqdm(total=runs * len(self.engines), desc="bench", unit="run", disable=not show) as self.bar:
+            yield
+
+    def pairs(self, spec: str, runs: int, limit: int | None, cache: CacheConfig) -> list[dict]:
+        """`runs` pairs (or triples) of runs at one budget, the engines' order alternating; the disk's speed
+        drifts on shared machines: measured again beside every pair, and each run's reads are judged by it."""
+        pairs = []
+        for r in range(runs):
+            pair = {"disk_bandwidth_bps": probe_bandwidth(self.layout)}
+            for name, repack in (self.engines if r % 2 == 0 else self.engines[::-1]):
+                self.bar.set_postfix(budget=spec, engine=name)
+                stock = name != "edgemoe"
+                pair[name] = _child(self.stock_model if stock else self.model, stock=stock, limit=limit,
+                                    cache=cache, stock_repack=repack, controller=self.controller, **self.run)
+                self.bar.update()
+            pairs.append(pair)
+        return pairs
+
+    def measure(self, spec: str, runs: int, cache: CacheConfig) -> dict:
+        """The budget's entry: each engine's summary, edgemoe against stock, the floors, and the runs."""
+        r, layout = self.result, self.layout
         budget = parse_budget(spec, layout.expert_bytes)
         if budget is None:
             raise EdgeMoEError("bench needs a finite memory budget per entry (e.g. 25% 50% 100%)")
-        limit = layout.dense_bytes + budget + kv + allowance if use_cgroup else None
-        pairs = []
-        for r in range(runs):
-            # the disk's speed drifts on shared machines: measured again beside every pair, and each run's reads
-            # are judged against the measurement next to it
-            pair = {"disk_bandwidth_bps": disk_bandwidth(probe, region=region)}
-            for name, repack in (engines if r % 2 == 0 else engines[::-1]):
-                bar.set_postfix(budget=spec, engine=name)
-                stock = name != "edgemoe"
-                pair[name] = _child(
-                    stock_model if stock else model, stock=stock, tokens=tokens, prompt=prompt, n_ctx=n_ctx,
-                    limit=limit, n_threads=n_threads, cache=replace(cache, memory_budget=spec),
-                    stock_repack=repack, controller=controller, route_trace=route_trace)
-                bar.update()
-            pairs.append(pair)
+        limit = layout.dense_bytes + budget + r["kv_cache_bytes"] + r["allowance_bytes"] if r["cgroup"] else None
+        pairs = self.pairs(spec, runs, limit, cache)
         entry = {"budget": spec, "budget_bytes": budget, "limit_bytes": limit,
                  "stock": _engine_summary([p["stock"] for p in pairs]),
-                 **compare([p["edgemoe"] for p in pairs], [p["stock"] for p in pairs], budget, expert_size)}
-        # greedy text of every run on edgemoe's compute path (stock with the CPU repack computes some types with
-        # other kernels, whose rounding may flip a near tie: compared apart)
-        texts = {p[name]["text"] for p in pairs for name, repack in engines if p[name]["ok"] and not repack}
-        entry["same_text"] = len(texts) == 1 if texts else None
-        repacked = {p[name]["text"] for p in pairs for name, repack in engines if p[name]["ok"] and repack}
-        if repacked and texts:
-            entry["same_text_with_repack"] = repacked == texts
-        if both:        # the second baseline: stock without the CPU repack, the setting a careful user tries first
+                 **compare([p["edgemoe"] for p in pairs], [p["stock"] for p in pairs], budget,
+                           layout.expert_bytes / len(layout.experts))}
+        self.compare_texts(entry, pairs)
+        if self.both:        # the second baseline: stock without the CPU repack, the setting a careful user tries first
             entry["stock_repack_off"] = _engine_summary([p["stock_repack_off"] for p in pairs])
             entry["decode_ratio_vs_repack_off"] = _spread(
                 [p["edgemoe"]["decode_tok_s"] / p["stock_repack_off"]["decode_tok_s"] for p in pairs
                  if p["edgemoe"]["ok"] and p["stock_repack_off"]["ok"] and p["stock_repack_off"]["decode_tok_s"]])
-        probes = _spread([p["disk_bandwidth_bps"] for p in pairs])
-        entry["disk_bandwidth_bps"] = probes
-        disk = probes["median"]
-        if "floor_bytes_per_token" in entry:
-            entry["floor_io_s_per_token"] = entry["floor_bytes_per_token"] / disk
-        # each run's reads by the time they added to a token (decoding less compute alone and the hook's Python),
-        # over the disk's speed measured beside that run; and its decode time over the bound
-        entry["read_wait_ms_per_token"] = _spread([read_wait_ms(p["edgemoe"], compute_only) for p in pairs])
-        entry["fetch_efficiency"] = _spread([_fetch_efficiency(p["edgemoe"], compute_only, p["disk_bandwidth_bps"])
-                                             for p in pairs])["median"]
-        entry["decode_vs_bound"] = _spread([_vs_bound(p["edgemoe"], compute_only, p["disk_bandwidth_bps"])
-                                            for p in pairs])["median"]
+        bounds(entry, pairs, r["compute_only"])
         entry["pairs"] = pairs
-        result["budgets"].append(entry)
-    bar.close()
-    floor_speeds(result)
-    return result
+        return entry
+
+    def compare_texts(self, entry: dict, pairs: list[dict]) -> None:
+        """Greedy text of every run on edgemoe's compute path (stock with the CPU repack computes some types with
+        other kernels, whose rounding may flip a near tie: compared apart)."""
+        texts = {p[name]["text"] for p in pairs for name, repack in self.engines if p[name]["ok"] and not repack}
+        entry["same_text"] = len(texts) == 1 if texts else None
+        repacked = {p[name]["text"] for p in pairs for name, repack in self.engines if p[name]["ok"] and repack}
+        if repacked and texts:
+            entry["same_text_with_repack"] = repacked == texts
+
+
+def bounds(entry: dict, pairs: list[dict], only: dict) -> None:
+    """A budget's runs against what reads must cost: each run's reads by the time they added to a token
+    (decoding less compute alone and the hook's Python), over the disk's speed measured beside that run; its decode
+    time over max(compute alone, its reads at disk speed); its prefill time over max(prefill alone, the prompt's
+    experts at disk speed)."""
+    probes = _spread([p["disk_bandwidth_bps"] for p in pairs])
+    entry["disk_bandwidth_bps"] = probes
+    if "floor_bytes_per_token" in entry:
+        entry["floor_io_s_per_token"] = entry["floor_bytes_per_token"] / probes["median"]
+    ms = only.get("ms_per_token")
+    entry["read_wait_ms_per_token"] = _spread([read_wait_ms(p["edgemoe"], ms) for p in pairs])
+    entry["fetch_efficiency"] = _spread([_fetch_efficiency(p["edgemoe"], ms, p["disk_bandwidth_bps"])
+                                         for p in pairs])["median"]
+    entry["decode_vs_bound"] = _spread([_vs_bound(p["edgemoe"], ms, p["disk_bandwidth_bps"]) for p in pairs])["median"]
+    entry["prefill_vs_bound"] = _spread([prefill_vs_bound(p["edgemoe"], only.get("prefill_s"), p["disk_bandwidth_bps"])
+                                         for p in pairs])["median"]
+
+
+def prefill_vs_bound(run: dict, prefill_alone: float | None, bandwidth: float) -> float | None:
+    """One edgemoe run's prompt time over max(the prompt's time with every expert in memory, the bytes of the
+    experts the prompt chose at the disk's cold bandwidth: what a cold cache must read for it)."""
+    if not run.get("ok") or not run.get("prefill_s") or not prefill_alone or not bandwidth \
+            or run.get("prompt_expert_bytes") is None:
+        return None
+    return run["prefill_s"] / max(prefill_alone, run["prompt_expert_bytes"] / bandwidth)
+
+
+def check_compute_floor(result: dict) -> None:
+    """Flag what compute alone says cannot happen: an edgemoe run decoding, or evaluating its prompt, faster than
+    the reference with every expert in memory. The reference is then no floor (it waited for reads, or noise is
+    larger than the difference), and neither is a bound built on it: each budget counts such runs
+    (`decode_below_compute`, `prefill_below_compute`: runs, of), and `warnings` says so, as it says when the
+    reference was not warm."""
+    only = result["compute_only"]
+    warnings = result.setdefault("warnings", [])
+    if only.get("not_warm"):
+        warnings.append("compute alone is not compute alone: " + "; ".join(only["not_warm"]))
+    for b in result["budgets"]:
+        ok = [p["edgemoe"] for p in b["pairs"] if p["edgemoe"].get("ok")]
+        for phase, mine, ref in (("decode", lambda r: 1e3 / r["decode_tok_s"] if r.get("decode_tok_s") else None,
+                                  only.get("ms_per_token")),
+                                 ("prefill", lambda r: r.get("prefill_s"), only.get("prefill_s"))):
+            times = [t for t in map(mine, ok) if t is not None]
+            below = sum(t < ref for t in times) if ref else 0
+            b[f"{phase}_below_compute"] = {"runs": below, "of": len(times)}
+            if below:
+                warnings.append(f"{b['budget']}: edgemoe's {phase} was faster than compute alone in {below} of "
+                                f"{len(times)} runs: the compute-alone reference is no floor, nor the bound on it")
 
 
 def floor_speeds(result: dict) -> None:
     """Each budget's `floor_tok_s`: compute alone plus the Belady floor's reads at the disk's speed, one after the
-    other (without a compute-only run, edgemoe's fastest median decode stands in for compute)."""
+    other (without a compute-only run, edgemoe's fastest median decode stands in for compute); and its
+    `prefill_floor_tok_s`: the prompt's tokens over max(the prompt alone, its experts' bytes at the disk's speed)."""
     best = max((b["edgemoe"]["decode_tok_s"]["median"] or 0) for b in result["budgets"])
     only = (result.get("compute_only") or {}).get("ms_per_token")
     compute_s = only / 1e3 if only else (1 / best if best else None)
+    prefill_s, n_prompt = (result.get("compute_only") or {}).get("prefill_s"), result.get("prompt_tokens")
     for b in result["budgets"]:
         if compute_s and "floor_io_s_per_token" in b:
             b["floor_tok_s"] = 1 / (compute_s + b["floor_io_s_per_token"])
+        prompt = [p["edgemoe"]["prompt_expert_bytes"] for p in b["pairs"] if "prompt_expert_bytes" in p["edgemoe"]]
+        if prefill_s and n_prompt and prompt:
+            b["prompt_expert_bytes"] = statistics.median(prompt)
+            b["prefill_floor_tok_s"] = n_prompt / max(prefill_s, b["prompt_expert_bytes"] / b["disk_bandwidth_bps"]["median"])
 
 
 def _decoded_token(run: dict, compute_only: float | None) -> tuple[float, float, float, float] | None:
@@ -457,16 +604,26 @@ def _trace_source(path: str) -> str:
     return RoutingTrace.load(path).source
 
 
+def paired_ratio(runs: list[dict], stock_runs: list[dict], phase: str) -> dict:
+    """edgemoe's `phase` ("decode" or "prefill") speed over stock's, pair by pair: the spread of the ratios; the
+    pairs whose stock run died have none, and `absent` says so."""
+    out = _spread([e[f"{phase}_tok_s"] / s[f"{phase}_tok_s"] for e, s in zip(runs, stock_runs, strict=True)
+                   if e["ok"] and s["ok"] and s[f"{phase}_tok_s"]])
+    died = [s["signal"] for s in stock_runs if s.get("signal")]
+    if died:
+        out["absent"] = f"stock llama.cpp died with {', '.join(sorted(set(died)))} in {len(died)} of {len(stock_runs)} runs"
+    return out
+
+
 def compare(runs: list[dict], stock_runs: list[dict], budget: int, expert_size: float) -> dict:
     """One edgemoe configuration's runs against the stock runs they alternated with: its summary, the median
-    of per-run decode ratios, and the Belady floor of each run's recorded routing (the traces are consumed)."""
-    ratios = [e["decode_tok_s"] / s["decode_tok_s"] for e, s in zip(runs, stock_runs, strict=True)
-              if e["ok"] and s["ok"] and s["decode_tok_s"]]
-    out = {"edgemoe": _engine_summary(runs), "decode_ratio": _spread(ratios)}
-    died = [s["signal"] for s in stock_runs if s.get("signal")]
-    if died:        # the pairs whose stock run died have no ratio; say so where the ratio would be
-        out["decode_ratio"]["absent"] = (f"stock llama.cpp died with {', '.join(sorted(set(died)))} in "
-                                         f"{len(died)} of {len(stock_runs)} runs")
+    of per-run decode and prefill ratios, and the Belady floor of each run's recorded routing, and the bytes of
+    the experts its prompt chose (`prompt_expert_bytes`, on each run; the traces are consumed)."""
+    out = {"edgemoe": _engine_summary(runs), "decode_ratio": paired_ratio(runs, stock_runs, "decode"),
+           "prefill_ratio": paired_ratio(runs, stock_runs, "prefill")}
+    for r in runs:
+        if r["ok"] and r.get("trace"):
+            r["prompt_expert_bytes"] = prompt_experts(r["trace"], r["prompt_tokens"]) * expert_size
     floors = [belady(r.pop("trace"), int(budget // expert_size))[1] * expert_size / r["decode_evals"]
               for r in runs if r["ok"] and r.get("trace") and r["decode_evals"]]    # one token: no decode step
     for r in runs:
@@ -477,6 +634,18 @@ def compare(runs: list[dict], stock_runs: list[dict], budget: int, expert_size: 
         out["floor_bytes_per_token"] = floor
         out["edgemoe_bytes_vs_floor"] = measured / floor if floor and measured else None
     return out
+
+
+def prompt_experts(trace: list[tuple[int, list[list[int]]]], n_prompt: int) -> int:
+    """How many distinct (layer, expert) the prompt's `n_prompt` tokens chose, over all its batches: what a cold
+    cache must read for the prompt at least, whatever its budget."""
+    rows: dict[int, int] = defaultdict(int)
+    chosen = set()
+    for layer, ids in trace:
+        if rows[layer] < n_prompt:
+            rows[layer] += len(ids)
+            chosen.update((layer, e) for row in ids for e in row)
+    return len(chosen)
 
 
 def _machine() -> dict:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
+from .bench import paired_ratio
+
 
 def format_table(result: dict) -> str:
     """The table `edgemoe bench` prints: per budget, stock and edgemoe (medians, min-max) and the Belady floor;
@@ -14,8 +16,8 @@ def format_table(result: dict) -> str:
 
     rows = [*header(result), "",
             ("| budget | limit | engine | decode tok/s (median, min-max) | prefill tok/s | storage MB/token | "
-            "major faults/token | hit rate | peak MiB | edgemoe/stock decode |"),
-            "|---|---|---|---|---|---|---|---|---|---|"]
+            "major faults/token | hit rate | peak MiB | edgemoe/stock decode | edgemoe/stock prefill |"),
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
     for b in result["budgets"]:
         limit = "none" if b["limit_bytes"] is None else f"{b['limit_bytes'] / 2**20:.0f} MiB"
         for eng in [e for e in ("stock", "stock_repack_off", "edgemoe") if e in b]:
@@ -36,14 +38,15 @@ def format_table(result: dict) -> str:
                         f"({fmt(d['min'])}-{fmt(d['max'])}) | {fmt(s['prefill_tok_s']['median'])} | "
                         f"{fmt(_mb(s['decode_read_bytes_per_token']['median']), '{:.2f}')} | "
                         f"{fmt(s['decode_major_faults_per_token']['median'])} | {fmt(hit, '{:.1%}')} | "
-                        f"{fmt(_mib(s['peak_bytes']['median']), '{:.0f}')} | {ratio} |")
+                        f"{fmt(_mib(s['peak_bytes']['median']), '{:.0f}')} | {ratio} | "
+                        f"{spread_ratio(prefill_ratio(b)) if eng == 'edgemoe' else ''} |")
         if b.get("same_text") is False:          # on edgemoe's compute path (repack off)
-            rows.append(f"| {b['budget']} | | **output differs between runs or engines on the same kernels** | | | | | | | |")
+            rows.append(f"| {b['budget']} | | **output differs between runs or engines on the same kernels** | | | | | | | | |")
         if "floor_bytes_per_token" in b:
-            rows.append(f"| {b['budget']} | | Belady floor | {fmt(b.get('floor_tok_s'))} | | "
-                        f"{_mb(b['floor_bytes_per_token']):.2f} | | | | " +
-                        (f"edgemoe reads {b['edgemoe_bytes_vs_floor']:.2f}x the floor |"
-                         if b["edgemoe_bytes_vs_floor"] else "edgemoe read nothing: the load kept every expert |"))
+            rows.append(f"| {b['budget']} | | Belady floor | {fmt(b.get('floor_tok_s'))} | "
+                        f"{fmt(b.get('prefill_floor_tok_s'))} | {_mb(b['floor_bytes_per_token']):.2f} | | | | " +
+                        (f"edgemoe reads {b['edgemoe_bytes_vs_floor']:.2f}x the floor | |"
+                         if b["edgemoe_bytes_vs_floor"] else "edgemoe read nothing: the load kept every expert | |"))
     loads = [(b["budget"], eng, b[eng]) for b in result["budgets"] for eng in ("stock", "stock_repack_off", "edgemoe")
              if eng in b and b[eng].get("load_s", {}).get("median") is not None]
     if loads:
@@ -54,11 +57,21 @@ def format_table(result: dict) -> str:
                 if eng == "edgemoe" else None
             rows.append(f"| {spec} | {eng} | {s['load_s']['median']:.2f} | "
                         f"{fmt(_mb(s['load_read_bytes']['median']), '{:,.0f}')} MB | {fmt(eff, '{:.0%}')} |")
+    return "\n".join(rows + bound_table(result))
+
+
+def bound_table(result: dict) -> list[str]:
+    """Where a decoded token's time goes against compute alone, each phase against its bound, and the warnings."""
+    def fmt(x, spec="{:.1f}"):
+        return "-" if x is None else spec.format(x)
+
+    rows = []
     parts = [b for b in result["budgets"] if b["edgemoe"].get("decode_ms_per_token")]
+    only = (result.get("compute_only") or {}).get("ms_per_token")
     if parts:
-        only = (result.get("compute_only") or {}).get("ms_per_token")
         rows += ["", ("| budget | edgemoe ms/token | compute alone | waiting for reads | of which in the hook | "
-                 "hook CPU | x max(compute alone, reads at disk speed) |"), "|---|---|---|---|---|---|---|"]
+                 "hook CPU | x max(compute alone, reads at disk speed) | prefill x max(prefill alone, the prompt's "
+                 "experts at disk speed) |"), "|---|---|---|---|---|---|---|---|"]
         for b in parts:
             d, tok_s = b["edgemoe"]["decode_ms_per_token"], b["edgemoe"]["decode_tok_s"]["median"]
             # results from before overlapped reads waited for every read in the hook: the stall is the wait
@@ -67,11 +80,40 @@ def format_table(result: dict) -> str:
             rows.append(f"| {b['budget']} | {fmt(1e3 / tok_s if tok_s else None, '{:.1f}')} | "
                         f"{fmt(only if only is not None else d['compute']['median'])} | {fmt(wait)} | "
                         f"{d['stall']['median']:.1f} | {d['hook_cpu']['median']:.2f} | "
-                        f"{fmt(b.get('decode_vs_bound'), '{:.2f}x')} |")
-        if only is None and "compute_only" in result:
-            rows.append("\nCompute alone: no run with every expert in memory; each run's time outside the hook "
-                        "stands in (reads waited for in page faults then count as compute).")
-    return "\n".join(rows)
+                        f"{vs_bound(b, 'decode')} | {vs_bound(b, 'prefill')} |")
+    if only is None and "compute_only" in result:
+        rows.append("\nCompute alone: no run with every expert in memory; each run's time outside the hook "
+                    "stands in (reads waited for in page faults then count as compute).")
+    return rows + ([""] + [f"**Warning:** {w}." for w in result["warnings"]] if result.get("warnings") else [])
+
+
+def vs_bound(b: dict, phase: str) -> str:
+    """A budget's time over its bound, or, where some run was faster than compute alone, that instead: no bound."""
+    below = b.get(f"{phase}_below_compute")
+    if below and below["runs"]:
+        return f"no bound: faster than compute alone in {below['runs']} of {below['of']} runs"
+    v = b.get(f"{phase}_vs_bound")
+    if v is None:
+        return "-"
+    return f"{v:.2f}x" if v >= 1 else f"{v:.2f}x (below 1: faster than the bound allows, so no bound)"
+
+
+def prefill_ratio(b: dict) -> dict | None:
+    """A budget's edgemoe/stock prefill speed, pair by pair: as the bench recorded it, or from the runs of a result
+    written before it did (None without them)."""
+    if "prefill_ratio" in b:
+        return b["prefill_ratio"]
+    pairs = b.get("pairs")
+    return paired_ratio([p["edgemoe"] for p in pairs], [p["stock"] for p in pairs], "prefill") if pairs else None
+
+
+def spread_ratio(d: dict | None) -> str:
+    """A ratio's median (min-max), or why it is missing."""
+    if d is None:
+        return "-"
+    if d["median"] is None:
+        return ratio(d)
+    return f"{d['median']:.2f}x ({d['min']:.2f}-{d['max']:.2f})"
 
 
 def disk_note(r: dict) -> str:
@@ -148,7 +190,7 @@ def section(path: Path, r: dict, *, root: Path, image: Path | None = None) -> st
         (f"{r['arch']}, {r['n_layer']} layers, {r['n_expert']} experts top-{r['n_expert_used']}; "
         f"dense {r['dense_bytes'] / 1e6:.1f} MB, experts {r['expert_bytes'] / 1e9:.3f} GB "
         f"({r['expert_bytes'] / (r['n_layer'] * r['n_expert']) / 1e6:.2f} MB each). "
-        f"{r['tokens']} tokens generated greedily after a {len(r['prompt'])}-character prompt; "
+        f"{r['tokens']} tokens generated greedily after a {prompt_note(r)}; "
         f"{limited}; cold page cache before every run; engines alternate run by run. "
         f"Disk: {disk_note(r)}. "
         f"Machine: {m['cpu']}, {m['cpus']} cores, {m['memory_bytes'] / 2**30:.0f} GiB, Linux {m['kernel']}, "
@@ -173,6 +215,17 @@ def section(path: Path, r: dict, *, root: Path, image: Path | None = None) -> st
     ])
 
 
+def prompt_note(r: dict) -> str:
+    """The prompt: its tokens (results since they were counted) or characters; and how warm compute alone was."""
+    size = f"{r['prompt_tokens']}-token" if r.get("prompt_tokens") else f"{len(r['prompt'])}-character"
+    only = r.get("compute_only") or {}
+    if "warm" not in only:
+        return f"{size} prompt"
+    warm = ("the file read whole into the page cache first, nothing read while it ran" if only["warm"] else
+            "NOT warm: " + "; ".join(only["not_warm"]))
+    return f"{size} prompt; compute alone is the same run with no budget and no limit ({warm})"
+
+
 def config_note(r: dict) -> str:
     if not r.get("policy"):
         return ""
@@ -193,8 +246,10 @@ def config_flags(r: dict) -> str:
         (f" --substitute {r['substitute']} --stock-model {r['stock_model']}" if r.get("substitute") is not None else "")
 
 
-def ratio(d: dict) -> str:
-    """A median ratio, or why it is missing (stock died in every pair)."""
+def ratio(d: dict | None) -> str:
+    """A median ratio, or why it is missing (stock died in every pair; no runs recorded)."""
+    if d is None:
+        return "-"
     if d["median"] is None:
         return f"- ({d['absent']})" if d.get("absent") else "-"
     return f"{d['median']:.2f}x"
@@ -203,8 +258,8 @@ def ratio(d: dict) -> str:
 def configurations_section(results: dict[Path, dict]) -> str:
     """One row per (edgemoe configuration, budget) of the bench results that name their configuration."""
     rows = [("| result | policy | predictor | depth | substitution | budget | stock tok/s | edgemoe tok/s | "
-            "edgemoe/stock | MB/token | x Belady floor | prefetched/token | wasted/token | ran low/token |"),
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+            "edgemoe/stock | edgemoe/stock prefill | MB/token | x Belady floor | prefetched/token | wasted/token | "
+            "ran low/token |"), "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for path, r in results.items():
         for b in r["budgets"]:
             ed = b["edgemoe"]
@@ -217,7 +272,8 @@ def configurations_section(results: dict[Path, dict]) -> str:
             rows.append(f"| {path.stem} | {r['policy']} | {r['predictor'] or '-'} | "
                         f"{r['prefetch_depth'] if r['predictor'] else '-'} | {sub} | {b['budget']} | "
                         f"{med('decode_tok_s', b['stock'])} | {med('decode_tok_s')} | "
-                        f"{ratio(b['decode_ratio'])} | {'-' if mb is None else f'{mb / 1e6:.1f}'} | "
+                        f"{ratio(b['decode_ratio'])} | {ratio(prefill_ratio(b))} | "
+                        f"{'-' if mb is None else f'{mb / 1e6:.1f}'} | "
                         f"{b.get('edgemoe_bytes_vs_floor') or 0:.2f}x | {med('prefetches_per_token')} | "
                         f"{med('prefetch_wasted_per_token')} | {med('substituted_per_token')} |")
     return "\n".join([
@@ -234,8 +290,8 @@ def shapes_section(results: dict[Path, dict], extra: list[str] = ()) -> str:
     (files with a named model's geometry and quant mix, random weights, a generated trace), then `extra`
     sections (the traces' statistics, the policy replay across presets)."""
     rows = [("| result | geometry | file GB | budget | limit / file | stock tok/s (repack on) | stock tok/s "
-             "(repack off) | edgemoe tok/s | edgemoe/stock | edgemoe/stock repack off | MB/token | x Belady floor | "
-             "same tokens |"), "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "(repack off) | edgemoe tok/s | edgemoe/stock | edgemoe/stock repack off | edgemoe/stock prefill | "
+             "MB/token | x Belady floor | same tokens |"), "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for path, r in results.items():
         geometry = f"{r['n_layer']} layers x {r['n_expert']} experts top-{r['n_expert_used']}"
         for b in r["budgets"]:
@@ -254,7 +310,8 @@ def shapes_section(results: dict[Path, dict], extra: list[str] = ()) -> str:
             rows.append(f"| {path.stem} | {geometry} | {r['file_bytes'] / 1e9:.1f} | {b['budget']} | "
                         f"{b['limit_bytes'] / r['file_bytes']:.0%} | {med(stock)}{' (' + died + ')' if died else ''} | "
                         f"{med(off)} | {med(b['edgemoe'])} | {ratio(b['decode_ratio']) if stock else '-'} | "
-                        f"{ratio(vs_off) if vs_off else '-'} | {'-' if mb is None else f'{mb / 1e6:.1f}'} | "
+                        f"{ratio(vs_off) if vs_off else '-'} | {ratio(prefill_ratio(b))} | "
+                        f"{'-' if mb is None else f'{mb / 1e6:.1f}'} | "
                         f"{'-' if not floor else f'{floor:.2f}x'} | {same} |")
     return "\n".join([
         "## Real-model shapes", "",

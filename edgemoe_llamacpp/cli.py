@@ -271,6 +271,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     for spec in args.memory_budget:             # each budget's spelling, before any run
         cache_config(args, memory_budget=spec)
     result = run_bench(args.model, args.memory_budget, runs=args.runs, tokens=args.tokens, n_ctx=args.n_ctx,
+                       prompt_tokens=args.prompt_tokens,
                        use_cgroup=not args.no_cgroup, n_threads=args.n_threads,
                        allowance=None if args.allowance is None else parse_budget(args.allowance, 0),
                        stock_model=args.stock_model, stock_repack={"on": True, "off": False}.get(args.stock_repack, "both"),
@@ -514,7 +515,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="path to a MoE GGUF file")
     p.add_argument("--runs", type=_int(1, 1000), default=3, help="runs per engine and budget (default 3)")
     p.add_argument("--tokens", type=_int(1, MAX_CTX), default=64, help="tokens generated per run (default 64)")
-    p.add_argument("--n-ctx", dest="n_ctx", type=_int(2, MAX_CTX), default=512)
+    p.add_argument("--prompt-tokens", dest="prompt_tokens", type=_int(2, MAX_CTX), default=None,
+                   help="a prompt of exactly N tokens of held-out text (the standard library's validation split) "
+                   "instead of the short built-in one; prefill is then measured on it")
+    p.add_argument("--n-ctx", dest="n_ctx", type=_int(2, MAX_CTX), default=None,
+                   help="context per run (default 512, or the prompt and the generated tokens if more)")
     p.add_argument("--n-threads", dest="n_threads", type=_int(1, 1024), default=None)
     p.add_argument("--no-cgroup", action="store_true", help="do not impose memory limits")
     p.add_argument("--allowance", help="room for the process's own memory (default: measured, + 32 MiB)")

@@ -83,3 +83,28 @@ def read_texts(paths) -> list[str]:
             raise EdgeMoEError(f"{path}: the text file is {'empty' if not data else 'only whitespace'}")
         texts.append(text)
     return texts
+
+
+def prompt_of(llm, n_tokens: int, texts) -> str:
+    """A prefix of `texts` (joined) that the model's tokenizer makes exactly `n_tokens` tokens, BOS included, as
+    a completion counts its prompt. Token counts grow with the prefix but not always one by one (a
+    character may be several tokens, or merge into the one before): the search finds where the count first
+    reaches `n_tokens`, then looks nearby for a prefix of exactly that many."""
+    def count(k: int) -> int:
+        return len(llm.tokenize(text[:k].encode()))
+
+    text = ""
+    for t in texts:
+        text += t
+        if len(text) >= 8 * n_tokens and count(len(text)) > n_tokens:
+            break
+    lo, hi = 0, len(text)
+    if count(hi) < n_tokens:
+        raise EdgeMoEError(f"the text gives {count(hi)} tokens, fewer than the {n_tokens} asked for")
+    while lo < hi:              # the first prefix of at least n_tokens
+        mid = (lo + hi) // 2
+        lo, hi = (mid + 1, hi) if count(mid) < n_tokens else (lo, mid)
+    for k in sorted(range(max(1, lo - 32), min(len(text), lo + 32) + 1), key=lambda k: abs(k - lo)):
+        if count(k) == n_tokens:
+            return text[:k]
+    raise EdgeMoEError(f"no prefix of the text is exactly {n_tokens} tokens")

@@ -502,6 +502,12 @@ class Llama(llama_cpp.Llama):
         return self._edgemoe_guard.read(lambda: self._stats(self._counters()),
                                         lambda: self._stats(self._edgemoe_snapshot))
 
+    def edgemoe_measured_resident_bytes(self) -> int:
+        """Expert bytes in memory as the kernel reports them (mincore over every expert tensor, drops in flight
+        finished first): what the memory budget must hold, checked rather than counted."""
+        with self._edgemoe_call():
+            return self._edgemoe_cache.measured_resident_bytes()
+
     def __getstate__(self) -> dict:
         """llama_cpp.Llama pickles its constructor arguments (unpickling loads the model again): ours too."""
         with self._edgemoe_call():

@@ -36,6 +36,10 @@ _libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
 
 
 _libc.readahead.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_size_t]
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int64]
+_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+MAP_FAILED = ctypes.c_void_p(-1).value
 
 
 def readahead(fd: int, offset: int, length: int) -> None:
@@ -76,6 +80,27 @@ def mincore_pages(addr: int, length: int) -> bytes:
 def resident_bytes(addr: int, length: int) -> int:
     """Bytes of the pages in [addr, addr+length) that mincore reports in memory."""
     return sum(v & 1 for v in mincore_pages(addr, length)) * PAGE
+
+
+def file_cached_bytes(path: str | os.PathLike, spans=None) -> int:
+    """Bytes of `path` in the page cache (of its page-aligned `spans`, [start, end) file offsets; default the whole
+    file), seen from any process: mincore over a read-only shared mapping of it (mapping reads nothing)."""
+    size = os.path.getsize(path)
+    if not size:
+        return 0
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        addr = _libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        if addr in (None, MAP_FAILED):
+            err = ctypes.get_errno()
+            raise OSError(err, f"mmap {path}: {os.strerror(err)}")
+        try:
+            return sum(resident_bytes(addr + a, b - a) for a, b in spans) if spans is not None else \
+                min(size, resident_bytes(addr, size))
+        finally:
+            _libc.munmap(addr, size)
+    finally:
+        os.close(fd)
 
 
 def page_span(offset: int, size: int) -> tuple[int, int]:

@@ -153,3 +153,91 @@ def test_bench_baseline_runs_a_commit_beside_this_tree_and_stock(fixture_path, t
     subprocess.run([sys.executable, str(root / "tools/bench_report.py"), str(out), "--out", str(md)], check=True,
                    cwd=root, capture_output=True)
     assert "decode against an earlier commit" in md.read_text() and "| 50% |" in md.read_text()
+
+
+def test_compute_alone_runs_from_a_warm_file_and_reads_nothing(fixture_path):
+    """The reference every bound is built on: the file is read whole into the page cache first (from cold here),
+    and the run then reads nothing from storage while it evaluates the prompt and decodes."""
+    cgroup.drop_file_cache(fixture_path)
+    only = bench.compute_alone(str(fixture_path), tokens=4, prompt=bench.PROMPT, n_ctx=128, n_threads=None,
+                               route_trace=None)
+    size = fixture_path.stat().st_size
+    assert only["ok"] and only["warm"] and only["not_warm"] == [], only
+    assert only["cached_bytes_before"] == only["file_bytes"] == size
+    assert only["decode_read_bytes"] == 0 and only["prefill_read_bytes"] == 0
+    assert only["ms_per_token"] > 0 and only["prefill_s"] > 0
+
+
+def test_a_run_faster_than_compute_alone_is_flagged_not_reported_as_a_bound(tmp_path):
+    """Compute alone is the floor of a token's time: a run below it means the reference was no floor. The result
+    counts such runs per phase and warns, and the table shows no bound ratio below 1 as if it were one."""
+    def run(decode_ms, prefill_s):
+        return {"ok": True, "decode_tok_s": 1e3 / decode_ms, "prefill_s": prefill_s}
+
+    only = {"ms_per_token": 20.0, "prefill_s": 1.0, "not_warm": []}
+    fast = {"budget": "50%", "pairs": [{"edgemoe": run(10.0, 2.0)}, {"edgemoe": run(40.0, 3.0)},
+                                       {"edgemoe": {"ok": False}}],
+            "decode_vs_bound": 0.8, "prefill_vs_bound": 1.5}
+    slow = {"budget": "25%", "pairs": [{"edgemoe": run(30.0, 1.5)}], "decode_vs_bound": 1.2, "prefill_vs_bound": 0.9}
+    result = {"compute_only": only, "budgets": [fast, slow]}
+    bench.check_compute_floor(result)
+    assert fast["decode_below_compute"] == {"runs": 1, "of": 2}
+    assert fast["prefill_below_compute"] == {"runs": 0, "of": 2}
+    assert slow["decode_below_compute"] == slow["prefill_below_compute"] == {"runs": 0, "of": 1}
+    assert result["warnings"] == [("50%: edgemoe's decode was faster than compute alone in 1 of 2 runs: the "
+                                  "compute-alone reference is no floor, nor the bound on it")]
+    assert bench_report.vs_bound(fast, "decode") == "no bound: faster than compute alone in 1 of 2 runs"
+    assert bench_report.vs_bound(fast, "prefill") == "1.50x" and bench_report.vs_bound(slow, "decode") == "1.20x"
+    assert bench_report.vs_bound(slow, "prefill").startswith("0.90x (below 1: faster than the bound allows")
+    cold = {"compute_only": {**only, "not_warm": ["the run read 4,096 bytes from storage while it evaluated"]},
+            "budgets": []}
+    bench.check_compute_floor(cold)
+    assert cold["warnings"] == [("compute alone is not compute alone: the run read 4,096 bytes from storage while "
+                                "it evaluated")]
+
+
+def test_bench_prompt_tokens_gives_a_prompt_of_that_many_tokens_and_a_prefill_ratio(fixture_path, tmp_path, capsys):
+    """`edgemoe bench --prompt-tokens 300`: every run's prompt is 300 tokens of held-out text (the model's own
+    count), the context holds it and the generated tokens, and prefill is compared pair by pair and with its
+    bound: max(the prompt alone, its experts' bytes at disk speed)."""
+    out = tmp_path / "bench.json"
+    assert cli(["bench", str(fixture_path), "--memory-budget", "50%", "--runs", "1", "--tokens", "4",
+                "--prompt-tokens", "300", "--allowance", "1", "--no-cgroup", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    r = json.loads(out.read_text())
+    (b,) = r["budgets"]
+    runs = [b["pairs"][0]["stock"], b["pairs"][0]["edgemoe"]]
+    assert r["prompt_tokens"] == r["compute_only"]["prompt_tokens"] == 300
+    assert all(x["ok"] and x["prompt_tokens"] == 300 for x in runs), runs
+    assert r["n_ctx"] >= 304 and r["compute_only"]["warm"], r["compute_only"]
+    edge, stock_run = runs[1], runs[0]
+    assert b["prefill_ratio"]["median"] == pytest.approx(edge["prefill_tok_s"] / stock_run["prefill_tok_s"])
+    assert 0 < b["prompt_expert_bytes"] == edge["prompt_expert_bytes"] <= r["expert_bytes"]
+    bound = max(r["compute_only"]["prefill_s"], edge["prompt_expert_bytes"] / b["pairs"][0]["disk_bandwidth_bps"])
+    assert b["prefill_vs_bound"] == pytest.approx(edge["prefill_s"] / bound)
+    assert b["prefill_floor_tok_s"] == pytest.approx(300 / max(r["compute_only"]["prefill_s"], b["prompt_expert_bytes"]
+                                                               / b["disk_bandwidth_bps"]["median"]))
+    assert "prefill_below_compute" in b and "edgemoe/stock prefill" in printed
+    assert "300-token prompt" in report_section(tmp_path, r)
+
+
+def test_bench_refuses_a_context_too_small_for_its_prompt_in_one_line(fixture_path, capsys):
+    assert cli(["bench", str(fixture_path), "--memory-budget", "50%", "--prompt-tokens", "300", "--tokens", "8",
+                "--n-ctx", "256", "--no-cgroup"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("edgemoe: error: --n-ctx 256 cannot hold a prompt of 300 tokens and 8 generated: give at least "
+                   "308, or leave --n-ctx out")
+
+
+def test_prompt_of_cuts_held_out_text_at_exactly_n_tokens(fixture_path):
+    import llama_cpp
+
+    from edgemoe_llamacpp.corpus import prompt_of, split_texts
+
+    llm = llama_cpp.Llama(model_path=str(fixture_path), vocab_only=True, verbose=False)
+    try:
+        for n in (2, 37, 300, 700):
+            text = prompt_of(llm, n, split_texts("validation"))
+            assert len(llm.tokenize(text.encode())) == n
+    finally:
+        llm.close()

@@ -15,6 +15,7 @@ TOOLS = {
     "bench_baseline": ["{missing}", "--baseline", "HEAD", "--out", "{out}"],
     "bench_configs": ["{missing}", "--out", "{out}"],
     "bench_report": ["{missing}.json", "--out", "{out}"],
+    "chat_turns": ["{missing}", "--json", "{out}"],
     "fetch_microbench": ["{missing}", "--json", "{out}"],
     "hook_overhead": ["{missing}", "--json", "{out}"],
     "inflate_experts": ["{missing}", "{out}", "--ff", "512", "--force"],

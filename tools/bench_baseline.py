@@ -66,7 +66,7 @@ def figures(run: dict) -> dict | None:
         return None
     evals = run.get("decode_evals") or run["tokens"] - 1
     return {"decode_tok_s": run["decode_tok_s"], "decode_read_bytes_per_token": run["decode_read_bytes"] / evals,
-            "text": run.get("text")}
+            "prefill_tok_s": run.get("prefill_tok_s"), "text": run.get("text")}
 
 
 def median(rows: list[dict | None], key: str) -> float | None:
@@ -126,9 +126,8 @@ def main() -> int:
                 bar.update()
         entry = {"budget": spec, "budget_bytes": budget, "limit_bytes": limit,
                  "disk_bandwidth_bps": statistics.median(disks),
-                 **{eng: {"decode_tok_s": median(rows[eng], "decode_tok_s"),
-                          "decode_read_bytes_per_token": median(rows[eng], "decode_read_bytes_per_token")}
-                    for eng in engines},
+                 **{eng: {key: median(rows[eng], key) for key in
+                          ("decode_tok_s", "decode_read_bytes_per_token", "prefill_tok_s")} for eng in engines},
                  "runs": {eng: [r and {k: v for k, v in r.items() if k != "text"} for r in rows[eng]]
                           for eng in engines},
                  "head_vs_baseline": ratio(rows["head"], rows["baseline"]),

@@ -264,10 +264,16 @@ def fetch_section(path: Path, r: dict) -> str:
          "figures to compare."), "", *rows, ""])
 
 
+def prefill(b: dict) -> str:
+    """The engines' median prefill tok/s (results from before they were recorded: -)."""
+    speeds = [b[eng].get("prefill_tok_s") for eng in ("stock", "baseline", "head")]
+    return "-" if None in speeds else ", ".join(f"{v:.1f}" for v in speeds)
+
+
 def baseline_section(path: Path, r: dict) -> str:
     rows = [("| budget | disk GB/s | stock tok/s | baseline tok/s (MB/token) | this tree tok/s (MB/token) | "
-             "tree/baseline (median, runs) | tree/stock | baseline/stock | same text |"),
-            "|---|---|---|---|---|---|---|---|---|"]
+             "tree/baseline (median, runs) | tree/stock | baseline/stock | prefill tok/s (stock, baseline, tree) | "
+             "same text |"), "|---|---|---|---|---|---|---|---|---|---|"]
 
     def eng(b, name):
         x = b[name]
@@ -278,7 +284,7 @@ def baseline_section(path: Path, r: dict) -> str:
         rows.append(f"| {b['budget']} | {b['disk_bandwidth_bps'] / 1e9:.2f} | {b['stock']['decode_tok_s']:.2f} | "
                     f"{eng(b, 'baseline')} | {eng(b, 'head')} | {b['head_vs_baseline']['median']:.2f}x ({runs}) | "
                     f"{b['head_vs_stock']['median']:.2f}x | {b['baseline_vs_stock']['median']:.2f}x | "
-                    f"{'yes' if b['same_text'] else 'no'} |")
+                    f"{prefill(b)} | {'yes' if b['same_text'] else 'no'} |")
     return "\n".join([
         f"## {path.stem}: decode against an earlier commit", "",
         (f"`tools/bench_baseline.py` on `{r['model']}`: stock, edgemoe at {r['baseline']} (its own defaults) and "
@@ -402,8 +408,8 @@ def substitution_section(path: Path, r: dict) -> str:
 
 
 def configs_section(path: Path, r: dict) -> str:
-    table = [("| budget | configuration | decode tok/s | edgemoe/stock | MB/token | x Belady floor | hit rate | "
-              "prefetched/token | wasted/token |"), "|---|---|---|---|---|---|---|---|---|"]
+    table = [("| budget | configuration | decode tok/s | edgemoe/stock | prefill tok/s | MB/token | x Belady floor | "
+              "hit rate | prefetched/token | wasted/token |"), "|---|---|---|---|---|---|---|---|---|---|"]
 
     def med(entry, key, spec="{:.2f}"):
         v = entry.get(key, {}).get("median")
@@ -411,13 +417,14 @@ def configs_section(path: Path, r: dict) -> str:
     for b in r["budgets"]:
         st = b["stock"]
         mb = st["decode_read_bytes_per_token"]["median"]
-        table.append(f"| {b['budget']} | stock | {med(st, 'decode_tok_s')} | 1.00x | "
+        table.append(f"| {b['budget']} | stock | {med(st, 'decode_tok_s')} | 1.00x | {med(st, 'prefill_tok_s', '{:.1f}')} | "
                      f"{'-' if mb is None else f'{mb / 1e6:.1f}'} | - | - | - | - |")
         for c in b["configs"]:
             ed = c["edgemoe"]
             mb = ed["decode_read_bytes_per_token"]["median"]
             table.append(f"| {b['budget']} | {c['label']} | {med(ed, 'decode_tok_s')} | "
-                         f"{c['decode_ratio']['median'] or 0:.2f}x | {'-' if mb is None else f'{mb / 1e6:.1f}'} | "
+                         f"{c['decode_ratio']['median'] or 0:.2f}x | {med(ed, 'prefill_tok_s', '{:.1f}')} | "
+                         f"{'-' if mb is None else f'{mb / 1e6:.1f}'} | "
                          f"{c.get('edgemoe_bytes_vs_floor') or 0:.2f}x | {med(ed, 'hit_rate', '{:.1%}')} | "
                          f"{med(ed, 'prefetches_per_token')} | {med(ed, 'prefetch_wasted_per_token')} |")
     return "\n".join([
