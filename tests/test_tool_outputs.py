@@ -23,6 +23,7 @@ TOOLS = {
     "make_trace": ["--stats", "--stats-json", "{out}", "--tokens", "64", "--seeds", "1"],
     "policy_replay": ["{missing}", "--json", "{out}"],
     "predictor_recall": ["{missing}", "--json", "{out}"],
+    "prefill_bench": ["{missing}", "--prompt-tokens", "512", "--json", "{out}"],
     "quality_fixture": ["{missing}", "--work", "{tmp}/work", "--out", "{out}"],
     "quality_sweep": ["--model", "{missing}", "--work", "{tmp}/work", "--out", "{out}"],
     "server_load": ["--base-url", "http://127.0.0.1:9", "--json", "{out}"],

@@ -461,6 +461,29 @@ def quality_fixture_section(path: Path, r: dict) -> str:
         *rows, "", "Command:", "", "```sh", r["command"], "```", ""])
 
 
+def prefill_section(path: Path, r: dict) -> str:
+    def fmt(x, spec="{:.1f}"):
+        return "-" if x is None else spec.format(x)
+
+    about = (f"{r['date']}. `tools/prefill_bench.py`: `edgemoe bench --prompt-tokens N` per model and prompt length "
+             "(stock and edgemoe alternating under one cgroup limit, cold page cache, the prompt cut from held-out "
+             "text to exactly N tokens, routing injected from a generated trace). Ratios are medians of per-pair "
+             "ratios; the bound is max(the warm reference's prefill, the prompt's expert bytes at the measured disk "
+             "speed).")
+    head = ("| model | prompt tokens | budget | limit | stock prefill tok/s | edgemoe prefill tok/s | edgemoe/stock "
+            "(min-max) | x bound | compute alone tok/s | runs |")
+    lines = [f"## Prefill under a memory limit ({path.name})", "", about, "", head, "|---|" * 1 + "---|" * 9]
+    for row in r["rows"]:
+        lo, hi = row["prefill_ratio_range"]
+        lines.append(f"| {row['model']} | {row['prompt_tokens']} | {row['budget']} | "
+                     f"{fmt(row['limit_bytes'] and row['limit_bytes'] / 2**20, '{:,.0f}')} MiB | "
+                     f"{fmt(row['stock_prefill_tok_s'])} | {fmt(row['edgemoe_prefill_tok_s'])} | "
+                     f"{fmt(row['prefill_ratio'], '{:.2f}x')} ({fmt(lo, '{:.2f}')}-{fmt(hi, '{:.2f}')}) | "
+                     f"{fmt(row['prefill_vs_bound'], '{:.2f}x')} | {fmt(row['compute_alone_prefill_tok_s'])} | "
+                     f"{row['runs']} |")
+    return "\n".join(lines) + "\n"
+
+
 def section(path: Path) -> str:
     r = json.loads(path.read_text())
     if r.get("kind") == "quality":
@@ -489,6 +512,8 @@ def section(path: Path) -> str:
         return configs_section(path, r)
     if r.get("kind") == "bench_baseline":
         return baseline_section(path, r)
+    if r.get("kind") == "prefill":
+        return prefill_section(path, r)
     png = path.with_suffix(".png")
     plot(r, png)
     return bench_report.section(path, r, root=ROOT, image=png)
