@@ -51,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", type=int, default=2)
     ap.add_argument("--tokens", type=int, default=4, help="tokens decoded after each prompt")
     ap.add_argument("--stock-repack", choices=("on", "off"), default="off")
+    ap.add_argument("--allowance", type=int, help="bytes each run needs besides the model and its KV cache "
+                    "(default: measured, two more runs per bench)")
     ap.add_argument("--json", type=Path, required=True)
     ap.add_argument("--force", action="store_true")
     args = ap.parse_args(argv)
@@ -64,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
             for n in args.prompt_tokens:
                 print(f"{Path(model).name}: a {n}-token prompt at {', '.join(args.memory_budget)}", flush=True)
                 bench = run_bench(model, args.memory_budget, runs=args.runs, tokens=args.tokens, prompt_tokens=n,
-                                  stock_repack=args.stock_repack == "on", route_trace=trace)
+                                  stock_repack=args.stock_repack == "on", route_trace=trace,
+                                  allowance=args.allowance)
                 bench["prompt_tokens"] = n
                 benches.append(bench)
                 doc = {"kind": "prefill", "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
