@@ -116,6 +116,6 @@ def test_sigint_leaves_an_existing_output_as_it_was(fixture_path, profile_path, 
 @pytest.mark.parametrize("after_s", [3.0, 8.0])
 def test_sigint_stops_a_bench_and_its_child_runs(fixture_path, tmp_path, group, after_s):
     out = tmp_path / "bench.json"
-    r = interrupt(["bench", str(fixture_path), "--memory-budget", "50%", "--runs", "5", "--tokens", "64",
+    r = interrupt(["bench", str(fixture_path), "--memory-budget", "50%", "--runs", "20", "--tokens", "128",
                    "--json", str(out)], after_s, group=group)
     assert_stopped(r, out)
