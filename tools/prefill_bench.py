@@ -23,6 +23,11 @@ from edgemoe_llamacpp.bench import run_bench
 from edgemoe_llamacpp.errors import EdgeMoEError
 
 
+def _median(x):
+    """A bench figure given as a spread ({"median": ...}) or as the median alone."""
+    return x.get("median") if isinstance(x, dict) else x
+
+
 def rows(bench: dict) -> list[dict]:
     """One row per budget of a bench with --prompt-tokens: what the prefill table shows."""
     out = []
@@ -34,7 +39,7 @@ def rows(bench: dict) -> list[dict]:
                     "prefill_ratio": (b.get("prefill_ratio") or {}).get("median"),
                     "prefill_ratio_range": [(b.get("prefill_ratio") or {}).get("min"),
                                             (b.get("prefill_ratio") or {}).get("max")],
-                    "prefill_vs_bound": (b.get("prefill_vs_bound") or {}).get("median"),
+                    "prefill_vs_bound": _median(b.get("prefill_vs_bound")),
                     "prefill_floor_tok_s": b.get("prefill_floor_tok_s"),
                     "prompt_expert_bytes": b.get("prompt_expert_bytes"),
                     "compute_alone_prefill_tok_s": (bench.get("compute_only") or {}).get("prefill_tok_s"),
@@ -70,9 +75,10 @@ def main(argv: list[str] | None = None) -> int:
                                   allowance=args.allowance)
                 bench["prompt_tokens"] = n
                 benches.append(bench)
-                doc = {"kind": "prefill", "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-                       "rows": [r for b in benches for r in rows(b)], "benches": benches}
+                doc = {"kind": "prefill", "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "benches": benches}
                 files.write_text(args.json, json.dumps(doc, indent=1) + "\n")     # after each: a stop keeps the rest
+                doc["rows"] = [r for b in benches for r in rows(b)]
+                files.write_text(args.json, json.dumps(doc, indent=1) + "\n")
         for r in doc["rows"]:
             print(json.dumps({k: r[k] for k in ("model", "prompt_tokens", "budget", "stock_prefill_tok_s",
                                                 "edgemoe_prefill_tok_s", "prefill_ratio", "prefill_vs_bound")}))
