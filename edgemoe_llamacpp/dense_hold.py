@@ -14,11 +14,8 @@ A page shared by a dense tensor and an expert is held with the dense bytes: the 
 """
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import errno
 import logging
-import os
 import resource
 from dataclasses import dataclass
 
@@ -29,20 +26,6 @@ log = logging.getLogger(__name__)
 
 HOLD_MODES = ("auto", "mlock", "copy", "off")
 COPY_PIECE = 64 << 20         # the copy replaces the mapping this much at a time: little extra memory at once
-
-PROT_READ, PROT_WRITE = 1, 2
-MAP_PRIVATE, MAP_ANONYMOUS = 0x02, 0x20
-MREMAP_MAYMOVE, MREMAP_FIXED = 1, 2
-MAP_FAILED = ctypes.c_void_p(-1).value
-
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-_libc.mlock.argtypes = _libc.munlock.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
-_libc.mmap.restype = ctypes.c_void_p
-_libc.mremap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_int, ctypes.c_void_p]
-_libc.mremap.restype = ctypes.c_void_p
-_libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
 
 
 def check_mode(mode) -> str:
@@ -73,11 +56,6 @@ class DenseHold:
         return {"mode": self.mode, "bytes": self.bytes, "resident_bytes": self.resident_bytes()}
 
 
-def _os_error(what: str) -> OSError:
-    err = ctypes.get_errno()
-    return OSError(err, f"{what}: {os.strerror(err)}")
-
-
 def raise_memlock_limit() -> None:
     """Raise this process's soft RLIMIT_MEMLOCK to its hard limit. With CAP_IPC_LOCK the limit does not apply:
     whether a lock is allowed is found by trying (hold_dense falls back to a copy on refusal)."""
@@ -91,37 +69,22 @@ def raise_memlock_limit() -> None:
 
 def _lock(pieces: list[tuple[int, int]]) -> None:
     done = []
-    for addr, n in pieces:
-        if _libc.mlock(addr, n) != 0:
-            e = _os_error("mlock")
-            for a, m in done:
-                _libc.munlock(a, m)
-            raise e
-        done.append((addr, n))
-
-
-def _copy_piece(addr: int, n: int, fd: int, file_offset: int) -> None:
-    """Replace [addr, addr + n) of the file mapping by an anonymous read-only copy; drop the file's pages."""
-    new = _libc.mmap(None, n, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)
-    if new in (None, MAP_FAILED):
-        raise _os_error("mmap")
     try:
-        ctypes.memmove(new, addr, n)             # faults the file pages in (read_dense queued their reads)
-        if _libc.mprotect(new, n, PROT_READ) != 0:
-            raise _os_error("mprotect")
-        if _libc.mremap(new, n, n, MREMAP_MAYMOVE | MREMAP_FIXED, addr) in (None, MAP_FAILED):
-            raise _os_error("mremap")
-    except BaseException:
-        _libc.munmap(new, n)
+        for addr, n in pieces:
+            runtime.mlock(addr, n)
+            done.append((addr, n))
+    except OSError:
+        for a, m in done:
+            runtime.munlock(a, m)
         raise
-    runtime.fadvise_dontneed(fd, file_offset, n)
 
 
 def _copy(pieces: list[tuple[int, int, int]], fd: int) -> None:
     for addr, n, off in pieces:
         for at in range(0, n, COPY_PIECE):
             m = min(COPY_PIECE, n - at)
-            _copy_piece(addr + at, m, fd, off + at)
+            runtime.replace_with_anonymous_copy(addr + at, m)    # faults the file pages in (read_dense queued them)
+            runtime.fadvise_dontneed(fd, off + at, m)
 
 
 def held_pieces(dense: list[tuple[int, int]], mappings) -> list[tuple[int, int, int]]:

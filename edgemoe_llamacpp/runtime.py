@@ -67,6 +67,45 @@ def flush(fd: int) -> None:
         pass        # a read-only filesystem has no dirty pages
 
 
+_libc.mlock.argtypes = _libc.munlock.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_libc.mremap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_int, ctypes.c_void_p]
+_libc.mremap.restype = ctypes.c_void_p
+_libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+MREMAP_MAYMOVE, MREMAP_FIXED = 1, 2
+
+
+def _os_error(what: str) -> OSError:
+    err = ctypes.get_errno()
+    return OSError(err, f"{what}: {os.strerror(err)}")
+
+
+def mlock(addr: int, length: int) -> None:
+    """Lock [addr, addr+length) in memory (mlock(2)): its pages are read in and never reclaimed."""
+    if _libc.mlock(addr, length) != 0:
+        raise _os_error("mlock")
+
+
+def munlock(addr: int, length: int) -> None:
+    _libc.munlock(addr, length)
+
+
+def replace_with_anonymous_copy(addr: int, length: int) -> None:
+    """Replace the mapping over [addr, addr+length) (page-aligned) by an anonymous read-only copy of its bytes, in
+    place: a private anonymous mapping is filled from it, made read-only and moved over it (mremap)."""
+    new = _libc.mmap(None, length, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)
+    if new in (None, MAP_FAILED):
+        raise _os_error("mmap")
+    try:
+        ctypes.memmove(new, addr, length)
+        if _libc.mprotect(new, length, mmap.PROT_READ) != 0:
+            raise _os_error("mprotect")
+        if _libc.mremap(new, length, length, MREMAP_MAYMOVE | MREMAP_FIXED, addr) in (None, MAP_FAILED):
+            raise _os_error("mremap")
+    except BaseException:
+        _libc.munmap(new, length)
+        raise
+
+
 def mincore_pages(addr: int, length: int) -> bytes:
     """One byte per page of [addr, addr+length) (addr page-aligned): bit 0 set if the page is in memory."""
     n = (length + PAGE - 1) // PAGE
