@@ -15,7 +15,7 @@ export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc)
 
 STOCK  := .runtime/stock
 
-$(VENV)/.installed: pyproject.toml edgemoe_llamacpp/runtime_build.py $(wildcard edgemoe_llamacpp/patches/*.patch)
+$(VENV)/.installed: pyproject.toml edgemoe_llamacpp/engine/build.py $(wildcard edgemoe_llamacpp/patches/*.patch)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -e '.[dev]'
@@ -45,7 +45,7 @@ test: $(VENV)/.installed $(STOCK)/.installed
 	EDGEMOE_STOCK_RUNTIME=$(STOCK) EDGEMOE_REQUIRE_PATCHED=1 $(PY) -m pytest -q
 
 lint: $(VENV)/.installed
-	$(VENV)/bin/ruff check edgemoe_llamacpp tests tools
+	$(VENV)/bin/ruff check edgemoe_llamacpp edgemoe_bench tests tools
 
 clean:
 	rm -rf $(VENV) .runtime build *.egg-info .pytest_cache

@@ -1,6 +1,6 @@
 """edgemoe-llamacpp: Mixture-of-Experts GGUFs larger than RAM in llama-cpp-python, experts streamed from storage."""
-from .errors import BadModelError, BudgetError, EdgeMoEError, NotMoEError
-from .layout import MoELayout, read_layout
+from edgemoe_llamacpp.errors import BadModelError, BudgetError, EdgeMoEError, NotMoEError
+from edgemoe_llamacpp.gguf.layout import MoELayout, read_layout
 
 __version__ = "0.1.0"
 __all__ = ["BadModelError", "BudgetError", "EdgeMoEError", "Llama", "MoELayout", "NotMoEError", "read_layout"]
@@ -9,7 +9,7 @@ __all__ = ["BadModelError", "BudgetError", "EdgeMoEError", "Llama", "MoELayout",
 def __getattr__(name: str):
     if name == "Llama":          # imported on first use: llama_cpp loads native libraries
         try:
-            from .llama import Llama
+            from edgemoe_llamacpp.engine.llama import Llama
         except ModuleNotFoundError as e:
             if e.name != "llama_cpp":
                 raise

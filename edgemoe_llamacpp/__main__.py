@@ -1,7 +1,7 @@
 import sys
 
 try:
-    from .cli import entry
+    from edgemoe_llamacpp.cli import entry
 except KeyboardInterrupt:                  # Ctrl-C while Python imports the CLI
     sys.exit(130)
 

@@ -11,7 +11,7 @@ import sysconfig
 from collections.abc import Iterator
 from pathlib import Path
 
-from .errors import EdgeMoEError
+from edgemoe_llamacpp.errors import EdgeMoEError
 
 VAL_PERCENT = 5
 EOT = "<|endoftext|>"
@@ -68,7 +68,7 @@ def windows(ids: list[int], n_ctx: int) -> list[list[int]]:
 def read_texts(paths) -> list[str]:
     """The text of each file. A file that is not UTF-8 text with something in it (missing, a directory, no
     permission, binary, empty) is an EdgeMoEError: scoring or calibrating on it would measure nothing useful."""
-    from .files import read_bytes
+    from edgemoe_llamacpp.files import read_bytes
 
     texts = []
     for path in paths:

@@ -16,7 +16,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from .errors import EdgeMoEError
+from edgemoe_llamacpp.errors import EdgeMoEError
 
 TMP_SUFFIX = ".tmp"
 # what a path may name besides a regular file, a directory or nothing: never written over, even with --force

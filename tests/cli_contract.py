@@ -127,7 +127,7 @@ class Sandbox:
 
     def _uniform_plan(self, type_name: str) -> dict:
         sys.path.insert(0, str(Path(__file__).parent.parent))
-        from edgemoe_llamacpp.layout import read_layout
+        from edgemoe_llamacpp.gguf.layout import read_layout
 
         return {t.name: type_name for t in read_layout(FIXTURE).expert_tensors}
 
@@ -195,9 +195,9 @@ def preload() -> None:
     import importlib
 
     sys.path.insert(0, str(Path(__file__).parent.parent))
-    for name in ("llama_cpp", "uvicorn", "edgemoe_llamacpp.cli", "edgemoe_llamacpp.llama", "edgemoe_llamacpp.bench",
-                 "edgemoe_llamacpp.convert", "edgemoe_llamacpp.plan", "edgemoe_llamacpp.perplexity",
-                 "edgemoe_llamacpp.profile", "edgemoe_llamacpp.generate", "edgemoe_llamacpp.verify",
+    for name in ("llama_cpp", "uvicorn", "edgemoe_llamacpp.cli", "edgemoe_llamacpp.engine.llama", "edgemoe_bench.bench",
+                 "edgemoe_llamacpp.convert.rewrite", "edgemoe_llamacpp.convert.plan", "edgemoe_llamacpp.engine.perplexity",
+                 "edgemoe_llamacpp.convert.profile", "edgemoe_llamacpp.engine.generate", "edgemoe_llamacpp.convert.verify",
                  "edgemoe_llamacpp.server", "llama_cpp.server.app"):
         try:
             importlib.import_module(name)

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgemoe_llamacpp.bench import STOCK_RUNTIME_ENV, signal_name, stock_env
+from edgemoe_bench.bench import STOCK_RUNTIME_ENV, signal_name, stock_env
 
 CHILD = r"""
 import json, sys
@@ -36,7 +36,7 @@ if not a.get("repack", True):                   # llama.cpp's CPU repack off: th
 
     lc.llama_model_default_params = _no_repack
 if a.get("trace"):                              # the trace's routing (edgemoe's injecting hook, no cache)
-    from edgemoe_llamacpp.llama import stock_llama
+    from edgemoe_llamacpp.engine.llama import stock_llama
     llm = stock_llama(a["path"], use_extra_bufts=a.get("repack", True), route_trace=a["trace"], n_ctx=a["n_ctx"],
                       seed=a.get("seed", 0), verbose=False)
 else:

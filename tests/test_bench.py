@@ -8,9 +8,11 @@ from pathlib import Path
 import pytest
 import stock
 
-from edgemoe_llamacpp import bench, bench_report, cgroup
-from edgemoe_llamacpp.bench import STOCK_RUNTIME_ENV, belady, kv_cache_bytes, run_bench
-from edgemoe_llamacpp.bench_report import format_table
+from edgemoe_bench import bench, cgroup
+from edgemoe_bench import report as bench_report
+from edgemoe_bench.bench import STOCK_RUNTIME_ENV, belady, kv_cache_bytes, run_bench
+from edgemoe_bench.report import format_table
+from edgemoe_llamacpp import limits
 from edgemoe_llamacpp.cli import main as cli
 
 
@@ -158,7 +160,7 @@ def test_bench_baseline_runs_a_commit_beside_this_tree_and_stock(fixture_path, t
 def test_compute_alone_runs_from_a_warm_file_and_reads_nothing(fixture_path):
     """The reference every bound is built on: the file is read whole into the page cache first (from cold here),
     and the run then reads nothing from storage while it evaluates the prompt and decodes."""
-    cgroup.drop_file_cache(fixture_path)
+    limits.drop_file_cache(fixture_path)
     only = bench.compute_alone(str(fixture_path), tokens=4, prompt=bench.PROMPT, n_ctx=128, n_threads=None,
                                route_trace=None)
     size = fixture_path.stat().st_size

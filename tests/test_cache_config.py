@@ -5,9 +5,9 @@ import json
 
 import pytest
 
-from edgemoe_llamacpp.cache_config import CacheConfig
+from edgemoe_llamacpp.cache.config import CacheConfig
 from edgemoe_llamacpp.errors import ArgumentError, BudgetError, EdgeMoEError
-from edgemoe_llamacpp.layout import read_layout
+from edgemoe_llamacpp.gguf.layout import read_layout
 
 EVERY_OPTION = CacheConfig(memory_budget="25%", policy="lru", predictor="gate", prefetch_depth=2,
                            prefetch_threads=3, fetch_threads=5, substitute=0.5)
@@ -65,7 +65,7 @@ def test_take_reads_keywords_or_cache_but_not_both():
 
 
 def test_make_cache_applies_the_budget_and_policy(fixture_path):
-    from edgemoe_llamacpp.layout import read_layout
+    from edgemoe_llamacpp.gguf.layout import read_layout
 
     layout = read_layout(fixture_path)
     cache = CacheConfig(memory_budget="50%", policy="lfu").make_cache(layout)

@@ -3,13 +3,13 @@ import numpy as np
 import pytest
 
 from edgemoe_llamacpp import corpus
-from edgemoe_llamacpp.calibrate import calibrated, layer_scales
-from edgemoe_llamacpp.convert import convert, uniform_plan
+from edgemoe_llamacpp.convert.calibrate import calibrated, layer_scales
+from edgemoe_llamacpp.convert.plan import measure_costs
+from edgemoe_llamacpp.convert.profile import Profile, profile
+from edgemoe_llamacpp.convert.rewrite import convert, uniform_plan
+from edgemoe_llamacpp.engine.perplexity import perplexities
 from edgemoe_llamacpp.errors import EdgeMoEError
-from edgemoe_llamacpp.layout import read_layout
-from edgemoe_llamacpp.perplexity import perplexities
-from edgemoe_llamacpp.plan import measure_costs
-from edgemoe_llamacpp.profile import Profile, profile
+from edgemoe_llamacpp.gguf.layout import read_layout
 
 TYPES = ("Q2_K", "Q8_0")
 

@@ -18,9 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from edgemoe_llamacpp import cgroup
+from edgemoe_bench import cgroup
+from edgemoe_llamacpp import limits
 from edgemoe_llamacpp.errors import BudgetError
-from edgemoe_llamacpp.layout import read_layout
+from edgemoe_llamacpp.gguf.layout import read_layout
 
 OTHER_PID = 999_999_999         # a process that is not this one
 
@@ -47,8 +48,8 @@ class FakeKernel:
         for pid in others:
             (path / "cgroup.procs").write_text((path / "cgroup.procs").read_text() + f"{pid}\n")
         self.own = path
-        monkeypatch.setattr(cgroup, "MOUNTINFO", mountinfo)
-        monkeypatch.setattr(cgroup, "PROC_CGROUP", self.proc_cgroup)
+        monkeypatch.setattr(limits, "MOUNTINFO", mountinfo)
+        monkeypatch.setattr(limits, "PROC_CGROUP", self.proc_cgroup)
         monkeypatch.setattr(cgroup, "_mkcg", self.mkcg)
         monkeypatch.setattr(cgroup, "_rmcg", self.rmcg)
         monkeypatch.setattr(cgroup, "_write", self.write)
@@ -231,16 +232,16 @@ def test_v2_a_refused_move_is_a_reason_and_changes_nothing(tmp_path, monkeypatch
 
 def test_v2_memory_limit_is_the_smallest_on_the_path(tmp_path, monkeypatch):
     k = FakeKernel(tmp_path, monkeypatch)
-    assert cgroup.memory_limit() is None                            # "max" everywhere
+    assert limits.memory_limit() is None                            # "max" everywhere
     (k.mount / "some" / "memory.max").write_text("1073741824\n")   # a parent's limit holds for its children
-    assert cgroup.memory_limit() == 1 << 30
+    assert limits.memory_limit() == 1 << 30
     (k.own / "memory.max").write_text(f"{3 << 30}\n")
-    assert cgroup.memory_limit() == 1 << 30
+    assert limits.memory_limit() == 1 << 30
 
 
 def test_v2_limit_below_the_dense_weights_is_refused_up_front(tmp_path, monkeypatch, fixture_path):
     """edgemoe_llamacpp.Llama reads the v2 limit (the fake tree's memory.max) before llama.cpp loads."""
-    from edgemoe_llamacpp.llama import Llama
+    from edgemoe_llamacpp.engine.llama import Llama
 
     k = FakeKernel(tmp_path, monkeypatch)
     (k.own / "memory.max").write_text(f"{read_layout(fixture_path).dense_bytes // 2}\n")

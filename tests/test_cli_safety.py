@@ -168,7 +168,7 @@ def write_profile(path: Path, moe_layers, ids: np.ndarray, n_expert: int = 16, s
     (["serve", "{model}", "--api_key_file", "{fifo}"], ["not a regular"]),
 ])
 def test_one_line_errors(model, tmp_path, argv, words):
-    from edgemoe_llamacpp.layout import read_layout
+    from edgemoe_llamacpp.gguf.layout import read_layout
 
     (tmp_path / "d").mkdir()
     (tmp_path / "tiny.txt").write_text("x = 1\n")
@@ -235,9 +235,9 @@ def test_cache_closes_its_file_when_the_budget_is_refused(fixture_path):
     budget closes them again."""
     import os
 
+    from edgemoe_llamacpp.cache.residency import ExpertCache
     from edgemoe_llamacpp.errors import ArgumentError, BudgetError
-    from edgemoe_llamacpp.layout import read_layout
-    from edgemoe_llamacpp.residency import ExpertCache
+    from edgemoe_llamacpp.gguf.layout import read_layout
 
     layout = read_layout(fixture_path)
     before = set(os.listdir("/proc/self/fd"))
@@ -378,8 +378,8 @@ def test_negative_values_are_attached_to_value_options_only():
 def test_the_profile_api_refuses_a_special_output(model, tmp_path):
     """profile() (what `edgemoe profile` and tools/quality_sweep.py call) checks its output too: it replaces a
     profile, as it always did, but never a FIFO, before any work."""
+    from edgemoe_llamacpp.convert.profile import profile
     from edgemoe_llamacpp.errors import EdgeMoEError
-    from edgemoe_llamacpp.profile import profile
 
     out = make_special(tmp_path / "p.npz", "fifo")
     with pytest.raises(EdgeMoEError, match="is a FIFO, not a regular file"):

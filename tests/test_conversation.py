@@ -14,8 +14,8 @@ import test_server
 from test_metrics import KEY, scrape, value
 from test_server import get_json, request
 
-from edgemoe_llamacpp import Llama, read_layout, runtime
-from edgemoe_llamacpp.residency import tensor_span
+from edgemoe_llamacpp import Llama, pages, read_layout
+from edgemoe_llamacpp.cache.residency import tensor_span
 
 model_copy = test_server.model_copy         # the server's model: a copy of the fixture
 server = test_metrics.server                # `edgemoe serve` on it at a 50% budget, its /metrics behind KEY
@@ -96,7 +96,7 @@ def test_a_chat_through_the_server_keeps_its_expert_cache_and_metrics_say_so(ser
             assert value(families, name, model="edgemoe") == figure(after, path), (turn, name)
         assert value(families, "edgemoe_resident_expert_bytes", model="edgemoe") == after["resident_expert_bytes"]
         # the server's expert pages, as the kernel's page cache holds them (the file's only user is the server)
-        assert 0 < runtime.file_cached_bytes(model_copy, spans) <= after["budget_bytes"]
+        assert 0 < pages.file_cached_bytes(model_copy, spans) <= after["budget_bytes"]
         stats = after
 
 

@@ -12,18 +12,19 @@ import numpy as np
 import pytest
 import stock
 
-from edgemoe_llamacpp import quant, runtime
 from edgemoe_llamacpp.cli import main as cli
-from edgemoe_llamacpp.convert import convert, uniform_plan
+from edgemoe_llamacpp.convert.imatrix import from_profile
+from edgemoe_llamacpp.convert.plan import choose, make_plan, measure_costs
+from edgemoe_llamacpp.convert.profile import Profile, profile
+from edgemoe_llamacpp.convert.rewrite import convert, uniform_plan
+from edgemoe_llamacpp.convert.verify import verify
+from edgemoe_llamacpp.engine import runtime
+from edgemoe_llamacpp.engine.generate import greedy
+from edgemoe_llamacpp.engine.llama import Llama
 from edgemoe_llamacpp.errors import BadModelError, BudgetError, EdgeMoEError
 from edgemoe_llamacpp.files import sha256_file
-from edgemoe_llamacpp.generate import greedy
-from edgemoe_llamacpp.imatrix import from_profile
-from edgemoe_llamacpp.layout import read_layout
-from edgemoe_llamacpp.llama import Llama
-from edgemoe_llamacpp.plan import choose, make_plan, measure_costs
-from edgemoe_llamacpp.profile import Profile, profile
-from edgemoe_llamacpp.verify import verify
+from edgemoe_llamacpp.gguf import quant
+from edgemoe_llamacpp.gguf.layout import read_layout
 
 PROMPT = "import os\nimport sys\n\n\ndef main(argv):\n    "
 patched = pytest.mark.skipif(not runtime.patched(), reason="needs llama-cpp-python built with patches/")
@@ -247,7 +248,7 @@ def test_a_plan_quantizes_without_the_imatrix_where_that_measures_better(fixture
     """measure_costs tries every type that can do without an importance matrix both ways, per expert and
     tensor, and keeps the one with the smaller error on the expert's sampled inputs; convert writes the plan
     that way (imatrix_off), and refuses it for a type that needs the matrix."""
-    from edgemoe_llamacpp.plan import SWIGLU, _Experts, imatrix_off
+    from edgemoe_llamacpp.convert.plan import SWIGLU, _Experts, imatrix_off
 
     layout = read_layout(fixture_path)
     imatrix = from_profile(prof, layout)
@@ -305,7 +306,7 @@ def test_choose_is_optimal_on_small_cases():
 
 
 def test_plan_spends_bits_where_the_output_moves(fixture_path, prof, tmp_path):
-    from edgemoe_llamacpp.plan import make_plan, measure_costs
+    from edgemoe_llamacpp.convert.plan import make_plan, measure_costs
 
     types = ("Q2_K", "Q4_K", "Q8_0")
     costs = measure_costs(str(fixture_path), prof, types=types, progress=False)
@@ -339,7 +340,7 @@ def test_plan_spends_bits_where_the_output_moves(fixture_path, prof, tmp_path):
 def test_a_scheme_costs_what_its_quantized_expert_does(fixture_path, prof):
     """cost[l, e, a, b] is the measured output change of the expert with gate/up at type a and down at type b;
     the tensors' errors are not independent, so it is not the sum of each tensor's alone."""
-    from edgemoe_llamacpp.plan import _Experts, _ffn, measure_costs
+    from edgemoe_llamacpp.convert.plan import _Experts, _ffn, measure_costs
 
     types = ("Q2_K", "Q8_0")
     costs = measure_costs(str(fixture_path), prof, types=types, progress=False)
@@ -367,7 +368,7 @@ def test_a_scheme_costs_what_its_quantized_expert_does(fixture_path, prof):
 def test_an_f16_source_is_planned_and_converted(fixture_path, prof, tmp_path):
     """The quality fixture's source is F16 (tools/make_tiny_moe.py --dtype F16): the planner reads its experts
     as the weights they are, and convert writes uniform and mixed files from it."""
-    from edgemoe_llamacpp.plan import _Experts, make_plan, measure_costs
+    from edgemoe_llamacpp.convert.plan import _Experts, make_plan, measure_costs
 
     q8_layout = read_layout(fixture_path)
     f16 = convert(fixture_path, tmp_path / "f16.gguf", uniform_plan(q8_layout, "F16"), progress=False)
@@ -417,8 +418,8 @@ def test_per_layer_plan_file_loads_in_stock_llama_cpp(fixture_path, tmp_path):
 
 
 def test_stock_helper_refuses_mixed_files(mixed):
+    from edgemoe_llamacpp.engine.llama import stock_llama
     from edgemoe_llamacpp.errors import MixedTypesError
-    from edgemoe_llamacpp.llama import stock_llama
 
     with pytest.raises(MixedTypesError):
         stock_llama(mixed.path)

@@ -9,12 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from edgemoe_llamacpp import Llama, cgroup, runtime
-from edgemoe_llamacpp.bench import kv_cache_bytes, measure_allowance
-from edgemoe_llamacpp.dense_hold import held_pieces
+from edgemoe_bench import cgroup
+from edgemoe_bench.bench import kv_cache_bytes, measure_allowance
+from edgemoe_llamacpp import Llama, limits, pages
+from edgemoe_llamacpp.cache.residency import parse_budget
+from edgemoe_llamacpp.engine.dense_hold import held_pieces
 from edgemoe_llamacpp.errors import ArgumentError
-from edgemoe_llamacpp.layout import read_layout
-from edgemoe_llamacpp.residency import parse_budget
+from edgemoe_llamacpp.gguf.layout import read_layout
 
 PROMPT = "import os\n\n\ndef"
 
@@ -48,7 +49,7 @@ def test_held_dense_pages_stay_resident_and_output_is_unchanged(fixture_path, re
     llm = Llama(str(fixture_path), n_ctx=256, verbose=False, memory_budget="25%", hold_dense=mode)
     try:
         hold = llm._edgemoe_dense
-        assert hold.mode == mode and hold.bytes >= layout.dense_bytes - 2 * runtime.PAGE * len(hold.pieces)
+        assert hold.mode == mode and hold.bytes >= layout.dense_bytes - 2 * pages.PAGE * len(hold.pieces)
         assert _greedy(llm) == reference
         stats = llm.edgemoe_stats()
         assert stats["dense_hold"] == {"mode": mode, "bytes": hold.bytes, "resident_bytes": hold.bytes}
@@ -69,7 +70,7 @@ def test_no_budget_holds_nothing(fixture_path):
 
 def test_held_pieces_are_whole_pages_inside_the_mapping():
     # the file's mapping starts at 0x10000 for file offset 4096 and runs 3 pages; dense at [100, 5000), [9000, 9100)
-    page = runtime.PAGE
+    page = pages.PAGE
     mappings = [(0x10000, 0x10000 + 3 * page, page, "r--s")]
     assert held_pieces([(100, 5000), (9000, 9100)], mappings) == [
         (0x10000, page, page), (0x10000 + page, page, 2 * page)]
@@ -91,7 +92,7 @@ def test_under_a_tight_limit_dense_is_read_once_and_stays(fixture_path):
     layout = read_layout(model)
     limit = (layout.dense_bytes + parse_budget("25%", layout.expert_bytes) + kv_cache_bytes(model, 512)
              + measure_allowance(model, engines=("edgemoe",)))
-    cgroup.drop_file_cache(model)
+    limits.drop_file_cache(model)
     run = cgroup.run_limited([sys.executable, "-m", "edgemoe_llamacpp", "run", model, "-p", PROMPT, "-n", "128",
                               "--memory-budget", "25%", "--repeat-penalty", "1.1", "--json"], limit, timeout=300)
     assert run.returncode == 0 and run.oom_kills == 0, run.stderr[-2000:]

@@ -4,11 +4,11 @@ and records when Python sees every layer."""
 import numpy as np
 import pytest
 
-from edgemoe_llamacpp import hook as hook_mod
-from edgemoe_llamacpp import runtime
-from edgemoe_llamacpp.generate import greedy
-from edgemoe_llamacpp.hook import logged_routes
-from edgemoe_llamacpp.llama import Llama
+from edgemoe_llamacpp.engine import hook as hook_mod
+from edgemoe_llamacpp.engine import runtime
+from edgemoe_llamacpp.engine.generate import greedy
+from edgemoe_llamacpp.engine.hook import logged_routes
+from edgemoe_llamacpp.engine.llama import Llama
 
 PROMPT = "import os\nimport sys\n\n\ndef main(argv):\n    "
 N_TOKENS = 24

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from synthetic import moe_tensors, write_gguf
 
 from edgemoe_llamacpp.errors import EdgeMoEError
-from edgemoe_llamacpp.layout import read_layout
+from edgemoe_llamacpp.gguf.layout import read_layout
 
 
 class Base(tuple):
@@ -79,7 +79,7 @@ def test_truncated_anywhere(tmp_path, base, cut):
 def converted(tmp_path_factory) -> Base:
     """A file written by `edgemoe convert` with per-expert types (F32/F16 slots, edgemoe.* tables) and
     Q8_0 low-bit copies (smaller than every expert, as convert requires)."""
-    from edgemoe_llamacpp.convert import convert
+    from edgemoe_llamacpp.convert.rewrite import convert
 
     d = tmp_path_factory.mktemp("fuzzconv")
     src = write_gguf(d / "src.gguf", "qwen3moe", {"block_count": 2, "expert_count": 4, "expert_used_count": 2},
@@ -92,7 +92,7 @@ def converted(tmp_path_factory) -> Base:
 
 
 def check_converted(path) -> None:
-    from edgemoe_llamacpp.verify import verify
+    from edgemoe_llamacpp.convert.verify import verify
 
     check(path)
     try:
@@ -136,7 +136,7 @@ def test_converted_file_mutations(tmp_path, converted, data):
 RUN_MUTANTS = r"""
 import sys
 from edgemoe_llamacpp.errors import EdgeMoEError
-from edgemoe_llamacpp.llama import Llama
+from edgemoe_llamacpp.engine.llama import Llama
 for path in sys.argv[1:]:
     print("case", path, flush=True)
     try:

@@ -10,13 +10,14 @@ import numpy as np
 import pytest
 from synthetic import write_gguf
 
-from edgemoe_llamacpp import runtime
+from edgemoe_llamacpp import limits, pages
+from edgemoe_llamacpp.cache.residency import parse_budget, tensor_span
+from edgemoe_llamacpp.engine import runtime
+from edgemoe_llamacpp.engine.generate import greedy
+from edgemoe_llamacpp.engine.hook import read_ids
+from edgemoe_llamacpp.engine.llama import Llama, llama_params, stock_llama
 from edgemoe_llamacpp.errors import BudgetError, NotMoEError
-from edgemoe_llamacpp.generate import greedy
-from edgemoe_llamacpp.hook import read_ids
-from edgemoe_llamacpp.layout import read_layout
-from edgemoe_llamacpp.llama import Llama, llama_params, stock_llama
-from edgemoe_llamacpp.residency import parse_budget, tensor_span
+from edgemoe_llamacpp.gguf.layout import read_layout
 
 PROMPT = "import os\nimport sys\n\n\ndef main(argv):\n    "
 N_TOKENS = 64
@@ -38,7 +39,7 @@ def test_same_tokens_and_logits_as_stock_at_25_percent(fixture_path):
 
 def expert_pages_in_memory(layout, base: int) -> int:
     """Bytes of expert tensor pages the kernel reports resident, computed here from the layout alone."""
-    return sum(runtime.resident_bytes(base + a, b - a)
+    return sum(pages.resident_bytes(base + a, b - a)
                for a, b in (tensor_span(t.offset, t.nbytes) for t in layout.expert_tensors))
 
 
@@ -51,7 +52,7 @@ def test_budget_holds_by_mincore_after_every_token(fixture_path, tmp_path, fresh
         path = fixture_path
     layout = read_layout(path)
     llm = Llama(str(path), memory_budget="25%", n_ctx=256, verbose=False)
-    (start, _, offset, _), = runtime.file_mappings(path)[:1]
+    (start, _, offset, _), = pages.file_mappings(path)[:1]
     base = start - offset
     budget = llm.edgemoe_stats()["budget_bytes"]
     # the load's large folios straddling a tensor edge are split at start-up (848 KB of this file's expert
@@ -151,19 +152,17 @@ def test_package_exports_the_drop_in():
 
 
 def test_memory_limit_below_dense_weights_is_refused_up_front(fixture_path, monkeypatch):
-    from edgemoe_llamacpp import cgroup
 
     layout = read_layout(fixture_path)
-    monkeypatch.setattr(cgroup, "memory_limit", lambda: layout.dense_bytes // 2)
+    monkeypatch.setattr(limits, "memory_limit", lambda: layout.dense_bytes // 2)
     with pytest.raises(BudgetError, match="dense weights"):
         Llama(str(fixture_path), memory_budget="50%", verbose=False)
 
 
 def test_memory_limit_reads_this_process_cgroup():
-    from edgemoe_llamacpp import cgroup
 
-    limit = cgroup.memory_limit()
-    assert limit is None or 0 < limit < cgroup.UNLIMITED
+    limit = limits.memory_limit()
+    assert limit is None or 0 < limit < limits.UNLIMITED
 
 
 @pytest.fixture(scope="module")
@@ -230,7 +229,7 @@ def test_budget_holds_by_mincore_after_every_layer_with_prefetch(fixture_path, d
 def mapped_fraction(base: int, spans) -> float:
     """Share of the pages in `spans` (file offsets, mapped at base) that are in this process's page table
     (/proc/self/pagemap's present bit): mapped, not merely in the page cache."""
-    pages = [(base + a) // runtime.PAGE + i for a, b in spans for i in range((b - a) // runtime.PAGE)]
+    pages = [(base + a) // pages.PAGE + i for a, b in spans for i in range((b - a) // pages.PAGE)]
     with open("/proc/self/pagemap", "rb") as f:
         present = 0
         for page in pages:
@@ -272,7 +271,7 @@ def test_a_sigint_during_an_evaluation_is_deferred_to_its_end():
     import os
     import signal
 
-    from edgemoe_llamacpp.hook import sigint_deferred
+    from edgemoe_llamacpp.engine.hook import sigint_deferred
 
     seen, after = [], []
     with pytest.raises(KeyboardInterrupt), sigint_deferred(lambda: seen.append("stop")):

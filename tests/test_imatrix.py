@@ -6,11 +6,11 @@ import json
 import numpy as np
 import pytest
 
-from edgemoe_llamacpp import quant
+from edgemoe_llamacpp.convert.imatrix import from_profile, mean_squares
+from edgemoe_llamacpp.convert.profile import Profile
 from edgemoe_llamacpp.errors import EdgeMoEError
-from edgemoe_llamacpp.imatrix import from_profile, mean_squares
-from edgemoe_llamacpp.layout import read_layout
-from edgemoe_llamacpp.profile import Profile
+from edgemoe_llamacpp.gguf import quant
+from edgemoe_llamacpp.gguf.layout import read_layout
 
 
 def test_mean_squares_by_hand():

@@ -5,9 +5,9 @@ from pathlib import Path
 
 import numpy as np
 
-from edgemoe_llamacpp.generate import greedy
-from edgemoe_llamacpp.layout import read_layout
-from edgemoe_llamacpp.llama import stock_llama
+from edgemoe_llamacpp.engine.generate import greedy
+from edgemoe_llamacpp.engine.llama import stock_llama
+from edgemoe_llamacpp.gguf.layout import read_layout
 
 TOOL = Path(__file__).parent.parent / "tools" / "inflate_experts.py"
 

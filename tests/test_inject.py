@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import stock
 
+from edgemoe_bench.routing_trace import RoutingTrace
 from edgemoe_llamacpp import Llama
-from edgemoe_llamacpp.generate import last_logits
-from edgemoe_llamacpp.layout import read_layout
-from edgemoe_llamacpp.routing_trace import RoutingTrace
+from edgemoe_llamacpp.engine.generate import last_logits
+from edgemoe_llamacpp.gguf.layout import read_layout
 
 PROMPT = "import os\nimport sys\n\n\ndef "
 N = 12
@@ -93,7 +93,7 @@ def test_generate_measures_both_engines_under_a_trace(fixture_path, trace):
     """What `edgemoe run --route-trace` and the bench call (here in one process, llama_cpp.Llama on this runtime,
     repack off): the stock side has the injecting hook and no cache; both say they were injected, agree, and
     edgemoe's decode time splits into its parts."""
-    from edgemoe_llamacpp.generate import generate
+    from edgemoe_llamacpp.engine.generate import generate
 
     _, path = trace
     runs = {True: generate(str(fixture_path), PROMPT, max_tokens=6, stock=True, route_trace=str(path),

@@ -12,9 +12,9 @@ import pytest
 from gguf import GGUFReader
 from synthetic import moe_tensors, write_gguf
 
-from edgemoe_llamacpp import runtime
+from edgemoe_llamacpp import pages
 from edgemoe_llamacpp.errors import BadModelError
-from edgemoe_llamacpp.layout import read_layout
+from edgemoe_llamacpp.gguf.layout import read_layout
 
 
 def test_fixture_ranges_are_the_expert_slices(fixture_path):
@@ -118,7 +118,7 @@ def resident(path) -> list[int]:
     size = path.stat().st_size
     with open(path, "rb") as f, mmap.mmap(f.fileno(), size, access=mmap.ACCESS_READ) as m:
         view = np.frombuffer(m, np.uint8)
-        vec = runtime.mincore_pages(view.ctypes.data, size)
+        vec = pages.mincore_pages(view.ctypes.data, size)
         del view
     return [i for i, v in enumerate(vec) if v & 1]
 
@@ -126,15 +126,15 @@ def resident(path) -> list[int]:
 def header_pages(path) -> int:
     """Pages holding the header (up to the end of the last tensor info), by gguf-py's own parse."""
     field = GGUFReader(path).tensors[-1].field
-    return -(-(field.offset + sum(int(p.nbytes) for p in field.parts)) // runtime.PAGE)
+    return -(-(field.offset + sum(int(p.nbytes) for p in field.parts)) // pages.PAGE)
 
 
 def evicted_copy(src, dst):
     shutil.copyfile(src, dst)
     fd = os.open(dst, os.O_RDONLY)
     try:
-        runtime.flush(fd)                       # written pages are dirty: write them back so they can go
-        runtime.fadvise_dontneed(fd, 0, 0)
+        pages.flush(fd)                       # written pages are dirty: write them back so they can go
+        pages.fadvise_dontneed(fd, 0, 0)
     finally:
         os.close(fd)
     if resident(dst):
@@ -148,7 +148,7 @@ def read_pages(path, pages) -> None:
     try:
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
         for p in pages:
-            os.pread(fd, 1, p * runtime.PAGE)
+            os.pread(fd, 1, p * pages.PAGE)
     finally:
         os.close(fd)
 
@@ -185,7 +185,7 @@ def test_reading_the_layout_leaves_the_page_cache_as_it_was(model_and_header):
 def test_pages_in_the_cache_before_stay(model_and_header):
     """Another process's pages (one in the header, one in the tensor data) are never dropped."""
     path, n_header = model_and_header
-    n_pages = -(-path.stat().st_size // runtime.PAGE)
+    n_pages = -(-path.stat().st_size // pages.PAGE)
     keep = [n_header - 1, (n_header + n_pages) // 2]
     read_pages(path, keep)
     assert resident(path) == keep

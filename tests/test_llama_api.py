@@ -13,6 +13,7 @@ import threading
 import llama_cpp
 import pytest
 
+from edgemoe_llamacpp.engine.llama import Llama
 from edgemoe_llamacpp.errors import (
     ArgumentError,
     BudgetError,
@@ -20,7 +21,6 @@ from edgemoe_llamacpp.errors import (
     EdgeMoEError,
     LlamaBusyError,
 )
-from edgemoe_llamacpp.llama import Llama
 
 PROMPT = "import os\n"
 
@@ -43,7 +43,7 @@ def llm(model_path):
 
 def run_child(path, body: str) -> subprocess.CompletedProcess:
     """Run `body` in a fresh interpreter with `llm` a loaded Llama; it prints what the test checks."""
-    code = ("from edgemoe_llamacpp.llama import Llama\n"
+    code = ("from edgemoe_llamacpp.engine.llama import Llama\n"
             f"llm = Llama({str(path)!r}, memory_budget='50%', n_ctx=256, verbose=False)\n"
             + textwrap.dedent(body))
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False)

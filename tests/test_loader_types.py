@@ -19,9 +19,9 @@ import pytest
 from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType
 from synthetic import copy_gguf
 
-from edgemoe_llamacpp import runtime
 from edgemoe_llamacpp.cli import main as cli
-from edgemoe_llamacpp.layout import read_layout
+from edgemoe_llamacpp.engine import runtime
+from edgemoe_llamacpp.gguf.layout import read_layout
 
 pytestmark = pytest.mark.skipif(not runtime.patched(), reason="needs llama-cpp-python built with patches/")
 
@@ -37,8 +37,8 @@ CHILD = r"""
 import json, sys
 import numpy as np
 import llama_cpp
-from edgemoe_llamacpp import runtime
-from edgemoe_llamacpp.llama import Llama, llama_params
+from edgemoe_llamacpp.engine import runtime
+from edgemoe_llamacpp.engine.llama import Llama, llama_params
 
 args = json.loads(sys.argv[1])
 
@@ -133,7 +133,7 @@ def q4k_slots(fixture_path, tmp_path_factory) -> Path:
 
 
 def loader_log(path: Path, bufts: bool) -> str:
-    code = ("from edgemoe_llamacpp.llama import llama_params\nimport llama_cpp\n"
+    code = ("from edgemoe_llamacpp.engine.llama import llama_params\nimport llama_cpp\n"
             f"with llama_params(use_extra_bufts={bufts}):\n"
             f"    llama_cpp.Llama(model_path={str(path)!r}, n_ctx=64, verbose=True)\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False)
@@ -296,7 +296,7 @@ def test_types_for_a_tensor_that_is_not_a_stack_of_experts(mixed, tmp_path):
 
 REGISTRY = r"""
 import ctypes, json
-from edgemoe_llamacpp import runtime
+from edgemoe_llamacpp.engine import runtime
 buf = ctypes.create_string_buffer(1 << 16)
 base = ctypes.addressof(buf)
 ptr = [base + 1024 * e for e in range(4)]

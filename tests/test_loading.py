@@ -4,8 +4,9 @@ import shutil
 import psutil
 import pytest
 
-from edgemoe_llamacpp import Llama, cgroup, loading
-from edgemoe_llamacpp.layout import read_layout
+from edgemoe_llamacpp import Llama, limits
+from edgemoe_llamacpp.engine import loading
+from edgemoe_llamacpp.gguf.layout import read_layout
 
 
 @pytest.fixture
@@ -17,7 +18,7 @@ def private_copy(fixture_path, tmp_path):
 
 
 def load_reads(path, budget) -> tuple[int, Llama]:
-    cgroup.drop_file_cache(path)
+    limits.drop_file_cache(path)
     io = psutil.Process().io_counters
     before = io().read_bytes
     llm = Llama(str(path), memory_budget=budget, n_ctx=256, verbose=False)

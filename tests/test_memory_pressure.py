@@ -4,10 +4,11 @@ import sys
 
 import pytest
 
-from edgemoe_llamacpp import cgroup
-from edgemoe_llamacpp.bench import kv_cache_bytes, measure_allowance
-from edgemoe_llamacpp.layout import read_layout
-from edgemoe_llamacpp.residency import parse_budget
+from edgemoe_bench import cgroup
+from edgemoe_bench.bench import kv_cache_bytes, measure_allowance
+from edgemoe_llamacpp import limits
+from edgemoe_llamacpp.cache.residency import parse_budget
+from edgemoe_llamacpp.gguf.layout import read_layout
 
 CONTROLLER = cgroup.memory_controller()
 pytestmark = pytest.mark.skipif(CONTROLLER.kind == "none", reason=CONTROLLER.reason)
@@ -19,7 +20,7 @@ def test_256_tokens_under_a_30_percent_limit_without_oom(fixture_path):
     # the room edgemoe's own process needs (stock is not what this test is about)
     limit = (layout.dense_bytes + parse_budget("30%", layout.expert_bytes) + kv_cache_bytes(model, 512)
              + measure_allowance(model, engines=("edgemoe",)))
-    cgroup.drop_file_cache(model)
+    limits.drop_file_cache(model)
     run = cgroup.run_limited([sys.executable, "-m", "edgemoe_llamacpp", "run", model, "-p", "import os\n",
                               "-n", "256", "--memory-budget", "30%", "--repeat-penalty", "1.1", "--json"], limit,
                              timeout=300)

@@ -17,10 +17,12 @@ import llama_cpp
 import numpy as np
 import pytest
 
-from edgemoe_llamacpp import quant, runtime
-from edgemoe_llamacpp.convert import convert
-from edgemoe_llamacpp.layout import read_layout
-from edgemoe_llamacpp.llama import _types, llama_params
+from edgemoe_llamacpp import pages
+from edgemoe_llamacpp.convert.rewrite import convert
+from edgemoe_llamacpp.engine import runtime
+from edgemoe_llamacpp.engine.llama import _types, llama_params
+from edgemoe_llamacpp.gguf import quant
+from edgemoe_llamacpp.gguf.layout import read_layout
 
 pytestmark = pytest.mark.skipif(not runtime.patched(), reason="needs llama-cpp-python built with patches/")
 
@@ -99,7 +101,7 @@ def run(path, layout, prompt_tokens: int):
         llm = llama_cpp.Llama(model_path=str(path), n_ctx=256, n_batch=256, verbose=False)
     owner = object()
     try:
-        start, _, offset, _ = runtime.file_mappings(path)[0]
+        start, _, offset, _ = pages.file_mappings(path)[0]
         base = start - offset
         _types.add(owner, layout, [base])
         tokens = llm.tokenize(b"import os\nimport sys\n\ndef main(argv):\n    return argv[0]\n" * 8)

@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 
 from edgemoe_llamacpp import corpus
-from edgemoe_llamacpp.convert import convert, uniform_plan
-from edgemoe_llamacpp.layout import read_layout
-from edgemoe_llamacpp.llama import stock_llama
-from edgemoe_llamacpp.perplexity import paired_difference, perplexities, perplexity
+from edgemoe_llamacpp.convert.rewrite import convert, uniform_plan
+from edgemoe_llamacpp.engine.llama import stock_llama
+from edgemoe_llamacpp.engine.perplexity import paired_difference, perplexities, perplexity
+from edgemoe_llamacpp.gguf.layout import read_layout
 
 N_CTX = 128
 

@@ -5,10 +5,10 @@ from collections import defaultdict
 
 import numpy as np
 
-from edgemoe_llamacpp.hobbit_policy import Hobbit
-from edgemoe_llamacpp.layout import ExpertUID
-from edgemoe_llamacpp.policies import LFU, LRU, Distance, NextUse
-from edgemoe_llamacpp.replay import Foresight, ReplayCache, synthetic_layout
+from edgemoe_bench.replay import Foresight, ReplayCache, synthetic_layout
+from edgemoe_llamacpp.cache.hobbit import Hobbit
+from edgemoe_llamacpp.cache.policies import LFU, LRU, Distance, NextUse
+from edgemoe_llamacpp.gguf.layout import ExpertUID
 
 ONE = defaultdict(lambda: 1)        # every expert costs one unit
 

@@ -2,9 +2,10 @@
 import numpy as np
 import pytest
 
+from edgemoe_bench.replay import synthetic_layout
+from edgemoe_bench.routing import record
 from edgemoe_llamacpp import corpus
-from edgemoe_llamacpp.layout import read_layout
-from edgemoe_llamacpp.predict import (
+from edgemoe_llamacpp.cache.predict import (
     FrequencyPredictor,
     GatePredictor,
     TablePredictor,
@@ -12,8 +13,7 @@ from edgemoe_llamacpp.predict import (
     read_routers,
     recall_at_k,
 )
-from edgemoe_llamacpp.replay import synthetic_layout
-from edgemoe_llamacpp.routing import record
+from edgemoe_llamacpp.gguf.layout import read_layout
 
 TOKENS = 1024        # two windows of held-out text
 
@@ -114,8 +114,8 @@ def test_unknown_predictor_is_refused(fixture_path):
 
 
 def test_predictor_without_a_budget_prefetches_nothing(fixture_path):
-    from edgemoe_llamacpp.generate import greedy
-    from edgemoe_llamacpp.llama import Llama
+    from edgemoe_llamacpp.engine.generate import greedy
+    from edgemoe_llamacpp.engine.llama import Llama
 
     llm = Llama(str(fixture_path), memory_budget=None, predictor="gate", prefetch_depth=3, n_ctx=128,
                 verbose=False)

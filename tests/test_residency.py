@@ -23,11 +23,11 @@ from collections import OrderedDict
 import numpy as np
 import pytest
 
-from edgemoe_llamacpp.hobbit_policy import HOBBIT_WEIGHTS
-from edgemoe_llamacpp.layout import ExpertUID
-from edgemoe_llamacpp.policies import POLICIES
-from edgemoe_llamacpp.replay import ReplayCache, ReplayStorage, synthetic_layout
-from edgemoe_llamacpp.runtime import PAGE
+from edgemoe_bench.replay import ReplayCache, ReplayStorage, synthetic_layout
+from edgemoe_llamacpp.cache.hobbit import HOBBIT_WEIGHTS
+from edgemoe_llamacpp.cache.policies import POLICIES
+from edgemoe_llamacpp.gguf.layout import ExpertUID
+from edgemoe_llamacpp.pages import PAGE
 
 
 class SortingCache:
@@ -282,8 +282,8 @@ def test_distance_rescales_its_counts_and_still_evicts_as_the_sorting_cache():
 @pytest.fixture(scope="module")
 def fixture_routing(fixture_path):
     """Steps of two greedy completions of the fixture, recorded by the hook through the real llama.cpp."""
-    from edgemoe_llamacpp.generate import greedy
-    from edgemoe_llamacpp.llama import Llama
+    from edgemoe_llamacpp.engine.generate import greedy
+    from edgemoe_llamacpp.engine.llama import Llama
 
     llm = Llama(str(fixture_path), memory_budget=None, record_routing=True, n_ctx=256, verbose=False)
     steps = []

@@ -10,9 +10,9 @@ import sys
 import numpy as np
 import pytest
 
+from edgemoe_bench.routing_trace import RoutingTrace
 from edgemoe_llamacpp.errors import EdgeMoEError
-from edgemoe_llamacpp.layout import read_layout
-from edgemoe_llamacpp.routing_trace import RoutingTrace
+from edgemoe_llamacpp.gguf.layout import read_layout
 
 
 def _trace(n_tok=6, layers=(0, 1), n_expert=8, k=2, seed=0) -> RoutingTrace:

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from edgemoe_llamacpp import runtime
-from edgemoe_llamacpp.convert import convert
-from edgemoe_llamacpp.layout import read_layout
+from edgemoe_llamacpp.convert.rewrite import convert
+from edgemoe_llamacpp.engine import runtime
+from edgemoe_llamacpp.gguf.layout import read_layout
 
 STOCK = os.environ.get("EDGEMOE_STOCK_RUNTIME")
 needs_stock = pytest.mark.skipif(not STOCK, reason="EDGEMOE_STOCK_RUNTIME (an unpatched llama-cpp-python "
@@ -55,8 +55,8 @@ def test_stock_build_refuses_a_mixed_file(mixed):
 
 GREEDY = """
 import json
-from edgemoe_llamacpp.generate import greedy
-from edgemoe_llamacpp.llama import stock_llama
+from edgemoe_llamacpp.engine.generate import greedy
+from edgemoe_llamacpp.engine.llama import stock_llama
 llm = stock_llama({path!r}, use_extra_bufts={bufts}, n_ctx=256, verbose=False)
 tokens, logits = greedy(llm, "import os\\nimport sys\\n\\n\\ndef main(argv):\\n    ", 32)
 print(json.dumps({{"tokens": tokens, "logits": logits.tolist()}}))
@@ -75,9 +75,10 @@ def test_patched_build_computes_stock_files_exactly_as_stock(fixture_path, bufts
 
 LOAD = """
 import os, json, llama_cpp
-from edgemoe_llamacpp import runtime
-from edgemoe_llamacpp.llama import llama_params
-fd = os.open({path!r}, os.O_RDONLY); runtime.flush(fd); runtime.fadvise_dontneed(fd, 0, 0); os.close(fd)
+from edgemoe_llamacpp import pages
+from edgemoe_llamacpp.engine import runtime
+from edgemoe_llamacpp.engine.llama import llama_params
+fd = os.open({path!r}, os.O_RDONLY); pages.flush(fd); pages.fadvise_dontneed(fd, 0, 0); os.close(fd)
 def read(): return int(open("/proc/self/io").read().split("read_bytes: ")[1].split()[0])
 before = read()
 with llama_params(use_extra_bufts=False, mmap_prefetch={prefetch}):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from edgemoe_llamacpp import runtime_build as rb
+from edgemoe_llamacpp.engine import build as rb
 
 ROOT = Path(__file__).resolve().parent.parent
 NO_LLAMA = "import sys; sys.modules['llama_cpp'] = None\nfrom edgemoe_llamacpp.cli import main\nsys.exit(main({}))"
@@ -118,5 +118,5 @@ def test_the_wheel_carries_the_patches(tmp_path):
         names = set(z.namelist())
         meta = z.read(next(n for n in names if n.endswith("METADATA"))).decode()
     assert {f"edgemoe_llamacpp/patches/{p.name}" for p in rb.patch_files()} <= names
-    assert "edgemoe_llamacpp/runtime_build.py" in names
+    assert "edgemoe_llamacpp/engine/build.py" in names
     assert "Requires-Dist: llama-cpp-python" not in meta        # build-runtime provides it, patched

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 import stock
 
-from edgemoe_llamacpp.generate import greedy
-from edgemoe_llamacpp.layout import read_layout
-from edgemoe_llamacpp.llama import Llama
-from edgemoe_llamacpp.runtime import PAGE
+from edgemoe_llamacpp.engine.generate import greedy
+from edgemoe_llamacpp.engine.llama import Llama
+from edgemoe_llamacpp.gguf.layout import read_layout
+from edgemoe_llamacpp.pages import PAGE
 
 TOOL = Path(__file__).resolve().parent.parent / "tools" / "make_scale_model.py"
 PROMPT = "import os\n\n\ndef main():\n"

@@ -34,9 +34,9 @@ from test_server import (
     stream_completion,
 )
 
-from edgemoe_llamacpp import runtime
-from edgemoe_llamacpp.layout import read_layout
-from edgemoe_llamacpp.residency import tensor_span
+from edgemoe_llamacpp import pages
+from edgemoe_llamacpp.cache.residency import tensor_span
+from edgemoe_llamacpp.gguf.layout import read_layout
 
 schemathesis = pytest.importorskip("schemathesis")
 from hypothesis import HealthCheck, Phase, given, settings
@@ -65,7 +65,7 @@ class ExpertPages:
         self._spans = [s for s in (tensor_span(t.offset, t.nbytes) for t in layout.expert_tensors) if s[1] > s[0]]
 
     def resident(self) -> int:
-        return sum(runtime.resident_bytes(self._base + a, b - a) for a, b in self._spans)
+        return sum(pages.resident_bytes(self._base + a, b - a) for a, b in self._spans)
 
     def close(self) -> None:
         del self._view

@@ -18,11 +18,11 @@ from test_hook import Measured
 from test_server import KEY, request, start_server, stop_server
 
 from edgemoe_llamacpp import Llama
-from edgemoe_llamacpp.convert import convert, uniform_plan
+from edgemoe_llamacpp.convert.rewrite import convert, uniform_plan
+from edgemoe_llamacpp.convert.verify import verify
+from edgemoe_llamacpp.engine.generate import greedy
 from edgemoe_llamacpp.errors import ShardError
-from edgemoe_llamacpp.generate import greedy
-from edgemoe_llamacpp.layout import read_layout
-from edgemoe_llamacpp.verify import verify
+from edgemoe_llamacpp.gguf.layout import read_layout
 
 PROMPT = "import os\n\n\ndef"
 N_TOKENS = 12
@@ -268,8 +268,8 @@ def test_a_missing_or_foreign_shard_is_refused_in_one_line(fixture_path, shards,
 
 @pytest.mark.parametrize("where", ["writing", "renaming"])
 def test_an_interrupted_split_conversion_leaves_no_shard_and_no_temporary(shards, tmp_path, monkeypatch, where):
-    from edgemoe_llamacpp import convert as convert_module
     from edgemoe_llamacpp import files
+    from edgemoe_llamacpp.convert.rewrite import rewrite as convert_module
 
     calls = []
     target, name = (convert_module, "_write_tensor") if where == "writing" else (files, "_rename")

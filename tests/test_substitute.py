@@ -5,12 +5,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgemoe_llamacpp import runtime
-from edgemoe_llamacpp.convert import convert, uniform_plan
+from edgemoe_llamacpp import pages
+from edgemoe_llamacpp.convert.rewrite import convert, uniform_plan
+from edgemoe_llamacpp.engine import runtime
+from edgemoe_llamacpp.engine.llama import Llama, stock_llama
+from edgemoe_llamacpp.engine.substitute import weight_above
 from edgemoe_llamacpp.errors import BadModelError, EdgeMoEError, MixedTypesError
-from edgemoe_llamacpp.layout import read_layout
-from edgemoe_llamacpp.llama import Llama, stock_llama
-from edgemoe_llamacpp.substitute import weight_above
+from edgemoe_llamacpp.gguf.layout import read_layout
 
 pytestmark = pytest.mark.skipif(not runtime.patched(), reason="substitution needs the patched runtime")
 PROMPT = b"import os\nimport sys\n\n\ndef main(argv):\n    "
@@ -63,7 +64,7 @@ def test_low_copies_are_the_experts_at_the_low_type(fixture_path, lowbit):
                   progress=False)
     with open(lowbit.path, "rb") as a, open(q2k.path, "rb") as b:
         for t, u in zip(lowbit.expert_tensors, q2k.expert_tensors, strict=True):
-            assert t.low.type == "Q2_K" and t.low.offset % runtime.PAGE == 0 and t.low.stride % runtime.PAGE == 0
+            assert t.low.type == "Q2_K" and t.low.offset % pages.PAGE == 0 and t.low.stride % pages.PAGE == 0
             for e in range(t.count):
                 r, s = t.low_slice(e), u.slice(e)
                 a.seek(r.offset)

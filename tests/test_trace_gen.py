@@ -10,9 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from edgemoe_llamacpp.errors import EdgeMoEError
-from edgemoe_llamacpp.routing_trace import RoutingTrace
-from edgemoe_llamacpp.trace_gen import (
+from edgemoe_bench.routing_trace import RoutingTrace
+from edgemoe_bench.trace_gen import (
     PRESETS,
     TOLERANCE,
     Geometry,
@@ -22,6 +21,7 @@ from edgemoe_llamacpp.trace_gen import (
     make_trace,
     preset,
 )
+from edgemoe_llamacpp.errors import EdgeMoEError
 
 TOOL = Path(__file__).resolve().parent.parent / "tools" / "make_trace.py"
 TOKENS = 4096

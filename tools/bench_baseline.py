@@ -22,10 +22,11 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from edgemoe_llamacpp import bench, cgroup, files
-from edgemoe_llamacpp.cache_config import CacheConfig
-from edgemoe_llamacpp.layout import read_layout
-from edgemoe_llamacpp.residency import parse_budget
+from edgemoe_bench import bench, cgroup
+from edgemoe_llamacpp import files, limits
+from edgemoe_llamacpp.cache.config import CacheConfig
+from edgemoe_llamacpp.cache.residency import parse_budget
+from edgemoe_llamacpp.gguf.layout import read_layout
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -33,7 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 BASELINE_CHILD = """
 import json, sys
 sys.path.insert(0, sys.argv[1])
-from edgemoe_llamacpp.generate import generate
+from edgemoe_llamacpp.engine.generate import generate
 out = generate(**json.loads(sys.argv[2]))
 out.pop("trace", None)
 print(json.dumps(out))
@@ -53,7 +54,7 @@ def checkout(commit: str) -> Path:
 
 def baseline_run(tree: Path, model: str, spec: str, tokens: int, n_ctx: int, limit: int) -> dict:
     args = {"model": model, "prompt": bench.PROMPT, "max_tokens": tokens, "n_ctx": n_ctx, "memory_budget": spec}
-    cgroup.drop_file_cache(model)
+    limits.drop_file_cache(model)
     run = cgroup.run_limited([sys.executable, "-c", BASELINE_CHILD, str(tree), json.dumps(args)], limit)
     if run.returncode:
         return {"ok": False, "returncode": run.returncode, "error": run.stderr.strip().splitlines()[-1:]}

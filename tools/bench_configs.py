@@ -19,11 +19,12 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from edgemoe_llamacpp import bench, cgroup, files
-from edgemoe_llamacpp.cache_config import CacheConfig
+from edgemoe_bench import bench, cgroup
+from edgemoe_llamacpp import files
+from edgemoe_llamacpp.cache.config import CacheConfig
+from edgemoe_llamacpp.cache.residency import parse_budget
 from edgemoe_llamacpp.errors import EdgeMoEError
-from edgemoe_llamacpp.layout import read_layout
-from edgemoe_llamacpp.residency import parse_budget
+from edgemoe_llamacpp.gguf.layout import read_layout
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from edgemoe_llamacpp import bench_report, files
+from edgemoe_bench import report as bench_report
+from edgemoe_llamacpp import files
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"

@@ -4,7 +4,7 @@
     python tools/build_runtime.py --stock --target .runtime/stock      # unpatched build into a directory
 
 This wrapper runs without edgemoe installed (the Makefile calls it before `pip install -e .`); the build logic and
-the patches live in the package (edgemoe_llamacpp/runtime_build.py, edgemoe_llamacpp/patches/).
+the patches live in the package (edgemoe_llamacpp/engine/build.py, edgemoe_llamacpp/patches/).
 """
 import argparse
 import sys
@@ -12,7 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from edgemoe_llamacpp import runtime_build
+from edgemoe_llamacpp.engine import build as runtime_build
 from edgemoe_llamacpp.errors import EdgeMoEError
 
 

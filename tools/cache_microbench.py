@@ -1,6 +1,6 @@
 """Micro-benchmark of the expert cache's bookkeeping: ensure() with 8 misses a layer, no llama.cpp, no I/O.
 
-A synthetic layout (edgemoe_llamacpp.replay.synthetic_layout, one page per expert) behind ReplayStorage. The
+A synthetic layout (edgemoe_bench.replay.synthetic_layout, one page per expert) behind ReplayStorage. The
 layers are served in turn, each asking for 8 of its experts that are not resident, so once the cache is full
 every ensure() evicts 8. Only ensure() is timed: the median over the measured layers, the least of a few
 runs (other processes on a shared machine only add time).
@@ -28,10 +28,10 @@ from pathlib import Path
 
 import numpy as np
 
+from edgemoe_bench.replay import ReplayCache, synthetic_layout
 from edgemoe_llamacpp import files
-from edgemoe_llamacpp.layout import ExpertUID
-from edgemoe_llamacpp.replay import ReplayCache, synthetic_layout
-from edgemoe_llamacpp.residency import POLICIES
+from edgemoe_llamacpp.cache.residency import POLICIES
+from edgemoe_llamacpp.gguf.layout import ExpertUID
 
 ROOT = Path(__file__).resolve().parent.parent
 BEFORE = "419ab44"              # the last commit whose ExpertCache sorted the resident experts on every miss

@@ -25,9 +25,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from edgemoe_llamacpp import cgroup, files, runtime, storage
-from edgemoe_llamacpp.bench import disk_bandwidth
-from edgemoe_llamacpp.layout import ExpertUID, read_layout
+from edgemoe_bench.bench import disk_bandwidth
+from edgemoe_llamacpp import files, limits, pages
+from edgemoe_llamacpp.cache import storage
+from edgemoe_llamacpp.gguf.layout import ExpertUID, read_layout
 
 MIB = 1 << 20
 MADV_WILLNEED = 3                  # asm-generic/mman-common.h
@@ -41,7 +42,7 @@ SETS = 24                          # miss sets per trial: 24 x 2 experts x 16.7 
 def ra_populate(st, chunks, pool):
     """The shipped path: readahead(2) of every chunk from the caller, then MADV_POPULATE_READ from the pool."""
     for off, size in chunks:
-        runtime.readahead(st.fd, off, size)
+        pages.readahead(st.fd, off, size)
     return sum(pool.map(st._populate, chunks))
 
 
@@ -50,7 +51,7 @@ def ra_populate_pipelined(st, chunks, pool, evict=None):
     still being queued. With `evict`, the victims are dropped after the reads are queued, while they are in flight."""
     futures = []
     for off, size in chunks:
-        runtime.readahead(st.fd, off, size)
+        pages.readahead(st.fd, off, size)
         futures.append(pool.submit(st._populate, (off, size)))
     if evict is not None:
         evict()
@@ -65,7 +66,7 @@ def populate_only(st, chunks, pool):
 def madv_willneed_populate(st, chunks, pool):
     """MADV_WILLNEED on the mapping (the kernel's fadvise WILLNEED on the mapping's file), then populate."""
     for off, size in chunks:
-        runtime.madvise(st.base + off, size, MADV_WILLNEED)
+        pages.madvise(st.base + off, size, MADV_WILLNEED)
     return sum(pool.map(st._populate, chunks))
 
 
@@ -79,7 +80,7 @@ def fadvise_populate(st, chunks, pool):
 def ra_in_task(st, chunks, pool):
     """Each pool task reads ahead its own chunk and populates it: submission spread over the threads."""
     def one(chunk):
-        runtime.readahead(st.fd, *chunk)
+        pages.readahead(st.fd, *chunk)
         return st._populate(chunk)
     return sum(pool.map(one, chunks))
 
@@ -100,9 +101,9 @@ def pread_populate(st, chunks, pool):
 def ra_populate_whole(st, chunks, pool):
     """readahead of every chunk, then one MADV_POPULATE_READ per merged span from the caller (no pool)."""
     for off, size in chunks:
-        runtime.readahead(st.fd, off, size)
-    for a, b in runtime.merge_spans((off, off + size) for off, size in chunks):
-        runtime.madvise(st.base + a, b - a, runtime.MADV_POPULATE_READ)
+        pages.readahead(st.fd, off, size)
+    for a, b in pages.merge_spans((off, off + size) for off, size in chunks):
+        pages.madvise(st.base + a, b - a, pages.MADV_POPULATE_READ)
     return sum(size for _, size in chunks)
 
 
@@ -148,7 +149,7 @@ def variants() -> list[dict]:
 
 # ---------------------------------------------------------------- set-up and one trial
 def chunked(st, uids, chunk: int) -> list[tuple[int, int]]:
-    merged = runtime.merge_spans(s for u in uids for s in st.spans[u])
+    merged = pages.merge_spans(s for u in uids for s in st.spans[u])
     return [(off, min(chunk, b - off)) for a, b in merged for off in range(a, b, chunk)]
 
 
@@ -164,7 +165,7 @@ def miss_sets(layout, k: int, n: int, rng: random.Random) -> list[list[ExpertUID
 
 def cold(st, path: str) -> None:
     st._drop(list(st.tensor_spans.values()))
-    cgroup.drop_file_cache(path)
+    limits.drop_file_cache(path)
 
 
 def trial(st, path: str, v: dict, sets, pools) -> dict:
@@ -244,7 +245,7 @@ def main(argv=None) -> None:
     fd = os.open(path, os.O_RDONLY)
     mm = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)          # MAP_SHARED, PROT_READ: as llama.cpp maps it
     os.close(fd)
-    base = next(start for start, end, off, _ in runtime.file_mappings(path) if off == 0 and end - start >= layout.file_size)
+    base = next(start for start, end, off, _ in pages.file_mappings(path) if off == 0 and end - start >= layout.file_size)
     st = storage.ExpertStorage(layout)
     st.attach([base], [(0, layout.file_size)])
     st.drop_all()

@@ -14,9 +14,9 @@ import statistics
 import llama_cpp
 
 from edgemoe_llamacpp import files
-from edgemoe_llamacpp.cache_config import CacheConfig
-from edgemoe_llamacpp.generate import last_logits
-from edgemoe_llamacpp.llama import Llama, stock_llama
+from edgemoe_llamacpp.cache.config import CacheConfig
+from edgemoe_llamacpp.engine.generate import last_logits
+from edgemoe_llamacpp.engine.llama import Llama, stock_llama
 
 PROMPT = "import os\nimport sys\n\n\ndef main(argv):\n    "
 

@@ -17,7 +17,7 @@ import numpy as np
 from tqdm import tqdm
 
 from edgemoe_llamacpp import files
-from edgemoe_llamacpp.layout import STACKED_EXPERTS, read_layout
+from edgemoe_llamacpp.gguf.layout import STACKED_EXPERTS, read_layout
 
 Q8_0 = gguf.GGMLQuantizationType.Q8_0
 QK, BLOCK = gguf.GGML_QUANT_SIZES[Q8_0]     # 32 weights in 34 bytes: f16 scale + 32 int8
@@ -112,8 +112,8 @@ def main() -> None:
 
 
 def greedy_tokens(path: Path, prompt: str = "import os\nimport sys\n\n\ndef ", n: int = 32) -> list[int]:
-    from edgemoe_llamacpp.generate import greedy
-    from edgemoe_llamacpp.llama import stock_llama
+    from edgemoe_llamacpp.engine.generate import greedy
+    from edgemoe_llamacpp.engine.llama import stock_llama
 
     llm = stock_llama(path, use_extra_bufts=False, n_ctx=256, verbose=False)
     try:

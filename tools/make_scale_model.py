@@ -43,9 +43,9 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 from tqdm import tqdm
 
 from edgemoe_llamacpp import files
-from edgemoe_llamacpp.convert import ALIGNMENT
+from edgemoe_llamacpp.convert.rewrite import ALIGNMENT
 from edgemoe_llamacpp.errors import EdgeMoEError
-from edgemoe_llamacpp.quant import dequantize
+from edgemoe_llamacpp.gguf.quant import dequantize
 
 FIXTURE = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "tiny-moe.gguf"
 CHUNK = 32 << 20                # bytes of tensor data generated at a time
@@ -391,8 +391,8 @@ def write(name: str, out: Path, *, layers: int | None = None, seed: int = 0, for
 
 def check(path: Path, prompt: str = "import os\n\n\ndef ", n: int = 4) -> list[int]:
     """Greedy tokens through edgemoe_llamacpp.Llama; SystemExit if any logit is not finite."""
-    from edgemoe_llamacpp.generate import greedy
-    from edgemoe_llamacpp.llama import Llama
+    from edgemoe_llamacpp.engine.generate import greedy
+    from edgemoe_llamacpp.engine.llama import Llama
 
     llm = Llama(str(path), n_ctx=256, verbose=False)
     try:
@@ -415,7 +415,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         info = write(args.preset, args.out, layers=args.layers, seed=args.seed, force=args.force)
-        from edgemoe_llamacpp.layout import read_layout
+        from edgemoe_llamacpp.gguf.layout import read_layout
 
         layout = read_layout(args.out)
         info.update(n_expert=layout.n_expert, k=layout.n_expert_used, moe_layers=len(layout.moe_layers),

@@ -36,9 +36,10 @@ from pathlib import Path
 import numpy as np
 from gguf import QK_K
 
-from edgemoe_llamacpp import files, quant
+from edgemoe_llamacpp import files
 from edgemoe_llamacpp.corpus import EOT, is_validation, stdlib_files
-from edgemoe_llamacpp.perplexity import window_logp
+from edgemoe_llamacpp.engine.perplexity import window_logp
+from edgemoe_llamacpp.gguf import quant
 
 
 # ----------------------------------------------------------------------------- configuration

@@ -12,7 +12,7 @@ from --seed), prints one table of them all and writes it as JSON (--stats-json).
 --calibrate runs a Nelder-Mead search of the preset's free parameters (common random numbers: the same
 seeds throughout), minimising the squared relative errors of the statistics, summed and averaged over a
 few traces (bias and spread alike), and prints the table of their means and the parameters to store in
-edgemoe_llamacpp/trace_gen.py.
+edgemoe_bench/trace_gen.py.
 """
 from __future__ import annotations
 
@@ -27,11 +27,12 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from edgemoe_llamacpp import files, trace_gen
+from edgemoe_bench import trace_gen
+from edgemoe_bench.routing_trace import RoutingTrace
+from edgemoe_bench.trace_gen import PRESETS, TOLERANCE, Geometry, TraceParams, compare, preset
+from edgemoe_bench.trace_stats import trace_stats
+from edgemoe_llamacpp import files
 from edgemoe_llamacpp.errors import EdgeMoEError
-from edgemoe_llamacpp.routing_trace import RoutingTrace
-from edgemoe_llamacpp.trace_gen import PRESETS, TOLERANCE, Geometry, TraceParams, compare, preset
-from edgemoe_llamacpp.trace_stats import trace_stats
 
 STATS_JSON = Path(__file__).resolve().parent.parent / "bench" / "results" / "trace-stats.json"
 # what --calibrate may change, per preset (the rest stays as stored)

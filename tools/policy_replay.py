@@ -1,7 +1,7 @@
 """Replay recorded routing through the expert cache's real policies and predictors, next to Belady's floor.
 
 Records each prompt's routing (and each layer's FFN input, for gate lookahead) with edgemoe_llamacpp.Llama
-(no budget), then replays it (edgemoe_llamacpp.replay: the cache without I/O) for every policy, predictor and budget:
+(no budget), then replays it (edgemoe_bench.replay: the cache without I/O) for every policy, predictor and budget:
 decode misses per token (reads llama.cpp waits for) and their ratio to Belady's MIN, and with prediction the
 experts read ahead and the ones of those evicted unused (waste). Reads per token = misses + prefetches.
 
@@ -36,15 +36,21 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 import numpy as np
 from tqdm import tqdm
 
+from edgemoe_bench.bench import belady
+from edgemoe_bench.replay import replay, synthetic_layout
+from edgemoe_bench.routing import record_completion, record_windows
+from edgemoe_bench.trace_gen import PRESETS, make_trace
 from edgemoe_llamacpp import files
-from edgemoe_llamacpp.bench import belady
-from edgemoe_llamacpp.cache_config import CacheConfig
-from edgemoe_llamacpp.layout import read_layout
-from edgemoe_llamacpp.predict import PREDICTORS, GatePredictor, TablePredictor, make_predictor, read_routers
-from edgemoe_llamacpp.replay import replay, synthetic_layout
-from edgemoe_llamacpp.residency import POLICIES, make_policy, parse_budget
-from edgemoe_llamacpp.routing import record_completion, record_windows
-from edgemoe_llamacpp.trace_gen import PRESETS, make_trace
+from edgemoe_llamacpp.cache.config import CacheConfig
+from edgemoe_llamacpp.cache.predict import (
+    PREDICTORS,
+    GatePredictor,
+    TablePredictor,
+    make_predictor,
+    read_routers,
+)
+from edgemoe_llamacpp.cache.residency import POLICIES, make_policy, parse_budget
+from edgemoe_llamacpp.gguf.layout import read_layout
 
 PROMPTS = ["import os\nimport sys\n\n\ndef main(argv):\n    ", "class Parser:\n    def ",
            '"""Utilities for reading configuration files."""\n\nimport re\n',

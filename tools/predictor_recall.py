@@ -18,9 +18,9 @@ import time
 
 import numpy as np
 
+from edgemoe_bench.routing import N_CTX, record
 from edgemoe_llamacpp import corpus, files
-from edgemoe_llamacpp.layout import read_layout
-from edgemoe_llamacpp.predict import (
+from edgemoe_llamacpp.cache.predict import (
     MAX_DEPTH,
     FrequencyPredictor,
     GatePredictor,
@@ -28,7 +28,7 @@ from edgemoe_llamacpp.predict import (
     read_routers,
     recall_at_k,
 )
-from edgemoe_llamacpp.routing import N_CTX, record
+from edgemoe_llamacpp.gguf.layout import read_layout
 
 
 def mixture(logits: np.ndarray, table_scores: np.ndarray) -> np.ndarray:

@@ -18,8 +18,8 @@ import sys
 import time
 from pathlib import Path
 
+from edgemoe_bench.bench import run_bench
 from edgemoe_llamacpp import files
-from edgemoe_llamacpp.bench import run_bench
 from edgemoe_llamacpp.errors import EdgeMoEError
 
 

@@ -22,10 +22,12 @@ from pathlib import Path
 
 from gguf import GGUFReader
 
-from edgemoe_llamacpp import files, quant, runtime
-from edgemoe_llamacpp.convert import convert, uniform_plan
-from edgemoe_llamacpp.layout import read_layout
-from edgemoe_llamacpp.perplexity import paired_difference, perplexities
+from edgemoe_llamacpp import files
+from edgemoe_llamacpp.convert.rewrite import convert, uniform_plan
+from edgemoe_llamacpp.engine import runtime
+from edgemoe_llamacpp.engine.perplexity import paired_difference, perplexities
+from edgemoe_llamacpp.gguf import quant
+from edgemoe_llamacpp.gguf.layout import read_layout
 
 ROOT = Path(__file__).resolve().parent.parent
 

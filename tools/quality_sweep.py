@@ -27,16 +27,18 @@ import sys
 import time
 from pathlib import Path
 
-from edgemoe_llamacpp import files, quant, runtime
-from edgemoe_llamacpp.calibrate import calibrated, layer_scales
-from edgemoe_llamacpp.convert import convert, uniform_plan
+from edgemoe_llamacpp import files
+from edgemoe_llamacpp.convert.calibrate import calibrated, layer_scales
+from edgemoe_llamacpp.convert.imatrix import from_profile
+from edgemoe_llamacpp.convert.plan import imatrix_off, make_plan, measure_costs
+from edgemoe_llamacpp.convert.profile import Profile, profile
+from edgemoe_llamacpp.convert.rewrite import convert, uniform_plan
+from edgemoe_llamacpp.convert.verify import verify
+from edgemoe_llamacpp.engine import runtime
+from edgemoe_llamacpp.engine.perplexity import paired_difference, perplexities
 from edgemoe_llamacpp.errors import BudgetError
-from edgemoe_llamacpp.imatrix import from_profile
-from edgemoe_llamacpp.layout import read_layout
-from edgemoe_llamacpp.perplexity import paired_difference, perplexities
-from edgemoe_llamacpp.plan import imatrix_off, make_plan, measure_costs
-from edgemoe_llamacpp.profile import Profile, profile
-from edgemoe_llamacpp.verify import verify
+from edgemoe_llamacpp.gguf import quant
+from edgemoe_llamacpp.gguf.layout import read_layout
 
 ROOT = Path(__file__).resolve().parent.parent
 WITHOUT_IMATRIX = ("Q2_K", "Q3_K", "Q4_K")

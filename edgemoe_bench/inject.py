@@ -1,0 +1,77 @@
+"""Routing from a trace, for benchmarks and replay only: each MoE layer's `ffn_moe_topk-N` node is overwritten in
+place, after the router computed it and before the layer's experts run, with the trace's experts for the tokens
+being evaluated. llama.cpp then gathers those experts' router weights and computes exactly the trace's routing.
+
+Rows are taken by token position (the trace wraps around), so a prompt and the tokens after it replay the same
+routing whichever engine runs them: `edgemoe_llamacpp.Llama(route_trace=...)`, or `InjectedLlama`, a plain
+`llama_cpp.Llama` with the same hook (`ExpertHook(inject=...)`) and no cache (the stock side of a comparison).
+Output made this way is not the model's own; every result that comes from it says `routing: injected`.
+"""
+from __future__ import annotations
+
+import ctypes
+
+import llama_cpp
+import numpy as np
+
+from edgemoe_bench.routing_trace import RoutingTrace
+from edgemoe_llamacpp.engine import runtime
+from edgemoe_llamacpp.engine.hook import ExpertHook, write_ids
+
+
+class TraceInjector:
+    """Writes the trace's experts into each topk node. `position` is the sequence position of the first token of
+    the next evaluation (the owner sets it before each llama_decode)."""
+
+    def __init__(self, trace: RoutingTrace):
+        self.trace = trace
+        self.column = {layer: i for i, layer in enumerate(trace.layers)}
+        self.first_layer = trace.layers[0]
+        self.position = 0
+        self._rows: np.ndarray | None = None
+        self.injected = 0                       # topk nodes overwritten
+
+    @property
+    def source(self) -> str:
+        return self.trace.source
+
+    def rows(self, n_tokens: int) -> np.ndarray:
+        """(n_tokens, n_moe_layers, k) trace rows for the tokens at position, position + 1, ... (wrapping)."""
+        at = (self.position + np.arange(n_tokens)) % len(self.trace.ids)
+        return self.trace.ids[at]
+
+    def __call__(self, layer: int, t: int) -> None:
+        n_tokens = ctypes.c_int64.from_address(t + runtime.T_NE + 8).value
+        if layer == self.first_layer or self._rows is None:
+            self._rows = self.rows(n_tokens)
+            self.position += n_tokens
+        col = self.column.get(layer)
+        if col is None:
+            raise RuntimeError(f"layer {layer} routes experts but the trace has no column for it "
+                               f"(trace MoE layers {self.trace.layers[0]}..{self.trace.layers[-1]})")
+        if n_tokens > len(self._rows):
+            raise RuntimeError(f"layer {layer} routes {n_tokens} tokens, the first MoE layer {len(self._rows)}")
+        # llama.cpp computes the last layer for the tokens whose output is wanted only (a prompt's last): the
+        # node's rows are then the evaluation's last ones
+        write_ids(t, self._rows[len(self._rows) - n_tokens:, col, :])
+        self.injected += 1
+
+
+def routing_label(injector: TraceInjector | None) -> str:
+    """What results say about their routing: "router", or "injected: <the trace's source>"."""
+    return "router" if injector is None else f"injected: {injector.source}"
+
+
+class InjectedLlama(llama_cpp.Llama):
+    """A plain llama_cpp.Llama computing a trace's routing, no cache: the stock side of an injected comparison.
+    Build it with `hook.cb_eval_args()` in the context params (llama.stock_llama(route_trace=...) does)."""
+
+    def __init__(self, *args, hook: ExpertHook, **kwargs):
+        self._edgemoe_hook = hook
+        self._edgemoe_injector = hook.inject
+        super().__init__(*args, **kwargs)
+
+    def eval(self, tokens) -> None:
+        self._edgemoe_injector.position = self.n_tokens
+        with self._edgemoe_hook.evaluation():
+            super().eval(tokens)

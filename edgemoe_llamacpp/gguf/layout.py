@@ -1,0 +1,690 @@
+"""GGUF -> MoE layout: which tensors hold experts, every expert's byte ranges, dense vs expert bytes.
+
+Everything comes from the GGUF metadata and tensor infos (parsed here, with gguf-py's type tables), never from a model's
+shapes being what we expect: real files (Qwen3-MoE, OLMoE, Mixtral, DeepSeek-V2, gpt-oss) take the same
+path as the fixture. Every offset and size is checked against the file before anyone may use it.
+"""
+from __future__ import annotations
+
+import itertools
+import mmap
+import os
+import re
+import struct
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+from edgemoe_llamacpp.errors import BadModelError, NotMoEError, ShardError
+from edgemoe_llamacpp.gguf.shards import SPLIT_COUNT, SPLIT_NO, SPLIT_TENSORS, shard_paths
+from edgemoe_llamacpp.pages import PAGE, mincore_pages
+
+GGUF_MAGIC = b"GGUF"
+
+# Stacked experts: blk.N.ffn_{gate,up,down,gate_up}_exps.{weight,bias,...}; the last GGUF dimension is the
+# expert index. Shared experts (ffn_*_shexp) and router tensors (ffn_gate_inp, exp_probs_b) are dense.
+STACKED_EXPERTS = re.compile(r"^blk\.(\d+)\.(\w+_exps)\.(\w+)$")
+# Older Mixtral conversions keep one tensor per expert: blk.N.ffn_{gate,up,down}.E.weight
+SINGLE_EXPERT = re.compile(r"^blk\.(\d+)\.(ffn_(?:gate|up|down))\.(\d+)\.weight$")
+
+
+class ExpertRange(NamedTuple):
+    """One expert's slice of one tensor: absolute offset and size in bytes in file `file` (an index into
+    `MoELayout.files`: 0 but in a split model)."""
+    tensor: str
+    offset: int
+    size: int
+    type: str
+    file: int = 0
+
+
+class LowCopy(NamedTuple):
+    """Low-bit copies of a stacked tensor's experts (`edgemoe.lowbit.<name>`): expert e at `type`, `size`
+    bytes at the start of its `stride`-byte slot (whole pages in files edgemoe writes)."""
+    offset: int
+    stride: int
+    type: str
+    size: int
+    file: int = 0
+
+
+class ExpertTensor(NamedTuple):
+    """A tensor holding `count` experts of one layer back to back, `stride` bytes apart.
+
+    With per-expert `types` (a converted file, `edgemoe.expert_types.<name>`), the tensor is declared at
+    its largest type so every expert has a slot of `stride` bytes; expert e is stored at its own type at
+    the start of its slot, `sizes[e]` bytes, and the rest of the slot is a hole.
+    """
+    name: str
+    layer: int
+    offset: int
+    nbytes: int
+    stride: int
+    type: str
+    first_expert: int
+    count: int
+    types: tuple[str, ...] | None = None
+    sizes: tuple[int, ...] | None = None
+    low: LowCopy | None = None
+    file: int = 0
+
+    def slice(self, expert: int) -> ExpertRange:
+        i = expert - self.first_expert
+        if self.types is None:
+            return ExpertRange(self.name, self.offset + i * self.stride, self.stride, self.type, self.file)
+        return ExpertRange(self.name, self.offset + i * self.stride, self.sizes[i], self.types[i], self.file)
+
+    def low_slice(self, expert: int) -> ExpertRange:
+        """Expert `expert`'s low-bit copy (the tensor must have one)."""
+        i = expert - self.first_expert
+        return ExpertRange(LOWBIT + self.name, self.low.offset + i * self.low.stride, self.low.size, self.low.type,
+                           self.low.file)
+
+    @property
+    def stored_bytes(self) -> int:
+        return self.nbytes if self.sizes is None else sum(self.sizes)
+
+
+class Expert(NamedTuple):
+    layer: int
+    expert: int
+    ranges: tuple[ExpertRange, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(r.size for r in self.ranges)
+
+
+class ExpertUID(NamedTuple):
+    """What the expert cache fetches and evicts: one expert of one layer, or (low) its low-bit copy."""
+    layer: int
+    expert: int
+    low: bool = False
+
+
+@dataclass(frozen=True)
+class MoELayout:
+    """A model's MoE layout. A split model spans `files` (shard 1 first; `path` is shard 1's, the one llama.cpp
+    opens); every range names its file, and `file_size` is the files' total."""
+    path: str
+    arch: str
+    n_layer: int
+    n_expert: int
+    n_expert_used: int
+    file_size: int
+    data_offset: int          # where the tensor data section starts (in `path`)
+    dense_bytes: int          # every non-expert tensor (attention, embeddings, norms, routers, shared experts)
+    expert_bytes: int
+    expert_tensors: tuple[ExpertTensor, ...]
+    edgemoe: dict | None = None      # a converted file's `edgemoe.*` metadata (plan, provenance, checksums)
+    files: tuple[str, ...] = ()      # every file of the model, shard 1 first (default: `path` alone)
+    file_sizes: tuple[int, ...] = ()
+    data_offsets: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        if not self.files:
+            object.__setattr__(self, "files", (self.path,))
+            object.__setattr__(self, "file_sizes", (self.file_size,))
+            object.__setattr__(self, "data_offsets", (self.data_offset,))
+
+    @property
+    def split(self) -> bool:
+        return len(self.files) > 1
+
+    @property
+    def mixed(self) -> bool:
+        """Some tensor holds experts of different types: needs the patched runtime."""
+        return any(t.types is not None for t in self.expert_tensors)
+
+    @property
+    def lowbit_type(self) -> str | None:
+        """The type of the experts' low-bit copies, if the file carries them (`edgemoe convert --lowbit`)."""
+        return next((t.low.type for t in self.expert_tensors if t.low is not None), None)
+
+    @property
+    def needs_patched_runtime(self) -> bool:
+        return self.mixed or self.lowbit_type is not None
+
+    @cached_property
+    def low_experts(self) -> dict[tuple[int, int], tuple[ExpertRange, ...]]:
+        """(layer, expert) -> the byte ranges of its low-bit copy; empty without copies."""
+        out: dict[tuple[int, int], list[ExpertRange]] = {}
+        for t in self.expert_tensors:
+            if t.low is not None:
+                for e in range(t.first_expert, t.first_expert + t.count):
+                    out.setdefault((t.layer, e), []).append(t.low_slice(e))
+        return {k: tuple(v) for k, v in sorted(out.items())}
+
+    @property
+    def tensor_data_bytes(self) -> int:
+        return self.dense_bytes + self.expert_bytes
+
+    @cached_property
+    def experts(self) -> tuple[Expert, ...]:
+        by_key: dict[tuple[int, int], list[ExpertRange]] = {}
+        for t in self.expert_tensors:
+            for e in range(t.first_expert, t.first_expert + t.count):
+                by_key.setdefault((t.layer, e), []).append(t.slice(e))
+        return tuple(Expert(layer, e, tuple(r)) for (layer, e), r in sorted(by_key.items()))
+
+    @cached_property
+    def moe_layers(self) -> tuple[int, ...]:
+        return tuple(sorted({t.layer for t in self.expert_tensors}))
+
+    def expert(self, layer: int, expert: int) -> Expert:
+        return self.experts[self.moe_layers.index(layer) * self.n_expert + expert]
+
+    def layer_expert_bytes(self, layer: int) -> int:
+        return sum(t.stored_bytes for t in self.expert_tensors if t.layer == layer)
+
+    def to_dict(self) -> dict:
+        """JSON-able; a split model adds its files, and each range its file's index (a single file's as ever)."""
+        files = {"files": list(self.files), "file_sizes": list(self.file_sizes),
+                 "tensor_data_offsets": list(self.data_offsets)} if self.split else {}
+
+        def rng(r: ExpertRange) -> dict:
+            return r._asdict() if self.split else {k: v for k, v in r._asdict().items() if k != "file"}
+        return {
+            "path": self.path, "arch": self.arch, "n_layer": self.n_layer, "n_expert": self.n_expert,
+            "n_expert_used": self.n_expert_used, "moe_layers": list(self.moe_layers),
+            "file_size": self.file_size, "tensor_data_offset": self.data_offset, **files,
+            "tensor_data_bytes": self.tensor_data_bytes,
+            "dense_bytes": self.dense_bytes, "expert_bytes": self.expert_bytes, "mixed": self.mixed,
+            "edgemoe": self.edgemoe,
+            "experts": [{"layer": x.layer, "expert": x.expert,
+                         "ranges": [rng(r) for r in x.ranges]} for x in self.experts],
+        }
+
+
+class _Field(NamedTuple):
+    """One metadata value: where it lies in the header, decoded when asked for (`contents`)."""
+    buf: bytearray
+    vtype: int
+    pos: int
+
+    def contents(self):
+        return _decode(self.buf, self.pos, self.vtype)[0]
+
+
+class _TensorInfo(NamedTuple):
+    """One tensor info: shape in GGUF order (shape[0] is the row length), absolute data offset."""
+    name: str
+    shape: np.ndarray
+    tensor_type: GGMLQuantizationType
+    data_offset: int
+    n_bytes: int
+
+
+@dataclass
+class GGUFHeader:
+    """A GGUF header: metadata fields, tensor infos and where the tensor data starts. Parsed here rather than
+    by gguf-py, whose reader takes seconds on a large vocabulary (it builds numpy views of every token),
+    from bytes whose every length and count `_walk_header` has checked against the file."""
+    fields: dict[str, _Field]
+    tensors: list[_TensorInfo]
+    data_offset: int
+
+
+def read_header(path: str | os.PathLike) -> GGUFHeader:
+    """A GGUF's header (metadata and tensor infos), every length checked; BadModelError if unreadable."""
+    return _open_reader(Path(path))
+
+
+def _open_reader(path: Path) -> GGUFHeader:
+    """`path`'s GGUF header, read with exact preads and no readahead.
+
+    The pages this read brought into the page cache are dropped again (those that were there before stay):
+    reading a layout, say for `edgemoe inspect` beside a running server, costs that server none of its cached
+    experts. Only metadata, shapes and offsets come from here: whoever needs tensor data opens the file.
+    """
+    if not path.exists():
+        raise BadModelError(f"{path}: no such file")
+    if not path.is_file():
+        raise BadModelError(f"{path}: not a regular file")
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        head = _HeaderBytes(path, fd)
+        try:
+            head.read_to(len(GGUF_MAGIC))
+            magic = bytes(head.buf[:len(GGUF_MAGIC)])
+            if magic != GGUF_MAGIC:
+                raise BadModelError(f"{path}: not a GGUF file (starts with {magic!r}, expected {GGUF_MAGIC!r})")
+            return _walk_header(path, head)
+        finally:
+            head.drop()
+    finally:
+        os.close(fd)
+
+
+# GGUF value types: fixed sizes (struct formats), 8 = string, 9 = array
+_GGUF_FORMATS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "B", 10: "Q", 11: "q", 12: "d"}
+_GGUF_SIZES = {k: struct.calcsize(v) for k, v in _GGUF_FORMATS.items()}
+GGUF_VERSIONS = (2, 3)           # those gguf-py reads; both lay the header out as _walk_header does
+GGML_MAX_DIMS = 4
+_HEADER_CAP = 64 << 20           # no real model's header comes near (a 256k-token vocabulary takes ~10 MB)
+
+
+def _resident_pages(fd: int, start: int, end: int) -> bytes:
+    """mincore of the file's pages over [start, end) (start page-aligned, end <= the file's size)."""
+    import numpy as np
+
+    with mmap.mmap(fd, end - start, access=mmap.ACCESS_READ, offset=start) as m:
+        view = np.frombuffer(m, np.uint8)        # the mapping's address; mapping faults nothing in
+        try:
+            return mincore_pages(view.ctypes.data, end - start)
+        finally:
+            del view
+
+
+class _HeaderBytes:
+    """A file's leading bytes, read on demand with exact preads and no readahead. Before each read, the
+    pages it is about to bring in are checked with mincore; `drop` evicts those that were not in the page
+    cache before, and no other: a page that was there may be another process's."""
+
+    def __init__(self, path: Path, fd: int):
+        self.path, self.fd = path, fd
+        self.size = os.fstat(fd).st_size
+        self.buf = bytearray()
+        self.fresh: list[int] = []              # indices of the pages this read brought into the page cache
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)    # reads fetch the pages asked for, no more
+
+    def need(self, pos: int, n: int) -> None:
+        """Bytes [pos, pos + n) must lie in the file (and in a header of sane size): read them."""
+        if 0 <= n and pos + n <= len(self.buf):
+            return                              # held already (so inside the file and the cap)
+        if n < 0 or pos + n > self.size:
+            raise BadModelError(f"{self.path}: metadata runs past the end of the file at byte {pos}: truncated "
+                                f"or corrupt")
+        if pos + n > _HEADER_CAP:
+            raise BadModelError(f"{self.path}: metadata runs past {_HEADER_CAP >> 20} MiB at byte {pos}: corrupt "
+                                f"(no GGUF header is that large)")
+        self.read_to(pos + n)
+
+    def read_to(self, end: int) -> None:
+        """Hold the file's bytes up to `end` (fewer at the end of the file), read in whole pages."""
+        have = len(self.buf)            # a whole number of pages, or the whole file
+        end = min(self.size, -(-end // PAGE) * PAGE)
+        if end <= have:
+            return
+        vec = _resident_pages(self.fd, have, end)
+        self.fresh += [have // PAGE + i for i, v in enumerate(vec) if not v & 1]
+        while len(self.buf) < end:
+            chunk = os.pread(self.fd, end - len(self.buf), len(self.buf))
+            if not chunk:
+                raise BadModelError(f"{self.path}: the file shrank while its header was read")
+            self.buf += chunk
+
+    def drop(self) -> None:
+        """Evict the pages this read brought into the page cache (runs of consecutive pages, one call each)."""
+        for _, run in itertools.groupby(enumerate(self.fresh), lambda t: t[1] - t[0]):
+            pages = [p for _, p in run]
+            os.posix_fadvise(self.fd, pages[0] * PAGE, len(pages) * PAGE, os.POSIX_FADV_DONTNEED)
+        self.fresh = []
+
+
+def _walk_header(path: Path, head: _HeaderBytes) -> int:
+    """Walk the header (version, counts, metadata, tensor infos), checking every length, count and
+    dimension count against the file's size before reading it; return where the tensor infos end.
+
+    gguf-py's reader trusts them: an array count that runs past the end of the file makes it build parts
+    for ever (observed: 24 GB before the kernel's OOM killer stopped it).
+    """
+    buf = head.buf
+    need = head.need
+
+    def u(pos: int, fmt: str) -> int:
+        need(pos, struct.calcsize(fmt))
+        return struct.unpack_from("<" + fmt, buf, pos)[0]
+
+    def value(pos: int, vtype: int, depth: int = 0) -> int:
+        if vtype in _GGUF_SIZES:
+            need(pos, _GGUF_SIZES[vtype])
+            return pos + _GGUF_SIZES[vtype]
+        if vtype == 8:
+            n = u(pos, "Q")
+            need(pos + 8, n)
+            return pos + 8 + n
+        if vtype == 9 and depth < 2:
+            itype, count = u(pos, "I"), u(pos + 4, "Q")
+            pos += 12
+            if itype in _GGUF_SIZES:
+                need(pos, count * _GGUF_SIZES[itype])
+                return pos + count * _GGUF_SIZES[itype]
+            need(pos, count * 8)                     # every string or array takes 8 bytes at least
+            for _ in range(count):
+                pos = value(pos, itype, depth + 1)
+            return pos
+        raise BadModelError(f"{path}: unknown metadata value type {vtype} at byte {pos}")
+
+    version = u(4, "I")
+    if version not in GGUF_VERSIONS:
+        raise BadModelError(f"{path}: GGUF version {version} is not supported (expected "
+                            f"{' or '.join(map(str, GGUF_VERSIONS))}): corrupt, or big-endian")
+    n_tensors, n_kv = u(8, "Q"), u(16, "Q")
+    need(24, n_kv * 12)
+    pos = 24
+    fields: dict[str, _Field] = {}
+    for _ in range(n_kv):
+        key_at = pos
+        pos = value(pos, 8)                          # the key
+        key = _text(buf, key_at + 8, pos, path)
+        vtype = u(pos, "I")
+        fields[key] = _Field(buf, vtype, pos + 4)
+        pos = value(pos + 4, vtype)
+    need(pos, n_tensors * 24)                        # name length, n_dims, type, offset at least
+    infos = []
+    for _ in range(n_tensors):
+        name_at = pos
+        pos = value(pos, 8)                          # the name
+        name = _text(buf, name_at + 8, pos, path)
+        n_dims = u(pos, "I")
+        if n_dims > GGML_MAX_DIMS:
+            raise BadModelError(f"{path}: a tensor at byte {pos} has {n_dims} dimensions (GGUF allows "
+                                f"{GGML_MAX_DIMS}): corrupt")
+        need(pos + 4, n_dims * 8 + 12)               # dims (u64 each), type (u32), data offset (u64)
+        dims = struct.unpack_from(f"<{n_dims}Q", buf, pos + 4)
+        type_id, offset = struct.unpack_from("<IQ", buf, pos + 4 + n_dims * 8)
+        infos.append((name, dims, type_id, offset))
+        pos += 4 + n_dims * 8 + 12
+    return _header(path, fields, infos, pos, head.size)
+
+
+def _text(buf, start: int, end: int, path: Path) -> str:
+    try:
+        return bytes(buf[start:end]).decode("utf-8")
+    except UnicodeDecodeError:
+        raise BadModelError(f"{path}: a metadata key or tensor name at byte {start} is not UTF-8: corrupt") from None
+
+
+def _decode(buf, pos: int, vtype: int):
+    """(value, end) of the metadata value at pos (checked already by _walk_header)."""
+    if vtype in _GGUF_FORMATS:
+        fmt = _GGUF_FORMATS[vtype]
+        v = struct.unpack_from("<" + fmt, buf, pos)[0]
+        return (bool(v) if vtype == 7 else v), pos + struct.calcsize(fmt)
+    if vtype == 8:
+        n = struct.unpack_from("<Q", buf, pos)[0]
+        return bytes(buf[pos + 8:pos + 8 + n]).decode("utf-8", errors="replace"), pos + 8 + n
+    itype, count = struct.unpack_from("<IQ", buf, pos)
+    pos += 12
+    if itype in _GGUF_FORMATS and itype != 7:
+        fmt = _GGUF_FORMATS[itype]
+        return list(struct.unpack_from(f"<{count}{fmt}", buf, pos)), pos + count * struct.calcsize(fmt)
+    out = []
+    for _ in range(count):
+        v, pos = _decode(buf, pos, itype)
+        out.append(v)
+    return out, pos
+
+
+def _header(path: Path, fields: dict[str, _Field], infos: list, end: int, file_size: int) -> GGUFHeader:
+    """Tensor infos typed and sized, and the data section's start (`general.alignment`, default 32)."""
+    align_field = fields.get("general.alignment")
+    alignment = align_field.contents() if align_field is not None and align_field.vtype == 4 else 32
+    if alignment <= 0 or alignment & (alignment - 1):
+        raise BadModelError(f"{path}: general.alignment {alignment} is not a power of two")
+    data_offset = -(-end // alignment) * alignment
+    tensors = []
+    for name, dims, type_id, offset in infos:
+        try:
+            qt = GGMLQuantizationType(type_id)
+            block, size = GGML_QUANT_SIZES[qt]
+        except (ValueError, KeyError):
+            raise BadModelError(f"{path}: tensor {name} has unknown type {type_id}") from None
+        if dims and dims[0] % block:
+            raise BadModelError(f"{path}: tensor {name} rows of {dims[0]} values are not a multiple of {qt.name}'s "
+                                f"block of {block}")
+        n = 1
+        for d in dims:
+            n *= d
+        nbytes = n // block * size
+        if nbytes > file_size or offset > file_size or any(d > file_size for d in dims):
+            raise BadModelError(f"{path}: tensor {name} data [{data_offset + offset}, {data_offset + offset + nbytes}) "
+                                f"lies outside the file's {file_size} bytes: truncated or corrupt")
+        tensors.append(_TensorInfo(name, np.array(dims, dtype=np.int64), qt, data_offset + offset, nbytes))
+    return GGUFHeader(fields, tensors, data_offset)
+
+
+def _field(reader, key: str, path: Path, kind: type, required: bool = True):
+    field = reader.fields.get(key)
+    if field is None:
+        if required:
+            raise BadModelError(f"{path}: metadata key {key!r} is missing")
+        return None
+    try:
+        value = field.contents()
+    except (ValueError, IndexError, TypeError, UnicodeDecodeError) as e:
+        raise BadModelError(f"{path}: metadata key {key!r} is unreadable ({e})") from None
+    if isinstance(value, list) and kind is int:
+        # some models give per-layer arrays; a single MoE count is the largest entry
+        value = max(value) if value else None
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise BadModelError(f"{path}: metadata key {key!r} has {type(value).__name__} {value!r}, "
+                            f"expected {kind.__name__}")
+    return value
+
+
+def read_layout(path: str | os.PathLike) -> MoELayout:
+    """Read a GGUF's MoE layout; of a split model, given any shard, across every shard. Raises BadModelError,
+    ShardError or NotMoEError with a one-line reason."""
+    paths, headers, sizes = _read_files(Path(path))
+    path, reader = paths[0], headers[0]
+    arch = _field(reader, "general.architecture", path, str)
+    n_layer = _field(reader, f"{arch}.block_count", path, int)
+    n_expert = _field(reader, f"{arch}.expert_count", path, int, required=False) or 0
+    n_used = _field(reader, f"{arch}.expert_used_count", path, int, required=False) or 0
+    for p, h, size in zip(paths, headers, sizes, strict=True):
+        _check_extents(p, h, size)
+    edgemoe = _edgemoe_fields(reader, path)
+    stacks: list[ExpertTensor] = []
+    lowbit = {}
+    dense = 0
+    for i, (p, h) in enumerate(zip(paths, headers, strict=True)):
+        for t in h.tensors:
+            if t.name.startswith(LOWBIT):
+                lowbit[t.name[len(LOWBIT):]] = (t, i)
+            if t.name.startswith(EDGEMOE_PREFIX):
+                continue                # the mixed-file guard, low-bit copies: not the model's weights
+            stack = _expert_tensor(t, i, p, arch, n_expert, edgemoe["expert_types"])
+            if stack is None:
+                dense += t.n_bytes
+            else:
+                stacks.append(stack)
+    if not stacks or n_expert < 2:
+        raise NotMoEError(f"{path}: no expert tensors (architecture {arch!r}, expert_count {n_expert}): "
+                          f"not a Mixture-of-Experts model")
+    if not 1 <= n_used <= n_expert:
+        raise BadModelError(f"{path}: {arch}.expert_used_count is {n_used}, expected 1..{n_expert}")
+    for s in stacks:
+        if s.layer >= n_layer:
+            raise BadModelError(f"{path}: {s.name} is in layer {s.layer} but the model has {n_layer}")
+    if edgemoe["expert_types"]:
+        raise BadModelError(f"{path}: edgemoe.expert_types names tensors that are not stacked expert "
+                            f"tensors: {sorted(edgemoe['expert_types'])}")
+    del edgemoe["expert_types"]
+    if lowbit or "lowbit_type" in edgemoe:
+        shapes = {t.name: t.shape for h in headers for t in h.tensors}
+        stacks = _with_low_copies(stacks, lowbit, edgemoe.get("lowbit_type"), shapes, path)
+    layout = MoELayout(str(path), arch, n_layer, n_expert, n_used, sum(sizes), reader.data_offset,
+                       dense, sum(s.stored_bytes for s in stacks), tuple(stacks), edgemoe or None,
+                       tuple(map(str, paths)), tuple(sizes), tuple(h.data_offset for h in headers))
+    per_layer = {len([x for x in layout.experts if x.layer == layer]) for layer in layout.moe_layers}
+    if per_layer != {n_expert}:
+        raise BadModelError(f"{path}: some MoE layers lack experts (found {sorted(per_layer)} per layer, "
+                            f"expected {n_expert})")
+    return layout
+
+
+def _check_extents(path: Path, reader: GGUFHeader, file_size: int) -> None:
+    """Every tensor's data inside its file's data section, and no two overlapping."""
+    if file_size >= 1 << FILE_BITS:
+        raise BadModelError(f"{path}: {file_size:,} bytes; edgemoe reads files below {1 << FILE_BITS:,} (split it)")
+    extents = []
+    for t in reader.tensors:
+        end = t.data_offset + t.n_bytes
+        if t.data_offset < reader.data_offset or end > file_size:
+            raise BadModelError(f"{path}: tensor {t.name} data [{t.data_offset}, {end}) lies outside the "
+                                f"file's data section [{reader.data_offset}, {file_size}): truncated?")
+        extents.append((t.data_offset, end, t.name))
+    extents.sort()
+    for (_, end_a, a), (start_b, _, b) in itertools.pairwise(extents):
+        if start_b < end_a:
+            raise BadModelError(f"{path}: tensors {a} and {b} overlap in the file")
+
+
+def _expert_tensor(t: _TensorInfo, file: int, path: Path, arch: str, n_expert: int,
+                   expert_types: dict) -> ExpertTensor | None:
+    """The experts tensor `t` (of file `file`) holds, checked; None for a dense tensor. Takes the tensor's
+    per-expert types out of `expert_types`."""
+    m = STACKED_EXPERTS.match(t.name)
+    single = SINGLE_EXPERT.match(t.name)
+    if m:
+        layer, count = int(m.group(1)), int(t.shape[-1])
+        if t.n_bytes == 0:
+            raise BadModelError(f"{path}: expert tensor {t.name} is empty (shape {t.shape.tolist()})")
+        if count != n_expert or t.n_bytes % max(count, 1):
+            raise BadModelError(f"{path}: {t.name} stacks {count} experts but {arch}.expert_count "
+                                f"is {n_expert}")
+        stack = ExpertTensor(t.name, layer, t.data_offset, t.n_bytes, t.n_bytes // count,
+                             t.tensor_type.name, 0, count, file=file)
+        types = expert_types.pop(t.name, None)
+        return stack if types is None else _with_types(stack, types, int(t.shape[0]), path)
+    if single and n_expert:
+        layer, e = int(single.group(1)), int(single.group(3))
+        if t.n_bytes == 0:
+            raise BadModelError(f"{path}: expert tensor {t.name} is empty (shape {t.shape.tolist()})")
+        if e >= n_expert:
+            raise BadModelError(f"{path}: {t.name} names expert {e} of {n_expert}")
+        return ExpertTensor(t.name, layer, t.data_offset, t.n_bytes, t.n_bytes, t.tensor_type.name, e, 1,
+                            file=file)
+    return None
+
+
+def _read_files(path: Path) -> tuple[tuple[Path, ...], list[GGUFHeader], list[int]]:
+    """The model's files (shard 1 first), their headers and sizes: `path` alone, or every shard of the split
+    model `path` is one shard of, each checked to be the shard its name says, of the same split."""
+    header = _open_reader(path)
+    count = _field(header, SPLIT_COUNT, path, int, required=False)
+    if count is None or count == 1:
+        return (path,), [header], [path.stat().st_size]
+    no = _field(header, SPLIT_NO, path, int)
+    total = _field(header, SPLIT_TENSORS, path, int)
+    if count < 1 or not 0 <= no < count:
+        raise BadModelError(f"{path}: split.no {no} of split.count {count} is impossible: corrupt")
+    paths = shard_paths(path, no, count)
+    headers = []
+    for i, p in enumerate(paths):
+        if not p.exists():
+            raise ShardError(f"{path} is shard {no + 1} of {count} of a split model, but shard {i + 1} ({p}) "
+                             f"is missing")
+        h = header if i == no else _open_reader(p)
+        seen = (_field(h, SPLIT_NO, p, int, required=False), _field(h, SPLIT_COUNT, p, int, required=False),
+                _field(h, SPLIT_TENSORS, p, int, required=False))
+        if seen != (i, count, total):
+            raise ShardError(f"{p} is not shard {i + 1} of the split model {paths[0].name} (it says shard "
+                             f"{_plus_one(seen[0])} of {seen[1]}, {seen[2]} tensors; expected {i + 1} of {count}, "
+                             f"{total} tensors)")
+        headers.append(h)
+    names = [t.name for h in headers for t in h.tensors]
+    found = _weight_count(names, _field(headers[0], REQUIRED_FEATURES, paths[0], list, required=False) or [])
+    if found != total or len(set(names)) != len(names):
+        raise ShardError(f"{paths[0]}: its {count} shards hold {found} weight tensors ({len(set(names))} names), but "
+                         f"split.tensors.count is {total}")
+    return paths, headers, [p.stat().st_size for p in paths]
+
+
+def _weight_count(names: list[str], features: list) -> int:
+    """How many of `names` llama.cpp loads as weights, the number `split.tensors.count` gives: the patched loader
+    (patches/0002) leaves out the guard of a file that requires features, and the low-bit copies of one that
+    requires "lowbit"."""
+    return sum(not ((features and name == GUARD) or ("lowbit" in features and name.startswith(LOWBIT)))
+               for name in names)
+
+
+def _plus_one(no: int | None) -> str:
+    return "?" if no is None else str(no + 1)
+
+
+FILE_BITS = 40          # no file may reach 1 TiB: storage keys a file's byte by file << FILE_BITS | offset
+EDGEMOE_PREFIX = "edgemoe."
+GUARD = "edgemoe.guard"             # the tensor that makes stock llama.cpp refuse a file with per-expert types
+REQUIRED_FEATURES = "edgemoe.required_features"     # what the patched loader must understand (patches/0002)
+EXPERT_TYPES = "edgemoe.expert_types."
+LOWBIT = "edgemoe.lowbit."          # tensor name prefix of the low-bit copies; their type: edgemoe.lowbit_type
+
+
+def _edgemoe_fields(reader, path: Path) -> dict:
+    """A converted file's `edgemoe.*` metadata; `expert_types` maps tensor name -> list of ggml type ids."""
+    out: dict = {"expert_types": {}}
+    for key, field in reader.fields.items():
+        if not key.startswith(EDGEMOE_PREFIX):
+            continue
+        try:
+            value = field.contents()
+        except (ValueError, IndexError, TypeError, UnicodeDecodeError) as e:
+            raise BadModelError(f"{path}: metadata key {key!r} is unreadable ({e})") from None
+        if key.startswith(EXPERT_TYPES):
+            out["expert_types"][key[len(EXPERT_TYPES):]] = value
+        else:
+            out[key[len(EDGEMOE_PREFIX):]] = value
+    return out
+
+
+def _with_types(stack: ExpertTensor, types, row_len: int, path: Path) -> ExpertTensor:
+    """Check a tensor's per-expert types against its slots before any pointer into them is made."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    if not isinstance(types, list) or len(types) != stack.count:
+        raise BadModelError(f"{path}: {EXPERT_TYPES}{stack.name} must list {stack.count} types")
+    names, sizes = [], []
+    declared_block, declared_size = GGML_QUANT_SIZES[GGMLQuantizationType[stack.type]]
+    rows = stack.stride // (row_len // declared_block * declared_size)
+    for e, code in enumerate(types):
+        try:
+            t = GGMLQuantizationType(code)
+            block, size = GGML_QUANT_SIZES[t]
+        except (ValueError, KeyError, TypeError):
+            raise BadModelError(f"{path}: {stack.name} expert {e} has unknown type {code!r}") from None
+        nbytes = rows * (row_len // block) * size
+        if row_len % block or nbytes > stack.stride:
+            raise BadModelError(f"{path}: {stack.name} expert {e} at {t.name} ({nbytes} bytes) does not fit "
+                                f"its {stack.stride}-byte slot")
+        names.append(t.name)
+        sizes.append(nbytes)
+    return stack._replace(types=tuple(names), sizes=tuple(sizes))
+
+
+def _with_low_copies(stacks: list[ExpertTensor], lowbit: dict, type_name, shapes: dict,
+                     path: Path) -> list[ExpertTensor]:
+    """Attach each stacked tensor's low-bit copies (`lowbit`: name -> (tensor info, file)), checked against their
+    slots before any pointer is made."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    try:
+        qt = GGMLQuantizationType[type_name]
+        block, size = GGML_QUANT_SIZES[qt]
+    except (KeyError, TypeError):
+        raise BadModelError(f"{path}: edgemoe.lowbit_type is {type_name!r}, not a known quantization type") from None
+    stacked = {s.name for s in stacks if s.count > 1}
+    if set(lowbit) != stacked:
+        raise BadModelError(f"{path}: low-bit copies must cover exactly the stacked expert tensors; missing "
+                            f"{sorted(stacked - set(lowbit))[:2]}, unknown {sorted(set(lowbit) - stacked)[:2]}")
+    out = []
+    for s in stacks:
+        t, file = lowbit.get(s.name, (None, 0))
+        if t is None:
+            out.append(s)
+            continue
+        row_len = int(shapes[s.name][0])
+        rows = int(shapes[s.name][1:-1].prod())
+        need = rows * (row_len // block) * size
+        stride = int(t.n_bytes) // s.count
+        if row_len % block or stride * s.count != int(t.n_bytes) or need > stride:
+            raise BadModelError(f"{path}: {t.name} ({int(t.n_bytes)} bytes) does not hold {s.count} experts of "
+                                f"{rows} x {row_len} at {qt.name} ({need} bytes each)")
+        out.append(s._replace(low=LowCopy(int(t.data_offset), stride, qt.name, need, file)))
+    return out
