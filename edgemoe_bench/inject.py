@@ -15,7 +15,7 @@ import llama_cpp
 import numpy as np
 
 from edgemoe_bench.routing_trace import RoutingTrace
-from edgemoe_llamacpp.engine import runtime
+from edgemoe_llamacpp import runtime
 from edgemoe_llamacpp.engine.hook import ExpertHook, write_ids
 
 

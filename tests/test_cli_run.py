@@ -67,7 +67,7 @@ def test_version_names_edgemoe_and_its_runtime():
 
     import llama_cpp
 
-    from edgemoe_llamacpp.engine import runtime
+    from edgemoe_llamacpp import runtime
 
     proc = edgemoe("--version")
     assert proc.returncode == 0, proc.stderr

@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 import stock
 
+from edgemoe_llamacpp import runtime
 from edgemoe_llamacpp.cli import main as cli
 from edgemoe_llamacpp.convert.imatrix import from_profile
 from edgemoe_llamacpp.convert.plan import choose, make_plan, measure_costs
 from edgemoe_llamacpp.convert.profile import Profile, profile
 from edgemoe_llamacpp.convert.rewrite import convert, uniform_plan
 from edgemoe_llamacpp.convert.verify import verify
-from edgemoe_llamacpp.engine import runtime
 from edgemoe_llamacpp.engine.generate import greedy
 from edgemoe_llamacpp.engine.llama import Llama
 from edgemoe_llamacpp.errors import BadModelError, BudgetError, EdgeMoEError

@@ -12,8 +12,8 @@ import pytest
 from edgemoe_bench import cgroup
 from edgemoe_bench.bench import kv_cache_bytes, measure_allowance
 from edgemoe_llamacpp import Llama, limits, pages
+from edgemoe_llamacpp.cache.dense_hold import held_pieces
 from edgemoe_llamacpp.cache.residency import parse_budget
-from edgemoe_llamacpp.engine.dense_hold import held_pieces
 from edgemoe_llamacpp.errors import ArgumentError
 from edgemoe_llamacpp.gguf.layout import read_layout
 

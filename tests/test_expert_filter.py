@@ -4,8 +4,8 @@ and records when Python sees every layer."""
 import numpy as np
 import pytest
 
+from edgemoe_llamacpp import runtime
 from edgemoe_llamacpp.engine import hook as hook_mod
-from edgemoe_llamacpp.engine import runtime
 from edgemoe_llamacpp.engine.generate import greedy
 from edgemoe_llamacpp.engine.hook import logged_routes
 from edgemoe_llamacpp.engine.llama import Llama

@@ -10,9 +10,8 @@ import numpy as np
 import pytest
 from synthetic import write_gguf
 
-from edgemoe_llamacpp import limits, pages
+from edgemoe_llamacpp import limits, pages, runtime
 from edgemoe_llamacpp.cache.residency import parse_budget, tensor_span
-from edgemoe_llamacpp.engine import runtime
 from edgemoe_llamacpp.engine.generate import greedy
 from edgemoe_llamacpp.engine.hook import read_ids
 from edgemoe_llamacpp.engine.llama import Llama, llama_params, stock_llama

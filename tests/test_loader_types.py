@@ -19,8 +19,8 @@ import pytest
 from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType
 from synthetic import copy_gguf
 
+from edgemoe_llamacpp import runtime
 from edgemoe_llamacpp.cli import main as cli
-from edgemoe_llamacpp.engine import runtime
 from edgemoe_llamacpp.gguf.layout import read_layout
 
 pytestmark = pytest.mark.skipif(not runtime.patched(), reason="needs llama-cpp-python built with patches/")
@@ -37,7 +37,7 @@ CHILD = r"""
 import json, sys
 import numpy as np
 import llama_cpp
-from edgemoe_llamacpp.engine import runtime
+from edgemoe_llamacpp import runtime
 from edgemoe_llamacpp.engine.llama import Llama, llama_params
 
 args = json.loads(sys.argv[1])
@@ -296,7 +296,7 @@ def test_types_for_a_tensor_that_is_not_a_stack_of_experts(mixed, tmp_path):
 
 REGISTRY = r"""
 import ctypes, json
-from edgemoe_llamacpp.engine import runtime
+from edgemoe_llamacpp import runtime
 buf = ctypes.create_string_buffer(1 << 16)
 base = ctypes.addressof(buf)
 ptr = [base + 1024 * e for e in range(4)]

@@ -17,9 +17,8 @@ import llama_cpp
 import numpy as np
 import pytest
 
-from edgemoe_llamacpp import pages
+from edgemoe_llamacpp import pages, runtime
 from edgemoe_llamacpp.convert.rewrite import convert
-from edgemoe_llamacpp.engine import runtime
 from edgemoe_llamacpp.engine.llama import _types, llama_params
 from edgemoe_llamacpp.gguf import quant
 from edgemoe_llamacpp.gguf.layout import read_layout

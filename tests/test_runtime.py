@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from edgemoe_llamacpp import runtime
 from edgemoe_llamacpp.convert.rewrite import convert
-from edgemoe_llamacpp.engine import runtime
 from edgemoe_llamacpp.gguf.layout import read_layout
 
 STOCK = os.environ.get("EDGEMOE_STOCK_RUNTIME")
@@ -76,7 +76,7 @@ def test_patched_build_computes_stock_files_exactly_as_stock(fixture_path, bufts
 LOAD = """
 import os, json, llama_cpp
 from edgemoe_llamacpp import pages
-from edgemoe_llamacpp.engine import runtime
+from edgemoe_llamacpp import runtime
 from edgemoe_llamacpp.engine.llama import llama_params
 fd = os.open({path!r}, os.O_RDONLY); pages.flush(fd); pages.fadvise_dontneed(fd, 0, 0); os.close(fd)
 def read(): return int(open("/proc/self/io").read().split("read_bytes: ")[1].split()[0])

@@ -5,9 +5,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgemoe_llamacpp import pages
+from edgemoe_llamacpp import pages, runtime
 from edgemoe_llamacpp.convert.rewrite import convert, uniform_plan
-from edgemoe_llamacpp.engine import runtime
 from edgemoe_llamacpp.engine.llama import Llama, stock_llama
 from edgemoe_llamacpp.engine.substitute import weight_above
 from edgemoe_llamacpp.errors import BadModelError, EdgeMoEError, MixedTypesError

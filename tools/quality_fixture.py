@@ -22,9 +22,8 @@ from pathlib import Path
 
 from gguf import GGUFReader
 
-from edgemoe_llamacpp import files
+from edgemoe_llamacpp import files, runtime
 from edgemoe_llamacpp.convert.rewrite import convert, uniform_plan
-from edgemoe_llamacpp.engine import runtime
 from edgemoe_llamacpp.engine.perplexity import paired_difference, perplexities
 from edgemoe_llamacpp.gguf import quant
 from edgemoe_llamacpp.gguf.layout import read_layout

@@ -27,14 +27,13 @@ import sys
 import time
 from pathlib import Path
 
-from edgemoe_llamacpp import files
+from edgemoe_llamacpp import files, runtime
 from edgemoe_llamacpp.convert.calibrate import calibrated, layer_scales
 from edgemoe_llamacpp.convert.imatrix import from_profile
 from edgemoe_llamacpp.convert.plan import imatrix_off, make_plan, measure_costs
 from edgemoe_llamacpp.convert.profile import Profile, profile
 from edgemoe_llamacpp.convert.rewrite import convert, uniform_plan
 from edgemoe_llamacpp.convert.verify import verify
-from edgemoe_llamacpp.engine import runtime
 from edgemoe_llamacpp.engine.perplexity import paired_difference, perplexities
 from edgemoe_llamacpp.errors import BudgetError
 from edgemoe_llamacpp.gguf import quant

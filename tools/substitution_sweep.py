@@ -18,12 +18,11 @@ import sys
 import time
 from pathlib import Path
 
-from edgemoe_llamacpp import files
+from edgemoe_llamacpp import files, runtime
 from edgemoe_llamacpp.cache.config import CacheConfig
 from edgemoe_llamacpp.convert.imatrix import from_profile
 from edgemoe_llamacpp.convert.profile import Profile
 from edgemoe_llamacpp.convert.rewrite import convert, uniform_plan
-from edgemoe_llamacpp.engine import runtime
 from edgemoe_llamacpp.engine.perplexity import perplexity
 from edgemoe_llamacpp.gguf.layout import read_layout
 

@@ -10,10 +10,10 @@ from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 
+from edgemoe_llamacpp.cache.dense_hold import check_mode
 from edgemoe_llamacpp.cache.predict import MAX_DEPTH, PREDICTORS
 from edgemoe_llamacpp.cache.residency import POLICIES, ExpertCache, parse_budget
 from edgemoe_llamacpp.checks import is_int, is_real
-from edgemoe_llamacpp.engine.dense_hold import check_mode
 from edgemoe_llamacpp.errors import ArgumentError, BudgetError, EdgeMoEError
 from edgemoe_llamacpp.gguf.layout import MoELayout
 

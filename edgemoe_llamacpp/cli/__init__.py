@@ -88,7 +88,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     layout = read_layout(args.model)
     layers = [layer_summary(layout, layer) for layer in layout.moe_layers]
     if args.json:
-        from edgemoe_llamacpp.engine.runtime import runtime_info
+        from edgemoe_llamacpp.runtime import runtime_info
 
         print(json.dumps({**layout.to_dict(), "layers": layers, "runtime": runtime_info()}))
         return 0
@@ -125,7 +125,7 @@ def _runtime_line() -> str:
     backend: no model is loaded)."""
     if not _llama_cpp_available():
         return "llama-cpp-python is not installed (edgemoe build-runtime)"
-    from edgemoe_llamacpp.engine.runtime import runtime_info
+    from edgemoe_llamacpp.runtime import runtime_info
 
     info = runtime_info()
     return (f"llama-cpp-python {info['llama_cpp_python']}, "
@@ -210,9 +210,9 @@ def add_cache_options(p: argparse.ArgumentParser, *, budgets: bool = False) -> N
     """The expert cache's options (cache_config.CacheConfig) as flags of `p`; with `budgets`, --memory-budget
     takes several (bench measures each)."""
     from edgemoe_llamacpp.cache.config import MAX_THREADS, CacheConfig
+    from edgemoe_llamacpp.cache.dense_hold import HOLD_MODES
     from edgemoe_llamacpp.cache.predict import MAX_DEPTH, PREDICTORS
     from edgemoe_llamacpp.cache.residency import POLICIES
-    from edgemoe_llamacpp.engine.dense_hold import HOLD_MODES
     from edgemoe_llamacpp.engine.substitute import DEFAULT_THRESHOLD
 
     default = CacheConfig()

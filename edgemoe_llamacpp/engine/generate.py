@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import psutil
 
-from edgemoe_llamacpp.engine import runtime
+from edgemoe_llamacpp import runtime
 from edgemoe_llamacpp.errors import EdgeMoEError, NonFiniteError
 
 if TYPE_CHECKING:

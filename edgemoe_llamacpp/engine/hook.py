@@ -25,7 +25,7 @@ import time
 import llama_cpp
 import numpy as np
 
-from edgemoe_llamacpp.engine import runtime
+from edgemoe_llamacpp import runtime
 
 TOPK = b"ffn_moe_topk"
 TOPK_PREFIX = len(TOPK) + 1          # "ffn_moe_topk-" then the layer number

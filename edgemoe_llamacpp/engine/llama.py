@@ -14,10 +14,11 @@ import llama_cpp.llama_cpp as lc
 
 from edgemoe_bench.inject import InjectedLlama, TraceInjector, routing_label
 from edgemoe_bench.routing_trace import RoutingTrace
-from edgemoe_llamacpp import limits, pages
+from edgemoe_llamacpp import limits, pages, runtime
 from edgemoe_llamacpp.cache.config import CacheConfig
+from edgemoe_llamacpp.cache.dense_hold import DenseHold
 from edgemoe_llamacpp.cache.predict import Lookahead, make_predictor
-from edgemoe_llamacpp.engine import loading, runtime
+from edgemoe_llamacpp.engine import loading
 from edgemoe_llamacpp.engine.arguments import (
     ArgumentChecks,
     bind,
@@ -26,7 +27,6 @@ from edgemoe_llamacpp.engine.arguments import (
     context_errors,
     is_int,
 )
-from edgemoe_llamacpp.engine.dense_hold import DenseHold
 from edgemoe_llamacpp.engine.guard import CallGuard, Stream, serialised
 from edgemoe_llamacpp.engine.hook import ExpertHook
 from edgemoe_llamacpp.engine.sampling import sample_within_grammar

@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 
 from edgemoe_llamacpp import pages
-from edgemoe_llamacpp.engine import dense_hold
+from edgemoe_llamacpp.cache import dense_hold
 from edgemoe_llamacpp.gguf.layout import MoELayout
 
 

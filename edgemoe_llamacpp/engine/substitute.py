@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from edgemoe_llamacpp.engine import runtime
+from edgemoe_llamacpp import runtime
 from edgemoe_llamacpp.gguf import quant
 from edgemoe_llamacpp.gguf.layout import MoELayout
 

@@ -41,7 +41,7 @@ def fits(name: str, n_per_row: int) -> bool:
 
 @functools.cache
 def _ggml():
-    from edgemoe_llamacpp.engine.runtime import ggml_base
+    from edgemoe_llamacpp.runtime import ggml_base
 
     lib = ggml_base()
     lib.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,

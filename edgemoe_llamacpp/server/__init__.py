@@ -21,9 +21,9 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 
 from edgemoe_llamacpp import files
 from edgemoe_llamacpp.cache.config import MAX_THREADS, CacheConfig
+from edgemoe_llamacpp.cache.dense_hold import HOLD_MODES
 from edgemoe_llamacpp.cache.predict import MAX_DEPTH, PREDICTORS
 from edgemoe_llamacpp.cache.residency import POLICIES
-from edgemoe_llamacpp.engine.dense_hold import HOLD_MODES
 from edgemoe_llamacpp.engine.llama import Llama
 from edgemoe_llamacpp.errors import EdgeMoEError
 
