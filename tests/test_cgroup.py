@@ -279,7 +279,7 @@ def test_a_limited_run_dies_with_the_process_that_started_it(tmp_path):
 
     marker = tmp_path / "child.pid"
     child = f"import os, time; open({str(marker)!r}, 'w').write(str(os.getpid())); time.sleep(120)"
-    parent = ("import sys; from edgemoe_llamacpp import cgroup; "
+    parent = ("import sys; from edgemoe_bench import cgroup; "
               f"cgroup.run_limited([sys.executable, '-c', {child!r}], 256 << 20)")
     proc = subprocess.Popen([sys.executable, "-c", parent])
     try:

@@ -228,13 +228,13 @@ def test_budget_holds_by_mincore_after_every_layer_with_prefetch(fixture_path, d
 def mapped_fraction(base: int, spans) -> float:
     """Share of the pages in `spans` (file offsets, mapped at base) that are in this process's page table
     (/proc/self/pagemap's present bit): mapped, not merely in the page cache."""
-    pages = [(base + a) // pages.PAGE + i for a, b in spans for i in range((b - a) // pages.PAGE)]
+    numbers = [(base + a) // pages.PAGE + i for a, b in spans for i in range((b - a) // pages.PAGE)]
     with open("/proc/self/pagemap", "rb") as f:
         present = 0
-        for page in pages:
+        for page in numbers:
             f.seek(page * 8)
             present += int.from_bytes(f.read(8), "little") >> 63
-    return present / len(pages)
+    return present / len(numbers)
 
 
 def test_overlapped_reads_leave_the_mapping_to_llama_cpps_faults(fixture_path):

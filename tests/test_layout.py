@@ -142,12 +142,12 @@ def evicted_copy(src, dst):
     return dst
 
 
-def read_pages(path, pages) -> None:
-    """Bring exactly these pages into the page cache (as another process using the file would)."""
+def read_pages(path, numbers) -> None:
+    """Bring exactly the pages numbered `numbers` into the page cache (as another process using the file would)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
-        for p in pages:
+        for p in numbers:
             os.pread(fd, 1, p * pages.PAGE)
     finally:
         os.close(fd)
@@ -177,9 +177,9 @@ def test_reading_the_layout_leaves_the_page_cache_as_it_was(model_and_header):
     path, n_header = model_and_header
     layout = read_layout(path)
     assert layout.path == str(path) and layout.file_size == path.stat().st_size
-    pages = resident(path)
-    assert [p for p in pages if p >= n_header] == [], f"{len(pages)} pages past the header's {n_header}"
-    assert [p for p in pages if p < n_header] == [], "header pages that were not in the page cache stayed"
+    cached = resident(path)
+    assert [p for p in cached if p >= n_header] == [], f"{len(cached)} pages past the header's {n_header}"
+    assert [p for p in cached if p < n_header] == [], "header pages that were not in the page cache stayed"
 
 
 def test_pages_in_the_cache_before_stay(model_and_header):

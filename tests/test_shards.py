@@ -269,7 +269,7 @@ def test_a_missing_or_foreign_shard_is_refused_in_one_line(fixture_path, shards,
 @pytest.mark.parametrize("where", ["writing", "renaming"])
 def test_an_interrupted_split_conversion_leaves_no_shard_and_no_temporary(shards, tmp_path, monkeypatch, where):
     from edgemoe_llamacpp import files
-    from edgemoe_llamacpp.convert.rewrite import rewrite as convert_module
+    from edgemoe_llamacpp.convert import rewrite as convert_module
 
     calls = []
     target, name = (convert_module, "_write_tensor") if where == "writing" else (files, "_rename")
