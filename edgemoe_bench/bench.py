@@ -131,6 +131,7 @@ import edgemoe_llamacpp.engine.llama as L
 from edgemoe_llamacpp.cache.config import CacheConfig
 from edgemoe_llamacpp.errors import EdgeMoEError
 from edgemoe_llamacpp.engine.generate import generate
+from edgemoe_bench.inject import trace_injector
 args = json.loads(sys.argv[1])
 seen = {}
 stock_llama = L.stock_llama
@@ -142,6 +143,9 @@ L.stock_llama = spy
 try:
     if "cache" in args:
         args["cache"] = CacheConfig(**args["cache"])
+    trace = args.pop("route_trace", None)
+    if trace is not None:
+        args["route_injector"] = trace_injector(trace, args["model"])
     out = generate(**args)
 except EdgeMoEError as e:
     sys.exit(f"edgemoe: error: {e}")
@@ -171,7 +175,7 @@ def signal_name(returncode: int) -> str | None:
         return f"signal {-returncode}"
 
 
-def _child(model: str, *, stock: bool, tokens: int, prompt: str, n_ctx: int, limit: int | None,
+def run_child(model: str, *, stock: bool, tokens: int, prompt: str, n_ctx: int, limit: int | None,
            n_threads: int | None = None, cache: CacheConfig | None = None, stock_repack: bool = True,
            controller: cgroup.Controller | None = None, route_trace: str | None = None, cold: bool = True) -> dict:
     """One run of `model` in a child process under `limit` bytes (None: no limit), with a cold page cache (or,
@@ -211,14 +215,14 @@ def _child(model: str, *, stock: bool, tokens: int, prompt: str, n_ctx: int, lim
     return out
 
 
-def _spread(values: list[float]) -> dict:
+def spread(values: list[float]) -> dict:
     values = [v for v in values if v is not None]
     if not values:
         return {"median": None, "min": None, "max": None, "n": 0}
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
 
 
-def _engine_summary(runs: list[dict]) -> dict:
+def engine_summary(runs: list[dict]) -> dict:
     ok = [r for r in runs if r["ok"]]
 
     def per_token(r, key):
@@ -230,27 +234,27 @@ def _engine_summary(runs: list[dict]) -> dict:
             died[r["signal"]] = died.get(r["signal"], 0) + 1
     out = {
         "runs": len(runs), "failed": len(runs) - len(ok), "died": died,
-        "decode_tok_s": _spread([r["decode_tok_s"] for r in ok]),
-        "prefill_tok_s": _spread([r["prefill_tok_s"] for r in ok]),
-        "decode_read_bytes_per_token": _spread([per_token(r, "decode_read_bytes") for r in ok]),
-        "decode_major_faults_per_token": _spread([per_token(r, "decode_major_faults") for r in ok]),
+        "decode_tok_s": spread([r["decode_tok_s"] for r in ok]),
+        "prefill_tok_s": spread([r["prefill_tok_s"] for r in ok]),
+        "decode_read_bytes_per_token": spread([per_token(r, "decode_read_bytes") for r in ok]),
+        "decode_major_faults_per_token": spread([per_token(r, "decode_major_faults") for r in ok]),
         # outside edgemoe's reader threads: pages computing found missing (stock: every fault)
-        "decode_compute_major_faults_per_token": _spread([per_token(r, "decode_compute_major_faults") for r in ok
+        "decode_compute_major_faults_per_token": spread([per_token(r, "decode_compute_major_faults") for r in ok
                                                           if "decode_compute_major_faults" in r]),
-        "peak_bytes": _spread([r["peak_bytes"] for r in ok]),
-        "load_s": _spread([r.get("load_s") for r in ok]),
-        "load_read_bytes": _spread([r.get("load_read_bytes") for r in ok]),
+        "peak_bytes": spread([r["peak_bytes"] for r in ok]),
+        "load_s": spread([r.get("load_s") for r in ok]),
+        "load_read_bytes": spread([r.get("load_read_bytes") for r in ok]),
     }
     stats = [r["stats"] for r in ok if "stats" in r]
     if stats:
-        out["hit_rate"] = _spread([s["total"]["hit_rate"] for s in stats])
-        out["stall_s"] = _spread([s["total"]["stall_s"] for s in stats])
-        out["hook_us_per_layer"] = _spread([s.get("hook_us_per_layer") for s in stats])
+        out["hit_rate"] = spread([s["total"]["hit_rate"] for s in stats])
+        out["stall_s"] = spread([s["total"]["stall_s"] for s in stats])
+        out["hook_us_per_layer"] = spread([s.get("hook_us_per_layer") for s in stats])
         parts = [r["decode_ms_per_token"] for r in ok if r.get("decode_ms_per_token")]
         if parts:       # where a decoded token's time goes: waiting for reads, the hook's Python, the rest
-            out["decode_ms_per_token"] = {k: _spread([p[k] for p in parts]) for k in parts[0]}
+            out["decode_ms_per_token"] = {k: spread([p[k] for p in parts]) for k in parts[0]}
         for key in ("prefetches", "prefetch_used", "prefetch_wasted", "substituted"):
-            out[f"{key}_per_token"] = _spread([s["total"][key] / r["decode_evals"] for s, r in
+            out[f"{key}_per_token"] = spread([s["total"][key] / r["decode_evals"] for s, r in
                                                zip(stats, [r for r in ok if "stats" in r]) if r["decode_evals"]])
     return out
 
@@ -264,7 +268,7 @@ def calibrate(model: str, *, prompt: str = PROMPT, n_ctx: int = 512, use_cgroup:
     dies (a crashing llama.cpp build) is recorded and left out; a failed edgemoe run is an error."""
     files = {True: stock_model or model, False: model}
     unlimited = psutil.virtual_memory().total if use_cgroup else None
-    calib = {stock: _child(files[stock], stock=stock, tokens=4, prompt=prompt, n_ctx=n_ctx, limit=unlimited,
+    calib = {stock: run_child(files[stock], stock=stock, tokens=4, prompt=prompt, n_ctx=n_ctx, limit=unlimited,
                            n_threads=n_threads, cache=CacheConfig(memory_budget="100%"), stock_repack=stock_repack,
                            controller=controller, route_trace=route_trace)
              for stock in (True, False) if ("stock" if stock else "edgemoe") in engines}
@@ -335,7 +339,7 @@ def compute_alone(model: str, **run) -> dict:
     paths = read_layout(model).files
     size, available = sum(os.path.getsize(p) for p in paths), psutil.virtual_memory().available
     cached = sum(cgroup.warm_file_cache(p) if size <= available else pages.file_cached_bytes(p) for p in paths)
-    ref = _child(model, stock=False, limit=None, cold=False, **run)
+    ref = run_child(model, stock=False, limit=None, cold=False, **run)
     evals, read = ref.get("decode_evals"), (ref.get("prefill_read_bytes") or 0) + (ref.get("decode_read_bytes") or 0)
     not_warm = []
     if size > available:
@@ -419,7 +423,7 @@ def run_bench(model: str, budgets: list[str], *, runs: int = 3, tokens: int = 64
         "allowance_bytes": allowance, "calibration": calibration, "cgroup": use_cgroup,
         "memory_limit": controller.to_dict(), "disk_bandwidth_bps": bandwidth,
         "tokens": tokens, "n_ctx": n_ctx, "prompt": prompt, "prompt_tokens": only["prompt_tokens"] or prompt_tokens,
-        "machine": _machine(), **cache.to_dict(budget=False),
+        "machine": machine_facts(), **cache.to_dict(budget=False),
         "stock_model": str(stock_model), "stock_repack": stock_repack,
         "stock_runtime": os.environ.get(STOCK_RUNTIME_ENV) or None, "lowbit_type": layout.lowbit_type,
         "routing": "router" if route_trace is None else f"injected: {_trace_source(route_trace)}",
@@ -463,7 +467,7 @@ class _Budgets:
             for name, repack in (self.engines if r % 2 == 0 else self.engines[::-1]):
                 self.bar.set_postfix(budget=spec, engine=name)
                 stock = name != "edgemoe"
-                pair[name] = _child(self.stock_model if stock else self.model, stock=stock, limit=limit,
+                pair[name] = run_child(self.stock_model if stock else self.model, stock=stock, limit=limit,
                                     cache=cache, stock_repack=repack, controller=self.controller, **self.run)
                 self.bar.update()
             pairs.append(pair)
@@ -478,13 +482,13 @@ class _Budgets:
         limit = layout.dense_bytes + budget + r["kv_cache_bytes"] + r["allowance_bytes"] if r["cgroup"] else None
         pairs = self.pairs(spec, runs, limit, cache)
         entry = {"budget": spec, "budget_bytes": budget, "limit_bytes": limit,
-                 "stock": _engine_summary([p["stock"] for p in pairs]),
+                 "stock": engine_summary([p["stock"] for p in pairs]),
                  **compare([p["edgemoe"] for p in pairs], [p["stock"] for p in pairs], budget,
                            layout.expert_bytes / len(layout.experts))}
         self.compare_texts(entry, pairs)
         if self.both:        # the second baseline: stock without the CPU repack, the setting a careful user tries first
-            entry["stock_repack_off"] = _engine_summary([p["stock_repack_off"] for p in pairs])
-            entry["decode_ratio_vs_repack_off"] = _spread(
+            entry["stock_repack_off"] = engine_summary([p["stock_repack_off"] for p in pairs])
+            entry["decode_ratio_vs_repack_off"] = spread(
                 [p["edgemoe"]["decode_tok_s"] / p["stock_repack_off"]["decode_tok_s"] for p in pairs
                  if p["edgemoe"]["ok"] and p["stock_repack_off"]["ok"] and p["stock_repack_off"]["decode_tok_s"]])
         bounds(entry, pairs, r["compute_only"])
@@ -506,16 +510,16 @@ def bounds(entry: dict, pairs: list[dict], only: dict) -> None:
     (decoding less compute alone and the hook's Python), over the disk's speed measured beside that run; its decode
     time over max(compute alone, its reads at disk speed); its prefill time over max(prefill alone, the prompt's
     experts at disk speed)."""
-    probes = _spread([p["disk_bandwidth_bps"] for p in pairs])
+    probes = spread([p["disk_bandwidth_bps"] for p in pairs])
     entry["disk_bandwidth_bps"] = probes
     if "floor_bytes_per_token" in entry:
         entry["floor_io_s_per_token"] = entry["floor_bytes_per_token"] / probes["median"]
     ms = only.get("ms_per_token")
-    entry["read_wait_ms_per_token"] = _spread([read_wait_ms(p["edgemoe"], ms) for p in pairs])
-    entry["fetch_efficiency"] = _spread([_fetch_efficiency(p["edgemoe"], ms, p["disk_bandwidth_bps"])
+    entry["read_wait_ms_per_token"] = spread([read_wait_ms(p["edgemoe"], ms) for p in pairs])
+    entry["fetch_efficiency"] = spread([_fetch_efficiency(p["edgemoe"], ms, p["disk_bandwidth_bps"])
                                          for p in pairs])["median"]
-    entry["decode_vs_bound"] = _spread([_vs_bound(p["edgemoe"], ms, p["disk_bandwidth_bps"]) for p in pairs])["median"]
-    entry["prefill_vs_bound"] = _spread([prefill_vs_bound(p["edgemoe"], only.get("prefill_s"), p["disk_bandwidth_bps"])
+    entry["decode_vs_bound"] = spread([_vs_bound(p["edgemoe"], ms, p["disk_bandwidth_bps"]) for p in pairs])["median"]
+    entry["prefill_vs_bound"] = spread([prefill_vs_bound(p["edgemoe"], only.get("prefill_s"), p["disk_bandwidth_bps"])
                                          for p in pairs])["median"]
 
 
@@ -613,7 +617,7 @@ def _trace_source(path: str) -> str:
 def paired_ratio(runs: list[dict], stock_runs: list[dict], phase: str) -> dict:
     """edgemoe's `phase` ("decode" or "prefill") speed over stock's, pair by pair: the spread of the ratios; the
     pairs whose stock run died have none, and `absent` says so."""
-    out = _spread([e[f"{phase}_tok_s"] / s[f"{phase}_tok_s"] for e, s in zip(runs, stock_runs, strict=True)
+    out = spread([e[f"{phase}_tok_s"] / s[f"{phase}_tok_s"] for e, s in zip(runs, stock_runs, strict=True)
                    if e["ok"] and s["ok"] and s[f"{phase}_tok_s"]])
     died = [s["signal"] for s in stock_runs if s.get("signal")]
     if died:
@@ -625,7 +629,7 @@ def compare(runs: list[dict], stock_runs: list[dict], budget: int, expert_size: 
     """One edgemoe configuration's runs against the stock runs they alternated with: its summary, the median
     of per-run decode and prefill ratios, and the Belady floor of each run's recorded routing, and the bytes of
     the experts its prompt chose (`prompt_expert_bytes`, on each run; the traces are consumed)."""
-    out = {"edgemoe": _engine_summary(runs), "decode_ratio": paired_ratio(runs, stock_runs, "decode"),
+    out = {"edgemoe": engine_summary(runs), "decode_ratio": paired_ratio(runs, stock_runs, "decode"),
            "prefill_ratio": paired_ratio(runs, stock_runs, "prefill")}
     for r in runs:
         if r["ok"] and r.get("trace"):
@@ -654,7 +658,7 @@ def prompt_experts(trace: list[tuple[int, list[list[int]]]], n_prompt: int) -> i
     return len(chosen)
 
 
-def _machine() -> dict:
+def machine_facts() -> dict:
     return {"cpus": os.cpu_count(), "memory_bytes": psutil.virtual_memory().total,
             "kernel": platform.release(), "python": platform.python_version(),
             "cpu": _cpu_name()}

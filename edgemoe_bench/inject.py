@@ -3,20 +3,22 @@ place, after the router computed it and before the layer's experts run, with the
 being evaluated. llama.cpp then gathers those experts' router weights and computes exactly the trace's routing.
 
 Rows are taken by token position (the trace wraps around), so a prompt and the tokens after it replay the same
-routing whichever engine runs them: `edgemoe_llamacpp.Llama(route_trace=...)`, or `InjectedLlama`, a plain
+routing whichever engine runs them: `edgemoe_llamacpp.Llama(route_injector=...)`, or `stock_llama(route_injector=...)`, a plain
 `llama_cpp.Llama` with the same hook (`ExpertHook(inject=...)`) and no cache (the stock side of a comparison).
+`trace_injector` builds the injector both take; the product knows injectors only by that interface
+(edgemoe_llamacpp.engine.injection).
 Output made this way is not the model's own; every result that comes from it says `routing: injected`.
 """
 from __future__ import annotations
 
 import ctypes
 
-import llama_cpp
 import numpy as np
 
 from edgemoe_bench.routing_trace import RoutingTrace
 from edgemoe_llamacpp import runtime
-from edgemoe_llamacpp.engine.hook import ExpertHook, write_ids
+from edgemoe_llamacpp.engine.hook import write_ids
+from edgemoe_llamacpp.gguf.layout import read_layout
 
 
 class TraceInjector:
@@ -57,21 +59,7 @@ class TraceInjector:
         self.injected += 1
 
 
-def routing_label(injector: TraceInjector | None) -> str:
-    """What results say about their routing: "router", or "injected: <the trace's source>"."""
-    return "router" if injector is None else f"injected: {injector.source}"
-
-
-class InjectedLlama(llama_cpp.Llama):
-    """A plain llama_cpp.Llama computing a trace's routing, no cache: the stock side of an injected comparison.
-    Build it with `hook.cb_eval_args()` in the context params (llama.stock_llama(route_trace=...) does)."""
-
-    def __init__(self, *args, hook: ExpertHook, **kwargs):
-        self._edgemoe_hook = hook
-        self._edgemoe_injector = hook.inject
-        super().__init__(*args, **kwargs)
-
-    def eval(self, tokens) -> None:
-        self._edgemoe_injector.position = self.n_tokens
-        with self._edgemoe_hook.evaluation():
-            super().eval(tokens)
+def trace_injector(trace, model: str) -> TraceInjector:
+    """The injector computing `trace` (a path or a RoutingTrace) on `model`, checked against its MoE layers."""
+    trace = trace if isinstance(trace, RoutingTrace) else RoutingTrace.load(trace)
+    return TraceInjector(trace.for_layout(read_layout(model)))

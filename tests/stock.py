@@ -36,8 +36,10 @@ if not a.get("repack", True):                   # llama.cpp's CPU repack off: th
 
     lc.llama_model_default_params = _no_repack
 if a.get("trace"):                              # the trace's routing (edgemoe's injecting hook, no cache)
+    from edgemoe_bench.inject import trace_injector
     from edgemoe_llamacpp.engine.llama import stock_llama
-    llm = stock_llama(a["path"], use_extra_bufts=a.get("repack", True), route_trace=a["trace"], n_ctx=a["n_ctx"],
+    llm = stock_llama(a["path"], use_extra_bufts=a.get("repack", True),
+                      route_injector=trace_injector(a["trace"], a["path"]), n_ctx=a["n_ctx"],
                       seed=a.get("seed", 0), verbose=False)
 else:
     llm = llama_cpp.Llama(model_path=a["path"], n_ctx=a["n_ctx"], seed=a.get("seed", 0), verbose=False)

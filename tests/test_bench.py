@@ -115,7 +115,7 @@ def test_bench_without_a_memory_controller_says_why_and_runs_stock_with_repack_o
 @pytest.mark.stock
 def test_bench_stock_child_uses_llama_cpps_default_repack(fixture_path):
     """The stock run bench makes by default gives llama.cpp its default (the CPU repack on)."""
-    run = bench._child(str(fixture_path), stock=True, tokens=2, prompt="import os\n", n_ctx=128, limit=None)
+    run = bench.run_child(str(fixture_path), stock=True, tokens=2, prompt="import os\n", n_ctx=128, limit=None)
     if run.get("signal"):
         pytest.fail(run["error"][0], pytrace=False)
     assert run["ok"] and run["use_extra_bufts"] is True and run["stock_repack"] is True, run

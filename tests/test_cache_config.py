@@ -97,6 +97,7 @@ def test_bench_flags_give_the_config_and_the_budgets():
     assert cache_config(args, memory_budget=None) == CacheConfig(policy="hobbit", substitute=0.6)
 
 
+@pytest.mark.runtime
 def test_server_settings_are_the_config(fixture_path, tmp_path):
     pytest.importorskip("pydantic_settings")
     from edgemoe_llamacpp.server import EdgeMoEModelSettings, load_config_file
@@ -113,6 +114,7 @@ def test_server_settings_are_the_config(fixture_path, tmp_path):
         load_config_file(str(path))
 
 
+@pytest.mark.runtime
 def test_an_empty_budget_is_an_error_everywhere(fixture_path):
     """memory_budget="" (an unset variable, a lost argument) used to mean no limit; "none" still does."""
     import subprocess

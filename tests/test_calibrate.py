@@ -5,7 +5,8 @@ import pytest
 from edgemoe_llamacpp import corpus
 from edgemoe_llamacpp.convert.calibrate import calibrated, layer_scales
 from edgemoe_llamacpp.convert.plan import measure_costs
-from edgemoe_llamacpp.convert.profile import Profile, profile
+from edgemoe_llamacpp.convert.profile import Profile
+from edgemoe_llamacpp.convert.record import profile
 from edgemoe_llamacpp.convert.rewrite import convert, uniform_plan
 from edgemoe_llamacpp.engine.perplexity import perplexities
 from edgemoe_llamacpp.errors import EdgeMoEError

@@ -378,7 +378,7 @@ def test_negative_values_are_attached_to_value_options_only():
 def test_the_profile_api_refuses_a_special_output(model, tmp_path):
     """profile() (what `edgemoe profile` and tools/quality_sweep.py call) checks its output too: it replaces a
     profile, as it always did, but never a FIFO, before any work."""
-    from edgemoe_llamacpp.convert.profile import profile
+    from edgemoe_llamacpp.convert.record import profile
     from edgemoe_llamacpp.errors import EdgeMoEError
 
     out = make_special(tmp_path / "p.npz", "fifo")

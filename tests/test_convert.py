@@ -16,7 +16,8 @@ from edgemoe_llamacpp import runtime
 from edgemoe_llamacpp.cli import main as cli
 from edgemoe_llamacpp.convert.imatrix import from_profile
 from edgemoe_llamacpp.convert.plan import choose, make_plan, measure_costs
-from edgemoe_llamacpp.convert.profile import Profile, profile
+from edgemoe_llamacpp.convert.profile import Profile
+from edgemoe_llamacpp.convert.record import profile
 from edgemoe_llamacpp.convert.rewrite import convert, uniform_plan
 from edgemoe_llamacpp.convert.verify import verify
 from edgemoe_llamacpp.engine.generate import greedy

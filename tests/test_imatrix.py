@@ -65,6 +65,7 @@ def test_an_older_profile_is_refused_by_name(fixture_path, tmp_path):
         Profile(tmp_path / "v1.npz")
 
 
+@pytest.mark.runtime
 @pytest.mark.parametrize("type_name", [t for t in quant.PLAN_TYPES if t != "Q8_0"])
 def test_ggml_weights_the_rounding_error_by_the_imatrix(type_name):
     """With an importance matrix that favours a few columns, those columns come out closer; and the error
@@ -80,6 +81,7 @@ def test_ggml_weights_the_rounding_error_by_the_imatrix(type_name):
     assert err < 0.5 * ((without - w) ** 2 * imatrix).sum()
 
 
+@pytest.mark.runtime
 def test_imatrix_checks():
     w = np.ones((2, 256), np.float32)
     with pytest.raises(EdgeMoEError, match="IQ2_XXS needs an importance matrix"):

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import stock
 
+from edgemoe_bench.inject import trace_injector
 from edgemoe_bench.routing_trace import RoutingTrace
 from edgemoe_llamacpp import Llama
 from edgemoe_llamacpp.engine.generate import last_logits
@@ -44,7 +45,7 @@ def trace(fixture_path, tmp_path_factory):
 
 def test_llama_cpp_computes_the_trace_experts(fixture_path, trace):
     t, path = trace
-    llm = Llama(str(fixture_path), route_trace=path, record_routing=True, n_ctx=256, verbose=False)
+    llm = Llama(str(fixture_path), route_injector=trace_injector(path, fixture_path), record_routing=True, n_ctx=256, verbose=False)
     greedy(llm, PROMPT, N)
     n_prompt = len(llm.tokenize(PROMPT.encode()))
     stats = llm.edgemoe_stats()
@@ -70,7 +71,7 @@ def test_injected_routing_changes_the_output(fixture_path, trace):
     own = Llama(str(fixture_path), n_ctx=256, verbose=False)
     _, la = greedy(own, PROMPT, 4)
     own.close()
-    injected = Llama(str(fixture_path), route_trace=path, n_ctx=256, verbose=False)
+    injected = Llama(str(fixture_path), route_injector=trace_injector(path, fixture_path), n_ctx=256, verbose=False)
     _, lb = greedy(injected, PROMPT, 4)
     injected.close()
     assert not np.allclose(la, lb)       # the injection reaches the computation
@@ -81,7 +82,7 @@ def test_injected_routing_changes_the_output(fixture_path, trace):
 def test_stock_and_edgemoe_agree_under_the_trace(fixture_path, trace, tmp_path):
     _, path = trace
     want_tokens, want_logits, injected = stock.greedy_injected(fixture_path, path, PROMPT, N, tmp_path / "stock.npy")
-    llm = Llama(str(fixture_path), route_trace=path, memory_budget="50%", n_ctx=256, verbose=False)
+    llm = Llama(str(fixture_path), route_injector=trace_injector(path, fixture_path), memory_budget="50%", n_ctx=256, verbose=False)
     tokens, logits = greedy(llm, PROMPT, N)
     llm.close()
     assert injected > 0
@@ -96,9 +97,10 @@ def test_generate_measures_both_engines_under_a_trace(fixture_path, trace):
     from edgemoe_llamacpp.engine.generate import generate
 
     _, path = trace
-    runs = {True: generate(str(fixture_path), PROMPT, max_tokens=6, stock=True, route_trace=str(path),
+    runs = {True: generate(str(fixture_path), PROMPT, max_tokens=6, stock=True,
+                           route_injector=trace_injector(path, fixture_path),
                            use_extra_bufts=False),
-            False: generate(str(fixture_path), PROMPT, max_tokens=6, route_trace=str(path))}
+            False: generate(str(fixture_path), PROMPT, max_tokens=6, route_injector=trace_injector(path, fixture_path))}
     assert runs[True]["text"] == runs[False]["text"]
     assert all(r["routing"].startswith("injected") for r in runs.values())
     parts = runs[False]["decode_ms_per_token"]

@@ -88,7 +88,7 @@ def test_sigint_stops_profile_and_writes_nothing(fixture_path, tmp_path, after_s
 
 @pytest.fixture(scope="module")
 def profile_path(fixture_path, tmp_path_factory) -> Path:
-    from edgemoe_llamacpp.convert.profile import profile
+    from edgemoe_llamacpp.convert.record import profile
 
     path = tmp_path_factory.mktemp("prof") / "p.npz"
     profile(str(fixture_path), path, tokens=2048, n_ctx=256, samples=256, progress=False)

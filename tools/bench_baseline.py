@@ -71,13 +71,13 @@ def figures(run: dict) -> dict | None:
 
 
 def median(rows: list[dict | None], key: str) -> float | None:
-    return bench._spread([r[key] for r in rows if r is not None])["median"]
+    return bench.spread([r[key] for r in rows if r is not None])["median"]
 
 
 def ratio(top: list[dict | None], bottom: list[dict | None]) -> dict:
     """`top`'s decode over `bottom`'s, run by run (runs where both worked), and their median."""
     runs = [a["decode_tok_s"] / b["decode_tok_s"] for a, b in zip(top, bottom, strict=True) if a and b]
-    return {"median": bench._spread(runs)["median"], "runs": runs}
+    return {"median": bench.spread(runs)["median"], "runs": runs}
 
 
 def main() -> int:
@@ -102,7 +102,7 @@ def main() -> int:
     allowance = bench.measure_allowance(args.model, n_ctx=args.n_ctx)
     result = {"kind": "bench_baseline", "command": "python " + " ".join(sys.argv), "model": args.model,
               "baseline": tree.name.removeprefix("baseline-"), "head": head[:12], "tokens": args.tokens,
-              "runs": args.runs, "allowance_bytes": allowance, "machine": bench._machine(),
+              "runs": args.runs, "allowance_bytes": allowance, "machine": bench.machine_facts(),
               "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "budgets": []}
     engines = ("stock", "baseline", "head")
     bar = tqdm(total=len(args.budgets) * args.runs * len(engines), desc="bench baseline", unit="run")
@@ -118,7 +118,7 @@ def main() -> int:
                 if eng == "baseline":
                     run = baseline_run(tree, args.model, spec, args.tokens, args.n_ctx, limit)
                 else:
-                    run = bench._child(args.model, stock=eng == "stock", tokens=args.tokens, prompt=bench.PROMPT,
+                    run = bench.run_child(args.model, stock=eng == "stock", tokens=args.tokens, prompt=bench.PROMPT,
                                        n_ctx=args.n_ctx, limit=limit,
                                        cache=None if eng == "stock" else CacheConfig(memory_budget=spec))
                 rows[eng].append(figures(run))

@@ -63,7 +63,7 @@ def main() -> int:
     result = {"kind": "bench_configs", "command": "python " + " ".join(sys.argv), "model": args.model,
               "expert_bytes": layout.expert_bytes, "dense_bytes": layout.dense_bytes, "kv_cache_bytes": kv,
               "allowance_bytes": allowance, "disk_bandwidth_bps": bandwidth, "tokens": args.tokens,
-              "runs": args.runs, "machine": bench._machine(), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+              "runs": args.runs, "machine": bench.machine_facts(), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
               "budgets": []}
     engines = [None, *configs]                       # None: stock
     bar = tqdm(total=len(args.budgets) * args.runs * len(engines), desc="bench configs", unit="run")
@@ -76,12 +76,12 @@ def main() -> int:
             for eng in engines[shift:] + engines[:shift]:
                 label = "stock" if eng is None else eng[0]
                 bar.set_postfix(budget=spec, engine=label)
-                runs[label].append(bench._child(args.model, stock=eng is None, tokens=args.tokens, prompt=bench.PROMPT,
+                runs[label].append(bench.run_child(args.model, stock=eng is None, tokens=args.tokens, prompt=bench.PROMPT,
                                                 n_ctx=args.n_ctx, limit=limit,
                                                 cache=None if eng is None else replace(eng[1], memory_budget=spec)))
                 bar.update()
         entry = {"budget": spec, "budget_bytes": budget, "limit_bytes": limit,
-                 "stock": bench._engine_summary(runs["stock"]), "configs": []}
+                 "stock": bench.engine_summary(runs["stock"]), "configs": []}
         for label, config in configs:
             entry["configs"].append({"label": label, **config.to_dict(budget=False),
                                      **bench.compare(runs[label], runs["stock"], budget, expert_size)})

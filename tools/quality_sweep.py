@@ -31,7 +31,8 @@ from edgemoe_llamacpp import files, runtime
 from edgemoe_llamacpp.convert.calibrate import calibrated, layer_scales
 from edgemoe_llamacpp.convert.imatrix import from_profile
 from edgemoe_llamacpp.convert.plan import imatrix_off, make_plan, measure_costs
-from edgemoe_llamacpp.convert.profile import Profile, profile
+from edgemoe_llamacpp.convert.profile import Profile
+from edgemoe_llamacpp.convert.record import profile
 from edgemoe_llamacpp.convert.rewrite import convert, uniform_plan
 from edgemoe_llamacpp.convert.verify import verify
 from edgemoe_llamacpp.engine.perplexity import paired_difference, perplexities

@@ -12,14 +12,12 @@ import numpy as np
 
 from edgemoe_llamacpp.cache.dense_hold import check_mode
 from edgemoe_llamacpp.cache.predict import MAX_DEPTH, PREDICTORS
-from edgemoe_llamacpp.cache.residency import POLICIES, ExpertCache, parse_budget
+from edgemoe_llamacpp.cache.residency import DEFAULT_POLICY, POLICIES, ExpertCache, read_budget
 from edgemoe_llamacpp.checks import is_int, is_real
 from edgemoe_llamacpp.errors import ArgumentError, BudgetError, EdgeMoEError
 from edgemoe_llamacpp.gguf.layout import MoELayout
 
 MAX_THREADS = 1024
-# a budget's spelling is checked before the model is known; its share of the expert bytes is resolved later
-_ANY_EXPERT_BYTES = 1 << 60
 
 
 @dataclass(frozen=True)
@@ -28,7 +26,7 @@ class CacheConfig:
 
     memory_budget: str | int | None = field(default=None, metadata={
         "help": "Expert memory: bytes, 800MB, 1.5GiB or 50% of the expert bytes; unset for no limit."})
-    policy: str = field(default="nextuse", metadata={
+    policy: str = field(default=DEFAULT_POLICY, metadata={
         "help": f"Which expert to evict: {', '.join(POLICIES)} (nextuse: the one whose next use, estimated from "
                 "how often it is chosen and when its layer runs again, lies farthest)."})
     predictor: str | None = field(default=None, metadata={
@@ -60,7 +58,8 @@ class CacheConfig:
         budget = self.memory_budget
         if isinstance(budget, (float, np.floating)) and not math.isfinite(budget):
             raise BudgetError(f"memory budget {budget} is not a finite size")
-        parse_budget(budget, _ANY_EXPERT_BYTES)
+        # checked once, before the model is known; a share of the expert bytes is resolved by budget_for
+        object.__setattr__(self, "_budget", read_budget(budget))
 
     @classmethod
     def names(cls) -> tuple[str, ...]:
@@ -81,7 +80,7 @@ class CacheConfig:
     def budget_for(self, layout: MoELayout) -> int | None:
         """The budget in bytes for the model of `layout` (None: no limit), once these options are known to suit
         it: substitution needs a file with low-bit copies."""
-        budget = parse_budget(self.memory_budget, layout.expert_bytes)
+        budget = None if self._budget is None else self._budget.bytes_for(layout.expert_bytes)
         if self.substitute is not None and not layout.lowbit_type:
             raise EdgeMoEError(f"{layout.path} has no low-bit copies of its experts to substitute; write them "
                                f"with: edgemoe convert IN OUT --uniform TYPE --lowbit Q2_K")

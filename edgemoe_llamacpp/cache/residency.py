@@ -10,11 +10,13 @@ The cache chooses victims once per batch (one `ensure`, one `prefetch`) from the
 from __future__ import annotations
 
 import contextlib
+import enum
 import logging
 import math
 import re
 import time
 from concurrent.futures import Future
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -26,7 +28,8 @@ from edgemoe_llamacpp.errors import ArgumentError, BudgetError
 from edgemoe_llamacpp.gguf.layout import ExpertUID, MoELayout
 
 # what callers import from here: the cache, its options and the page arithmetic tests check it with
-__all__ = ["POLICIES", "USE_DECAY", "ExpertCache", "ExpertUID", "make_policy", "parse_budget", "tensor_span"]
+__all__ = ["DEFAULT_POLICY", "POLICIES", "USE_DECAY", "Budget", "BudgetMode", "ExpertCache", "ExpertUID",
+           "make_policy", "parse_budget", "read_budget", "tensor_span"]
 log = logging.getLogger(__name__)
 # a prompt batch reads a later layer's experts whole once it will use at least this share of them (expected)
 BATCH_COVERAGE = 0.9
@@ -35,14 +38,26 @@ _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb":
           "g": 1000**3, "gb": 1000**3, "gib": 1024**3, "t": 1000**4, "tb": 1000**4, "tib": 1024**4}
 
 
-def parse_budget(value: str | float | None, expert_bytes: int) -> int | None:
-    """Bytes from 123, "800MB", "1.5GiB" or "50%" (of expert bytes); None or "none" for no limit. An empty
+@dataclass(frozen=True)
+class Budget:
+    """A memory budget as given: a size in bytes, or a share of the model's expert bytes (`share`, in (0, 1])."""
+
+    size: float | None = None
+    share: float | None = None
+
+    def bytes_for(self, expert_bytes: int) -> int:
+        return int(self.size if self.share is None else self.share * expert_bytes)
+
+
+def read_budget(value: str | float | None) -> Budget | None:
+    """The budget of 123, "800MB", "1.5GiB" or "50%" (of the expert bytes); None or "none" for no limit. An empty
     string is refused: an unset variable or a lost argument must not silently lift the limit."""
     if value is None or (isinstance(value, str) and value.strip().lower() == "none"):
         return None
     if isinstance(value, str) and not value.strip():
         raise BudgetError(f"memory budget {value!r} is empty: give a size (800MB, 1.5GiB), a share of the expert "
                           f"bytes (50%), or none for no limit")
+    share = None
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         n = float(value)
     else:
@@ -53,7 +68,7 @@ def parse_budget(value: str | float | None, expert_bytes: int) -> int | None:
         if unit == "%":
             if number > 100:
                 raise BudgetError(f"memory budget {value!r} is over 100% of the expert bytes")
-            n = number / 100 * expert_bytes
+            n = share = number / 100
         elif unit in _UNITS:
             n = number * _UNITS[unit]
         else:
@@ -62,7 +77,13 @@ def parse_budget(value: str | float | None, expert_bytes: int) -> int | None:
         raise BudgetError(f"memory budget {str(value)[:40]!r} is not a finite size")
     if n <= 0:
         raise BudgetError(f"memory budget {str(value)[:40]!r} must be positive")
-    return int(n)
+    return Budget(share=share) if share is not None else Budget(size=n)
+
+
+def parse_budget(value: str | float | None, expert_bytes: int) -> int | None:
+    """Bytes of the budget `value` (read_budget) for a model of `expert_bytes` expert bytes; None for no limit."""
+    budget = read_budget(value)
+    return None if budget is None else budget.bytes_for(expert_bytes)
 
 
 def make_policy(name: str, layer_pos: dict[int, int], *, use_decay: float | None = None) -> Policy:
@@ -74,12 +95,28 @@ def make_policy(name: str, layer_pos: dict[int, int], *, use_decay: float | None
     return {"lru": LRU, "lfu": LFU, "hobbit": Hobbit}[name](layer_pos)
 
 
+DEFAULT_POLICY = "nextuse"
+
+
+class BudgetMode(enum.Enum):
+    """What a budget asks of the cache, decided once (ExpertCache.mode) from the budget and what every expert
+    costs in whole pages."""
+
+    UNLIMITED = "none"          # no budget: experts are tracked, llama.cpp's mapping serves them, none is evicted
+    HOLDS_ALL = "all"           # a budget that holds every expert: what the load read stays, nothing is evicted
+    STREAMING = "streaming"     # experts are fetched on demand and ahead, and evicted to hold the budget
+
+    @property
+    def streams(self) -> bool:
+        return self is BudgetMode.STREAMING
+
+
 class ExpertCache:
     """Resident experts under a byte budget, evicted by a policy, fetched/dropped in llama.cpp's file mapping."""
 
     storage_class = ExpertStorage
 
-    def __init__(self, layout: MoELayout, budget: int | None, *, policy: str = "distance", threads: int = 4,
+    def __init__(self, layout: MoELayout, budget: int | None, *, policy: str = DEFAULT_POLICY, threads: int = 4,
                  prefetch_threads: int = 2, substitute: float | None = None):
         if policy not in POLICIES:
             raise ArgumentError(f"unknown cache policy {policy!r}; choose from {', '.join(POLICIES)}")
@@ -111,12 +148,14 @@ class ExpertCache:
                 log.warning("memory budget %s bytes is more than every expert of %s takes: capped at %s bytes "
                             "(every expert, as 100%%)", f"{budget:,}", layout.path, f"{full:,}")
             self.budget = budget = full
+        self.mode = BudgetMode.UNLIMITED if budget is None else \
+            BudgetMode.HOLDS_ALL if budget >= full else BudgetMode.STREAMING
         self.capacity = budget          # what eviction holds experts to (the budget less pinned pages)
         # Room kept free for the next layer's misses: after each layer, eviction brings the experts down to the
         # capacity less this, and their pages are dropped on the drop thread while llama.cpp computes; the next
         # layer's misses then read at once instead of dropping first. One layer's chosen experts at most.
         self.headroom = self.min_budget
-        if budget is None or budget >= full:
+        if not self.mode.streams:
             self.substitute = None      # nothing is ever missed for long: every expert runs at full precision
             self.headroom = 0           # nor evicted: every expert fits
         if budget is not None and budget < self.min_budget:
@@ -143,10 +182,10 @@ class ExpertCache:
         budget starts empty (a partial keep would leave large page-cache folios straddling kept and dropped
         experts, resident but unaccounted)."""
         self.storage.attach(bases, mapped)
-        if self.budget is not None and self.budget < self.storage.full_cost:
+        if self.mode.streams:
             self.drop_all()
             return
-        if self.budget is not None:
+        if self.mode is BudgetMode.HOLDS_ALL:
             self.storage.drop_low_copies()
         for uid, cost in self.storage.cost.items():
             if not uid.low and self.storage.in_memory(uid):
@@ -201,7 +240,7 @@ class ExpertCache:
         st.misses += len(missing)
         cost = self.storage.cost
         need = sum(cost[u] for u in missing)
-        if self.budget is not None:    # with no limit, llama.cpp's mapping serves first touches: just count
+        if self.mode is not BudgetMode.UNLIMITED:   # without, llama.cpp's mapping serves first touches: count
             t0 = time.perf_counter()
             self._evict_to(self.capacity - need, keep=self._needed)
             st.evict_s += time.perf_counter() - t0
@@ -218,7 +257,7 @@ class ExpertCache:
         """Layer `layer` ran `ids` ((tokens, k)), every one of them ready (the runtime's filter let it pass):
         counted, and ordered by the policy as ensure_ids would. With no budget nothing is ever evicted, so the
         policy's order is never consulted: only the count is kept."""
-        if self.budget is not None:
+        if self.mode is not BudgetMode.UNLIMITED:
             self.ensure_ids(layer, ids)
             return
         self.ledger.stats.layers[layer].hits += ids.shape[1] if len(ids) == 1 else len(np.unique(ids))
@@ -246,7 +285,7 @@ class ExpertCache:
         """Allow up to `max_inflight` bytes of prefetch reads at once (never more than the budget leaves
         beside the largest set of experts one layer may need). Nothing to prefetch without a budget, or with
         one that holds every expert."""
-        if self.budget is not None and self.budget < self.storage.full_cost:
+        if self.mode.streams:
             self.max_inflight = max_inflight
 
     def prefetch(self, layer: int, experts) -> None:
@@ -268,7 +307,7 @@ class ExpertCache:
         in flight."""
         k, n = self.layout.n_expert_used, self.layout.n_expert
         pos = self.layer_pos[after] + 1
-        if self.budget is None or self.budget >= self.storage.full_cost or pos == len(self.layer_pos) or \
+        if not self.mode.streams or pos == len(self.layer_pos) or \
                 (1 - k / n) ** tokens > 1 - BATCH_COVERAGE:
             return
         layer = self.layout.moe_layers[pos]

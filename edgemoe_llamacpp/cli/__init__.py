@@ -14,14 +14,14 @@ from edgemoe_llamacpp.cache.residency import parse_budget
 from edgemoe_llamacpp.errors import EXIT_INTERRUPTED, BudgetError, EdgeMoEError
 
 
-def _mib(n: int) -> str:
+def mib(n: int) -> str:
     return f"{n / 2**20:,.1f} MiB"
 
 
 MAX_CTX = 1 << 20           # no GGUF model trains longer contexts; larger values are typos
 
 
-def _int(lo: int, hi: int | None = None):
+def int_range(lo: int, hi: int | None = None):
     """argparse type: an integer in [lo, hi], refused with a one-line message before llama.cpp sees it."""
     def parse(text: str) -> int:
         try:
@@ -35,7 +35,7 @@ def _int(lo: int, hi: int | None = None):
     return parse
 
 
-def _size(text: str) -> int:
+def byte_size(text: str) -> int:
     """argparse type: a size in bytes, with or without a unit (2G and 500M as llama.cpp's gguf-split takes them,
     1.5GiB, 4096)."""
     try:
@@ -46,10 +46,10 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text[:40]!r} is not a size (e.g. 2G, 500M, 1.5GiB or bytes)") from None
 
 
-_size.__name__ = "size"
+byte_size.__name__ = "size"
 
 
-def _float(lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = False):
+def float_range(lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = False):
     """argparse type: a finite float in [lo, hi] (or open at either end)."""
     def parse(text: str) -> float:
         try:
@@ -94,11 +94,11 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         return 0
     print(f"{layout.path}: {layout.arch}, {layout.n_layer} layers, {len(layout.moe_layers)} with experts, "
           f"{layout.n_expert} experts, top-{layout.n_expert_used}")
-    print(f"  file {_mib(layout.file_size)}; dense {_mib(layout.dense_bytes)}; "
-          f"experts {_mib(layout.expert_bytes)} ({100 * layout.expert_bytes / layout.tensor_data_bytes:.1f}%"
+    print(f"  file {mib(layout.file_size)}; dense {mib(layout.dense_bytes)}; "
+          f"experts {mib(layout.expert_bytes)} ({100 * layout.expert_bytes / layout.tensor_data_bytes:.1f}%"
           f" of tensor data)")
     if layout.split:
-        print(f"  split in {len(layout.files)} files: " + ", ".join(f"{os.path.basename(p)} {_mib(size)}"
+        print(f"  split in {len(layout.files)} files: " + ", ".join(f"{os.path.basename(p)} {mib(size)}"
                                                               for p, size in zip(layout.files, layout.file_sizes,
                                                                                  strict=True)))
     print(f"  runtime: {_runtime_line()}" + ("; this file has per-expert types" if layout.mixed else ""))
@@ -109,7 +109,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     for s, size in zip(layers, sized, strict=True):
         types = "; ".join(f"{kind}: " + ", ".join(f"{n} {tn}" for tn, n in counts.items())
                           for kind, counts in s["types"].items())
-        print(f"  {s['layer']:>5}  {_sizes(size):>{width}}  {_mib(s['bytes']):>13}  {types}")
+        print(f"  {s['layer']:>5}  {_sizes(size):>{width}}  {mib(s['bytes']):>13}  {types}")
     return 0
 
 
@@ -178,7 +178,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     result = generate(args.model, args.prompt, max_tokens=args.n, cache=cache_config(args), stock=args.stock,
                       n_ctx=args.n_ctx, n_threads=args.n_threads, temperature=args.temperature, seed=args.seed,
                       record_routing=args.trace, repeat_penalty=args.repeat_penalty,
-                      route_trace=_route_trace(args), use_extra_bufts=args.stock_repack == "on", on_text=echo)
+                      route_injector=args.route_injector(args), use_extra_bufts=args.stock_repack == "on", on_text=echo)
     if echo is None:
         print(json.dumps(result))
         return 0
@@ -187,22 +187,22 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"--- routing {result['routing']}: the trace's experts, not the router's (benchmark/replay)")
     engine = STOCK_PATHS[result["cpu_repack"]] if result["engine"] == "stock" else result["engine"]
     print(f"--- {engine}: {result['tokens']} tokens, prefill {result['prefill_tok_s']:.1f} tok/s, "
-          f"decode {result['decode_tok_s']:.1f} tok/s, storage read {_mib(result['storage_read_bytes'])}")
+          f"decode {result['decode_tok_s']:.1f} tok/s, storage read {mib(result['storage_read_bytes'])}")
     stats = result.get("stats")
     if stats:
         t = stats["total"]
-        budget = "none" if stats["budget_bytes"] is None else _mib(stats["budget_bytes"])
-        print(f"--- experts: budget {budget}, resident {_mib(stats['resident_expert_bytes'])} "
+        budget = "none" if stats["budget_bytes"] is None else mib(stats["budget_bytes"])
+        print(f"--- experts: budget {budget}, resident {mib(stats['resident_expert_bytes'])} "
               f"({stats['resident_experts']} experts), hit rate {t['hit_rate']:.1%} "
-              f"({t['hits']} hits, {t['misses']} misses), fetched {_mib(t['bytes_fetched'])}, "
-              f"evicted {_mib(t['bytes_evicted'])}, stall {t['stall_s']:.3f} s")
+              f"({t['hits']} hits, {t['misses']} misses), fetched {mib(t['bytes_fetched'])}, "
+              f"evicted {mib(t['bytes_evicted'])}, stall {t['stall_s']:.3f} s")
         if stats["substitute"] is not None:
             print(f"--- substitution (above {stats['substitute']}): {t['substituted']} experts ran from "
-                  f"{stats['lowbit_type']} copies, {_mib(t['substituted_bytes'])} of them read")
+                  f"{stats['lowbit_type']} copies, {mib(t['substituted_bytes'])} of them read")
         if t["prefetches"]:
             print(f"--- prefetch ({stats['predictor']}, depth {stats['prefetch_depth']}): {t['prefetches']} "
-                  f"experts ({_mib(t['prefetch_bytes'])}), {t['prefetch_used']} used ({t['prefetch_late']} late), "
-                  f"{t['prefetch_wasted']} wasted ({_mib(t['prefetch_wasted_bytes'])})")
+                  f"experts ({mib(t['prefetch_bytes'])}), {t['prefetch_used']} used ({t['prefetch_late']} late), "
+                  f"{t['prefetch_wasted']} wasted ({mib(t['prefetch_wasted_bytes'])})")
     return 0
 
 
@@ -230,11 +230,11 @@ def add_cache_options(p: argparse.ArgumentParser, *, budgets: bool = False) -> N
     p.add_argument("--prefetch-depth", dest="prefetch_depth", type=int, choices=range(1, MAX_DEPTH + 1),
                    default=default.prefetch_depth, help=explain("prefetch_depth"))
     for name in ("prefetch_threads", "fetch_threads"):
-        p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=_int(1, MAX_THREADS),
+        p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=int_range(1, MAX_THREADS),
                        default=getattr(default, name), help=explain(name))
     p.add_argument("--hold-dense", dest="hold_dense", choices=HOLD_MODES, default=default.hold_dense,
                    help=explain("hold_dense"))
-    p.add_argument("--substitute", type=_float(0, 1, hi_open=True), nargs="?", const=DEFAULT_THRESHOLD, default=None,
+    p.add_argument("--substitute", type=float_range(0, 1, hi_open=True), nargs="?", const=DEFAULT_THRESHOLD, default=None,
                    metavar="SHARE", help=f"{explain('substitute')} Without SHARE: {DEFAULT_THRESHOLD}.")
 
 
@@ -247,52 +247,13 @@ def cache_config(args: argparse.Namespace, **override):
     return CacheConfig(**{**options, **override})
 
 
-def _route_trace(args: argparse.Namespace) -> str | None:
-    """--route-trace, checked before any model loads (a bad trace is a one-line error)."""
-    if args.route_trace is None:
-        return None
-    from edgemoe_bench.routing_trace import RoutingTrace
-    from edgemoe_llamacpp.gguf.layout import read_layout
-
-    RoutingTrace.load(args.route_trace).for_layout(read_layout(args.model))
-    return args.route_trace
-
-
-ROUTE_TRACE_HELP = ("benchmarks and replay: compute this routing trace's experts at every MoE layer instead of the "
-                    "router's (a trace file from tools/make_trace.py, or an `edgemoe run --json --trace` output)")
-
-
-def cmd_bench(args: argparse.Namespace) -> int:
-    from edgemoe_bench.bench import run_bench
-    from edgemoe_bench.report import format_table
-
-    if args.json:
-        files.check_output(args.json, inputs=[args.model, args.stock_model], force=args.force, what="--json")
-    for spec in args.memory_budget:             # each budget's spelling, before any run
-        cache_config(args, memory_budget=spec)
-    result = run_bench(args.model, args.memory_budget, runs=args.runs, tokens=args.tokens, n_ctx=args.n_ctx,
-                       prompt_tokens=args.prompt_tokens,
-                       use_cgroup=not args.no_cgroup, n_threads=args.n_threads,
-                       allowance=None if args.allowance is None else parse_budget(args.allowance, 0),
-                       stock_model=args.stock_model, stock_repack={"on": True, "off": False}.get(args.stock_repack, "both"),
-                       cache=cache_config(args, memory_budget=None), route_trace=_route_trace(args))
-    if args.json:
-        files.write_text(args.json, json.dumps(result, indent=1) + "\n")
-    m = result["memory_limit"]
-    limited = f"{m['kind']}-limited" if result["cgroup"] else f"NOT memory-limited ({m['reason']})"
-    print(f"{result['model']}: dense {_mib(result['dense_bytes'])}, experts {_mib(result['expert_bytes'])}, "
-          f"KV {_mib(result['kv_cache_bytes'])}, {limited}, disk {result['disk_bandwidth_bps'] / 1e9:.2f} GB/s")
-    print(format_table(result))
-    return 0
-
-
 def _one_window(tokens: int, n_ctx: int) -> None:
     if tokens < n_ctx:
         raise EdgeMoEError(f"--tokens {tokens} is fewer than one window of --n-ctx {n_ctx}")
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
-    from edgemoe_llamacpp.convert.profile import profile
+    from edgemoe_llamacpp.convert.record import profile
     from edgemoe_llamacpp.corpus import read_texts
 
     files.check_output(args.out, inputs=[args.model, *(args.text or [])], force=args.force, what="--out")
@@ -392,7 +353,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
                              (f"{layout.lowbit_type} copies of the experts", args.lowbit)) if on]
     kind = f"{' and '.join(needs)}: needs the patched runtime" if needs else "loads in stock llama.cpp"
     where = args.output if not layout.split else f"{layout.path} (shard 1 of {len(layout.files)})"
-    print(f"{where}: experts {_mib(layout.expert_bytes)}, dense {_mib(layout.dense_bytes)}, {kind}")
+    print(f"{where}: experts {mib(layout.expert_bytes)}, dense {mib(layout.dense_bytes)}, {kind}")
     return 0
 
 
@@ -494,55 +455,30 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="generate text with experts streamed under a memory budget")
     p.add_argument("model", help="path to a MoE GGUF file")
     p.add_argument("-p", "--prompt", required=True)
-    p.add_argument("-n", "--n", type=_int(1, MAX_CTX), default=128, help="tokens to generate (default 128)")
+    p.add_argument("-n", "--n", type=int_range(1, MAX_CTX), default=128, help="tokens to generate (default 128)")
     p.add_argument("--stock", action="store_true", help="plain llama-cpp-python, for comparison (on edgemoe's "
                    "compute path unless --stock-repack on)")
     p.add_argument("--stock-repack", dest="stock_repack", choices=("on", "off"), default="off",
                    help="with --stock: llama.cpp's CPU repack (on: llama.cpp's default, another compute path, so "
                    "greedy text can differ from edgemoe's) or not (off, the default: the compute path edgemoe uses)")
     p.add_argument("--json", action="store_true", help="print one JSON object with text, speed and stats")
-    p.add_argument("--n-ctx", dest="n_ctx", type=_int(1, MAX_CTX), default=512)
-    p.add_argument("--n-threads", dest="n_threads", type=_int(1, 1024), default=None, help="default: all cores")
-    p.add_argument("--temperature", type=_float(0, 1e6), default=0.0, help="0 = greedy (default)")
-    p.add_argument("--repeat-penalty", dest="repeat_penalty", type=_float(0, 1e6, lo_open=True), default=1.0)
-    p.add_argument("--seed", type=_int(0, 2**32 - 1), default=0)
+    p.add_argument("--n-ctx", dest="n_ctx", type=int_range(1, MAX_CTX), default=512)
+    p.add_argument("--n-threads", dest="n_threads", type=int_range(1, 1024), default=None, help="default: all cores")
+    p.add_argument("--temperature", type=float_range(0, 1e6), default=0.0, help="0 = greedy (default)")
+    p.add_argument("--repeat-penalty", dest="repeat_penalty", type=float_range(0, 1e6, lo_open=True), default=1.0)
+    p.add_argument("--seed", type=int_range(0, 2**32 - 1), default=0)
     p.add_argument("--trace", action="store_true", help="with --json: include every layer's chosen experts")
-    p.add_argument("--route-trace", dest="route_trace", metavar="FILE", help=ROUTE_TRACE_HELP)
     add_cache_options(p)
-    p.set_defaults(func=cmd_run)
-
-    p = sub.add_parser("bench", help="stock vs edgemoe under memory limits, alternating runs, cold cache")
-    p.add_argument("model", help="path to a MoE GGUF file")
-    p.add_argument("--runs", type=_int(1, 1000), default=3, help="runs per engine and budget (default 3)")
-    p.add_argument("--tokens", type=_int(1, MAX_CTX), default=64, help="tokens generated per run (default 64)")
-    p.add_argument("--prompt-tokens", dest="prompt_tokens", type=_int(2, MAX_CTX), default=None,
-                   help="a prompt of exactly N tokens of held-out text (the standard library's validation split) "
-                   "instead of the short built-in one; prefill is then measured on it")
-    p.add_argument("--n-ctx", dest="n_ctx", type=_int(2, MAX_CTX), default=None,
-                   help="context per run (default 512, or the prompt and the generated tokens if more)")
-    p.add_argument("--n-threads", dest="n_threads", type=_int(1, 1024), default=None)
-    p.add_argument("--no-cgroup", action="store_true", help="do not impose memory limits")
-    p.add_argument("--allowance", help="room for the process's own memory (default: measured, + 32 MiB)")
-    p.add_argument("--json", help="write the full results here")
-    p.add_argument("--force", action="store_true", help="replace the --json file if it exists")
-    p.add_argument("--stock-model", dest="stock_model", help="the file stock runs (default: MODEL); for a MODEL "
-                   "only edgemoe can load, e.g. one with low-bit copies, give the file it was converted from")
-    p.add_argument("--stock-repack", dest="stock_repack", choices=("on", "off", "both"), default="on",
-                   help="stock with llama.cpp's CPU repack (on, its default) or without (off: the compute path "
-                   "edgemoe uses, and a baseline where the repack crashes), or both baselines in every pair (the memory "
-                   "allowance is then measured on the compute path edgemoe uses: the repack's copy of the experts "
-                   "is not the process's own memory)")
-    p.add_argument("--route-trace", dest="route_trace", metavar="FILE", help=ROUTE_TRACE_HELP)
-    add_cache_options(p, budgets=True)
-    p.set_defaults(func=cmd_bench)
+    p.set_defaults(func=cmd_run, route_injector=lambda args: None)
+    parsers = {"run": p}
 
     p = sub.add_parser("profile", help="record routing and expert inputs on calibration text")
     p.add_argument("model", help="path to a MoE GGUF file (the source model)")
     p.add_argument("--out", required=True, help="profile file to write (.npz)")
     p.add_argument("--text", nargs="+", help="calibration text files (default: the stdlib train split)")
-    p.add_argument("--tokens", type=_int(1, 1 << 30), default=16384, help="calibration tokens (default 16384)")
-    p.add_argument("--samples", type=_int(1, 1 << 16), default=256, help="FFN inputs kept per expert (default 256)")
-    p.add_argument("--n-ctx", dest="n_ctx", type=_int(2, MAX_CTX), default=512)
+    p.add_argument("--tokens", type=int_range(1, 1 << 30), default=16384, help="calibration tokens (default 16384)")
+    p.add_argument("--samples", type=int_range(1, 1 << 16), default=256, help="FFN inputs kept per expert (default 256)")
+    p.add_argument("--n-ctx", dest="n_ctx", type=int_range(2, MAX_CTX), default=512)
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     p.set_defaults(func=cmd_profile)
 
@@ -550,7 +486,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("input", help="source GGUF (never modified)")
     p.add_argument("output", help="new GGUF (refused if it exists, unless --force)")
     p.add_argument("--profile", help="profile from `edgemoe profile`: plan per-expert types from it")
-    p.add_argument("--expert-bits", dest="expert_bits", type=_float(0, 64, lo_open=True),
+    p.add_argument("--expert-bits", dest="expert_bits", type=float_range(0, 64, lo_open=True),
                    help="with --profile: average bits per expert weight (IQ2_XXS is 2.0625, Q2_K 2.625, Q8_0 8.5)")
     p.add_argument("--size", help="with --profile: expert bytes instead, e.g. 12MB or 40%% (of the input's)")
     p.add_argument("--uniform", metavar="TYPE", help="every expert at TYPE (e.g. Q4_K); stock llama.cpp loads it")
@@ -563,7 +499,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "IQ2_XXS and IQ2_XS need one")
     p.add_argument("--no-imatrix", dest="no_imatrix", action="store_true",
                    help="quantize without importance matrices (a plan then leaves out IQ2_XXS and IQ2_XS)")
-    p.add_argument("--split-max-size", dest="split_max_size", type=_size, metavar="SIZE",
+    p.add_argument("--split-max-size", dest="split_max_size", type=byte_size, metavar="SIZE",
                    help="write shards of at most SIZE of tensor data each (e.g. 2G, 500M, as llama.cpp's gguf-split): "
                    "OUTPUT without .gguf, then -00001-of-0000N.gguf, and so on")
     p.add_argument("--force", action="store_true", help="replace OUTPUT (and --save-plan) if it exists")
@@ -577,10 +513,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("ppl", help="perplexity on held-out text through llama-cpp-python")
     p.add_argument("model", help="path to a MoE GGUF file")
     p.add_argument("--text", nargs="+", help="text files (default: the stdlib validation split)")
-    p.add_argument("--tokens", type=_int(1, 1 << 30), default=16384, help="tokens to score (default 16384)")
-    p.add_argument("--n-ctx", dest="n_ctx", type=_int(2, MAX_CTX), default=512, help="window length (default 512)")
+    p.add_argument("--tokens", type=int_range(1, 1 << 30), default=16384, help="tokens to score (default 16384)")
+    p.add_argument("--n-ctx", dest="n_ctx", type=int_range(2, MAX_CTX), default=512, help="window length (default 512)")
     p.add_argument("--reference", help="also KL divergence and top-1 agreement against this model (e.g. the source)")
-    p.add_argument("--batch", type=_int(1, MAX_CTX), default=None, help="tokens per evaluation (default: the window); 1 scores "
+    p.add_argument("--batch", type=int_range(1, MAX_CTX), default=None, help="tokens per evaluation (default: the window); 1 scores "
                    "as decoding runs, token by token, which is where --substitute acts")
     add_cache_options(p)
     p.add_argument("--json", action="store_true")
@@ -606,7 +542,29 @@ def build_parser() -> argparse.ArgumentParser:
             if action.help:
                 action.help = action.help.replace("%", "%%")
     p.set_defaults(func=cmd_serve)
+    for plugin in plugins():
+        plugin.add_commands(sub, parsers)
     return ap
+
+
+PLUGINS = "edgemoe_llamacpp.commands"
+
+
+def plugins() -> list:
+    """Modules that add commands (entry points of group PLUGINS), e.g. edgemoe_bench's `bench` and `run
+    --route-trace`. Each has `add_commands(subparsers, parsers)`, `parsers` naming the built-in commands' parsers
+    it may extend (`run`: a plugin may set the default `route_injector`, a function of the parsed arguments
+    giving an injector, engine.injection). One whose package is not installed is left out."""
+    from importlib import metadata
+
+    found = []
+    for ep in metadata.entry_points(group=PLUGINS):
+        try:
+            found.append(ep.load())
+        except ModuleNotFoundError as e:
+            if e.name is None or e.name.split(".")[0] != ep.value.split(".")[0]:
+                raise
+    return found
 
 
 def _server_available() -> bool:

@@ -185,7 +185,7 @@ def _write_tensor(f, base: int, entry: dict, bar, imatrix: dict[str, np.ndarray]
         bar.update(1)
 
 
-def _tensor_sha256(mm, start: int, nbytes: int) -> str:
+def tensor_sha256(mm, start: int, nbytes: int) -> str:
     return hashlib.sha256(memoryview(mm)[start:start + nbytes]).hexdigest()
 
 
@@ -348,7 +348,7 @@ def _fill_checksums(paths: list[Path], groups: list[list[dict]], offsets: list[l
     sums = {}
     for path, tensors, offs in zip(paths, groups, offsets, strict=True):
         with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-            sums |= {e["name"]: _tensor_sha256(mm, off, e["nbytes"]) for e, off in zip(tensors, offs, strict=True)}
+            sums |= {e["name"]: tensor_sha256(mm, off, e["nbytes"]) for e, off in zip(tensors, offs, strict=True)}
     reader = GGUFReader(paths[0], "r+")
     field = reader.fields[CHECKSUM_SHA256]
     names = reader.fields[CHECKSUM_NAMES].contents()

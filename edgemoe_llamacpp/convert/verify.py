@@ -13,7 +13,7 @@ from edgemoe_llamacpp.convert.rewrite import (
     CHECKSUM_SHA256,
     FORMAT_VERSION,
     GUARD,
-    _tensor_sha256,
+    tensor_sha256,
 )
 from edgemoe_llamacpp.errors import BadModelError
 from edgemoe_llamacpp.gguf import quant
@@ -46,7 +46,7 @@ def verify(path: str | os.PathLike, *, progress: bool = False) -> dict:
         mms = [stack.enter_context(_map(p)) for p in layout.files]
         for name, want in zip(names, sums, strict=True):
             t = tensors[name]
-            if _tensor_sha256(mms[reader.file_of[name]], t.data_offset, int(t.n_bytes)) != want:
+            if tensor_sha256(mms[reader.file_of[name]], t.data_offset, int(t.n_bytes)) != want:
                 raise BadModelError(f"{layout.files[reader.file_of[name]]}: tensor {name} fails its checksum "
                                     f"(file damaged)")
         finite, sampled = check_weights(layout, mms, progress=progress)

@@ -122,16 +122,16 @@ class _TextStream:
 
 def generate(model: str, prompt: str, *, max_tokens: int, cache: CacheConfig | None = None, stock: bool = False,
              n_ctx: int = 512, n_threads: int | None = None, temperature: float = 0.0, seed: int = 0,
-             repeat_penalty: float = 1.0, record_routing: bool = False, route_trace: str | None = None,
+             repeat_penalty: float = 1.0, record_routing: bool = False, route_injector=None,
              use_extra_bufts: bool = False, on_text: Callable[[str], None] | None = None, **llama_kwargs) -> dict:
     """Generate once and measure: load time and bytes, prompt and decode speed (timed per evaluation), storage
     bytes read and major faults of this process for the prompt and for decoding, and the expert statistics
-    (edgemoe, whose experts are kept as `cache` says; stock ignores it). `route_trace`: both engines compute
-    that trace's routing instead of the router's (benchmarks and replay only; the result says so).
+    (edgemoe, whose experts are kept as `cache` says; stock ignores it). `route_injector`: both engines compute
+    its routing instead of the router's (benchmarks and replay only, engine.injection; the result says so).
     `use_extra_bufts`: stock with llama.cpp's CPU repack, another compute path than edgemoe's (greedy text can
     differ); off by default, so that stock computes as edgemoe does (edgemoe never repacks). `on_text`: called
     with the text as it is generated (`_TextStream`); the result is the same."""
-    from edgemoe_bench.inject import routing_label
+    from edgemoe_llamacpp.engine.injection import routing_label
     from edgemoe_llamacpp.engine.llama import Llama, stock_llama
 
     if not prompt:
@@ -144,8 +144,9 @@ def generate(model: str, prompt: str, *, max_tokens: int, cache: CacheConfig | N
     check_context_memory(model, n_ctx)      # reads the layout first: a bad file fails here, stock or not
     loading = _io(), time.perf_counter()
     try:
-        llm = stock_llama(model, use_extra_bufts=use_extra_bufts, route_trace=route_trace, **kwargs) if stock else \
-            Llama(model, cache=cache, record_routing=record_routing, route_trace=route_trace, **kwargs)
+        llm = stock_llama(model, use_extra_bufts=use_extra_bufts, route_injector=route_injector, **kwargs) \
+            if stock else Llama(model, cache=cache, record_routing=record_routing, route_injector=route_injector,
+                                **kwargs)
     except EdgeMoEError:
         raise                               # ours (some are ValueErrors too) already say what is wrong
     except ValueError as e:
@@ -173,7 +174,7 @@ def generate(model: str, prompt: str, *, max_tokens: int, cache: CacheConfig | N
             "finish_reason": choice["finish_reason"], "prompt_tokens": out["usage"]["prompt_tokens"],
             "tokens": out["usage"]["completion_tokens"], **clock.figures(),
             "load_s": load_s, "load_read_bytes": load_read,
-            "routing": routing_label(getattr(llm, "_edgemoe_injector", None)),
+            "routing": routing_label(getattr(llm, "route_injector", None)),
             "storage_read_bytes": end[0] - start[0],
             "prefill_read_bytes": first[0] - start[0], "decode_read_bytes": end[0] - first[0],
             "major_faults": end[1] - start[1], "decode_major_faults": end[1] - first[1],

@@ -12,12 +12,11 @@ import jinja2
 import llama_cpp
 import llama_cpp.llama_cpp as lc
 
-from edgemoe_bench.inject import InjectedLlama, TraceInjector, routing_label
-from edgemoe_bench.routing_trace import RoutingTrace
 from edgemoe_llamacpp import limits, pages, runtime
 from edgemoe_llamacpp.cache.config import CacheConfig
 from edgemoe_llamacpp.cache.dense_hold import DenseHold
 from edgemoe_llamacpp.cache.predict import Lookahead, make_predictor
+from edgemoe_llamacpp.cache.residency import BudgetMode
 from edgemoe_llamacpp.engine import loading
 from edgemoe_llamacpp.engine.arguments import (
     ArgumentChecks,
@@ -29,6 +28,7 @@ from edgemoe_llamacpp.engine.arguments import (
 )
 from edgemoe_llamacpp.engine.guard import CallGuard, Stream, serialised
 from edgemoe_llamacpp.engine.hook import ExpertHook
+from edgemoe_llamacpp.engine.injection import InjectedLlama, routing_label
 from edgemoe_llamacpp.engine.sampling import sample_within_grammar
 from edgemoe_llamacpp.engine.substitute import ExpertPointers, weight_above
 from edgemoe_llamacpp.errors import ArgumentError, BudgetError, EdgeMoEError, MixedTypesError
@@ -153,18 +153,18 @@ def require_runtime_for(layout: MoELayout) -> None:
                               f"it needs (edgemoe.required_features), so llama.cpp refuses it. Convert it again")
 
 
-def stock_llama(model_path: str, *, use_extra_bufts: bool = True, route_trace=None, **kwargs) -> llama_cpp.Llama:
+def stock_llama(model_path: str, *, use_extra_bufts: bool = True, route_injector=None,
+                **kwargs) -> llama_cpp.Llama:
     """Plain llama-cpp-python, optionally without the CPU repack (the same compute path edgemoe uses), and for
-    benchmarks optionally computing a routing trace's experts (inject.InjectedLlama, no cache)."""
+    benchmarks optionally computing an injector's routing (injection.InjectedLlama, no cache)."""
     layout = read_layout(model_path)
     if layout.needs_patched_runtime:
         what = "per-expert types" if layout.mixed else "low-bit copies of its experts"
         raise MixedTypesError(f"{model_path} has {what}: only edgemoe_llamacpp.Llama runs it")
-    if route_trace is None:
+    if route_injector is None:
         with llama_params(use_extra_bufts=use_extra_bufts):
             return llama_cpp.Llama(model_path=layout.path, **kwargs)
-    trace = route_trace if isinstance(route_trace, RoutingTrace) else RoutingTrace.load(route_trace)
-    hook = ExpertHook(inject=TraceInjector(trace.for_layout(layout)))
+    hook = ExpertHook(inject=route_injector)
     with llama_params(use_extra_bufts=use_extra_bufts, **hook.cb_eval_args()):
         return InjectedLlama(model_path=layout.path, hook=hook, **kwargs)
 
@@ -210,9 +210,9 @@ class Llama(llama_cpp.Llama):
         experts ranked above it carry more than this share of the token's gate weight (HOBBIT; 0.6 is its
         Mixtral setting); None (default) runs every expert at full precision: output identical to stock.
     record_routing: keep every layer's chosen experts (`edgemoe_trace()`), for profiles and benchmarks.
-    route_trace: benchmarks and replay only: a routing trace (edgemoe_bench.routing_trace: a path or a
-        RoutingTrace) whose experts replace the router's choice at every MoE layer, by token position. The
-        output is then not the model's own; `edgemoe_stats()["routing"]` says "injected: <source>".
+    route_injector: benchmarks and replay only: an injector (engine.injection; edgemoe_bench.inject.trace_injector
+        makes one from a routing trace) whose experts replace the router's choice at every MoE layer. The output
+        is then not the model's own; `edgemoe_stats()["routing"]` says "injected: <source>".
 
     Unlike llama_cpp.Llama, it is safe to share: calls on one instance are serialised by a lock (a stream
     takes it for each step), a call after close() raises LlamaClosedError, and arguments llama.cpp would crash
@@ -222,27 +222,22 @@ class Llama(llama_cpp.Llama):
     """
 
     def __init__(self, model_path: str, *args, cache: CacheConfig | None = None, record_routing: bool = False,
-                 route_trace=None, **kwargs):
+                 route_injector=None, **kwargs):
         self._edgemoe_guard = CallGuard()        # one call at a time; closed; the open stream
         self._edgemoe_formatting = False         # a chat handler is formatting messages, no completion yet
         self._edgemoe_logits: tuple[int, int] | None = None   # token positions whose logits sample() may use
         self._edgemoe_tokens = TokenCounts()
         self._edgemoe_config = config = CacheConfig.take(kwargs, cache)   # checked before any file is read
         self._edgemoe_record_routing = record_routing
-        self._edgemoe_route_trace = route_trace
         if kwargs.get("use_mmap") is False or kwargs.get("use_mlock"):
             raise EdgeMoEError("edgemoe streams experts through llama.cpp's file mapping: use_mmap must stay "
                                "on and use_mlock off")
         layout = read_layout(model_path)
         require_runtime_for(layout)
-        budget = config.budget_for(layout)
         self._edgemoe_layout = layout
         self._edgemoe_pointers = None
-        self._edgemoe_injector = None
+        self._edgemoe_injector = route_injector
         self._edgemoe_dense = DenseHold("off", 0, [])    # dense pages held from reclaim (under a budget)
-        if route_trace is not None:
-            trace = route_trace if isinstance(route_trace, RoutingTrace) else RoutingTrace.load(route_trace)
-            self._edgemoe_injector = TraceInjector(trace.for_layout(layout))
         self._edgemoe_cache = cache = config.make_cache(layout)
         limit = limits.memory_limit()
         if limit is not None and limit < layout.dense_bytes + cache.min_budget:
@@ -272,7 +267,7 @@ class Llama(llama_cpp.Llama):
             log.warning("%s is already mapped in this process: pages another instance keeps mapped cannot be "
                         "dropped, so the memory budget may not hold", model_path)
         try:
-            if budget is not None and budget < layout.expert_bytes and not any(before):
+            if cache.mode.streams and not any(before):
                 # Pages of the file already cached (just written, downloaded, or read by an earlier run) can sit
                 # in large folios; once llama.cpp maps its dense tensors, a folio shared with expert bytes can
                 # no longer be dropped. Drop them while nothing maps the file: the load then reads it in
@@ -282,7 +277,7 @@ class Llama(llama_cpp.Llama):
             # Under a budget the file is mapped without llama.cpp's whole-file read (LLAMA_MMAP_PREFETCH=0,
             # patches/0003); loading.read_dense then reads the dense bytes only, with read-around off.
             # llama.cpp opens a split model's shard 1 and finds the others by name.
-            with llama_params(use_extra_bufts=False, mmap_prefetch=budget is None, **hook.cb_eval_args()):
+            with llama_params(use_extra_bufts=False, mmap_prefetch=cache.mode is BudgetMode.UNLIMITED, **hook.cb_eval_args()):
                 super().__init__(layout.path, *args, **kwargs)
             # llama.cpp pads the context (to 256 tokens); llama-cpp-python takes the padded size as its window
             # but sizes its token buffer by the n_ctx asked for, and a prompt between the two overran that
@@ -290,7 +285,7 @@ class Llama(llama_cpp.Llama):
             self._n_ctx = min(self._n_ctx, len(self.input_ids))
             new = _new_mappings(layout, before)
             bases = [rows[0][0] - rows[0][2] for rows in new]
-            if budget is not None:
+            if cache.mode is not BudgetMode.UNLIMITED:
                 loading.read_dense(layout, new)
             if layout.mixed or cache.substitute is not None:
                 _types.add(self, layout, bases, every=cache.substitute is not None)
@@ -298,7 +293,7 @@ class Llama(llama_cpp.Llama):
                 self._edgemoe_pointers = ExpertPointers(layout, bases)
             cache.attach(bases, mapped=[(min(off for _, _, off, _ in rows),
                                          max(off + end - start for start, end, off, _ in rows)) for rows in new])
-            if budget is not None and budget < cache.storage.full_cost:
+            if cache.mode.streams:
                 self._edgemoe_dense = loading.hold_dense(layout, new, config.hold_dense)
         except BaseException:
             self.close()
@@ -478,6 +473,11 @@ class Llama(llama_cpp.Llama):
             self._edgemoe_trace.append((layer, ids.tolist()))
         self._edgemoe_cache.hits(layer, ids)
 
+    @property
+    def route_injector(self):
+        """The injector computing this Llama's routing (None: the router's own)."""
+        return self._edgemoe_injector
+
     def edgemoe_trace(self) -> list[tuple[int, list[list[int]]]]:
         """(layer, chosen experts per token) for every MoE layer evaluation, in order (record_routing=True)."""
         with self._edgemoe_call():
@@ -521,7 +521,7 @@ class Llama(llama_cpp.Llama):
         """llama_cpp.Llama pickles its constructor arguments (unpickling loads the model again): ours too."""
         with self._edgemoe_call():
             return {**super().__getstate__(), **self._edgemoe_config.to_dict(),
-                    "record_routing": self._edgemoe_record_routing, "route_trace": self._edgemoe_route_trace}
+                    "record_routing": self._edgemoe_record_routing, "route_injector": self._edgemoe_injector}
 
     def close(self) -> None:
         """Free the model; waits for a call in progress. Later calls raise LlamaClosedError."""
