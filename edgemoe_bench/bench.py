@@ -439,6 +439,36 @@ def run_bench(model: str, budgets: list[str], *, runs: int = 3, tokens: int = 64
     return result
 
 
+def alternate(engines: dict, budgets: list[str], runs: int, *, probe: dict | None = None, bar=None,
+              desc: str = "bench", show: bool = True) -> dict[str, list[dict]]:
+    """Each engine `runs` times at each budget, in rounds whose order rotates (each engine takes each place in
+    turn), so that drift on a shared machine hits them alike. `engines`: name -> run(budget spec) -> its result;
+    `probe`: name -> a measurement taken at the start of every round (the disk's speed drifts too). Returns, per
+    budget, its rounds: {engine name: its run, probe name: its value}. `bar`: a tqdm to advance (default: one of
+    its own)."""
+    from tqdm import tqdm
+
+    names = list(engines)
+    own = bar is None
+    bar = tqdm(total=len(budgets) * runs * len(names), desc=desc, unit="run", disable=not show) if own else bar
+    out: dict[str, list[dict]] = {}
+    try:
+        for spec in budgets:
+            out[spec] = []
+            for r in range(runs):
+                shift = r % len(names)
+                one = {name: measure() for name, measure in (probe or {}).items()}
+                for name in names[shift:] + names[:shift]:
+                    bar.set_postfix(budget=spec, engine=name)
+                    one[name] = engines[name](spec)
+                    bar.update()
+                out[spec].append(one)
+    finally:
+        if own:
+            bar.close()
+    return out
+
+
 class _Budgets:
     """One bench's runs at each budget: the pairs of runs (engines alternating), and the budget's entry."""
 
@@ -461,17 +491,13 @@ class _Budgets:
     def pairs(self, spec: str, runs: int, limit: int | None, cache: CacheConfig) -> list[dict]:
         """`runs` pairs (or triples) of runs at one budget, the engines' order alternating; the disk's speed
         drifts on shared machines: measured again beside every pair, and each run's reads are judged by it."""
-        pairs = []
-        for r in range(runs):
-            pair = {"disk_bandwidth_bps": probe_bandwidth(self.layout)}
-            for name, repack in (self.engines if r % 2 == 0 else self.engines[::-1]):
-                self.bar.set_postfix(budget=spec, engine=name)
-                stock = name != "edgemoe"
-                pair[name] = run_child(self.stock_model if stock else self.model, stock=stock, limit=limit,
-                                    cache=cache, stock_repack=repack, controller=self.controller, **self.run)
-                self.bar.update()
-            pairs.append(pair)
-        return pairs
+        def engine(name: str, repack: bool | None):
+            stock = name != "edgemoe"
+            return lambda _: run_child(self.stock_model if stock else self.model, stock=stock, limit=limit,
+                                       cache=cache, stock_repack=repack, controller=self.controller, **self.run)
+
+        return alternate({name: engine(name, repack) for name, repack in self.engines}, [spec], runs,
+                         probe={"disk_bandwidth_bps": lambda: probe_bandwidth(self.layout)}, bar=self.bar)[spec]
 
     def measure(self, spec: str, runs: int, cache: CacheConfig) -> dict:
         """The budget's entry: each engine's summary, edgemoe against stock, the floors, and the runs."""

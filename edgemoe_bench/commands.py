@@ -7,7 +7,7 @@ import json
 
 from edgemoe_llamacpp import files
 from edgemoe_llamacpp.cache.residency import parse_budget
-from edgemoe_llamacpp.cli import MAX_CTX, add_cache_options, cache_config, int_range, mib
+from edgemoe_llamacpp.cli.args import MAX_CTX, add_cache_options, cache_config, int_range, mib
 
 ROUTE_TRACE_HELP = ("benchmarks and replay: compute this routing trace's experts at every MoE layer instead of the "
                     "router's (a trace file from tools/make_trace.py, or an `edgemoe run --json --trace` output)")

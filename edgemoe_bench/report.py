@@ -2,6 +2,7 @@
 (tools/bench_report.py assembles the file and draws the plots)."""
 from __future__ import annotations
 
+import re
 import statistics
 from pathlib import Path
 
@@ -333,3 +334,48 @@ def shapes_section(results: dict[Path, dict], extra: list[str] = ()) -> str:
          "an anonymous copy of the repacked experts, which the limit does not count as the process's own "
          "memory; stock with the repack off is the setting a careful user tries first."), "", *rows, "",
         *[f"{path.stem}: {r['note']}" for path, r in results.items() if r.get("note")], "", *extra])
+
+
+def anchor(title: str) -> str:
+    """GitHub's anchor of a Markdown heading."""
+    return re.sub(r"[^a-z0-9 _-]", "", title.lower()).replace(" ", "-")
+
+
+def summary_section(shapes: dict[Path, dict], quality: dict | None = None, prefill: dict | None = None,
+                    titles: dict[str, str] | None = None) -> str:
+    """One screen at the top of BENCHMARKS.md: the headline per shape and budget (edgemoe against stock, repack off
+    where stock with it died or was not run), the plans' quality per bit width, and prefill; each row links to
+    the section it comes from (`titles`: result stem -> its section's heading)."""
+    titles = titles or {}
+    shapes_link = f"[{{}}](#{anchor('Real-model shapes')})"
+    rows = ["| what | budget | edgemoe / stock | MB/token (x floor) | section |", "|---|---|---|---|---|"]
+    for path, r in shapes.items():
+        for b in r["budgets"]:
+            vs = b.get("decode_ratio_vs_repack_off") or (b["decode_ratio"] if r.get("stock_repack") is False
+                                                         else b.get("decode_ratio"))
+            mb = b["edgemoe"]["decode_read_bytes_per_token"]["median"]
+            floor = b.get("edgemoe_bytes_vs_floor")
+            budget = b["budget"] if isinstance(b["budget"], str) else f"{b['limit_bytes'] / r['file_bytes']:.0%} limit"
+            rows.append(f"| {path.stem}: decode | {budget} | {ratio(vs) if vs else '-'} | "
+                        f"{'-' if mb is None else f'{mb / 1e6:.1f}'}{'' if not floor else f' ({floor:.2f}x)'} | "
+                        f"{shapes_link.format(path.stem)} |")
+    if prefill:
+        title = titles.get("prefill", "")
+        for row in prefill.get("rows", []):
+            vs = "-" if row["prefill_ratio"] is None else f"{row['prefill_ratio']:.2f}x"
+            rows.append(f"| {row['model']}: prefill of {row['prompt_tokens']} tokens | {row['budget']} | {vs} | - | "
+                        f"[prefill](#{anchor(title)}) |")
+    out = ["## Summary", "",
+           ("Decode and prefill speed against stock llama-cpp-python in the same run, under the same memory limit "
+            "(stock with llama.cpp's CPU repack off, the compute path edgemoe uses, where both were measured), "
+            "and bytes read per token against Belady's floor. Each row links to its section below."), "", *rows, ""]
+    if quality:
+        title = titles.get("quality", "")
+        q = ["| file | bits/weight | perplexity vs source | KL (nats/token) |", "|---|---|---|---|"]
+        for x in sorted(quality["rows"], key=lambda x: x["bits_per_weight"]):
+            if x["kind"] == "plan" and "ppl_vs_source" in x:
+                q.append(f"| {x['label']} | {x['bits_per_weight']:.2f} | {x['ppl_vs_source']:+.2%} | "
+                         f"{x['kld']:.4f} |")
+        out += [f"Quality of per-expert plans per bit width ([{quality.get('model', 'quality')}](#{anchor(title)})):",
+                "", *q, ""]
+    return "\n".join(out)

@@ -65,36 +65,39 @@ def record(model: str, texts: list[str], n: int, *, seed: int | None, hidden: bo
     return tokens, routing, [np.concatenate(x) for x in hid] if hidden else None
 
 
-class _Recorder(Llama):
-    """edgemoe's Llama (no budget) keeping each layer's routing and FFN input as the hook saw them."""
+def recording(model: str, **kwargs) -> tuple[Llama, list]:
+    """edgemoe's Llama (no budget, the gate predictor's FFN input kept) and the list where each layer's routing
+    and FFN input go as the hook sees them: (layer, ids, hidden), by wrapping its engine's `on_route`."""
+    llm = Llama(model, memory_budget=None, predictor="gate", n_ctx=512, verbose=False, **kwargs)
+    steps: list = []
+    route = llm.edgemoe.on_route
 
-    def __init__(self, *args, **kwargs):
-        self.steps = []
-        super().__init__(*args, memory_budget=None, predictor="gate", n_ctx=512, verbose=False, **kwargs)
+    def on_route(layer, ids, hidden=None, weights=None):
+        steps.append((layer, ids, hidden))
+        route(layer, ids, hidden, weights)
 
-    def _on_route(self, layer, ids, hidden=None, weights=None):
-        self.steps.append((layer, ids, hidden))
-        super()._on_route(layer, ids, hidden, weights)
+    llm.edgemoe.on_route = on_route
+    return llm, steps
 
 
 def record_completion(model: str, prompt: str, tokens: int) -> list:
     """Steps of one greedy completion of `tokens` tokens after `prompt`."""
-    llm = _Recorder(model)
+    llm, steps = recording(model)
     llm.create_completion(prompt, max_tokens=tokens, temperature=0.0, repeat_penalty=1.1)
     llm.close()
-    return llm.steps
+    return steps
 
 
 def record_windows(model: str, windows: int, n_tokens: int) -> list[list]:
     """Steps of `windows` windows of held-out text, each token's layers in turn (as decoding would see them)."""
-    llm = _Recorder(model, logits_all=True)
+    llm, steps = recording(model, logits_all=True)
     ids = corpus.tokens(llm, corpus.split_texts("validation"), windows * n_tokens)
     traces = []
     for w in corpus.windows(ids, n_tokens)[:windows]:
-        llm.steps = []
+        steps.clear()
         llm.reset()
         llm.eval(w)
         traces.append([(layer, chosen[t:t + 1], hidden[t:t + 1]) for t in range(len(w))
-                       for layer, chosen, hidden in llm.steps])
+                       for layer, chosen, hidden in steps])
     llm.close()
     return traces

@@ -57,7 +57,7 @@ if a["op"] == "greedy":
         llm.eval([tokens[-1]])
         rows.append(logits())
     np.save(a["out"], np.stack(rows))
-    injector = getattr(llm, "_edgemoe_injector", None)
+    injector = getattr(llm, "route_injector", None)
     print(json.dumps({"tokens": tokens, "llama_cpp": llama_cpp.__file__,
                       "injected": injector.injected if injector else None}))
 else:

@@ -243,3 +243,20 @@ def test_prompt_of_cuts_held_out_text_at_exactly_n_tokens(fixture_path):
             assert len(llm.tokenize(text.encode())) == n
     finally:
         llm.close()
+
+
+def test_alternate_rotates_the_engines_round_by_round_and_probes_before_each_round():
+    order = []
+
+    def engine(name):
+        def run(spec):
+            order.append((spec, name))
+            return {"engine": name, "budget": spec}
+        return run
+
+    probes = iter(range(100))
+    rounds = bench.alternate({"a": engine("a"), "b": engine("b"), "c": engine("c")}, ["25%", "50%"], 3,
+                             probe={"disk": lambda: next(probes)}, show=False)
+    assert [n for s, n in order if s == "25%"] == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]
+    assert [[one["disk"] for one in rounds[s]] for s in ("25%", "50%")] == [[0, 1, 2], [3, 4, 5]]
+    assert all(one[n] == {"engine": n, "budget": s} for s in rounds for one in rounds[s] for n in "abc")

@@ -52,7 +52,7 @@ def check_turn(before: dict, after: dict, usage: dict, turn: int) -> None:
 def test_a_chat_through_create_chat_completion_keeps_its_expert_cache(fixture_path):
     llm = Llama(str(fixture_path), memory_budget="50%", n_ctx=512, record_routing=True, verbose=False)
     try:
-        cache, first = llm._edgemoe_cache, read_layout(str(fixture_path)).moe_layers[0]
+        cache, first = llm.edgemoe.cache, read_layout(str(fixture_path)).moe_layers[0]
         messages, stats = [], llm.edgemoe_stats()
         for turn, text in enumerate(USER, 1):
             kept, start = set(cache.resident), len(llm.edgemoe_trace())

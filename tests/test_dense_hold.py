@@ -48,13 +48,13 @@ def test_held_dense_pages_stay_resident_and_output_is_unchanged(fixture_path, re
     layout = read_layout(fixture_path)
     llm = Llama(str(fixture_path), n_ctx=256, verbose=False, memory_budget="25%", hold_dense=mode)
     try:
-        hold = llm._edgemoe_dense
+        hold = llm.edgemoe.dense
         assert hold.mode == mode and hold.bytes >= layout.dense_bytes - 2 * pages.PAGE * len(hold.pieces)
         assert _greedy(llm) == reference
         stats = llm.edgemoe_stats()
         assert stats["dense_hold"] == {"mode": mode, "bytes": hold.bytes, "resident_bytes": hold.bytes}
         assert stats["resident_expert_bytes"] <= stats["budget_bytes"]
-        assert llm._edgemoe_cache.measured_resident_bytes() <= stats["budget_bytes"]
+        assert llm.edgemoe.cache.measured_resident_bytes() <= stats["budget_bytes"]
         assert all(_anonymous(a) == (mode == "copy") for a, _ in hold.pieces)
     finally:
         llm.close()

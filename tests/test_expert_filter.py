@@ -21,7 +21,7 @@ def run(path, budget, policy="distance"):
         tokens, logits = greedy(llm, PROMPT, N_TOKENS)
         stats, trace = llm.edgemoe_stats(), llm.edgemoe_trace()
         return {"tokens": tokens, "logits": logits, "stats": stats, "trace": trace,
-                "calls": llm._edgemoe_hook.calls}
+                "calls": llm.edgemoe.hook.calls}
     finally:
         llm.close()
 

@@ -198,13 +198,16 @@ class Measured(Llama):
     def __init__(self, *args, **kwargs):
         self.seen = []
         super().__init__(*args, **kwargs)
+        route = self.edgemoe.on_route
 
-    def _on_route(self, layer, ids, hidden=None, weights=None):
-        super()._on_route(layer, ids, hidden, weights)
-        self.seen.append(self.measure())
+        def on_route(layer, ids, hidden=None, weights=None):
+            route(layer, ids, hidden, weights)
+            self.seen.append(self.measure())
+
+        self.edgemoe.on_route = on_route
 
     def measure(self):
-        return expert_pages_in_memory(self._edgemoe_layout, self._edgemoe_cache.base)
+        return expert_pages_in_memory(self.edgemoe.layout, self.edgemoe.cache.base)
 
 
 @pytest.mark.parametrize("depth", [1, 3])
@@ -220,7 +223,7 @@ def test_budget_holds_by_mincore_after_every_layer_with_prefetch(fixture_path, d
     llm.close()
     total = stats["total"]
     assert total["prefetches"] > N_TOKENS and total["prefetch_used"] > N_TOKENS // 2, total
-    assert len(seen) == N_TOKENS * len(llm._edgemoe_layout.moe_layers)    # the prompt, then N_TOKENS - 1 tokens
+    assert len(seen) == N_TOKENS * len(llm.edgemoe.layout.moe_layers)    # the prompt, then N_TOKENS - 1 tokens
     assert max(seen) <= budget, (max(seen), budget)
     assert max(seen) >= budget // 2
 
@@ -244,7 +247,7 @@ def test_overlapped_reads_leave_the_mapping_to_llama_cpps_faults(fixture_path):
     out = {}
     for overlap in (True, False):
         llm = Llama(str(fixture_path), memory_budget="25%", n_ctx=256, verbose=False)
-        cache = llm._edgemoe_cache
+        cache = llm.edgemoe.cache
         cache.overlap_reads = overlap
         fetch, mapped = cache.storage.fetch, []
 
@@ -292,7 +295,7 @@ def test_a_sigint_stops_the_evaluation_at_the_next_layer_and_leaves_the_llama_as
     tokens = llm.tokenize(PROMPT.encode())
     llm.reset()
     llm.eval(tokens[:3])
-    hook, routed = llm._edgemoe_hook, []
+    hook, routed = llm.edgemoe.hook, []
     on_route = hook.on_route
 
     def interrupting(layer, *args):
@@ -331,7 +334,7 @@ def test_a_long_prompt_reads_each_next_layer_ahead_with_tokens_and_logits_unchan
     llm.eval(prompt)                                  # the prompt alone, in batches of 512
     stats = llm.edgemoe_stats()
     seen += llm.seen
-    layers = llm._edgemoe_layout.moe_layers
+    layers = llm.edgemoe.layout.moe_layers
     llm.close()
     assert len(prompt) > 512
     assert max(seen) <= stats["budget_bytes"]

@@ -38,7 +38,7 @@ def test_budgeted_load_reads_the_dense_bytes_only(private_copy):
     read, llm = load_reads(private_copy, "50%")
     try:
         text = llm.create_completion("import os\n", max_tokens=8, temperature=0.0)["choices"][0]["text"]
-        resident = llm._edgemoe_cache.measured_resident_bytes()
+        resident = llm.edgemoe.cache.measured_resident_bytes()
         budget = llm.edgemoe_stats()["budget_bytes"]
     finally:
         llm.close()

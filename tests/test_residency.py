@@ -292,7 +292,7 @@ def fixture_routing(fixture_path):
         greedy(llm, prompt, 48)
         trace = llm.edgemoe_trace()[start:]
         steps += [(layer, np.array(ids), i == 0) for i, (layer, ids) in enumerate(trace)]
-    layout = llm._edgemoe_layout
+    layout = llm.edgemoe.layout
     llm.close()
     return layout, steps
 

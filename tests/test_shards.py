@@ -75,7 +75,7 @@ class PerFile(Measured):
     """After every layer's fetches: the expert bytes in memory in each of the model's files, by mincore."""
 
     def measure(self):
-        return [self._edgemoe_cache.measured_resident_bytes(i) for i in range(len(self._edgemoe_layout.files))]
+        return [self.edgemoe.cache.measured_resident_bytes(i) for i in range(len(self.edgemoe.layout.files))]
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +94,7 @@ def test_tokens_and_logits_are_stocks_on_the_shards_and_the_budget_holds_in_ever
     try:
         tokens, logits = greedy(llm, PROMPT, N_TOKENS)
         stats = llm.edgemoe_stats()
-        final = [llm._edgemoe_cache.measured_resident_bytes(i) for i in range(3)]
+        final = [llm.edgemoe.cache.measured_resident_bytes(i) for i in range(3)]
     finally:
         llm.close()
     assert tokens == want_tokens

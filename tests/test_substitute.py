@@ -39,10 +39,16 @@ def iq2_lowbit(fixture_path, imatrix, tmp_path_factory):
 class Recording(Llama):
     """Keeps, per MoE layer evaluation, the chosen experts that ran from their low-bit copies."""
 
-    def _on_route(self, layer, ids, hidden=None, weights=None):
-        super()._on_route(layer, ids, hidden, weights)
-        pointed_low = self._edgemoe_pointers.low[layer] if self._edgemoe_pointers else set()
-        self.ran_low.append((layer, pointed_low & set(ids.ravel().tolist())))
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        route, pointers = self.edgemoe.on_route, self.edgemoe.pointers
+
+        def on_route(layer, ids, hidden=None, weights=None):
+            route(layer, ids, hidden, weights)
+            pointed_low = pointers.low[layer] if pointers else set()
+            self.ran_low.append((layer, pointed_low & set(ids.ravel().tolist())))
+
+        self.edgemoe.on_route = on_route
 
 
 def make(path, **kw):
@@ -112,7 +118,7 @@ def test_first_token_computes_the_low_copies_exactly(fixture_path, request, imat
 
 def greedy_steps(llm, n, switch_at=None, threshold=None):
     """Prompt then n greedy tokens; substitution (if built with it) held off until decode step `switch_at`."""
-    cache = llm._edgemoe_cache
+    cache = llm.edgemoe.cache
     held, cache.substitute = cache.substitute, None if switch_at is not None else cache.substitute
     llm.eval(llm.tokenize(PROMPT))
     marks = [len(llm.ran_low)]
@@ -148,7 +154,7 @@ def test_no_substitution_without_a_budget_that_misses(lowbit):
     for budget in (None, "100%"):
         llm = make(lowbit.path, memory_budget=budget, substitute=0.0)
         greedy_steps(llm, 4)
-        assert llm.edgemoe_stats()["total"]["substituted"] == 0 and llm._edgemoe_pointers is None
+        assert llm.edgemoe_stats()["total"]["substituted"] == 0 and llm.edgemoe.pointers is None
         llm.close()
 
 
@@ -190,7 +196,7 @@ def test_cli_convert_lowbit_verify_and_run_substituting(fixture_path, tmp_path):
 
 def test_copies_count_in_the_budget_by_mincore(lowbit):
     llm = make(lowbit.path, memory_budget="25%", substitute=0.0)
-    cache = llm._edgemoe_cache
+    cache = llm.edgemoe.cache
     llm.eval(llm.tokenize(PROMPT))
     worst = 0
     for _ in range(24):

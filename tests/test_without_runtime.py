@@ -10,14 +10,15 @@ import pytest
 
 TESTS = Path(__file__).parent
 NO_RUNTIME = "import sys; sys.modules['llama_cpp'] = None\n"
-WITHOUT = ["edgemoe_llamacpp.convert", "edgemoe_llamacpp.convert.plan", "edgemoe_llamacpp.convert.profile",
+WITHOUT = ["edgemoe_llamacpp.convert", "edgemoe_llamacpp.convert.plan", "edgemoe_llamacpp.gguf.header",
+           "edgemoe_llamacpp.cache.storage", "edgemoe_llamacpp.cache.spans", "edgemoe_llamacpp.convert.profile",
            "edgemoe_llamacpp.convert.rewrite", "edgemoe_llamacpp.convert.verify", "edgemoe_llamacpp.convert.imatrix",
            "edgemoe_llamacpp.convert.calibrate", "edgemoe_llamacpp.gguf.layout", "edgemoe_llamacpp.gguf.quant",
            "edgemoe_llamacpp.cache.config", "edgemoe_llamacpp.cache.residency", "edgemoe_llamacpp.cli",
            "edgemoe_bench.routing_trace", "edgemoe_bench.trace_gen", "edgemoe_bench.replay"]
 # test files that run without it (their `runtime` tests skip, saying why)
 FILES = ["test_plan.py", "test_layout.py", "test_imatrix.py", "test_policies.py", "test_routing_trace.py",
-         "test_trace_gen.py", "test_cache_config.py"]
+         "test_trace_gen.py", "test_cache_config.py", "test_ledger.py", "test_storage.py", "test_structure.py"]
 
 
 def python(code: str, **kwargs) -> subprocess.CompletedProcess:

@@ -104,27 +104,28 @@ def main() -> int:
               "baseline": tree.name.removeprefix("baseline-"), "head": head[:12], "tokens": args.tokens,
               "runs": args.runs, "allowance_bytes": allowance, "machine": bench.machine_facts(),
               "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "budgets": []}
-    engines = ("stock", "baseline", "head")
-    bar = tqdm(total=len(args.budgets) * args.runs * len(engines), desc="bench baseline", unit="run")
+    limits_of = {spec: layout.dense_bytes + parse_budget(spec, layout.expert_bytes) + kv + allowance
+                 for spec in args.budgets}
+
+    def ours(stock: bool):
+        return lambda spec: bench.run_child(args.model, stock=stock, tokens=args.tokens, prompt=bench.PROMPT,
+                                            n_ctx=args.n_ctx, limit=limits_of[spec],
+                                            cache=None if stock else CacheConfig(memory_budget=spec))
+
+    engines = {"stock": ours(True),
+               "baseline": lambda spec: baseline_run(tree, args.model, spec, args.tokens, args.n_ctx, limits_of[spec]),
+               "head": ours(False)}
+    rounds = bench.alternate(engines, args.budgets, args.runs, desc="bench baseline",
+                             probe={"disk": lambda: bench.disk_bandwidth(args.model, region=bench.expert_region(layout))})
     for spec in args.budgets:
-        budget = parse_budget(spec, layout.expert_bytes)
-        limit = layout.dense_bytes + budget + kv + allowance
+        budget, limit = parse_budget(spec, layout.expert_bytes), limits_of[spec]
         rows: dict[str, list] = {e: [] for e in engines}
-        disks = []
-        for r in range(args.runs):
-            disks.append(bench.disk_bandwidth(args.model, region=bench.expert_region(layout)))
-            for eng in engines[r % 3:] + engines[:r % 3]:
-                bar.set_postfix(budget=spec, engine=eng)
-                if eng == "baseline":
-                    run = baseline_run(tree, args.model, spec, args.tokens, args.n_ctx, limit)
-                else:
-                    run = bench.run_child(args.model, stock=eng == "stock", tokens=args.tokens, prompt=bench.PROMPT,
-                                       n_ctx=args.n_ctx, limit=limit,
-                                       cache=None if eng == "stock" else CacheConfig(memory_budget=spec))
-                rows[eng].append(figures(run))
+        for r, one in enumerate(rounds[spec]):
+            for eng in engines:
+                rows[eng].append(figures(one[eng]))
                 if rows[eng][-1] is None:
-                    tqdm.write(f"{spec} {eng} run {r + 1} failed: {run.get('error')}")
-                bar.update()
+                    tqdm.write(f"{spec} {eng} run {r + 1} failed: {one[eng].get('error')}")
+        disks = [one["disk"] for one in rounds[spec]]
         entry = {"budget": spec, "budget_bytes": budget, "limit_bytes": limit,
                  "disk_bandwidth_bps": statistics.median(disks),
                  **{eng: {key: median(rows[eng], key) for key in
@@ -136,7 +137,6 @@ def main() -> int:
                  "baseline_vs_stock": ratio(rows["baseline"], rows["stock"]),
                  "same_text": len({r["text"] for rs in rows.values() for r in rs if r}) == 1}
         result["budgets"].append(entry)
-    bar.close()
     files.write_text(args.out, json.dumps(result, indent=1) + "\n")
     for b in result["budgets"]:
         print(f"{b['budget']}: head {b['head']['decode_tok_s']:.2f} tok/s at "

@@ -17,8 +17,6 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from tqdm import tqdm
-
 from edgemoe_bench import bench, cgroup
 from edgemoe_llamacpp import files
 from edgemoe_llamacpp.cache.config import CacheConfig
@@ -65,28 +63,25 @@ def main() -> int:
               "allowance_bytes": allowance, "disk_bandwidth_bps": bandwidth, "tokens": args.tokens,
               "runs": args.runs, "machine": bench.machine_facts(), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
               "budgets": []}
-    engines = [None, *configs]                       # None: stock
-    bar = tqdm(total=len(args.budgets) * args.runs * len(engines), desc="bench configs", unit="run")
+    limits_of = {spec: layout.dense_bytes + parse_budget(spec, layout.expert_bytes) + kv + allowance
+                 for spec in args.budgets}
+
+    def engine(config):
+        return lambda spec: bench.run_child(args.model, stock=config is None, tokens=args.tokens, prompt=bench.PROMPT,
+                                            n_ctx=args.n_ctx, limit=limits_of[spec],
+                                            cache=None if config is None else replace(config, memory_budget=spec))
+
+    engines = {"stock": engine(None), **{label: engine(config) for label, config in configs}}
+    rounds = bench.alternate(engines, args.budgets, args.runs, desc="bench configs")
     for spec in args.budgets:
-        budget = parse_budget(spec, layout.expert_bytes)
-        limit = layout.dense_bytes + budget + kv + allowance
-        runs: dict[str, list[dict]] = {"stock": [], **{label: [] for label, _ in configs}}
-        for r in range(args.runs):
-            shift = r % len(engines)
-            for eng in engines[shift:] + engines[:shift]:
-                label = "stock" if eng is None else eng[0]
-                bar.set_postfix(budget=spec, engine=label)
-                runs[label].append(bench.run_child(args.model, stock=eng is None, tokens=args.tokens, prompt=bench.PROMPT,
-                                                n_ctx=args.n_ctx, limit=limit,
-                                                cache=None if eng is None else replace(eng[1], memory_budget=spec)))
-                bar.update()
+        budget, limit = parse_budget(spec, layout.expert_bytes), limits_of[spec]
+        runs = {label: [one[label] for one in rounds[spec]] for label in engines}
         entry = {"budget": spec, "budget_bytes": budget, "limit_bytes": limit,
                  "stock": bench.engine_summary(runs["stock"]), "configs": []}
         for label, config in configs:
             entry["configs"].append({"label": label, **config.to_dict(budget=False),
                                      **bench.compare(runs[label], runs["stock"], budget, expert_size)})
         result["budgets"].append(entry)
-    bar.close()
     files.write_text(args.out, json.dumps(result, indent=1) + "\n")
     print(f"wrote {args.out}")
     return 0

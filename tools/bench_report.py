@@ -540,7 +540,13 @@ def main() -> None:
         beside = [f for f in sources if f.stem in SHAPES_EXTRA]
         extra.append(bench_report.shapes_section(shapes, [section(f) for f in beside]))
         sources = [f for f in sources if f not in beside]
-    files.write_text(args.out, "\n".join(head + extra + [section(f) for f in sources]))
+    body = [section(f) for f in sources]
+    titles = {f.stem: next((line[3:] for line in text.splitlines() if line.startswith("## ")), "")
+              for f, text in zip(sources, body, strict=True)}
+    quality = results.get(RESULTS / "quality.json")
+    prefill = results.get(RESULTS / "prefill.json")
+    summary = bench_report.summary_section(shapes, quality, prefill, titles)
+    files.write_text(args.out, "\n".join(head + [summary] + extra + body))
     print(f"wrote {args.out} from {len(sources)} result file(s)")
 
 

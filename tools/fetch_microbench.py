@@ -43,7 +43,7 @@ def ra_populate(st, chunks, pool):
     """The shipped path: readahead(2) of every chunk from the caller, then MADV_POPULATE_READ from the pool."""
     for off, size in chunks:
         pages.readahead(st.fd, off, size)
-    return sum(pool.map(st._populate, chunks))
+    return sum(pool.map(st.populate_chunk, chunks))
 
 
 def ra_populate_pipelined(st, chunks, pool, evict=None):
@@ -52,7 +52,7 @@ def ra_populate_pipelined(st, chunks, pool, evict=None):
     futures = []
     for off, size in chunks:
         pages.readahead(st.fd, off, size)
-        futures.append(pool.submit(st._populate, (off, size)))
+        futures.append(pool.submit(st.populate_chunk, (off, size)))
     if evict is not None:
         evict()
     return sum(f.result() for f in futures)
@@ -60,28 +60,28 @@ def ra_populate_pipelined(st, chunks, pool, evict=None):
 
 def populate_only(st, chunks, pool):
     """MADV_POPULATE_READ alone: the faults read (one page each under MADV_RANDOM)."""
-    return sum(pool.map(st._populate, chunks))
+    return sum(pool.map(st.populate_chunk, chunks))
 
 
 def madv_willneed_populate(st, chunks, pool):
     """MADV_WILLNEED on the mapping (the kernel's fadvise WILLNEED on the mapping's file), then populate."""
     for off, size in chunks:
         pages.madvise(st.base + off, size, MADV_WILLNEED)
-    return sum(pool.map(st._populate, chunks))
+    return sum(pool.map(st.populate_chunk, chunks))
 
 
 def fadvise_populate(st, chunks, pool):
     """posix_fadvise(WILLNEED) on storage's fd, then populate."""
     for off, size in chunks:
         os.posix_fadvise(st.fd, off, size, os.POSIX_FADV_WILLNEED)
-    return sum(pool.map(st._populate, chunks))
+    return sum(pool.map(st.populate_chunk, chunks))
 
 
 def ra_in_task(st, chunks, pool):
     """Each pool task reads ahead its own chunk and populates it: submission spread over the threads."""
     def one(chunk):
         pages.readahead(st.fd, *chunk)
-        return st._populate(chunk)
+        return st.populate_chunk(chunk)
     return sum(pool.map(one, chunks))
 
 
@@ -94,7 +94,7 @@ def pread_populate(st, chunks, pool):
     """pread into a reused buffer, then MADV_POPULATE_READ of the same chunk (pages now cached: mapping only)."""
     def one(chunk):
         _pread(st, chunk)
-        return st._populate(chunk)
+        return st.populate_chunk(chunk)
     return sum(pool.map(one, chunks))
 
 
@@ -164,7 +164,7 @@ def miss_sets(layout, k: int, n: int, rng: random.Random) -> list[list[ExpertUID
 
 
 def cold(st, path: str) -> None:
-    st._drop(list(st.tensor_spans.values()))
+    st.drop_spans(list(st.tensor_spans.values()))
     limits.drop_file_cache(path)
 
 

@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 
-from edgemoe_llamacpp.cache.dense_hold import check_mode
+from edgemoe_llamacpp.cache.dense_hold import HOLD_MODES, check_mode
 from edgemoe_llamacpp.cache.predict import MAX_DEPTH, PREDICTORS
 from edgemoe_llamacpp.cache.residency import DEFAULT_POLICY, POLICIES, ExpertCache, read_budget
 from edgemoe_llamacpp.checks import is_int, is_real
@@ -27,18 +27,24 @@ class CacheConfig:
     memory_budget: str | int | None = field(default=None, metadata={
         "help": "Expert memory: bytes, 800MB, 1.5GiB or 50% of the expert bytes; unset for no limit."})
     policy: str = field(default=DEFAULT_POLICY, metadata={
+        "choices": POLICIES,
         "help": f"Which expert to evict: {', '.join(POLICIES)} (nextuse: the one whose next use, estimated from "
                 "how often it is chosen and when its layer runs again, lies farthest)."})
     predictor: str | None = field(default=None, metadata={
+        "choices": PREDICTORS,
         "help": f"Predict the next layers' experts and read them ahead: {', '.join(PREDICTORS)}; unset (or none) "
                 "for no prefetch."})
-    prefetch_depth: int = field(default=1, metadata={"help": "MoE layers ahead to prefetch."})
-    prefetch_threads: int = field(default=2, metadata={"help": "Background readers for prefetches."})
-    fetch_threads: int = field(default=4, metadata={"help": "Parallel readers for expert fetches."})
+    prefetch_depth: int = field(default=1, metadata={"range": (1, MAX_DEPTH), "help": "MoE layers ahead to prefetch."})
+    prefetch_threads: int = field(default=2, metadata={"range": (1, MAX_THREADS),
+                                                       "help": "Background readers for prefetches."})
+    fetch_threads: int = field(default=4, metadata={"range": (1, MAX_THREADS),
+                                                    "help": "Parallel readers for expert fetches."})
     hold_dense: str = field(default="auto", metadata={
+        "choices": HOLD_MODES,
         "help": "Under a budget, hold the dense weights where the kernel cannot reclaim them: mlock, copy (an "
                 "anonymous copy), auto (mlock where allowed, else copy) or off."})
     substitute: float | None = field(default=None, metadata={
+        "range": (0.0, 1.0), "open_high": True,
         "help": "Run a missed expert from its low-bit copy (convert --lowbit) when the experts ranked above it "
                 "carry more than this share of the gate weight; changes the output. Unset: never."})
 
@@ -67,7 +73,14 @@ class CacheConfig:
 
     @classmethod
     def help(cls, name: str) -> str:
-        return next(f.metadata["help"] for f in fields(cls) if f.name == name)
+        return cls.option(name)["help"]
+
+    @classmethod
+    def option(cls, name: str) -> dict:
+        """What the CLI's flags and the server's settings are made from: a field's `help`, and its `choices` (a
+        tuple of strings) or `range` ((low, high), high excluded with `open_high`); memory_budget has neither
+        (a size or a share, read by read_budget)."""
+        return dict(next(f.metadata for f in fields(cls) if f.name == name))
 
     def to_dict(self, *, budget: bool = True) -> dict:
         """The fields by name (JSON-able); budget=False leaves memory_budget out (a benchmark records its budgets

@@ -9,7 +9,6 @@ The cache chooses victims once per batch (one `ensure`, one `prefetch`) from the
 """
 from __future__ import annotations
 
-import contextlib
 import enum
 import logging
 import math
@@ -21,9 +20,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from edgemoe_llamacpp.cache.hobbit import Hobbit
-from edgemoe_llamacpp.cache.ledger import LayerStats, Ledger
+from edgemoe_llamacpp.cache.ledger import Ledger
 from edgemoe_llamacpp.cache.policies import LFU, LRU, POLICIES, USE_DECAY, Distance, NextUse, Policy
-from edgemoe_llamacpp.cache.storage import ExpertStorage, tensor_span
+from edgemoe_llamacpp.cache.readahead import ReadAhead
+from edgemoe_llamacpp.cache.spans import tensor_span
+from edgemoe_llamacpp.cache.storage import ExpertStorage
 from edgemoe_llamacpp.errors import ArgumentError, BudgetError
 from edgemoe_llamacpp.gguf.layout import ExpertUID, MoELayout
 
@@ -31,8 +32,6 @@ from edgemoe_llamacpp.gguf.layout import ExpertUID, MoELayout
 __all__ = ["DEFAULT_POLICY", "POLICIES", "USE_DECAY", "Budget", "BudgetMode", "ExpertCache", "ExpertUID",
            "make_policy", "parse_budget", "read_budget", "tensor_span"]
 log = logging.getLogger(__name__)
-# a prompt batch reads a later layer's experts whole once it will use at least this share of them (expected)
-BATCH_COVERAGE = 0.9
 
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2, "mib": 1024**2,
           "g": 1000**3, "gb": 1000**3, "gib": 1024**3, "t": 1000**4, "tb": 1000**4, "tib": 1024**4}
@@ -98,6 +97,20 @@ def make_policy(name: str, layer_pos: dict[int, int], *, use_decay: float | None
 DEFAULT_POLICY = "nextuse"
 
 
+def settle_budget(budget: int | None, layout: MoELayout, full: int) -> tuple[int | None, BudgetMode]:
+    """The budget the cache holds, and its mode, for a budget asked of a model whose experts cost `full` bytes
+    in whole pages. One that reaches every expert byte holds every expert: it is what they cost (page rounding
+    counts pages shared by two experts twice), 100% or 1TiB alike; more is memory no expert will ever take."""
+    if budget is not None and budget >= layout.expert_bytes:
+        if budget > full:
+            log.warning("memory budget %s bytes is more than every expert of %s takes: capped at %s bytes "
+                        "(every expert, as 100%%)", f"{budget:,}", layout.path, f"{full:,}")
+        budget = full
+    mode = BudgetMode.UNLIMITED if budget is None else \
+        BudgetMode.HOLDS_ALL if budget >= full else BudgetMode.STREAMING
+    return budget, mode
+
+
 class BudgetMode(enum.Enum):
     """What a budget asks of the cache, decided once (ExpertCache.mode) from the budget and what every expert
     costs in whole pages."""
@@ -111,7 +124,7 @@ class BudgetMode(enum.Enum):
         return self is BudgetMode.STREAMING
 
 
-class ExpertCache:
+class ExpertCache(ReadAhead):
     """Resident experts under a byte budget, evicted by a policy, fetched/dropped in llama.cpp's file mapping."""
 
     storage_class = ExpertStorage
@@ -136,21 +149,9 @@ class ExpertCache:
         self.inflight: dict[ExpertUID, Future] = {}   # prefetch reads not yet waited for
         self.max_inflight = 0                       # bytes in flight at most; 0 = prefetch off
         self._needed: set[ExpertUID] = set()        # the experts of the layer llama.cpp is about to compute
-        # the least a budget must hold: the largest experts one token can choose in one layer
-        k, cost = layout.n_expert_used, self.storage.cost
-        self.min_budget = max(sum(sorted(c for uid, c in cost.items() if uid.layer == layer and not uid.low)[-k:])
-                              for layer in layout.moe_layers)
-        full = self.storage.full_cost
-        if budget is not None and budget >= layout.expert_bytes:
-            # every expert may be resident: the budget is what they cost (page rounding counts pages shared by
-            # two experts twice), 100% or 1TiB alike; more is memory no expert will ever take
-            if budget > full:
-                log.warning("memory budget %s bytes is more than every expert of %s takes: capped at %s bytes "
-                            "(every expert, as 100%%)", f"{budget:,}", layout.path, f"{full:,}")
-            self.budget = budget = full
-        self.mode = BudgetMode.UNLIMITED if budget is None else \
-            BudgetMode.HOLDS_ALL if budget >= full else BudgetMode.STREAMING
-        self.capacity = budget          # what eviction holds experts to (the budget less pinned pages)
+        self.min_budget = self.storage.one_layer_cost()    # the least a budget must hold
+        self.budget, self.mode = settle_budget(budget, layout, self.storage.full_cost)
+        budget = self.capacity = self.budget
         # Room kept free for the next layer's misses: after each layer, eviction brings the experts down to the
         # capacity less this, and their pages are dropped on the drop thread while llama.cpp computes; the next
         # layer's misses then read at once instead of dropping first. One layer's chosen experts at most.
@@ -280,94 +281,6 @@ class ExpertCache:
         """A new prompt: per-sequence statistics ("hobbit") start again."""
         self.eviction.new_sequence()
 
-    # ------------------------------------------------------------------ prefetch
-    def enable_prefetch(self, max_inflight: int) -> None:
-        """Allow up to `max_inflight` bytes of prefetch reads at once (never more than the budget leaves
-        beside the largest set of experts one layer may need). Nothing to prefetch without a budget, or with
-        one that holds every expert."""
-        if self.mode.streams:
-            self.max_inflight = max_inflight
-
-    def prefetch(self, layer: int, experts) -> None:
-        """Start reading predicted `experts` of a later `layer` in the background, best first. Room is made by
-        the policy, but never by evicting the experts the current layer needs or reads still in flight; the
-        predictions from the first that does not fit (in flight at most, or in what eviction can free) on
-        are dropped. One walk of the policy's order serves them all, as if each evicted in turn."""
-        if not self.max_inflight:
-            return
-        bound = min(self.max_inflight, self.capacity - self.min_budget)
-        if bound > 0:
-            self._read_ahead(layer, experts, bound, together=False)
-
-    def prefetch_batch(self, after: int, tokens: int) -> None:
-        """A prompt batch of `tokens` tokens is computing MoE layer `after`: read the next MoE layer's experts now,
-        in one pass of large sequential reads, if the batch will use nearly all of them (k of n experts per
-        token: each is left out by all T tokens with probability (1 - k/n)^T; read when that is under
-        BATCH_COVERAGE's complement). Room: the budget less the current layer's experts; never those or reads
-        in flight."""
-        k, n = self.layout.n_expert_used, self.layout.n_expert
-        pos = self.layer_pos[after] + 1
-        if not self.mode.streams or pos == len(self.layer_pos) or \
-                (1 - k / n) ** tokens > 1 - BATCH_COVERAGE:
-            return
-        layer = self.layout.moe_layers[pos]
-        bound = self.capacity - sum(self.storage.cost[u] for u in self._needed)
-        if bound > 0:
-            self._read_ahead(layer, range(n), bound, together=True)
-
-    def _read_ahead(self, layer: int, experts, bound: int, *, together: bool) -> None:
-        """prefetch's walk: `experts` of `layer` best first, up to `bound` bytes in flight; together=True reads them
-        as one request (storage.submit_many) instead of one per expert."""
-        self._reap()
-        cost, resident = self.storage.cost, self.ledger.resident
-        keep = self._needed | self.inflight.keys()
-        in_flight = sum(cost[u] for u in self.inflight)
-        held = self.ledger.resident_bytes          # less the victims so far, plus the predictions taken
-        victims: dict[ExpertUID, None] = {}
-        batch: dict[ExpertUID, None] = {}
-        with contextlib.closing(self.eviction.ranked()) as order:
-            for e in experts:
-                uid = ExpertUID(layer, int(e))
-                if uid in batch or (uid in resident and uid not in victims):
-                    continue
-                if in_flight + cost[uid] > bound:
-                    break
-                while held > self.capacity - cost[uid] and (v := next(order, None)) is not None:
-                    if v not in keep:
-                        victims[v] = None
-                        held -= resident[v]
-                if held > self.capacity - cost[uid]:
-                    break
-                batch[uid] = None
-                held += cost[uid]
-                in_flight += cost[uid]
-        for uid in victims:
-            self.evict(uid)
-        for uid in batch:
-            self.ledger.admit_prefetch(uid, cost[uid])
-            self.eviction.add(uid)
-        if together and batch:
-            read = self.storage.submit_many(list(batch))
-            self.inflight.update(dict.fromkeys(batch, read))
-            return
-        for uid in batch:
-            self.inflight[uid] = self.storage.submit(uid)
-
-    def _reap(self) -> None:
-        for uid in [u for u, f in self.inflight.items() if f.done()]:
-            self.inflight.pop(uid).result()
-
-    def _wait(self, uid: ExpertUID, st: LayerStats) -> bool:
-        """Wait for a prefetch of `uid` still in flight; True if llama.cpp had to wait."""
-        fut = self.inflight.pop(uid, None)
-        if fut is None:
-            return False
-        late = not fut.done()
-        t0 = time.perf_counter()
-        fut.result()
-        st.stall_s += time.perf_counter() - t0
-        return late
-
     # ------------------------------------------------------------------ evict
     def _evict_to(self, target: int, keep: set[ExpertUID]) -> None:
         """Evict by the policy until at most `target` bytes are resident, sparing `keep` (as near as it can)."""
@@ -408,25 +321,6 @@ class ExpertCache:
         """Expert bytes in memory as the kernel reports them (mincore over every expert tensor; of the model's
         file `file` alone if given)."""
         return self.storage.measured_resident_bytes(file)
-
-    def counters(self) -> tuple:
-        """What summary() reports, copied cheaply (plain numbers and per-layer dicts): taken after every
-        evaluation, formatted only when read."""
-        return (self.ledger.resident_bytes, len(self.ledger.resident), self.storage.pinned_edge_bytes,
-                {layer: vars(s).copy() for layer, s in self.ledger.stats.layers.items()}, self.storage.major_faults)
-
-    def summary(self, counters: tuple | None = None) -> dict:
-        resident_bytes, resident_experts, pinned, layers, reader_faults = counters or self.counters()
-        tot = {k: sum(s[k] for s in layers.values()) for k in vars(LayerStats())}
-        lookups = tot["hits"] + tot["misses"]
-        return {
-            "budget_bytes": self.budget, "policy": self.policy, "resident_expert_bytes": resident_bytes,
-            "substitute": self.substitute, "lowbit_type": self.layout.lowbit_type,
-            "resident_experts": resident_experts, "expert_bytes": self.layout.expert_bytes,
-            "pinned_edge_bytes": pinned, "reader_major_faults": reader_faults,
-            "total": {**tot, "hit_rate": tot["hits"] / lookups if lookups else None},
-            "layers": [{"layer": layer, **s} for layer, s in layers.items()],
-        }
 
     def close(self) -> None:
         self.storage.close()

@@ -20,32 +20,14 @@ import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from edgemoe_llamacpp import pages
-from edgemoe_llamacpp.gguf.layout import FILE_BITS, LOWBIT, ExpertUID, MoELayout
+from edgemoe_llamacpp.cache.spans import ExpertPages, clip, file_span
+from edgemoe_llamacpp.gguf.constants import FILE_BITS, LOWBIT
+from edgemoe_llamacpp.gguf.layout import ExpertUID, MoELayout
 
 log = logging.getLogger(__name__)
 
 READ_CHUNK = 1 << 20          # one pread asks for at most this: full disk speed, little buffer memory
 _OFFSET = (1 << FILE_BITS) - 1
-
-
-def key(file: int, offset: int) -> int:
-    """The storage key of byte `offset` of the model's file `file` (0 for a single file: the offset)."""
-    return file << FILE_BITS | offset
-
-
-def file_span(file: int, span: tuple[int, int]) -> tuple[int, int]:
-    return key(file, span[0]), key(file, span[1])
-
-
-def tensor_span(offset: int, size: int) -> tuple[int, int]:
-    """The whole pages inside a tensor. A page it shares with a neighbour tensor counts as dense: dropping it
-    would make the neighbour fault, and the fault's read-around would pull experts back in."""
-    return -(-offset // pages.PAGE) * pages.PAGE, (offset + size) // pages.PAGE * pages.PAGE
-
-
-def clip(span: tuple[int, int], bounds: tuple[int, int]) -> tuple[int, int]:
-    a = max(span[0], bounds[0])
-    return a, max(a, min(span[1], bounds[1]))
 
 
 def _thread_major_faults() -> int:
@@ -77,23 +59,18 @@ def _all_of(parts: list[Future]) -> Future:
     return out
 
 
-class ExpertStorage:
-    """Each expert's pages and their cost; fetch (demand reads on one pool, prefetch reads on another) and
-    drop them in llama.cpp's mapping of the file, based at `base` once attached."""
+class ExpertStorage(ExpertPages):
+    """Fetch experts' pages (demand reads on one pool, prefetch reads on another) and drop them, in llama.cpp's
+    mapping of the file, based at `base` once attached (ExpertPages: which pages are whose, and their cost)."""
 
     def __init__(self, layout: MoELayout, *, threads: int = 4, prefetch_threads: int = 2):
-        self.layout = layout
+        super().__init__(layout)
         self.bases = [0] * len(layout.files)          # per file: address of its offset 0 in llama.cpp's mapping
         self.mapped = [file_span(i, (0, size)) for i, size in enumerate(layout.file_sizes)]   # what llama.cpp keeps
         # Fetch into llama.cpp's mapping (readahead + MADV_POPULATE_READ): the experts arrive mapped and
-        # referenced, so memory pressure reclaims other pages first, and no copy is made. Measured under a
-        # 50% cgroup limit: 4.5 tok/s and 2,408 major faults/token against 3.2 and 4,334 with pread.
+        # referenced, so memory pressure reclaims other pages first, and no copy is made; pread takes more
+        # major faults under a cgroup limit (BENCHMARKS.md).
         self.populate = True
-        self.tensor_spans = {t.name: file_span(t.file, tensor_span(t.offset, t.nbytes)) for t in layout.expert_tensors}
-        self.tensor_spans |= {LOWBIT + t.name: file_span(t.low.file, tensor_span(t.low.offset, t.low.stride * t.count))
-                              for t in layout.expert_tensors if t.low is not None}
-        self.pinned_edge_bytes = 0    # edge pages the kernel would not drop (see drop_all): counted as dense
-        self._set_spans()
         self._open(threads, prefetch_threads)
 
     def _open(self, threads: int, prefetch_threads: int) -> None:
@@ -114,40 +91,6 @@ class ExpertStorage:
         self.major_faults = 0
         self._faults_lock = threading.Lock()
 
-    def _set_spans(self) -> None:
-        """Each expert's pages (whole pages inside its tensor's span) and their cost."""
-        self.spans: dict[ExpertUID, list[tuple[int, int]]] = {}
-        self.cost: dict[ExpertUID, int] = {}
-        self.edge_owners: dict[int, list[ExpertUID]] = {}     # first or last page of a span -> the experts it is of
-        for x in self.layout.experts:
-            self._add(ExpertUID(x.layer, x.expert), x.ranges)
-        self.full_cost = sum(self.cost.values())      # every expert at full precision
-        for (layer, e), ranges in self.layout.low_experts.items():
-            self._add(ExpertUID(layer, e, True), ranges)
-
-    def _add(self, uid: ExpertUID, ranges) -> None:
-        spans = [clip(file_span(r.file, pages.page_span(r.offset, r.size)), self.tensor_spans[r.tensor])
-                 for r in ranges]
-        self.spans[uid] = spans
-        self.cost[uid] = sum(b - a for a, b in spans)
-        for a, b in spans:
-            if b > a:
-                self.edge_owners.setdefault(a, []).append(uid)
-                self.edge_owners.setdefault(b - pages.PAGE, []).append(uid)
-
-    def unshared_spans(self, uid: ExpertUID, resident) -> list[tuple[int, int]]:
-        """`uid`'s spans less the edge pages it shares with an expert in `resident` (experts not whole pages
-        share a page with each neighbour): dropping one would make the neighbour fault it back."""
-        out = []
-        for a, b in self.spans[uid]:
-            if b > a and any(o != uid and o in resident for o in self.edge_owners[a]):
-                a += pages.PAGE
-            if b > a and any(o != uid and o in resident for o in self.edge_owners[b - pages.PAGE]):
-                b -= pages.PAGE
-            if b > a:
-                out.append((a, b))
-        return out
-
     def attach(self, bases, mapped=None) -> None:
         """Bind to llama.cpp's mappings: `bases[i]` is the address of file i's offset 0, `mapped[i]` the (start,
         end) offsets of file i it keeps mapped (default: whole files)."""
@@ -163,7 +106,7 @@ class ExpertStorage:
         """Where the byte keyed `at` lies in llama.cpp's mapping."""
         return self.bases[at >> FILE_BITS] + (at & _OFFSET)
 
-    def _fd(self, at: int) -> int:
+    def fd_of(self, at: int) -> int:
         return self.fds[at >> FILE_BITS]
 
     def in_memory(self, uid: ExpertUID) -> bool:
@@ -185,10 +128,10 @@ class ExpertStorage:
         if self.populate:
             try:
                 for off, size in chunks:       # queue every read at once, then map them as they land
-                    pages.readahead(self._fd(off), off & _OFFSET, size)
+                    pages.readahead(self.fd_of(off), off & _OFFSET, size)
                 if not wait:
                     return sum(size for _, size in chunks)
-                return sum(self.pool.map(self._populate, chunks))
+                return sum(self.pool.map(self.populate_chunk, chunks))
             except OSError as e:               # MADV_POPULATE_READ needs Linux 5.14
                 log.warning("mapped fetch unavailable (%s): reading with pread", e)
                 self.populate = False
@@ -214,8 +157,8 @@ class ExpertStorage:
         try:
             if self.populate:
                 for off, size in chunks:
-                    pages.readahead(self._fd(off), off & _OFFSET, size)
-                return sum(self._populate(c) for c in chunks)
+                    pages.readahead(self.fd_of(off), off & _OFFSET, size)
+                return sum(self.populate_chunk(c) for c in chunks)
         except OSError as e:
             log.debug("read ahead by mapping failed (%s): pread", e)
         return sum(self._read(c) for c in chunks)
@@ -223,7 +166,7 @@ class ExpertStorage:
     def _read_expert(self, uid: ExpertUID) -> int:
         return self._read_chunks(self._chunks([uid]))
 
-    def _populate(self, chunk: tuple[int, int]) -> int:
+    def populate_chunk(self, chunk: tuple[int, int]) -> int:
         off, size = chunk
         before = _thread_major_faults()
         try:
@@ -237,7 +180,7 @@ class ExpertStorage:
         if buf is None:
             buf = self._local.buf = bytearray(READ_CHUNK)
         off, size = chunk
-        return os.preadv(self._fd(off), [memoryview(buf)[:size]], off & _OFFSET)
+        return os.preadv(self.fd_of(off), [memoryview(buf)[:size]], off & _OFFSET)
 
     def _count_faults(self, before: int) -> None:
         n = _thread_major_faults() - before
@@ -248,14 +191,14 @@ class ExpertStorage:
     # ------------------------------------------------------------------ drop
     def drop(self, uid: ExpertUID, resident=()) -> None:
         """Drop `uid`'s pages, but for edge pages it shares with experts in `resident`."""
-        self._drop(self.unshared_spans(uid, resident))
+        self.drop_spans(self.unshared_spans(uid, resident))
 
     def drop_later(self, uids: list[ExpertUID], resident=()) -> None:
         """Drop `uids` on the drop thread (but for edge pages shared with experts in `resident`); `settle` waits for
         it. The caller reads nothing into the room they free before settling, so memory holds what the budget
         counts."""
         spans = [s for u in uids for s in self.unshared_spans(u, resident)]
-        self._drops.append(self.drop_pool.submit(self._drop, spans))
+        self._drops.append(self.drop_pool.submit(self.drop_spans, spans))
 
     def settle(self) -> None:
         """Wait for every drop started by drop_later."""
@@ -265,12 +208,12 @@ class ExpertStorage:
 
     def drop_low_copies(self) -> None:
         """Release every low-bit copy's pages (a budget that holds every expert never runs them)."""
-        self._drop([s for name, s in self.tensor_spans.items() if name.startswith(LOWBIT)])
+        self.drop_spans([s for name, s in self.tensor_spans.items() if name.startswith(LOWBIT)])
 
-    def _drop(self, spans) -> None:
+    def drop_spans(self, spans) -> None:
         for a, b in spans:
             pages.madvise(self.address(a), b - a, pages.MADV_DONTNEED)
-            pages.fadvise_dontneed(self._fd(a), a & _OFFSET, b - a)
+            pages.fadvise_dontneed(self.fd_of(a), a & _OFFSET, b - a)
 
     def drop_all(self) -> None:
         """Start-up: release every expert page the load pulled in. Edge pages that still would not drop are
@@ -279,8 +222,8 @@ class ExpertStorage:
         for fd in self.fds:
             pages.flush(fd)       # dirty pages (a file just written or copied) cannot be dropped
         whole = list(self.tensor_spans.values())
-        self._drop(whole)
-        self._split_edge_folios(whole)
+        self.drop_spans(whole)
+        split_edge_folios(self, whole)
         # Whatever edge pages still would not drop (a folio another process maps, say) stay resident for good:
         # count them as dense and leave them out of every expert's span.
         for name, (a, b) in self.tensor_spans.items():
@@ -295,27 +238,6 @@ class ExpertStorage:
         # on one then reads that page alone, not a read-ahead window of neighbouring experts (8 MB here).
         for a, b in whole:
             pages.madvise(self.address(a), b - a, pages.MADV_RANDOM)
-
-    def _split_edge_folios(self, spans: list[tuple[int, int]]) -> None:
-        """The load reads the file in large page-cache folios (up to 2 MiB, naturally aligned); one that
-        straddles a tensor edge stays mapped for its dense part and cannot be dropped. Unmap and drop the
-        aligned block around each edge, then read its dense pages back one page at a time (this fd reads
-        without readahead): the block's folios then end at the edge, and its expert pages can be dropped."""
-        block = pages.MAX_FOLIO_PAGES * pages.PAGE
-        # an edge whose expert-side page dropped has no straddling folio (a load that read the dense ranges in
-        # exact pieces, loading.read_dense, leaves none): nothing to split or read back there
-        edges = {x for a, b in spans for x, page in ((a, a), (b, b - pages.PAGE))
-                 if x % block and b > a and pages.mincore_pages(self.address(page), pages.PAGE)[0] & 1}
-        for x in sorted(edges):
-            lo, hi = clip((x // block * block, x // block * block + block), self.mapped[x >> FILE_BITS])
-            dense = [(lo, hi)]
-            for a, b in spans:
-                dense = [piece for c, d in dense for piece in ((c, min(d, a)), (max(c, b), d)) if piece[0] < piece[1]]
-            self._drop([(lo, hi)])
-            for a, b in dense:
-                for off in range(a, b, READ_CHUNK):
-                    os.pread(self._fd(off), min(READ_CHUNK, b - off), off & _OFFSET)
-            pages.madvise(self.address(lo), hi - lo, pages.MADV_RANDOM)
 
     # ------------------------------------------------------------------ measurement
     def measured_resident_bytes(self, file: int | None = None) -> int:
@@ -332,3 +254,25 @@ class ExpertStorage:
         fds, self.fds = self.fds, []
         for fd in fds:
             os.close(fd)
+
+
+def split_edge_folios(storage: ExpertStorage, spans: list[tuple[int, int]]) -> None:
+    """The load reads the file in large page-cache folios (up to 2 MiB, naturally aligned); one that
+    straddles a tensor edge stays mapped for its dense part and cannot be dropped. Unmap and drop the
+    aligned block around each edge, then read its dense pages back one page at a time (this fd reads
+    without readahead): the block's folios then end at the edge, and its expert pages can be dropped."""
+    block = pages.MAX_FOLIO_PAGES * pages.PAGE
+    # an edge whose expert-side page dropped has no straddling folio (a load that read the dense ranges in
+    # exact pieces, loading.read_dense, leaves none): nothing to split or read back there
+    edges = {x for a, b in spans for x, page in ((a, a), (b, b - pages.PAGE))
+             if x % block and b > a and pages.mincore_pages(storage.address(page), pages.PAGE)[0] & 1}
+    for x in sorted(edges):
+        lo, hi = clip((x // block * block, x // block * block + block), storage.mapped[x >> FILE_BITS])
+        dense = [(lo, hi)]
+        for a, b in spans:
+            dense = [piece for c, d in dense for piece in ((c, min(d, a)), (max(c, b), d)) if piece[0] < piece[1]]
+        storage.drop_spans([(lo, hi)])
+        for a, b in dense:
+            for off in range(a, b, READ_CHUNK):
+                os.pread(storage.fd_of(off), min(READ_CHUNK, b - off), off & _OFFSET)
+        pages.madvise(storage.address(lo), hi - lo, pages.MADV_RANDOM)

@@ -93,6 +93,26 @@ def _ffn(w: list[np.ndarray], x: np.ndarray) -> np.ndarray:
     return (_silu(x @ gate.T) * (x @ up.T)) @ down.T
 
 
+def _each_expert(measure, layout: MoELayout, stop: threading.Event, progress: bool) -> None:
+    """measure(li, layer, e) for every expert of every MoE layer, on a thread per core (ggml's quantizers and numpy's
+    matmuls release the GIL), one expert each, with a progress bar. Interrupted or failed, `stop` is set: queued
+    experts are never measured, and nothing waits for the ones being measured (they end at their next step)."""
+    n_l, n_e = len(layout.moe_layers), layout.n_expert
+    pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 1)
+    try:
+        with tqdm(total=n_l * n_e, desc="measure expert costs", unit="expert", disable=not progress) as bar:
+            jobs = [pool.submit(measure, li, layer, e) for li, layer in enumerate(layout.moe_layers)
+                    for e in range(n_e)]
+            for job in as_completed(jobs):
+                job.result()
+                bar.update(1)
+    except BaseException:
+        stop.set()
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown()
+
+
 def measure_costs(model: str, prof: Profile, types=quant.PLAN_TYPES, progress: bool = True,
                   imatrix: dict[str, np.ndarray] | None = None) -> dict:
     """cost[l, e, a, b] for every MoE layer l, expert e, gate/up type a and down type b, and nbytes[l, a, b]
@@ -113,6 +133,7 @@ def measure_costs(model: str, prof: Profile, types=quant.PLAN_TYPES, progress: b
     off = np.zeros((n_l, n_e, len(SWIGLU), n_t), dtype=bool)          # quantized better without the imatrix
     # the K-quants are tried without the importance matrix too (the i-quants are built around one)
     both_ways = [imatrix is not None and t.endswith("_K") for t in types]
+    stop = threading.Event()              # set on an interrupt: the experts being measured end at their next type
 
     def measure(li: int, layer: int, e: int) -> None:
         n = int(prof.input_count[li, e])
@@ -144,21 +165,7 @@ def measure_costs(model: str, prof: Profile, types=quant.PLAN_TYPES, progress: b
                 d = (h @ down.T - ref).astype(np.float64)
                 cost[li, e, a, b] = share[li, e] * float(np.mean(w2 * (d ** 2).sum(1)))
 
-    # ggml's quantizers and numpy's matmuls release the GIL: one thread per core, one expert each
-    stop = threading.Event()              # set on an interrupt: the experts being measured end at their next type
-    pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 1)
-    try:
-        with tqdm(total=n_l * n_e, desc="measure expert costs", unit="expert", disable=not progress) as bar:
-            jobs = [pool.submit(measure, li, layer, e) for li, layer in enumerate(layout.moe_layers)
-                    for e in range(n_e)]
-            for job in as_completed(jobs):
-                job.result()
-                bar.update(1)
-    except BaseException:                 # interrupted or failed: queued experts are never measured, and
-        stop.set()                        # nothing waits for the ones being measured (they end at their next step)
-        pool.shutdown(wait=False, cancel_futures=True)
-        raise
-    pool.shutdown()
+    _each_expert(measure, layout, stop, progress)
     nb = np.array([[[experts.nbytes(layer, k, t) for t in types] for k in SWIGLU] for layer in layout.moe_layers])
     nbytes = (nb[:, 0] + nb[:, 1])[:, :, None] + nb[:, 2][:, None, :]
     n_weights = sum(experts.n_weights(layer) for layer in layout.moe_layers) * n_e

@@ -36,16 +36,17 @@ from edgemoe_llamacpp import files
 from edgemoe_llamacpp.convert.imatrix import check as check_imatrix
 from edgemoe_llamacpp.errors import EdgeMoEError
 from edgemoe_llamacpp.gguf import quant
-from edgemoe_llamacpp.gguf.layout import (
+from edgemoe_llamacpp.gguf.constants import (
+    CHECKSUM_NAMES,
+    CHECKSUM_SHA256,
     EDGEMOE_PREFIX,
     EXPERT_TYPES,
+    FORMAT_VERSION,
     GUARD,
     LOWBIT,
     REQUIRED_FEATURES,
-    ExpertTensor,
-    MoELayout,
-    read_layout,
 )
+from edgemoe_llamacpp.gguf.layout import ExpertTensor, MoELayout, read_layout
 from edgemoe_llamacpp.gguf.shards import (
     SPLIT_COUNT,
     SPLIT_KEYS,
@@ -57,9 +58,6 @@ from edgemoe_llamacpp.gguf.shards import (
 )
 
 ALIGNMENT = mmap.PAGESIZE
-FORMAT_VERSION = 1
-CHECKSUM_NAMES = "edgemoe.checksum.tensors"
-CHECKSUM_SHA256 = "edgemoe.checksum.sha256"
 _PLACEHOLDER = "0" * 64
 
 

@@ -8,15 +8,10 @@ import os
 import numpy as np
 from tqdm import tqdm
 
-from edgemoe_llamacpp.convert.rewrite import (
-    CHECKSUM_NAMES,
-    CHECKSUM_SHA256,
-    FORMAT_VERSION,
-    GUARD,
-    tensor_sha256,
-)
+from edgemoe_llamacpp.convert.rewrite import tensor_sha256
 from edgemoe_llamacpp.errors import BadModelError
 from edgemoe_llamacpp.gguf import quant
+from edgemoe_llamacpp.gguf.constants import CHECKSUM_NAMES, CHECKSUM_SHA256, FORMAT_VERSION, GUARD
 from edgemoe_llamacpp.gguf.layout import ExpertRange, MoELayout, read_layout
 from edgemoe_llamacpp.gguf.shards import open_gguf
 

@@ -206,6 +206,9 @@ def install(wheel: Path, python: str, target_dir: str | None) -> None:
     print(f"installed llama-cpp-python {want}", flush=True)
 
 
+HELP = "build llama-cpp-python with edgemoe's patches (cached) and install it"
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stock", action="store_true", help="build llama-cpp-python without the patches")
     p.add_argument("--native", action="store_true",

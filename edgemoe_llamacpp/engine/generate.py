@@ -21,7 +21,8 @@ if TYPE_CHECKING:
 def kv_cache_bytes(path: str, n_ctx: int) -> int:
     """F16 K and V for every layer at n_ctx (llama.cpp's default cache type); of a split model, from shard 1's
     metadata (the only shard that has it)."""
-    from edgemoe_llamacpp.gguf.layout import read_header, read_layout
+    from edgemoe_llamacpp.gguf.header import read_header
+    from edgemoe_llamacpp.gguf.layout import read_layout
 
     fields = read_header(read_layout(path).path).fields
     arch = fields["general.architecture"].contents()
@@ -60,8 +61,9 @@ class _EvalClock:
 
     def __init__(self, llm):
         self.llm, self.eval, self.calls, self.after_prompt = llm, llm.eval, [], None
-        self.cache = getattr(llm, "_edgemoe_cache", None)   # stock has none (an injecting stock has a hook)
-        self.hook = llm._edgemoe_hook if self.cache is not None else None
+        engine = getattr(llm, "edgemoe", None)            # stock has none
+        self.cache = engine.cache if engine is not None else None
+        self.hook = engine.hook if engine is not None else None
         self.waits_after_prompt = None
 
     def __call__(self, tokens) -> None:
@@ -120,24 +122,28 @@ class _TextStream:
         return token
 
 
+def check_room(llm, prompt: str) -> None:
+    """The prompt must leave room in the context to generate."""
+    n_prompt = len(llm.tokenize(prompt.encode()))
+    window = min(llm.n_ctx(), len(llm.input_ids))   # llama.cpp pads n_ctx; llama-cpp-python's buffer does not
+    if n_prompt >= window:
+        raise EdgeMoEError(f"the prompt is {n_prompt} tokens; it does not fit a context of {window} "
+                           f"with room to generate (raise --n-ctx)")
+
+
 def generate(model: str, prompt: str, *, max_tokens: int, cache: CacheConfig | None = None, stock: bool = False,
              n_ctx: int = 512, n_threads: int | None = None, temperature: float = 0.0, seed: int = 0,
              repeat_penalty: float = 1.0, record_routing: bool = False, route_injector=None,
              use_extra_bufts: bool = False, on_text: Callable[[str], None] | None = None, **llama_kwargs) -> dict:
-    """Generate once and measure: load time and bytes, prompt and decode speed (timed per evaluation), storage
-    bytes read and major faults of this process for the prompt and for decoding, and the expert statistics
-    (edgemoe, whose experts are kept as `cache` says; stock ignores it). `route_injector`: both engines compute
-    its routing instead of the router's (benchmarks and replay only, engine.injection; the result says so).
-    `use_extra_bufts`: stock with llama.cpp's CPU repack, another compute path than edgemoe's (greedy text can
-    differ); off by default, so that stock computes as edgemoe does (edgemoe never repacks). `on_text`: called
-    with the text as it is generated (`_TextStream`); the result is the same."""
+    """Generate once and measure: load time and bytes, prompt and decode speed, storage bytes read and major faults
+    for the prompt and for decoding, and edgemoe's expert statistics (its experts kept as `cache` says).
+    `route_injector`: both engines compute its routing (engine.injection). `use_extra_bufts`: stock with llama.cpp's
+    CPU repack (off by default: the compute path edgemoe uses). `on_text`: called with the text as it comes."""
     from edgemoe_llamacpp.engine.injection import routing_label
     from edgemoe_llamacpp.engine.llama import Llama, stock_llama
 
-    if not prompt:
-        raise EdgeMoEError("the prompt is empty")
-    if max_tokens < 1:
-        raise EdgeMoEError(f"max_tokens must be at least 1, not {max_tokens}")
+    if not prompt or max_tokens < 1:
+        raise EdgeMoEError("the prompt is empty" if not prompt else f"max_tokens must be at least 1, not {max_tokens}")
     threads = n_threads or os.cpu_count() or 1
     kwargs = dict(n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, seed=seed, verbose=False,
                   **llama_kwargs)
@@ -153,15 +159,11 @@ def generate(model: str, prompt: str, *, max_tokens: int, cache: CacheConfig | N
         raise EdgeMoEError(f"{model}: llama.cpp could not load it ({e})") from None
     try:
         load_s, load_read = time.perf_counter() - loading[1], _io()[0] - loading[0][0]
-        n_prompt = len(llm.tokenize(prompt.encode()))
-        window = min(llm.n_ctx(), len(llm.input_ids))   # llama.cpp pads n_ctx; llama-cpp-python's buffer does not
-        if n_prompt >= window:
-            raise EdgeMoEError(f"the prompt is {n_prompt} tokens; it does not fit a context of {window} "
-                               f"with room to generate (raise --n-ctx)")
+        check_room(llm, prompt)
         clock = llm.eval = _EvalClock(llm)
         if on_text is not None:
             llm.sample = _TextStream(llm, on_text)
-        reads = getattr(llm, "_edgemoe_cache", None)
+        reads = clock.cache
         start = _io(reads)
         out = llm.create_completion(prompt, max_tokens=max_tokens, temperature=temperature, seed=seed,
                                     repeat_penalty=repeat_penalty)
@@ -184,14 +186,19 @@ def generate(model: str, prompt: str, *, max_tokens: int, cache: CacheConfig | N
         result["rss_anon_bytes"] = _rss_anon()
         result["runtime"] = runtime.runtime_info()
         if not stock:
-            result["stats"] = llm.edgemoe_stats()
-            result["hook_us_per_layer"] = result["stats"]["hook_us_per_layer"]
-            result["decode_ms_per_token"] = clock.breakdown()
-            if record_routing:
-                result["trace"] = llm.edgemoe_trace()
+            result.update(_engine_figures(llm, clock, record_routing))
         return result
     finally:
         llm.close()
+
+
+def _engine_figures(llm, clock: _EvalClock, record_routing: bool) -> dict:
+    """What an edgemoe run adds: the expert statistics, decode time by part, and the routing if recorded."""
+    stats = llm.edgemoe_stats()
+    out = {"stats": stats, "hook_us_per_layer": stats["hook_us_per_layer"], "decode_ms_per_token": clock.breakdown()}
+    if record_routing:
+        out["trace"] = llm.edgemoe_trace()
+    return out
 
 
 def _io(cache=None) -> tuple[int, int, int]:

@@ -26,13 +26,11 @@ import llama_cpp
 import numpy as np
 
 from edgemoe_llamacpp import runtime
+from edgemoe_llamacpp.gguf.constants import GGML_OP_MUL_MAT_ID, GGML_TYPE_F32, GGML_TYPE_I32
 
 TOPK = b"ffn_moe_topk"
 TOPK_PREFIX = len(TOPK) + 1          # "ffn_moe_topk-" then the layer number
 DOWN = b"ffn_moe_down-"              # the down projection's MUL_MAT_ID (build_moe_ffn), then the layer number
-GGML_OP_MUL_MAT_ID = 30              # ggml.h enum ggml_op
-GGML_TYPE_I32 = 26                   # ggml.h enum ggml_type
-GGML_TYPE_F32 = 0
 SOURCE_SEARCH_DEPTH = 8              # how many hops up from topk a wanted node may be
 
 

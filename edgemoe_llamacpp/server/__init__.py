@@ -17,38 +17,41 @@ from typing import List, Literal, Optional, Union
 import llama_cpp
 from llama_cpp.server.model import LlamaProxy
 from llama_cpp.server.settings import ModelSettings, ServerSettings
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, create_model, field_validator, model_validator
 
 from edgemoe_llamacpp import files
-from edgemoe_llamacpp.cache.config import MAX_THREADS, CacheConfig
-from edgemoe_llamacpp.cache.dense_hold import HOLD_MODES
-from edgemoe_llamacpp.cache.predict import MAX_DEPTH, PREDICTORS
-from edgemoe_llamacpp.cache.residency import POLICIES
+from edgemoe_llamacpp.cache.config import CacheConfig
 from edgemoe_llamacpp.engine.llama import Llama
 from edgemoe_llamacpp.errors import EdgeMoEError
 
 CACHE_OPTIONS = CacheConfig.names()
-_DEFAULT_CACHE = CacheConfig()
 
 
-def _cache_field(name: str, **bounds):
-    """The model setting for CacheConfig's `name`: its default and help; `bounds` let pydantic name the bad value."""
-    return Field(default=getattr(_DEFAULT_CACHE, name), description=CacheConfig.help(name), **bounds)
+def _cache_fields() -> dict:
+    """The model settings of CacheConfig's fields, from their defaults, help and choices or range
+    (CacheConfig.option), typed with typing.Optional/Union as llama-cpp-python's flag builder reads them;
+    pydantic names a bad value by its bounds."""
+    default = CacheConfig()
+    out = {}
+    for name in CACHE_OPTIONS:
+        option, value = CacheConfig.option(name), getattr(default, name)
+        bounds = {}
+        if "choices" in option:
+            kind = Literal[option["choices"]]
+        elif "range" in option:
+            lo, hi = option["range"]
+            kind, bounds = type(lo), {"ge": lo, "lt" if option.get("open_high") else "le": hi}
+        else:                               # memory_budget: a size or a share, read_budget's to check
+            kind = Union[str, int]  # noqa: UP007
+        out[name] = (Optional[kind] if value is None else kind,
+                     Field(default=value, description=option["help"], **bounds))
+    return out
 
 
-class EdgeMoEModelSettings(ModelSettings):
-    # the flag builder reads typing.Optional and typing.Union, not `X | None`
-    memory_budget: Optional[Union[str, int]] = _cache_field("memory_budget")  # noqa: UP007
-    policy: Literal[POLICIES] = _cache_field("policy")
-    predictor: Optional[Literal[PREDICTORS]] = _cache_field("predictor")
-    prefetch_depth: int = _cache_field("prefetch_depth", ge=1, le=MAX_DEPTH)
-    prefetch_threads: int = _cache_field("prefetch_threads", ge=1, le=MAX_THREADS)
-    fetch_threads: int = _cache_field("fetch_threads", ge=1, le=MAX_THREADS)
-    hold_dense: Literal[HOLD_MODES] = _cache_field("hold_dense")
-    substitute: Optional[float] = _cache_field("substitute", ge=0, lt=1)
+class _ModelSettings(ModelSettings):
     use_mlock: bool = Field(default=False, description="Must stay off: experts are streamed, not locked.")
 
-    @field_validator("predictor", mode="before")
+    @field_validator("predictor", mode="before", check_fields=False)
     @classmethod
     def _none_predictor(cls, value):
         return None if isinstance(value, str) and value.strip().lower() in ("", "none") else value
@@ -63,6 +66,10 @@ class EdgeMoEModelSettings(ModelSettings):
 
     def cache_config(self) -> CacheConfig:
         return CacheConfig(**{name: getattr(self, name) for name in CACHE_OPTIONS})
+
+
+# llama-cpp-python's model settings and the expert cache's, one field per CacheConfig field
+EdgeMoEModelSettings = create_model("EdgeMoEModelSettings", __base__=_ModelSettings, **_cache_fields())
 
 
 class EdgeMoEServerSettings(ServerSettings):
