@@ -355,7 +355,8 @@ def summary_section(shapes: dict[Path, dict], quality: dict | None = None, prefi
                                                          else b.get("decode_ratio"))
             mb = b["edgemoe"]["decode_read_bytes_per_token"]["median"]
             floor = b.get("edgemoe_bytes_vs_floor")
-            budget = b["budget"] if isinstance(b["budget"], str) else f"{b['limit_bytes'] / r['file_bytes']:.0%} limit"
+            budget = b["budget"] if not str(b["budget"]).isdigit() else \
+                f"{int(b['budget']) / 2**30:.1f} GiB (limit {b['limit_bytes'] / r['file_bytes']:.0%} of the file)"
             rows.append(f"| {path.stem}: decode | {budget} | {ratio(vs) if vs else '-'} | "
                         f"{'-' if mb is None else f'{mb / 1e6:.1f}'}{'' if not floor else f' ({floor:.2f}x)'} | "
                         f"{shapes_link.format(path.stem)} |")
