@@ -42,5 +42,7 @@ def test_the_tests_of_what_runs_no_model_pass_without_llama_cpp(name):
     assert proc.returncode == 0, proc.stdout[-3000:]
     last = proc.stdout.strip().splitlines()[-1]
     assert " passed" in last and "error" not in last, last
+    # skipped only for want of the runtime, or where this machine's temp filesystem keeps a file's pages
     skipped = [line for line in proc.stdout.splitlines() if line.startswith("SKIPPED")]
-    assert all("needs llama-cpp-python" in line for line in skipped), skipped
+    assert all("needs llama-cpp-python" in line or "keeps the file's pages in memory" in line
+               for line in skipped), skipped
