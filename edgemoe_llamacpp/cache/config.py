@@ -53,11 +53,10 @@ class CacheConfig:
             raise ArgumentError(f"unknown cache policy {self.policy!r}; choose from {', '.join(POLICIES)}")
         if self.predictor is not None and (not isinstance(self.predictor, str) or self.predictor not in PREDICTORS):
             raise ArgumentError(f"unknown predictor {self.predictor!r}; choose from {', '.join(PREDICTORS)} or None")
-        for name, hi in (("fetch_threads", MAX_THREADS), ("prefetch_threads", MAX_THREADS),
-                         ("prefetch_depth", MAX_DEPTH)):
-            value = getattr(self, name)
-            if not is_int(value) or not 1 <= value <= hi:
-                raise ArgumentError(f"{name} must be an integer from 1 to {hi}, not {value!r}")
+        for name in ("fetch_threads", "prefetch_threads", "prefetch_depth"):      # the bounds: the fields' own
+            (lo, hi), value = self.option(name)["range"], getattr(self, name)
+            if not is_int(value) or not lo <= value <= hi:
+                raise ArgumentError(f"{name} must be an integer from {lo} to {hi}, not {value!r}")
         check_mode(self.hold_dense)
         if self.substitute is not None and not (is_real(self.substitute) and 0 <= self.substitute < 1):
             raise ArgumentError(f"substitute is a share of the gate weight in [0, 1), not {self.substitute!r}")
