@@ -143,9 +143,13 @@ L.stock_llama = spy
 try:
     if "cache" in args:
         args["cache"] = CacheConfig(**args["cache"])
-    trace = args.pop("route_trace", None)
+    trace, oracle = args.pop("route_trace", None), args.pop("oracle", None)
     if trace is not None:
         args["route_injector"] = trace_injector(trace, args["model"])
+    if oracle is not None:
+        from edgemoe_bench.oracle import OraclePredictor
+        from edgemoe_llamacpp.gguf.layout import read_layout
+        args["prefetch_predictor"] = OraclePredictor(read_layout(args["model"]), args["route_injector"], **oracle)
     out = generate(**args)
 except EdgeMoEError as e:
     sys.exit(f"edgemoe: error: {e}")
@@ -177,12 +181,18 @@ def signal_name(returncode: int) -> str | None:
 
 def run_child(model: str, *, stock: bool, tokens: int, prompt: str, n_ctx: int, limit: int | None,
            n_threads: int | None = None, cache: CacheConfig | None = None, stock_repack: bool = True,
-           controller: cgroup.Controller | None = None, route_trace: str | None = None, cold: bool = True) -> dict:
+           controller: cgroup.Controller | None = None, route_trace: str | None = None, cold: bool = True,
+           oracle: dict | None = None) -> dict:
     """One run of `model` in a child process under `limit` bytes (None: no limit), with a cold page cache (or,
     `cold` False, the page cache as it is): stock llama-cpp-python (`stock_repack`: its CPU repack on), or
-    edgemoe keeping experts as `cache` says (routing recorded, for the Belady floor)."""
+    edgemoe keeping experts as `cache` says (routing recorded, for the Belady floor). `oracle`: edgemoe prefetches
+    with edgemoe_bench.oracle's predictor over the injected `route_trace`, these its keywords ({"recall": 0.9})."""
+    if oracle is not None and (stock or route_trace is None):
+        raise ValueError("the oracle predictor reads an injected trace: edgemoe runs with route_trace only")
     args = {"model": model, "prompt": prompt, "max_tokens": tokens, "n_ctx": n_ctx, "n_threads": n_threads,
             "route_trace": route_trace}
+    if oracle is not None:
+        args["oracle"] = oracle
     if stock:
         args.update(stock=True, use_extra_bufts=stock_repack)
     else:

@@ -37,6 +37,14 @@ class TraceInjector:
     def source(self) -> str:
         return self.trace.source
 
+    @property
+    def evaluating(self) -> tuple[int, np.ndarray] | None:
+        """(position of the first token, (n_tokens, n_moe_layers, k) trace rows) of the evaluation under way, once
+        its first MoE layer was injected; None before any."""
+        if self._rows is None:
+            return None
+        return self.position - len(self._rows), self._rows
+
     def rows(self, n_tokens: int) -> np.ndarray:
         """(n_tokens, n_moe_layers, k) trace rows for the tokens at position, position + 1, ... (wrapping)."""
         at = (self.position + np.arange(n_tokens)) % len(self.trace.ids)

@@ -24,6 +24,8 @@ TOOLS = {
     "policy_replay": ["{missing}", "--json", "{out}"],
     "predictor_recall": ["{missing}", "--json", "{out}"],
     "prefill_bench": ["{missing}", "--prompt-tokens", "512", "--json", "{out}"],
+    "prefetch_sweep": ["{missing}", "--out", "{out}"],
+    "routing_fixture": ["{missing}", "--json", "{out}"],
     "quality_fixture": ["{missing}", "--work", "{tmp}/work", "--out", "{out}"],
     "quality_sweep": ["--model", "{missing}", "--work", "{tmp}/work", "--out", "{out}"],
     "server_load": ["--base-url", "http://127.0.0.1:9", "--json", "{out}"],

@@ -34,7 +34,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
-from gguf import QK_K
+from gguf import GGML_QUANT_SIZES, QK_K, GGMLQuantizationType
 
 from edgemoe_llamacpp import files
 from edgemoe_llamacpp.corpus import EOT, is_validation, stdlib_files
@@ -47,8 +47,8 @@ from edgemoe_llamacpp.gguf import quant
 class Config:
     seed: int = 1337
     vocab_size: int = 4096          # byte-level BPE; small so the embedding stays small
-    n_embd: int = 256               # multiple of 256: K-quants (Q2_K..Q6_K) quantize rows of 256
-    n_ff_exp: int = 256             # expert FFN width, multiple of 256 for the same reason
+    n_embd: int = 256               # multiple of 256 for K-quants (Q2_K..Q6_K quantize rows of 256); of 32 at least
+    n_ff_exp: int = 256             # expert FFN width, the same
     n_layer: int = 8
     n_head: int = 4
     n_head_kv: int = 4
@@ -73,6 +73,7 @@ class Config:
 
 # the GGUF types the model can be written at: its matrices at this type; norms and the router stay F32
 EXPORT_TYPES = ("Q8_0", "F16")
+Q8_0_BLOCK = GGML_QUANT_SIZES[GGMLQuantizationType.Q8_0][0]   # 32 values a block
 FIXTURE = Path("tests/fixtures/tiny-moe.gguf")     # the bundled runtime fixture: the default options' model
 
 
@@ -167,24 +168,32 @@ def build_model(cfg: Config):
             probs = F.softmax(self.router(xf), dim=-1)                  # (N, E)
             top_w, top_i = probs.topk(cfg.n_expert_used, dim=-1)        # (N, k)
             top_w = top_w / top_w.sum(-1, keepdim=True)                 # qwen3moe renormalises
-            out = torch.zeros_like(xf)
+            out = self.experts(xf, top_i, top_w)
             flat = top_i.reshape(-1)
-            order = flat.argsort()
-            counts = torch.bincount(flat, minlength=cfg.n_expert).tolist()
-            tok = order // cfg.n_expert_used
-            wts = top_w.reshape(-1)[order]
-            start = 0
-            for e, c in enumerate(counts):
-                if c:
-                    t, w = tok[start:start + c], wts[start:start + c, None]
-                    xe = xf[t]
-                    h = F.silu(xe @ self.w_gate[e].T) * (xe @ self.w_up[e].T)
-                    out.index_add_(0, t, (h @ self.w_down[e].T) * w)
-                start += c
             # Switch load-balancing loss: E * sum_e (fraction routed to e) * (mean prob of e)
             frac = torch.bincount(flat, minlength=cfg.n_expert).float() / flat.numel()
             aux = cfg.n_expert * (frac * probs.mean(0)).sum()
             return out.view(B, T, D), aux, top_i.view(B, T, -1)
+
+        def experts(self, xf, top_i, top_w):
+            """Every token's k experts as three batched matmuls: the (token, expert) pairs sorted by expert into
+            an (E, C, D) batch padded to the busiest expert's count C, the weighted outputs added back per token.
+            (A loop over the experts launches kernels per expert and layer: tens of seconds a step at 64.)"""
+            N, D = xf.shape
+            E, k = cfg.n_expert, cfg.n_expert_used
+            flat = top_i.reshape(-1)
+            order = flat.argsort(stable=True)
+            counts = torch.bincount(flat, minlength=E)
+            sorted_e = flat[order]
+            slot = torch.arange(len(flat)) - (torch.cumsum(counts, 0) - counts)[sorted_e]   # place in its batch
+            index = torch.full((E, int(counts.max())), N, dtype=torch.long)               # N: a zero row, padding
+            index[sorted_e, slot] = order // k
+            xe = torch.cat([xf, xf.new_zeros(1, D)])[index]                                 # (E, C, D)
+            h = F.silu(xe @ self.w_gate.transpose(1, 2)) * (xe @ self.w_up.transpose(1, 2))
+            y = h @ self.w_down.transpose(1, 2)                                             # (E, C, D)
+            out = torch.zeros_like(xf)
+            out.index_add_(0, order // k, y[sorted_e, slot] * top_w.reshape(-1)[order, None])
+            return out
 
     class Block(nn.Module):
         def __init__(self):
@@ -510,9 +519,13 @@ def main() -> None:
             files.tool_output(out, what)
     cfg = Config(**{f.name: getattr(args, f.name) for f in fields(Config)})
     for name in ("n_embd", "n_ff_exp"):
-        if getattr(cfg, name) % QK_K:
-            sys.exit(f"error: --{name.replace('_', '-')} must be a multiple of {QK_K}: K-quants quantize rows of "
-                     f"{QK_K} values")
+        width, flag = getattr(cfg, name), "--" + name.replace("_", "-")
+        if width % Q8_0_BLOCK:
+            sys.exit(f"error: {flag} must be a multiple of {Q8_0_BLOCK}: Q8_0 quantizes rows in blocks of "
+                     f"{Q8_0_BLOCK} values")
+        if width % QK_K:
+            print(f"note: {flag} {width} is not a multiple of {QK_K}: `edgemoe convert` cannot give this model's "
+                  f"experts K-quant types (rows of {QK_K} values); Q8_0 and F16 files and inflate_experts.py can")
     if args.out.resolve() == FIXTURE.resolve() and (cfg != Config() or args.dtype != "Q8_0") and not args.eval_only:
         sys.exit(f"error: {FIXTURE} is the bundled runtime fixture, written only with the default options; "
                  f"pass --out for another model")

@@ -59,6 +59,7 @@ def read_routers(path: str | os.PathLike, layout: MoELayout) -> Routers:
 
 class Predictor:
     """Base: remembers the last observation per MoE layer; subclasses score the experts of a later layer."""
+    name: str = ""                 # what statistics call it
     hidden_node: str | None = None
 
     def __init__(self, layout: MoELayout):
@@ -91,6 +92,7 @@ class Predictor:
 class GatePredictor(Predictor):
     """Layer pos+d's router applied to layer pos's FFN input. norm="own" (default) normalises the residual
     with layer pos+d's own ffn_norm weight, as that layer will; norm="current" reuses `ffn_norm-N` as is."""
+    name = "gate"
 
     def __init__(self, layout: MoELayout, routers: Routers, *, norm: str = "own"):
         super().__init__(layout)
@@ -114,6 +116,7 @@ class TablePredictor(Predictor):
     at layer pos. A prediction sums the rows (normalised) of the experts chosen at the `history` nearest
     earlier layers (2 by default: on the fixture's held-out text, recall@k at depth 1 was 0.48 with two,
     0.45 with one). Learns from a profile (`fit`) and keeps learning from what it observes."""
+    name = "table"
 
     def __init__(self, layout: MoELayout, *, history: int = 2):
         super().__init__(layout)
@@ -167,6 +170,7 @@ class TablePredictor(Predictor):
 
 class FrequencyPredictor(Predictor):
     """Layer pos+d's experts ranked by how often each was chosen (profile and observed)."""
+    name = "frequency"
 
     def __init__(self, layout: MoELayout):
         super().__init__(layout)

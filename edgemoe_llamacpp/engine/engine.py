@@ -45,10 +45,12 @@ class ExpertEngine:
     context params: `hook.cb_eval_args()`), bound to llama.cpp's mappings after (`attach`).
 
     record_routing: keep every layer's chosen experts (`routing()`), for profiles and benchmarks.
-    route_injector: compute its routing instead of the router's (engine.injection; benchmarks and replay)."""
+    route_injector: compute its routing instead of the router's (engine.injection; benchmarks and replay).
+    prefetch_predictor: a Predictor object (cache.predict's interface) to prefetch with instead of the one config.predictor
+        names, at config.prefetch_depth (research: an oracle reading the injected routing ahead)."""
 
     def __init__(self, layout: MoELayout, config: CacheConfig, *, record_routing: bool = False,
-                 route_injector=None):
+                 route_injector=None, prefetch_predictor=None):
         self.layout, self.config = layout, config
         self.injector = route_injector
         self.tokens = TokenCounts()
@@ -64,9 +66,11 @@ class ExpertEngine:
                                   f"{layout.path} needs at least {layout.dense_bytes + cache.min_budget:,}: "
                                   f"{layout.dense_bytes:,} of dense weights and {cache.min_budget:,} for one "
                                   f"layer's chosen experts")
-            if config.predictor is not None:
-                self.lookahead = Lookahead(make_predictor(config.predictor, layout.path, layout), cache, layout,
-                                           config.prefetch_depth)
+            predictor = prefetch_predictor
+            if predictor is None and config.predictor is not None:
+                predictor = make_predictor(config.predictor, layout.path, layout)
+            if predictor is not None:
+                self.lookahead = Lookahead(predictor, cache, layout, config.prefetch_depth)
         except BaseException:
             cache.close()
             raise
@@ -143,7 +147,7 @@ class ExpertEngine:
         routes, us_per_call, prompt, generated, cache = self.counters() if counters is None else counters
         return {"routes": routes, "hook_us_per_layer": us_per_call, "hook_native_filter": self.hook.native_filter,
                 **figures.summary(self.cache, cache),
-                "predictor": self.config.predictor,
+                "predictor": self.lookahead.predictor.name if self.lookahead else None,
                 "routing": routing_label(self.injector),
                 "prefetch_depth": self.lookahead.depth if self.lookahead else 0,
                 "dense_hold": self.dense.to_dict(),

@@ -133,11 +133,12 @@ def check_room(llm, prompt: str) -> None:
 
 def generate(model: str, prompt: str, *, max_tokens: int, cache: CacheConfig | None = None, stock: bool = False,
              n_ctx: int = 512, n_threads: int | None = None, temperature: float = 0.0, seed: int = 0,
-             repeat_penalty: float = 1.0, record_routing: bool = False, route_injector=None,
+             repeat_penalty: float = 1.0, record_routing: bool = False, route_injector=None, prefetch_predictor=None,
              use_extra_bufts: bool = False, on_text: Callable[[str], None] | None = None, **llama_kwargs) -> dict:
     """Generate once and measure: load time and bytes, prompt and decode speed, storage bytes read and major faults
     for the prompt and for decoding, and edgemoe's expert statistics (its experts kept as `cache` says).
-    `route_injector`: both engines compute its routing (engine.injection). `use_extra_bufts`: stock with llama.cpp's
+    `route_injector`: both engines compute its routing (engine.injection); `prefetch_predictor`: edgemoe prefetches with it
+    (a Predictor object, research). `use_extra_bufts`: stock with llama.cpp's
     CPU repack (off by default: the compute path edgemoe uses). `on_text`: called with the text as it comes."""
     from edgemoe_llamacpp.engine.injection import routing_label
     from edgemoe_llamacpp.engine.llama import Llama, stock_llama
@@ -152,7 +153,7 @@ def generate(model: str, prompt: str, *, max_tokens: int, cache: CacheConfig | N
     try:
         llm = stock_llama(model, use_extra_bufts=use_extra_bufts, route_injector=route_injector, **kwargs) \
             if stock else Llama(model, cache=cache, record_routing=record_routing, route_injector=route_injector,
-                                **kwargs)
+                                prefetch_predictor=prefetch_predictor, **kwargs)
     except EdgeMoEError:
         raise                               # ours (some are ValueErrors too) already say what is wrong
     except ValueError as e:

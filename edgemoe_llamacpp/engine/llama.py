@@ -165,6 +165,8 @@ class Llama(SafeLlama):
     route_injector: benchmarks and replay only: an injector (engine.injection; edgemoe_bench.inject.trace_injector
         makes one from a routing trace) whose experts replace the router's choice at every MoE layer. The output
         is then not the model's own; `edgemoe_stats()["routing"]` says "injected: <source>".
+    prefetch_predictor: research only: a Predictor object (cache.predict) to prefetch with instead of the cache's named one
+        (edgemoe_bench.oracle's reads the injected routing ahead).
 
     The experts are streamed by `llm.edgemoe`, an ExpertEngine (engine.engine: its cache, hook, lookahead and
     figures). Unlike llama_cpp.Llama, it is safe to share (engine.safe.SafeLlama): calls are serialised, a call
@@ -172,7 +174,7 @@ class Llama(SafeLlama):
     """
 
     def __init__(self, model_path: str, *args, cache: CacheConfig | None = None, record_routing: bool = False,
-                 route_injector=None, **kwargs):
+                 route_injector=None, prefetch_predictor=None, **kwargs):
         self._guarded()
         config = CacheConfig.take(kwargs, cache)         # checked before any file is read
         if kwargs.get("use_mmap") is False or kwargs.get("use_mlock"):
@@ -181,7 +183,7 @@ class Llama(SafeLlama):
         layout = read_layout(model_path)
         require_runtime_for(layout)
         self.edgemoe = engine = ExpertEngine(layout, config, record_routing=record_routing,
-                                             route_injector=route_injector)
+                                             route_injector=route_injector, prefetch_predictor=prefetch_predictor)
         before = [set(pages.file_mappings(path)) for path in layout.files]
         if any(before):
             log.warning("%s is already mapped in this process: pages another instance keeps mapped cannot be "
