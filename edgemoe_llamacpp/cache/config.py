@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 
+from edgemoe_llamacpp.cache.auto import AUTO
 from edgemoe_llamacpp.cache.dense_hold import HOLD_MODES, check_mode
 from edgemoe_llamacpp.cache.predict import MAX_DEPTH, PREDICTORS
 from edgemoe_llamacpp.cache.residency import DEFAULT_POLICY, POLICIES, ExpertCache, read_budget
@@ -31,9 +32,10 @@ class CacheConfig:
         "help": f"Which expert to evict: {', '.join(POLICIES)} (nextuse: the one whose next use, estimated from "
                 "how often it is chosen and when its layer runs again, lies farthest)."})
     predictor: str | None = field(default=None, metadata={
-        "choices": PREDICTORS,
-        "help": f"Predict the next layers' experts and read them ahead: {', '.join(PREDICTORS)}; unset (or none) "
-                "for no prefetch."})
+        "choices": (AUTO, *PREDICTORS),
+        "help": f"Predict the next layers' experts and read them ahead: {', '.join(PREDICTORS)}; {AUTO}: gate "
+                "where prefetch pays, decided on the first decoded tokens (its recall and whether reads leave "
+                "compute time to hide in); unset (or none) for no prefetch."})
     prefetch_depth: int = field(default=1, metadata={"range": (1, MAX_DEPTH), "help": "MoE layers ahead to prefetch."})
     prefetch_threads: int = field(default=2, metadata={"range": (1, MAX_THREADS),
                                                        "help": "Background readers for prefetches."})
@@ -51,8 +53,9 @@ class CacheConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.policy, str) or self.policy not in POLICIES:
             raise ArgumentError(f"unknown cache policy {self.policy!r}; choose from {', '.join(POLICIES)}")
-        if self.predictor is not None and (not isinstance(self.predictor, str) or self.predictor not in PREDICTORS):
-            raise ArgumentError(f"unknown predictor {self.predictor!r}; choose from {', '.join(PREDICTORS)} or None")
+        choices = self.option("predictor")["choices"]
+        if self.predictor is not None and (not isinstance(self.predictor, str) or self.predictor not in choices):
+            raise ArgumentError(f"unknown predictor {self.predictor!r}; choose from {', '.join(choices)} or None")
         for name in ("fetch_threads", "prefetch_threads", "prefetch_depth"):      # the bounds: the fields' own
             (lo, hi), value = self.option(name)["range"], getattr(self, name)
             if not is_int(value) or not lo <= value <= hi:

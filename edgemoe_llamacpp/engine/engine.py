@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from edgemoe_llamacpp import limits
 from edgemoe_llamacpp.cache import figures
+from edgemoe_llamacpp.cache.auto import AUTO, AutoLookahead
 from edgemoe_llamacpp.cache.config import CacheConfig
 from edgemoe_llamacpp.cache.dense_hold import DenseHold
 from edgemoe_llamacpp.cache.predict import Lookahead, make_predictor
@@ -58,7 +59,7 @@ class ExpertEngine:
         self.dense = DenseHold("off", 0, [])           # dense pages held from reclaim (under a budget)
         self.record: list[tuple[int, list[list[int]]]] | None = [] if record_routing else None
         self.cache = cache = config.make_cache(layout)
-        self.lookahead: Lookahead | None = None
+        self.lookahead: Lookahead | AutoLookahead | None = None
         try:
             limit = limits.memory_limit()
             if limit is not None and limit < layout.dense_bytes + cache.min_budget:
@@ -66,11 +67,7 @@ class ExpertEngine:
                                   f"{layout.path} needs at least {layout.dense_bytes + cache.min_budget:,}: "
                                   f"{layout.dense_bytes:,} of dense weights and {cache.min_budget:,} for one "
                                   f"layer's chosen experts")
-            predictor = prefetch_predictor
-            if predictor is None and config.predictor is not None:
-                predictor = make_predictor(config.predictor, layout.path, layout)
-            if predictor is not None:
-                self.lookahead = Lookahead(predictor, cache, layout, config.prefetch_depth)
+            self.lookahead = self._lookahead(prefetch_predictor)
         except BaseException:
             cache.close()
             raise
@@ -82,6 +79,26 @@ class ExpertEngine:
             # no layer needs Python when its experts are all resident: the runtime lets it pass (patches/0005)
             self.hook.pass_resident(cache.ledger.ready, lambda *a: self.on_logged(*a))
         self.snapshot = None
+
+    def _lookahead(self, predictor) -> Lookahead | AutoLookahead | None:
+        """What prefetches: `predictor` (an object), or the one config.predictor names; for "auto", gate lookahead
+        that turns itself on where prefetch pays (cache.auto), and nothing where every expert stays resident."""
+        config, layout, cache = self.config, self.layout, self.cache
+        auto = predictor is None and config.predictor == AUTO
+        if auto and not cache.mode.streams:
+            return None
+        if predictor is None and config.predictor is not None:
+            predictor = make_predictor("gate" if auto else config.predictor, layout.path, layout)
+        if predictor is None:
+            return None
+        lookahead = Lookahead(predictor, cache, layout, config.prefetch_depth)
+        if not auto:
+            return lookahead
+        return AutoLookahead(lookahead, lambda: figures.stall_s(cache), self._auto_decided)
+
+    def _auto_decided(self, on: bool) -> None:
+        if not on:
+            self.hook.hidden_node = None        # the predictor is done: no hidden state to read any more
 
     @property
     def mode(self) -> BudgetMode:
@@ -136,6 +153,12 @@ class ExpertEngine:
         self.hook.drain()
         return self.record
 
+    def auto_decision(self) -> dict:
+        """predictor="auto"'s decision: prefetch on or off (None while watching), why, and its figures."""
+        if isinstance(self.lookahead, AutoLookahead):
+            return self.lookahead.decision
+        return {"prefetch": False, "why": "every expert stays resident: nothing to prefetch"}
+
     def counters(self) -> tuple:
         """The figures stats() reports, copied cheaply: taken after every evaluation (a dict of the cache's totals
         there would cost a large share of a small model's token), formatted when read."""
@@ -147,7 +170,9 @@ class ExpertEngine:
         routes, us_per_call, prompt, generated, cache = self.counters() if counters is None else counters
         return {"routes": routes, "hook_us_per_layer": us_per_call, "hook_native_filter": self.hook.native_filter,
                 **figures.summary(self.cache, cache),
-                "predictor": self.lookahead.predictor.name if self.lookahead else None,
+                "predictor": AUTO if self.config.predictor == AUTO else
+                self.lookahead.predictor.name if self.lookahead else None,
+                **({"auto_prefetch": self.auto_decision()} if self.config.predictor == AUTO else {}),
                 "routing": routing_label(self.injector),
                 "prefetch_depth": self.lookahead.depth if self.lookahead else 0,
                 "dense_hold": self.dense.to_dict(),
