@@ -490,6 +490,79 @@ def prefill_section(path: Path, r: dict) -> str:
     return "\n".join(lines + ([""] + [r["note"]] if r.get("note") else [])) + "\n"
 
 
+def sweep_plot(r: dict, out: Path) -> None:
+    """Decode against no prediction by oracle recall, per budget and depth (oracle configurations only)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+    for b in r["budgets"]:
+        for depth in sorted({c["depth"] for c in b["configs"] if c["predictor"] == "oracle"}):
+            pts = sorted((c["recall"], c["vs_no_prediction"]["median"]) for c in b["configs"]
+                         if c["predictor"] == "oracle" and c["depth"] == depth and c["vs_no_prediction"]["median"])
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=f"{b['budget']}, depth {depth}")
+    ax.axhline(1.0, color="k", linestyle="--", linewidth=1, label="no prediction")
+    ax.set_xlabel("oracle recall (share of the next layers' experts named)")
+    ax.set_ylabel("decode speed / no prediction's")
+    save(fig, ax, out, f"{Path(r['model']).name}: what prefetch gains by predictor recall")
+
+
+def sweep_section(path: Path, r: dict) -> str:
+    def fmt(x, spec="{:.2f}"):
+        return "-" if x is None else spec.format(x)
+
+    only = r["compute_only"]
+    lines = [f"## Prefetch by predictor ({path.name})", "",
+             (f"{r['date']}. `tools/prefetch_sweep.py`: edgemoe with each predictor configuration and without "
+              f"prediction, alternating under one cgroup limit per budget, cold page cache, {r['runs']} runs each, "
+              f"{r['tokens']} decoded tokens, routing {r['routing']}. The oracle names the trace's true experts of "
+              "the next layers, each kept with probability r, the rest by chance (edgemoe_bench.oracle). x none: "
+              "median of per-round ratios to the run without prediction; x bound: decode time over max(compute "
+              f"alone, {fmt(only.get('ms_per_token'), '{:.1f}')} ms, the run's reads at the disk speed measured "
+              "beside it); bytes: decode reads per token against the run's Belady floor and against no prediction's."),
+             "", ("| budget | configuration | tok/s | x none (min-max) | x bound | read wait ms/token | MB/token | "
+                  "x floor | x none's bytes | prefetched / used / wasted per token |"), "|---|---|" + "---|" * 8]
+    for b in r["budgets"]:
+        for c in b["configs"]:
+            e, v = c["edgemoe"], c["vs_no_prediction"]
+            lines.append(
+                f"| {b['budget']} | {c['label']} | {fmt(e['decode_tok_s']['median'])} | {fmt(v['median'])} "
+                f"({fmt(v['min'])}-{fmt(v['max'])}) | {fmt(c['decode_vs_bound'])} | "
+                f"{fmt(c['read_wait_ms_per_token']['median'], '{:.1f}')} | "
+                f"{fmt(e['decode_read_bytes_per_token']['median'] and e['decode_read_bytes_per_token']['median'] / 1e6, '{:.1f}')} | "
+                f"{fmt(c.get('edgemoe_bytes_vs_floor'))} | {fmt(c['bytes_vs_no_prediction'])} | "
+                f"{fmt(e.get('prefetches_per_token', {}).get('median'), '{:.1f}')} / "
+                f"{fmt(e.get('prefetch_used_per_token', {}).get('median'), '{:.1f}')} / "
+                f"{fmt(e.get('prefetch_wasted_per_token', {}).get('median'), '{:.1f}')} |")
+    cross = [f"{b['budget']}: " + ", ".join(f"depth {d}: {fmt(x)}" for d, x in b["crossover_recall"].items())
+             for b in r["budgets"] if b["crossover_recall"]]
+    if cross:
+        png = path.with_suffix(".png")
+        sweep_plot(r, png)
+        lines += ["", "Recall above which prefetch pays (interpolated; - where the highest recall measured does "
+                  "not): " + "; ".join(cross) + ".", "", f"![{path.stem}]({png.relative_to(ROOT)})"]
+    return "\n".join(lines + (["", r["note"]] if r.get("note") else []) + ["", "```sh", r["command"], "```", ""])
+
+
+def routing_fixture_section(path: Path, r: dict) -> str:
+    g = r["geometry"]
+    return "\n".join([
+        f"## The routing fixture's routing beside Qwen3-30B-A3B's ({path.name})", "",
+        (f"{r['date']}. `tools/routing_fixture.py`: a model trained by `tools/make_tiny_moe.py` with Qwen3's routing "
+         f"shape ({g['moe_layers']} MoE layers, {g['n_expert']} experts, top-{g['k']}), its routing recorded through "
+         f"llama.cpp on held-out text. Prefill: {r['prefill']['tokens']:,} tokens in batches of "
+         f"{r['prefill']['window']}; decode: {r['decode']['tokens']:,} tokens generated greedily "
+         f"({r['decode']['per_prompt']} after each of several held-out prompts of {r['decode']['prompt_tokens']} "
+         "tokens). Statistics as the trace presets report them (coverage over 1,024-token spans, an LRU cache of "
+         "40% of each layer's experts); Qwen3's published figures (sources below), the qwen3 preset's generated "
+         "trace, and routing without locality at the fixture's geometry beside them."), "",
+        r["table"], "", "Sources of the published figures: " + " ".join(r["qwen3_sources"]),
+        *(["", r["note"]] if r.get("note") else []), "", "```sh", r["command"], "```", ""])
+
+
 def section(path: Path) -> str:
     r = json.loads(path.read_text())
     if r.get("kind") == "quality":
@@ -520,6 +593,10 @@ def section(path: Path) -> str:
         return baseline_section(path, r)
     if r.get("kind") == "prefill":
         return prefill_section(path, r)
+    if r.get("kind") == "prefetch_sweep":
+        return sweep_section(path, r)
+    if r.get("kind") == "routing_fixture":
+        return routing_fixture_section(path, r)
     png = path.with_suffix(".png")
     plot(r, png)
     return bench_report.section(path, r, root=ROOT, image=png)
