@@ -120,7 +120,9 @@ def main() -> int:
     run = {"tokens": args.tokens, "prompt": bench.PROMPT, "n_ctx": args.n_ctx, "n_threads": None,
            "route_trace": args.route_trace}
     kv = bench.kv_cache_bytes(args.model, args.n_ctx)
-    allowance, calibration = bench.calibrate(args.model, n_ctx=args.n_ctx, engines=("edgemoe",),
+    # the process's own memory, as `edgemoe bench` measures it (stock's run maps the whole file: its peak less the
+    # file is what the process needs beside the model's pages; edgemoe's alone reads only what it touched)
+    allowance, calibration = bench.calibrate(args.model, n_ctx=args.n_ctx, stock_repack=False,
                                              controller=controller, route_trace=args.route_trace)
     only = bench.compute_alone(args.model, cache=CacheConfig(), **run)
     expert_size = layout.expert_bytes / len(layout.experts)
