@@ -93,10 +93,11 @@ def test_auto_keeps_tokens_and_logits_and_reports_its_decision(fixture_path):
     from edgemoe_llamacpp import Llama
     from edgemoe_llamacpp.engine.generate import greedy
 
-    runs = {}
+    runs, python_calls = {}, {}
     for predictor in (None, "auto"):
         llm = Llama(str(fixture_path), memory_budget="25%", predictor=predictor, n_ctx=256, verbose=False)
         runs[predictor] = greedy(llm, "import os\nimport sys\n\n\ndef ", 40), llm.edgemoe_stats()
+        python_calls[predictor] = llm.edgemoe.hook.calls
         llm.close()
     (tokens, logits), stats = runs["auto"]
     assert tokens == runs[None][0][0] and np.array_equal(logits, runs[None][0][1])
@@ -104,15 +105,19 @@ def test_auto_keeps_tokens_and_logits_and_reports_its_decision(fixture_path):
     assert stats["predictor"] == "auto" and isinstance(decision["prefetch"], bool) and decision["why"]
     assert 0 <= decision["recall"] <= 1 and decision["watched_tokens"] >= 16
     assert (stats["total"]["prefetches"] > 0) is decision["prefetch"]
+    assert stats["routes"] == runs[None][1]["routes"]
+    if not decision["prefetch"]:        # off: resident layers pass in C again, as with no predictor at all
+        assert python_calls[None] < python_calls["auto"] < stats["routes"]
 
 
 @pytest.mark.runtime
-def test_auto_without_a_budget_prefetches_nothing_and_says_why(fixture_path):
+def test_auto_is_the_default_and_without_a_budget_prefetches_nothing(fixture_path):
     from edgemoe_llamacpp import Llama
 
-    llm = Llama(str(fixture_path), predictor="auto", n_ctx=128, verbose=False)
+    llm = Llama(str(fixture_path), n_ctx=128, verbose=False)
     llm.create_completion("import os\n", max_tokens=4)
     stats = llm.edgemoe_stats()
     llm.close()
+    assert stats["predictor"] == "auto"
     assert stats["auto_prefetch"] == {"prefetch": False, "why": "every expert stays resident: nothing to prefetch"}
     assert stats["total"]["prefetches"] == 0 and stats["hook_native_filter"]

@@ -107,7 +107,8 @@ def test_server_settings_are_the_config(fixture_path, tmp_path):
         assert fields[name].default == getattr(CacheConfig(), name), name
         assert fields[name].description == CacheConfig.help(name), name
     settings = EdgeMoEModelSettings(model=str(fixture_path), predictor="none")
-    assert settings.cache_config() == CacheConfig()
+    assert settings.cache_config() == CacheConfig(predictor=None)
+    assert EdgeMoEModelSettings(model=str(fixture_path)).cache_config() == CacheConfig()     # predictor "auto"
     path = tmp_path / "c.yaml"
     path.write_text(f"models:\n  - model: {fixture_path}\n    memory_budget: lots\n")
     with pytest.raises(EdgeMoEError, match=f"^{path}: models.0: memory budget 'lots' is not a size"):

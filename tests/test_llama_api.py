@@ -278,7 +278,7 @@ def test_pickle_keeps_the_cache_options(model_path):
     state = llm.__getstate__()
     assert {k: state[k] for k in ("memory_budget", "policy", "fetch_threads", "predictor", "prefetch_depth",
                                   "prefetch_threads", "substitute", "record_routing")} == {
-        "memory_budget": "25%", "policy": "lru", "fetch_threads": 3, "predictor": None, "prefetch_depth": 1,
+        "memory_budget": "25%", "policy": "lru", "fetch_threads": 3, "predictor": "auto", "prefetch_depth": 1,
         "prefetch_threads": 2, "substitute": None, "record_routing": False}
     copy = pickle.loads(pickle.dumps(llm))
     try:

@@ -1,18 +1,23 @@
-"""predictor="auto": prefetch with gate lookahead where it pays, decided on the run's own figures.
+"""predictor="auto" (the default): prefetch with gate lookahead where it pays, decided on the run's own figures.
 
-Prefetch pays when two things hold (bench/results/oracle-prefetch.json and the routing fixture's runs,
-BENCHMARKS.md "Prediction"):
+Prefetch pays when two things hold:
 - the predictor names enough of the experts the next layer will choose: its recall@k at depth 1 passes
-  CROSSOVER_RECALL, the recall above which an oracle of known recall made decoding faster on the Qwen3 shape;
+  CROSSOVER_RECALL, the recall above which an oracle of known recall made decoding faster
+  (bench/results/oracle-prefetch.json, the Qwen3 shape under a memory limit on a 2-core machine: a perfect oracle
+  gained 1.07x at 25% with depth 2 and lost at 50% (0.91x); at recall 0.9 every setting lost, 0.68-0.73x, reading
+  1.6-2.7x the bytes: a wrong guess evicts an expert a later token would have hit, and on two cores the reads'
+  kernel work takes time from compute);
 - computing leaves the disk idle: the time a token waits for its reads is a real share of the token
   (MIN_STALL_SHARE: else there is nothing to hide) and shorter than its compute (else the disk is the bottleneck
   already, and every wrong guess takes disk time from the reads needed: BigMoeOnEdge's case).
 
 AutoLookahead runs gate lookahead without prefetching for the first WATCH_TOKENS decoded tokens: each layer's guess
 for the next is scored against the next layer's choice, and each token's time is split into waiting for reads (the
-cache's stall) and the rest. Then it decides once: on (the lookahead prefetches from then on) or off (it stops,
-and `on_decided(False)` lets the owner stop reading the hidden state). `decision` says which and why; prompt
-batches are not watched (a batch prefetches the next layer whole, ReadAhead.prefetch_batch).
+cache's stall) and the rest. Then it decides once: on (the lookahead prefetches from then on) or off (it stops;
+`on_decided(False)` lets the owner stop reading the hidden state and let resident layers pass in C again).
+`decision` says which and why; prompt batches are not watched (a batch reads the next layer whole,
+ReadAhead.prefetch_batch). A machine whose reads cost compute less (more cores) may have a lower crossover:
+measure it with tools/prefetch_sweep.py.
 """
 from __future__ import annotations
 
@@ -24,7 +29,7 @@ import numpy as np
 from edgemoe_llamacpp.cache.predict import Lookahead
 
 AUTO = "auto"               # CacheConfig.predictor's value for this rule
-CROSSOVER_RECALL = 0.75      # see the module's docstring; the recall is the gate predictor's, at depth 1
+CROSSOVER_RECALL = 1.0       # no recall below 1 paid (module docstring); compared with gate's, at depth 1
 MIN_STALL_SHARE = 0.05       # of a decoded token's time, waiting for reads
 WATCH_TOKENS = 16            # decoded tokens watched before deciding
 

@@ -31,11 +31,11 @@ class CacheConfig:
         "choices": POLICIES,
         "help": f"Which expert to evict: {', '.join(POLICIES)} (nextuse: the one whose next use, estimated from "
                 "how often it is chosen and when its layer runs again, lies farthest)."})
-    predictor: str | None = field(default=None, metadata={
-        "choices": (AUTO, *PREDICTORS),
+    predictor: str | None = field(default=AUTO, metadata={
+        "choices": (AUTO, *PREDICTORS), "unset": True,
         "help": f"Predict the next layers' experts and read them ahead: {', '.join(PREDICTORS)}; {AUTO}: gate "
-                "where prefetch pays, decided on the first decoded tokens (its recall and whether reads leave "
-                "compute time to hide in); unset (or none) for no prefetch."})
+                "where prefetch pays, decided on the first decoded tokens under a budget (its recall and whether "
+                "reads leave compute time to hide in); none for no prefetch."})
     prefetch_depth: int = field(default=1, metadata={"range": (1, MAX_DEPTH), "help": "MoE layers ahead to prefetch."})
     prefetch_threads: int = field(default=2, metadata={"range": (1, MAX_THREADS),
                                                        "help": "Background readers for prefetches."})
@@ -80,8 +80,8 @@ class CacheConfig:
     @classmethod
     def option(cls, name: str) -> dict:
         """What the CLI's flags and the server's settings are made from: a field's `help`, and its `choices` (a
-        tuple of strings) or `range` ((low, high), high excluded with `open_high`); memory_budget has neither
-        (a size or a share, read by read_budget)."""
+        tuple of strings; `unset`: None, spelled "none", is one too) or `range` ((low, high), high excluded with
+        `open_high`); memory_budget has neither (a size or a share, read by read_budget)."""
         return dict(next(f.metadata for f in fields(cls) if f.name == name))
 
     def to_dict(self, *, budget: bool = True) -> dict:

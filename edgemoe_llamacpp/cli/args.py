@@ -79,7 +79,8 @@ def add_cache_options(p: argparse.ArgumentParser, *, budgets: bool = False) -> N
             else:
                 p.add_argument(flag, dest=f.name, help=text)
         elif "choices" in option:       # an unset one is spelled "none"
-            p.add_argument(flag, dest=f.name, choices=(*option["choices"], *(("none",) if value is None else ())),
+            unset = value is None or option.get("unset", False)
+            p.add_argument(flag, dest=f.name, choices=(*option["choices"], *(("none",) if unset else ())),
                            default="none" if value is None else value, help=text)
         elif isinstance(option["range"][0], int):
             p.add_argument(flag, dest=f.name, type=int_range(*option["range"]), default=value, help=text)

@@ -75,9 +75,11 @@ class ExpertEngine:
         # the hook calls the engine's methods through these, so a subclass's (or a test's) own are the ones run
         self.hook = ExpertHook(on_route=lambda *a: self.on_route(*a), hidden_node=hidden,
                                want_weights=cache.substitute is not None, inject=route_injector)
-        if self.lookahead is None and cache.substitute is None:
-            # no layer needs Python when its experts are all resident: the runtime lets it pass (patches/0005)
-            self.hook.pass_resident(cache.ledger.ready, lambda *a: self.on_logged(*a))
+        watching = isinstance(self.lookahead, AutoLookahead)
+        if (self.lookahead is None or watching) and cache.substitute is None:
+            # no layer needs Python when its experts are all resident: the runtime lets it pass (patches/0005);
+            # predictor="auto" sees every layer while it watches, and lets them pass if it decides off
+            self.hook.pass_resident(cache.ledger.ready, lambda *a: self.on_logged(*a), now=not watching)
         self.snapshot = None
 
     def _lookahead(self, predictor) -> Lookahead | AutoLookahead | None:
@@ -97,8 +99,9 @@ class ExpertEngine:
         return AutoLookahead(lookahead, lambda: figures.stall_s(cache), self._auto_decided)
 
     def _auto_decided(self, on: bool) -> None:
-        if not on:
-            self.hook.hidden_node = None        # the predictor is done: no hidden state to read any more
+        if not on:                              # the predictor is done: no hidden state to read any more, and
+            self.hook.hidden_node = None        # layers whose experts are all resident pass in C again
+            self.hook.start_passing()
 
     @property
     def mode(self) -> BudgetMode:

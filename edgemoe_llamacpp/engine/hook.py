@@ -97,21 +97,31 @@ class ExpertHook:
             self._filter = PrefixFilterParams(self.callback, None, TOPK + b"-")
             self._filter_fn = llama_cpp.ggml_backend_sched_eval_callback(native)
 
-    def pass_resident(self, ready: np.ndarray, on_logged) -> bool:
+    def pass_resident(self, ready: np.ndarray, on_logged, *, now: bool = True) -> bool:
         """Let a layer whose chosen experts are all marked in `ready` ((layers, n_expert) uint8, kept current by
         the owner) pass in C without calling Python; its ids are logged, and drain() (called before every
         other layer the hook sees, and by the owner after each evaluation) hands them to
-        on_logged(layer, ids), in order. Call before the context is created. False if the runtime lacks
-        llama_eval_expert_filter (patches/0005): every layer then calls on_route as before."""
+        on_logged(layer, ids), in order. Call before the context is created; with now=False every layer calls
+        on_route until `start_passing()`. False if the runtime lacks llama_eval_expert_filter (patches/0005):
+        every layer then calls on_route as before."""
         native = runtime.eval_expert_filter()
         if native is None or self.inject is not None or not ready.flags.c_contiguous or ready.dtype != np.uint8:
             return False
         self._ready = ready               # C holds pointers to both arrays
         self._log = np.zeros(LOG_INTS, dtype=np.int32)
         self._on_logged = on_logged
-        self._filter = ExpertFilterParams(self.callback, None, TOPK + b"-", ready.ctypes.data, ready.shape[0],
-                                          ready.shape[1], self._log.ctypes.data, len(self._log), 0)
+        # a NULL table: the filter calls Python at every topk node (patches/0005)
+        self._filter = ExpertFilterParams(self.callback, None, TOPK + b"-", ready.ctypes.data if now else None,
+                                          ready.shape[0], ready.shape[1], self._log.ctypes.data, len(self._log), 0)
         self._filter_fn = llama_cpp.ggml_backend_sched_eval_callback(native)
+        return True
+
+    def start_passing(self) -> bool:
+        """From the next layer on, let resident layers pass in C (a pass_resident(now=False) set up); False if
+        there is no such filter."""
+        if not isinstance(self._filter, ExpertFilterParams):
+            return False
+        self._filter.resident = self._ready.ctypes.data
         return True
 
     def drain(self) -> None:

@@ -43,7 +43,7 @@ def _cache_fields() -> dict:
             kind, bounds = type(lo), {"ge": lo, "lt" if option.get("open_high") else "le": hi}
         else:                               # memory_budget: a size or a share, read_budget's to check
             kind = Union[str, int]  # noqa: UP007
-        out[name] = (Optional[kind] if value is None else kind,
+        out[name] = (Optional[kind] if value is None or option.get("unset") else kind,
                      Field(default=value, description=option["help"], **bounds))
     return out
 
