@@ -24,9 +24,8 @@ class Scripted(Predictor):
 
 
 class FakeCache:
-    cost = {0: 1}
-
     def __init__(self):
+        self.cost = {0: 1}
         self.prefetched = []
 
     def enable_prefetch(self, _):
