@@ -342,10 +342,11 @@ def anchor(title: str) -> str:
 
 
 def summary_section(shapes: dict[Path, dict], quality: dict | None = None, prefill: dict | None = None,
-                    titles: dict[str, str] | None = None) -> str:
+                    titles: dict[str, str] | None = None, sweeps: dict[Path, dict] | None = None) -> str:
     """One screen at the top of BENCHMARKS.md: the headline per shape and budget (edgemoe against stock, repack off
-    where stock with it died or was not run), the plans' quality per bit width, and prefill; each row links to
-    the section it comes from (`titles`: result stem -> its section's heading)."""
+    where stock with it died or was not run), the plans' quality per bit width, prefill, and what prefetch gained
+    per predictor sweep (`sweeps`: tools/prefetch_sweep.py results); each row links to the section it comes from
+    (`titles`: result stem -> its section's heading)."""
     titles = titles or {}
     shapes_link = f"[{{}}](#{anchor('Real-model shapes')})"
     rows = ["| what | budget | edgemoe / stock | MB/token (x floor) | section |", "|---|---|---|---|---|"]
@@ -379,4 +380,18 @@ def summary_section(shapes: dict[Path, dict], quality: dict | None = None, prefi
                          f"{x['kld']:.4f} |")
         out += [f"Quality of per-expert plans per bit width ([{quality.get('model', 'quality')}](#{anchor(title)})):",
                 "", *q, ""]
+    if sweeps:
+        p = ["| sweep | budget | configuration | decode / no prediction | MB/token / no prediction's | x bound |",
+             "|---|---|---|---|---|---|"]
+        for path, r in sweeps.items():
+            link = f"[{path.stem}](#{anchor(titles.get(path.stem, ''))})"
+            for b in r["budgets"]:
+                for c in b["configs"]:
+                    if c["predictor"] is None:
+                        continue
+                    v, by, vb = c["vs_no_prediction"]["median"], c["bytes_vs_no_prediction"], c["decode_vs_bound"]
+                    p.append(f"| {link} | {b['budget']} | {c['label']} | {'-' if v is None else f'{v:.2f}x'} | "
+                             f"{'-' if by is None else f'{by:.2f}x'} | {'-' if vb is None else f'{vb:.2f}x'} |")
+        out += [("Prefetch against no prediction, per predictor (the default `auto` turns it on only where its "
+                 "recall passes the oracle's crossover):"), "", *p, ""]
     return "\n".join(out)

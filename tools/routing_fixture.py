@@ -88,7 +88,11 @@ def decode_routing(model: str, tokens: int, per_prompt: int) -> np.ndarray:
             with hook.evaluation():
                 llm.create_completion(llm.detokenize(w).decode("utf-8", "replace"), max_tokens=per_prompt,
                                       temperature=0.0, repeat_penalty=1.1)
-            single = [(p, c) for p, c in steps if len(c) == 1]          # decode steps: one token each
+            # decode steps: one token each, from the first token's first layer (the prompt's batch routes its
+            # last layer for its last token alone: a single row, but not a decoded token)
+            first = next((i for i, (p, c) in enumerate(steps) if p == 0 and len(c) == 1), len(steps))
+            single = steps[first:]
+            assert all(len(c) == 1 for _, c in single), "a batch among the decoded tokens"
             n = len(single) // len(pos)
             for t in range(n):
                 out.append(np.stack([c[0] for _, c in single[t * len(pos):(t + 1) * len(pos)]]))
