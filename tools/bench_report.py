@@ -537,6 +537,15 @@ def sweep_section(path: Path, r: dict) -> str:
                 f"{fmt(e.get('prefetches_per_token', {}).get('median'), '{:.1f}')} / "
                 f"{fmt(e.get('prefetch_used_per_token', {}).get('median'), '{:.1f}')} / "
                 f"{fmt(e.get('prefetch_wasted_per_token', {}).get('median'), '{:.1f}')} |")
+    for b in r["budgets"]:
+        for c in b["configs"]:
+            decisions = [d for d in c.get("auto_decisions") or [] if d]
+            if decisions:
+                lines += ["", f"{b['budget']}, `{c['label']}` decided: " + "; ".join(
+                    f"prefetch {'on' if d['prefetch'] else 'off'} (" + (
+                        f"gate recall {d['recall']:.2f} against {d['crossover_recall']}, reads waited "
+                        f"{d['read_wait_ms']:.1f} of {d['token_ms']:.1f} ms a token" if "recall" in d else d["why"])
+                    + ")" for d in decisions) + "."]
     cross = [f"{b['budget']}: " + ", ".join(f"depth {d}: {fmt(x)}" for d, x in b["crossover_recall"].items())
              for b in r["budgets"] if b["crossover_recall"]]
     if cross:

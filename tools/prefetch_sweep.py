@@ -7,10 +7,11 @@ bound, and its bytes against the floor and against no prediction, under the same
         --out bench/results/oracle-prefetch.json
 
     # real predictors on a model's own router
-    python tools/prefetch_sweep.py routing-moe-inflated.gguf --configs none gate gate:2 table \\
+    python tools/prefetch_sweep.py routing-moe-inflated.gguf --configs none auto gate gate:2 table \\
         --out bench/results/routing-fixture-prefetch.json
 
-A configuration is `none` (no prediction), PREDICTOR[:DEPTH] (gate, table, frequency), or oracle:RECALL[:DEPTH]
+A configuration is `none` (no prediction), `auto` (the default: gate where it pays, cache.auto; its decisions are
+recorded), PREDICTOR[:DEPTH] (gate, table, frequency), or oracle:RECALL[:DEPTH]
 (edgemoe_bench.oracle: the injected trace's true experts, each kept with probability RECALL, the rest by chance;
 needs --route-trace). Every configuration runs edgemoe with the default policy, in a child under the budget's
 cgroup memory limit, with a cold page cache, the configurations' order rotating run by run (bench.alternate);
@@ -28,6 +29,7 @@ from pathlib import Path
 
 from edgemoe_bench import bench, cgroup
 from edgemoe_llamacpp import files
+from edgemoe_llamacpp.cache.auto import AUTO
 from edgemoe_llamacpp.cache.config import CacheConfig
 from edgemoe_llamacpp.cache.predict import MAX_DEPTH, PREDICTORS
 from edgemoe_llamacpp.cache.residency import parse_budget
@@ -43,6 +45,8 @@ def parse_config(text: str, *, injected: bool) -> dict:
     try:
         if name == NONE and not rest:
             return {"label": text, "predictor": None, "depth": 0, "recall": None}
+        if name == AUTO and not rest:
+            return {"label": text, "predictor": AUTO, "depth": 1, "recall": None}
         if name == "oracle":
             if not injected:
                 raise ValueError("the oracle reads injected routing: give --route-trace")
@@ -52,7 +56,7 @@ def parse_config(text: str, *, injected: bool) -> dict:
         elif name in PREDICTORS and len(rest) <= 1:
             recall, depth = None, int(rest[0]) if rest else 1
         else:
-            raise ValueError(f"none, oracle:RECALL[:DEPTH] or PREDICTOR[:DEPTH] with PREDICTOR one of "
+            raise ValueError(f"none, {AUTO}, oracle:RECALL[:DEPTH] or PREDICTOR[:DEPTH] with PREDICTOR one of "
                              f"{', '.join(PREDICTORS)}")
         if not 1 <= depth <= MAX_DEPTH:
             raise ValueError(f"DEPTH within 1..{MAX_DEPTH}")
@@ -93,6 +97,8 @@ def summarise(config: dict, runs: list[dict], none_runs: list[dict], rounds: lis
     mine = [r["decode_read_bytes"] / r["decode_evals"] for r in runs if r["ok"] and r.get("decode_evals")]
     base = [r["decode_read_bytes"] / r["decode_evals"] for r in none_runs if r["ok"] and r.get("decode_evals")]
     entry["bytes_vs_no_prediction"] = statistics.median(mine) / statistics.median(base) if mine and base else None
+    if config["predictor"] == AUTO:          # what the default decided in each run
+        entry["auto_decisions"] = [r["stats"].get("auto_prefetch") for r in runs if r["ok"]]
     entry["runs"] = runs
     return entry
 
@@ -130,7 +136,7 @@ def main() -> int:
                  for spec in args.budgets}
 
     def engine(config: dict):
-        cache = CacheConfig(predictor=config["predictor"] if config["predictor"] in PREDICTORS else None,
+        cache = CacheConfig(predictor=config["predictor"] if config["predictor"] in (AUTO, *PREDICTORS) else None,
                             prefetch_depth=max(1, config["depth"]))
         oracle = {"recall": config["recall"]} if config["predictor"] == "oracle" else None
         return lambda spec: bench.run_child(args.model, stock=False, limit=limits_of[spec], controller=controller,
