@@ -50,8 +50,10 @@ def parse_config(text: str, *, injected: bool) -> dict:
         if name == "oracle":
             if not injected:
                 raise ValueError("the oracle reads injected routing: give --route-trace")
+            if not rest or len(rest) > 2:
+                raise ValueError("oracle:RECALL[:DEPTH]")
             recall, depth = float(rest[0]), int(rest[1]) if len(rest) > 1 else 1
-            if not 0 <= recall <= 1 or len(rest) > 2:
+            if not 0 <= recall <= 1:
                 raise ValueError("oracle:RECALL[:DEPTH], RECALL within [0, 1]")
         elif name in PREDICTORS and len(rest) <= 1:
             recall, depth = None, int(rest[0]) if rest else 1
@@ -60,7 +62,7 @@ def parse_config(text: str, *, injected: bool) -> dict:
                              f"{', '.join(PREDICTORS)}")
         if not 1 <= depth <= MAX_DEPTH:
             raise ValueError(f"DEPTH within 1..{MAX_DEPTH}")
-    except (ValueError, IndexError) as e:
+    except ValueError as e:
         raise SystemExit(f"error: bad configuration {text!r}: {e}") from None
     return {"label": text, "predictor": name, "depth": depth, "recall": recall}
 
