@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
-from prefetch_sweep import crossover, parse_config  # noqa: E402
+from prefetch_sweep import crossover, parse_config
 
 
 def entry(points: dict[int, list[tuple[float, float]]]) -> dict:
