@@ -556,6 +556,16 @@ def sweep_section(path: Path, r: dict) -> str:
     return "\n".join(lines + (["", r["note"]] if r.get("note") else []) + ["", "```sh", r["command"], "```", ""])
 
 
+def _training_line(t: dict | None) -> list[str]:
+    if not t:
+        return []
+    c = t["config"]
+    return [(f"The model: {t['parameters'] / 1e6:.1f}M parameters, trained {c['steps']} steps of {c['batch_size']} x "
+             f"{c['seq_len']} tokens in {t['train_seconds'] / 60:.0f} minutes on this machine; held-out perplexity "
+             f"{t['llama_cpp_val_ppl']:.2f} through llama.cpp (a unigram model of the training text: "
+             f"{t['unigram_val_ppl']:.1f})."), ""]
+
+
 def routing_fixture_section(path: Path, r: dict) -> str:
     g = r["geometry"]
     return "\n".join([
@@ -568,7 +578,8 @@ def routing_fixture_section(path: Path, r: dict) -> str:
          "tokens). Statistics as the trace presets report them (coverage over 1,024-token spans, an LRU cache of "
          "40% of each layer's experts); Qwen3's published figures (sources below), the qwen3 preset's generated "
          "trace, and routing without locality at the fixture's geometry beside them."), "",
-        r["table"], "", "Sources of the published figures: " + " ".join(r["qwen3_sources"]),
+        r["table"], "", *_training_line(r.get("training")),
+        "Sources of the published figures: " + " ".join(r["qwen3_sources"]),
         *(["", r["note"]] if r.get("note") else []), "", "```sh", r["command"], "```", ""])
 
 

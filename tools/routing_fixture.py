@@ -1,7 +1,8 @@
 """The routing fixture's routing beside Qwen3-30B-A3B's published figures: the statistics the trace presets report
 (edgemoe_bench.trace_stats), measured through llama.cpp on held-out text, prefill and decode apart.
 
-    python tools/routing_fixture.py build/routing-moe.gguf --json bench/results/routing-fixture.json
+    python tools/routing_fixture.py build/routing-moe.gguf --training-report build/routing-moe.report.json \
+        --json bench/results/routing-fixture.json
 
 The routing fixture is a model of tools/make_tiny_moe.py trained with Qwen3's routing shape (README, "The routing
 fixture"; >= 16 MoE layers, 64 experts, top-8). Held-out text is the standard library's validation split, as in
@@ -123,6 +124,8 @@ def main() -> int:
     ap.add_argument("--prefill-tokens", type=int, default=16384)
     ap.add_argument("--decode-tokens", type=int, default=2048)
     ap.add_argument("--per-prompt", type=int, default=128, help="tokens generated per held-out prompt")
+    ap.add_argument("--training-report", type=Path,
+                    help="make_tiny_moe.py's --report of the model, kept in the results (how it was trained)")
     ap.add_argument("--json", type=Path, help="write the results here")
     ap.add_argument("--force", action="store_true", help="replace --json")
     args = ap.parse_args()
@@ -152,6 +155,8 @@ def main() -> int:
         "uniform": trace_gen.uniform_targets(geometry),
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     }
+    if args.training_report:
+        result["training"] = json.loads(args.training_report.read_text())
     result["table"] = table(result)
     print(result["table"])
     if args.json:
