@@ -19,23 +19,33 @@ from edgemoe_llamacpp.engine.hook import ExpertHook
 from edgemoe_llamacpp.engine.llama import Llama, llama_params
 from edgemoe_llamacpp.gguf.layout import read_layout
 
-N_CTX = 512           # tokens per window of `record`
+N_CTX = 512           # tokens per window of `record`, at most
 
 
-def tokens_of(llm, texts: list[str], n: int, seed: int | None) -> np.ndarray:
+def window_of(model: str) -> int:
+    """The windows `record` evaluates `model` in: N_CTX tokens, or the context it was trained on if shorter
+    (positions past it were never trained: routing there is not the model's)."""
+    import gguf
+
+    fields = gguf.GGUFReader(read_layout(model).path).fields
+    trained = fields.get(f"{read_layout(model).arch}.context_length")
+    return min(N_CTX, int(trained.contents())) if trained is not None else N_CTX
+
+
+def tokens_of(llm, texts: list[str], n: int, seed: int | None, window: int = N_CTX) -> np.ndarray:
     """The first n tokens of `texts` (in a seeded random file order if seed is given), documents separated by
-    the end-of-text token, as the fixture was trained; whole windows of N_CTX only."""
+    the end-of-text token, as the fixture was trained; whole windows of `window` only."""
     order = np.random.default_rng(seed).permutation(len(texts)) if seed is not None else range(len(texts))
     out: list[int] = []
     for i in order:
         out += llm.tokenize(texts[i].encode("utf-8"), add_bos=False, special=False) + [llm.token_eos()]
         if len(out) >= n:
             break
-    return np.asarray(out[:n // N_CTX * N_CTX], dtype=np.int32)
+    return np.asarray(out[:n // window * window], dtype=np.int32)
 
 
 def record(model: str, texts: list[str], n: int, *, seed: int | None, hidden: bool):
-    """Routing (and ffn_inp) of every MoE layer for n tokens of `texts`, in independent windows of N_CTX.
+    """Routing (and ffn_inp) of every MoE layer for n tokens of `texts`, in independent windows (window_of).
     Returns (tokens, routing[pos] (N, k), hidden[pos] (N, n_embd) or None)."""
     import llama_cpp
 
@@ -52,12 +62,13 @@ def record(model: str, texts: list[str], n: int, *, seed: int | None, hidden: bo
     hook = ExpertHook(on_route=on_route, hidden_node=FFN_INP if hidden else None)
     with llama_params(use_extra_bufts=False, cb_eval=hook.callback):
         # logits for every token: otherwise llama.cpp computes the last layer for the last token only
-        llm = llama_cpp.Llama(layout.path, n_ctx=N_CTX, n_batch=N_CTX, logits_all=True, verbose=False)
-    tokens = tokens_of(llm, texts, n, seed)
-    for s in tqdm(range(0, len(tokens), N_CTX), desc=Path(model).name, unit="window"):
+        window = window_of(model)
+        llm = llama_cpp.Llama(layout.path, n_ctx=window, n_batch=window, logits_all=True, verbose=False)
+    tokens = tokens_of(llm, texts, n, seed, window)
+    for s in tqdm(range(0, len(tokens), window), desc=Path(model).name, unit="window"):
         llm.reset()
         with hook.evaluation():
-            llm.eval(tokens[s:s + N_CTX].tolist())
+            llm.eval(tokens[s:s + window].tolist())
     llm.close()
     routing = [np.concatenate(x) for x in ids]
     if not all(len(r) == len(tokens) for r in routing):

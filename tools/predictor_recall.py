@@ -18,7 +18,7 @@ import time
 
 import numpy as np
 
-from edgemoe_bench.routing import N_CTX, record
+from edgemoe_bench.routing import record, window_of
 from edgemoe_llamacpp import corpus, files
 from edgemoe_llamacpp.cache.predict import (
     MAX_DEPTH,
@@ -95,7 +95,7 @@ def main() -> None:
     models = [{"model": args.model, "tokens": len(val_tokens),
                "recall": measure(args.model, layout, train_routing, routing, hidden)}]
     for other in args.also:
-        n = min(args.also_tokens, len(val_tokens)) // N_CTX * N_CTX
+        n = min(args.also_tokens, len(val_tokens)) // window_of(other) * window_of(other)
         o_tokens, o_routing, o_hidden = record(other, val_txt, n, seed=None, hidden=True)
         assert np.array_equal(o_tokens, val_tokens[:n]), "the models tokenize differently"
         same = float(np.mean([np.array_equal(np.sort(a, 1), np.sort(b[:n], 1))

@@ -7,9 +7,9 @@
 The routing fixture is a model of tools/make_tiny_moe.py trained with Qwen3's routing shape (README, "The routing
 fixture"; >= 16 MoE layers, 64 experts, top-8). Held-out text is the standard library's validation split, as in
 training (edgemoe_llamacpp.corpus).
-- prefill: --prefill-tokens of held-out text evaluated in windows of 512 tokens, each a batch (what a prompt meets).
-  Besides the statistics over the tokens in order: the share of a layer's experts one 512-token batch touches, and
-  the share of those the batch before touched too.
+- prefill: --prefill-tokens of held-out text evaluated in windows of 512 tokens (or the context the model was
+  trained on, if shorter), each a batch (what a prompt meets). Besides the statistics over the tokens in order: the
+  share of a layer's experts one batch touches, and the share of those the batch before touched too.
 - decode: greedy completions (repeat penalty 1.1) of --decode-tokens after held-out prompts of 64 tokens; each
   generated token's routing, in order (what decoding meets: the model's own text, one token at a time).
 Beside them: the published figures the qwen3-30b-a3b trace preset is calibrated to (its sources say where each is
@@ -28,7 +28,7 @@ import numpy as np
 from tqdm import tqdm
 
 from edgemoe_bench import trace_gen
-from edgemoe_bench.routing import N_CTX, record
+from edgemoe_bench.routing import record, window_of
 from edgemoe_bench.trace_stats import trace_stats
 from edgemoe_llamacpp import corpus, files
 from edgemoe_llamacpp.engine.hook import ExpertHook
@@ -49,7 +49,7 @@ def statistics(ids: np.ndarray, n_expert: int) -> dict:
     return out
 
 
-def batch_figures(ids: np.ndarray, n_expert: int, batch: int = N_CTX) -> dict:
+def batch_figures(ids: np.ndarray, n_expert: int, batch: int) -> dict:
     """Per layer and batch of `batch` tokens (ids (tokens, layers, k)): the share of the experts the batch
     touches, and the share of those the batch before touched too; means over layers and batches."""
     n = len(ids) // batch
@@ -114,7 +114,7 @@ def table(result: dict) -> str:
         lines.append(f"| {k} | " + " | ".join("" if v is None else f"{v:.3g}" for v in cells) + " |")
     for k in ("experts_touched_share", "touched_by_previous_batch"):
         cells = [result["prefill"]["batches"].get(k), result["qwen3_trace"]["batches"].get(k)]
-        lines.append(f"| {k} (512-token batches) | | {cells[0]:.3g} | | {cells[1]:.3g} | |")
+        lines.append(f"| {k} ({result['prefill']['window']}-token batches) | | {cells[0]:.3g} | | {cells[1]:.3g} | |")
     return "\n".join(lines)
 
 
@@ -132,7 +132,7 @@ def main() -> int:
     if args.json:
         files.tool_output(args.json, "--json", inputs=[args.model], force=args.force)
     layout = read_layout(args.model)
-    E = layout.n_expert
+    E, window = layout.n_expert, window_of(args.model)
     _, routing, _ = record(args.model, list(corpus.split_texts("validation")), args.prefill_tokens, seed=None,
                            hidden=False)
     prefill = np.stack(routing, axis=1)                                   # (tokens, layers, k)
@@ -145,13 +145,13 @@ def main() -> int:
         "kind": "routing_fixture", "command": "python " + " ".join(sys.argv), "model": args.model,
         "geometry": {"moe_layers": len(layout.moe_layers), "n_expert": E, "k": layout.n_expert_used},
         "file_bytes": layout.file_size, "expert_bytes": layout.expert_bytes,
-        "prefill": {"tokens": len(prefill), "window": N_CTX, "stats": statistics(prefill, E),
-                    "batches": batch_figures(prefill, E)},
+        "prefill": {"tokens": len(prefill), "window": window, "stats": statistics(prefill, E),
+                    "batches": batch_figures(prefill, E, window)},
         "decode": {"tokens": len(decode), "per_prompt": args.per_prompt, "prompt_tokens": PROMPT_TOKENS,
                    "stats": statistics(decode, E)},
         "qwen3_published": published, "qwen3_sources": list(p.sources),
         "qwen3_trace": {"source": qwen.source, "stats": statistics(qwen.ids, qwen.n_expert),
-                        "batches": batch_figures(qwen.ids, qwen.n_expert)},
+                        "batches": batch_figures(qwen.ids, qwen.n_expert, window)},
         "uniform": trace_gen.uniform_targets(geometry),
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     }

@@ -31,7 +31,7 @@ from edgemoe_llamacpp.cache.predict import Lookahead
 AUTO = "auto"               # CacheConfig.predictor's value for this rule
 CROSSOVER_RECALL = 1.0       # no recall below 1 paid (module docstring); compared with gate's, at depth 1
 MIN_STALL_SHARE = 0.05       # of a decoded token's time, waiting for reads
-WATCH_TOKENS = 16            # decoded tokens watched before deciding
+WATCH_TOKENS = 8             # decoded tokens watched before deciding (64 guesses a layer pair at top-8)
 
 
 class AutoLookahead:
