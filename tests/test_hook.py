@@ -276,12 +276,17 @@ def test_a_sigint_during_an_evaluation_is_deferred_to_its_end():
     from edgemoe_llamacpp.engine.hook import sigint_deferred
 
     seen, after = [], []
-    with pytest.raises(KeyboardInterrupt), sigint_deferred(lambda: seen.append("stop")):
-        os.kill(os.getpid(), signal.SIGINT)
-        for _ in range(1000):        # Python runs the handler at its next instructions: it must not raise here
-            sum(range(10))
-        after.append(list(seen))
-    assert after == [["stop"]] and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    # Python's own handler, as an interactive run has it (a job started in the background has SIGINT ignored)
+    started_with = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt), sigint_deferred(lambda: seen.append("stop")):
+            os.kill(os.getpid(), signal.SIGINT)
+            for _ in range(1000):        # Python runs the handler at its next instructions: it must not raise here
+                sum(range(10))
+            after.append(list(seen))
+        assert after == [["stop"]] and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, started_with)
 
 
 def test_a_sigint_stops_the_evaluation_at_the_next_layer_and_leaves_the_llama_as_it_was(fixture_path):

@@ -579,7 +579,7 @@ def routing_fixture_section(path: Path, r: dict) -> str:
          "40% of each layer's experts); Qwen3's published figures (sources below), the qwen3 preset's generated "
          "trace, and routing without locality at the fixture's geometry beside them."), "",
         r["table"], "", *_training_line(r.get("training")),
-        "Sources of the published figures: " + " ".join(r["qwen3_sources"]),
+        "Sources of the published figures: " + "; ".join(r["qwen3_sources"]) + ".",
         *(["", r["note"]] if r.get("note") else []), "", "```sh", r["command"], "```", ""])
 
 

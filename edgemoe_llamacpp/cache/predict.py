@@ -36,23 +36,31 @@ class Routers:
 
 def read_routers(path: str | os.PathLike, layout: MoELayout) -> Routers:
     """`blk.N.ffn_gate_inp.weight` and `blk.N.ffn_norm.weight` of each MoE layer, dequantized with gguf-py (from
-    whichever of the layout's files holds them)."""
+    whichever of the layout's files holds them). Read with exact preads from the header's offsets: a memory map's
+    read-around would bring in expert pages beside these small tensors, outside any budget."""
     from gguf.quants import dequantize
 
-    from edgemoe_llamacpp.gguf.shards import open_gguf
+    from edgemoe_llamacpp.gguf.header import read_header
 
-    reader = open_gguf(layout.files)
-    tensors = {t.name: t for t in reader.tensors}
+    where = {}
+    for file in layout.files:
+        header = read_header(file)
+        where.update({t.name: (file, t) for t in header.tensors})
+        if file == layout.files[0]:
+            eps_field = header.fields.get(f"{layout.arch}.attention.layer_norm_rms_epsilon")
 
     def load(name: str) -> np.ndarray:
-        if name not in tensors:
+        if name not in where:
             raise EdgeMoEError(f"{path}: gate lookahead needs tensor {name}, which the file lacks")
-        t = tensors[name]
-        return dequantize(t.data, t.tensor_type).astype(np.float32).reshape(t.shape[::-1].tolist())
+        file, t = where[name]
+        with open(file, "rb", buffering=0) as f:
+            raw = os.pread(f.fileno(), t.n_bytes, t.data_offset)
+        rows = int(np.prod(t.shape[1:]))
+        values = dequantize(np.frombuffer(raw, dtype=np.uint8).reshape(rows, -1), t.tensor_type)
+        return values.astype(np.float32).reshape(t.shape[::-1].tolist())
 
     gate = np.stack([load(f"blk.{n}.ffn_gate_inp.weight") for n in layout.moe_layers])
     norm = np.stack([load(f"blk.{n}.ffn_norm.weight") for n in layout.moe_layers])
-    eps_field = reader.fields.get(f"{layout.arch}.attention.layer_norm_rms_epsilon")
     eps = float(eps_field.contents()) if eps_field is not None else 1e-6
     return Routers(gate, norm, eps)
 

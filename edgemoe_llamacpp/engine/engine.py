@@ -60,6 +60,7 @@ class ExpertEngine:
         self.record: list[tuple[int, list[list[int]]]] | None = [] if record_routing else None
         self.cache = cache = config.make_cache(layout)
         self.lookahead: Lookahead | AutoLookahead | None = None
+        self.auto = False                               # predictor "auto" decides (set by _lookahead)
         try:
             limit = limits.memory_limit()
             if limit is not None and limit < layout.dense_bytes + cache.min_budget:
@@ -86,11 +87,18 @@ class ExpertEngine:
         """What prefetches: `predictor` (an object), or the one config.predictor names; for "auto", gate lookahead
         that turns itself on where prefetch pays (cache.auto), and nothing where every expert stays resident."""
         config, layout, cache = self.config, self.layout, self.cache
-        auto = predictor is None and config.predictor == AUTO
+        self.auto = auto = predictor is None and config.predictor == AUTO
+        self._auto_off = "every expert stays resident: nothing to prefetch"
         if auto and not cache.mode.streams:
             return None
-        if predictor is None and config.predictor is not None:
-            predictor = make_predictor("gate" if auto else config.predictor, layout.path, layout)
+        if auto:
+            try:
+                predictor = make_predictor("gate", layout.path, layout)
+            except EdgeMoEError as e:           # a file without what gate lookahead reads: no prefetch, and why
+                self._auto_off = f"gate lookahead cannot run on this file ({e})"
+                return None
+        elif predictor is None and config.predictor is not None:
+            predictor = make_predictor(config.predictor, layout.path, layout)
         if predictor is None:
             return None
         lookahead = Lookahead(predictor, cache, layout, config.prefetch_depth)
@@ -160,7 +168,7 @@ class ExpertEngine:
         """predictor="auto"'s decision: prefetch on or off (None while watching), why, and its figures."""
         if isinstance(self.lookahead, AutoLookahead):
             return self.lookahead.decision
-        return {"prefetch": False, "why": "every expert stays resident: nothing to prefetch"}
+        return {"prefetch": False, "why": self._auto_off}
 
     def counters(self) -> tuple:
         """The figures stats() reports, copied cheaply: taken after every evaluation (a dict of the cache's totals
@@ -173,9 +181,8 @@ class ExpertEngine:
         routes, us_per_call, prompt, generated, cache = self.counters() if counters is None else counters
         return {"routes": routes, "hook_us_per_layer": us_per_call, "hook_native_filter": self.hook.native_filter,
                 **figures.summary(self.cache, cache),
-                "predictor": AUTO if self.config.predictor == AUTO else
-                self.lookahead.predictor.name if self.lookahead else None,
-                **({"auto_prefetch": self.auto_decision()} if self.config.predictor == AUTO else {}),
+                "predictor": AUTO if self.auto else self.lookahead.predictor.name if self.lookahead else None,
+                **({"auto_prefetch": self.auto_decision()} if self.auto else {}),
                 "routing": routing_label(self.injector),
                 "prefetch_depth": self.lookahead.depth if self.lookahead else 0,
                 "dense_hold": self.dense.to_dict(),
