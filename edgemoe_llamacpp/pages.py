@@ -107,6 +107,20 @@ def resident_bytes(addr: int, length: int) -> int:
     return sum(v & 1 for v in mincore_pages(addr, length)) * PAGE
 
 
+def fd_resident_pages(fd: int, start: int, length: int) -> bytes:
+    """mincore of the file's pages over [start, start + length) (start page-aligned), through a read-only shared
+    mapping made with libc (mapping reads nothing; no Python buffer is exported, so an interrupt at any point
+    leaves nothing that keeps the mapping from closing)."""
+    addr = _libc.mmap(None, length, mmap.PROT_READ, mmap.MAP_SHARED, fd, start)
+    if addr in (None, MAP_FAILED):
+        err = ctypes.get_errno()
+        raise OSError(err, f"mmap: {os.strerror(err)}")
+    try:
+        return mincore_pages(addr, length)
+    finally:
+        _libc.munmap(addr, length)
+
+
 def file_cached_bytes(path: str | os.PathLike, spans=None) -> int:
     """Bytes of `path` in the page cache (of its page-aligned `spans`, [start, end) file offsets; default the whole
     file), seen from any process: mincore over a read-only shared mapping of it (mapping reads nothing)."""

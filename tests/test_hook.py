@@ -309,8 +309,12 @@ def test_a_sigint_stops_the_evaluation_at_the_next_layer_and_leaves_the_llama_as
         on_route(layer, *args)
 
     hook.on_route = interrupting
-    with pytest.raises(KeyboardInterrupt):
-        llm.eval(tokens[3:])
+    started_with = signal.signal(signal.SIGINT, signal.default_int_handler)    # as in the test above
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            llm.eval(tokens[3:])
+    finally:
+        signal.signal(signal.SIGINT, started_with)
     hook.on_route = on_route
     assert len(routed) == 1 and llm.n_tokens == 3
     assert greedy(llm, PROMPT, 8)[0] == want

@@ -5,7 +5,6 @@ what it returns as a MoE model."""
 from __future__ import annotations
 
 import itertools
-import mmap
 import os
 import struct
 from dataclasses import dataclass
@@ -16,7 +15,7 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
 from edgemoe_llamacpp.errors import BadModelError
-from edgemoe_llamacpp.pages import PAGE, mincore_pages
+from edgemoe_llamacpp.pages import PAGE, fd_resident_pages
 
 GGUF_MAGIC = b"GGUF"
 
@@ -92,14 +91,7 @@ _HEADER_CAP = 64 << 20           # no real model's header comes near (a 256k-tok
 
 def _resident_pages(fd: int, start: int, end: int) -> bytes:
     """mincore of the file's pages over [start, end) (start page-aligned, end <= the file's size)."""
-    import numpy as np
-
-    with mmap.mmap(fd, end - start, access=mmap.ACCESS_READ, offset=start) as m:
-        view = np.frombuffer(m, np.uint8)        # the mapping's address; mapping faults nothing in
-        try:
-            return mincore_pages(view.ctypes.data, end - start)
-        finally:
-            del view
+    return fd_resident_pages(fd, start, end - start)
 
 
 class _HeaderBytes:
