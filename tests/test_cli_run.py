@@ -38,6 +38,7 @@ def test_run_text_prints_stats(fixture_path):
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("import os\n")
     assert "--- experts: budget" in proc.stdout and "hit rate" in proc.stdout
+    assert "--- predictor auto: prefetch " in proc.stdout          # the default's decision, said
 
 
 @pytest.mark.parametrize(("budget", "needle"), [("-1", "not a size"), ("abc", "not a size"),

@@ -83,6 +83,10 @@ def run(args: argparse.Namespace) -> int:
         if stats["substitute"] is not None:
             print(f"--- substitution (above {stats['substitute']}): {t['substituted']} experts ran from "
                   f"{stats['lowbit_type']} copies, {mib(t['substituted_bytes'])} of them read")
+        auto = stats.get("auto_prefetch")
+        if auto and stats["budget_bytes"] is not None:   # the default predictor's decision, and why
+            state = {True: "on", False: "off", None: "undecided"}[auto["prefetch"]]
+            print(f"--- predictor auto: prefetch {state}: {auto['why']}")
         if t["prefetches"]:
             print(f"--- prefetch ({stats['predictor']}, depth {stats['prefetch_depth']}): {t['prefetches']} "
                   f"experts ({mib(t['prefetch_bytes'])}), {t['prefetch_used']} used ({t['prefetch_late']} late), "
