@@ -17,6 +17,7 @@ from edgemoe_llamacpp import corpus
 from edgemoe_llamacpp.cache.predict import FFN_INP
 from edgemoe_llamacpp.engine.hook import ExpertHook
 from edgemoe_llamacpp.engine.llama import Llama, llama_params
+from edgemoe_llamacpp.gguf.header import read_header
 from edgemoe_llamacpp.gguf.layout import read_layout
 
 N_CTX = 512           # tokens per window of `record`, at most
@@ -25,10 +26,8 @@ N_CTX = 512           # tokens per window of `record`, at most
 def window_of(model: str) -> int:
     """The windows `record` evaluates `model` in: N_CTX tokens, or the context it was trained on if shorter
     (positions past it were never trained: routing there is not the model's)."""
-    import gguf
-
-    fields = gguf.GGUFReader(read_layout(model).path).fields
-    trained = fields.get(f"{read_layout(model).arch}.context_length")
+    layout = read_layout(model)
+    trained = read_header(layout.path).fields.get(f"{layout.arch}.context_length")
     return min(N_CTX, int(trained.contents())) if trained is not None else N_CTX
 
 

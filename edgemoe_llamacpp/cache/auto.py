@@ -92,6 +92,7 @@ class AutoLookahead:
         token = self.token_s / self.tokens if self.tokens else 0.0
         wait = self.wait_s / self.tokens if self.tokens else 0.0
         compute = token - wait
+        on = False
         if recall < CROSSOVER_RECALL:
             why = f"the predictor's recall {recall:.2f} is below the crossover {CROSSOVER_RECALL}"
         elif wait < MIN_STALL_SHARE * token:
@@ -100,9 +101,9 @@ class AutoLookahead:
             why = (f"reads wait {wait * 1e3:.1f} ms a token, computing takes {compute * 1e3:.1f} ms: the disk is "
                    "the bottleneck, wrong guesses would take its time")
         else:
+            on = True
             why = (f"recall {recall:.2f} passes the crossover {CROSSOVER_RECALL}, and computing ({compute * 1e3:.1f} ms "
                    f"a token) leaves the disk idle beside its {wait * 1e3:.1f} ms of reads")
-        on = why.startswith("recall")
         self.state = "on" if on else "off"
         self.decision = {"prefetch": on, "why": why, "recall": recall, "crossover_recall": CROSSOVER_RECALL,
                          "watched_tokens": self.tokens, "token_ms": token * 1e3, "read_wait_ms": wait * 1e3,

@@ -26,8 +26,3 @@ def summary(cache: ExpertCache, taken: tuple | None = None) -> dict:
         "total": {**tot, "hit_rate": tot["hits"] / lookups if lookups else None},
         "layers": [{"layer": layer, **s} for layer, s in layers.items()],
     }
-
-
-def stall_s(cache: ExpertCache) -> float:
-    """Seconds the cache has kept llama.cpp waiting for reads, over every layer, so far."""
-    return sum(s.stall_s for s in cache.ledger.stats.layers.values())

@@ -104,7 +104,7 @@ class ExpertEngine:
         lookahead = Lookahead(predictor, cache, layout, config.prefetch_depth)
         if not auto:
             return lookahead
-        return AutoLookahead(lookahead, lambda: figures.stall_s(cache), self._auto_decided)
+        return AutoLookahead(lookahead, lambda: cache.stats.total().stall_s, self._auto_decided)
 
     def _auto_decided(self, on: bool) -> None:
         if not on:                              # the predictor is done: no hidden state to read any more, and
