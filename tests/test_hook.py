@@ -273,7 +273,7 @@ def test_a_sigint_during_an_evaluation_is_deferred_to_its_end():
     import os
     import signal
 
-    from edgemoe_llamacpp.engine.hook import sigint_deferred
+    from edgemoe_llamacpp.engine.interrupt import sigint_deferred
 
     seen, after = [], []
     # Python's own handler, as an interactive run has it (a job started in the background has SIGINT ignored)
@@ -318,6 +318,38 @@ def test_a_sigint_stops_the_evaluation_at_the_next_layer_and_leaves_the_llama_as
     hook.on_route = on_route
     assert len(routed) == 1 and llm.n_tokens == 3
     assert greedy(llm, PROMPT, 8)[0] == want
+    llm.close()
+
+
+@pytest.mark.parametrize("make", [lambda path: Llama(path, memory_budget="25%", n_ctx=64),
+                                  lambda path: stock_llama(path, n_ctx=64)], ids=["edgemoe", "stock"])
+def test_a_sigint_while_a_llama_loads_stops_the_load_and_is_raised(fixture_path, make):
+    """SIGINT landing in llama.cpp's log callback as the model loads (verbose=True, the default: the CLI contract
+    found it at `edgemoe serve`): KeyboardInterrupt is raised once the constructor returns, not printed and
+    swallowed by ctypes, and llama.cpp stops at its next progress report, before any context is made."""
+    import signal
+
+    from llama_cpp import _logger
+
+    lines = []
+
+    @llama_cpp.llama_log_callback
+    def interrupting(_level, text, _user_data):
+        if not lines:
+            os.kill(os.getpid(), signal.SIGINT)
+        lines.append(text.decode(errors="replace"))
+
+    started_with = signal.signal(signal.SIGINT, signal.default_int_handler)    # as in the tests above
+    llama_cpp.llama_log_set(interrupting, ctypes.c_void_p(0))
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            make(str(fixture_path))
+    finally:
+        llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
+        signal.signal(signal.SIGINT, started_with)
+    assert lines and not any("llama_context" in line for line in lines), "".join(lines)[-2000:]
+    llm = Llama(str(fixture_path), memory_budget="25%", n_ctx=64, verbose=False)      # and the next load is whole
+    assert len(greedy(llm, PROMPT, 4)[0]) == 4
     llm.close()
 
 

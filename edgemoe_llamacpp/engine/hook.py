@@ -17,15 +17,14 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import signal
 import struct
-import threading
 import time
 
 import llama_cpp
 import numpy as np
 
 from edgemoe_llamacpp import runtime
+from edgemoe_llamacpp.engine.interrupt import sigint_deferred
 from edgemoe_llamacpp.gguf.constants import GGML_OP_MUL_MAT_ID, GGML_TYPE_F32, GGML_TYPE_I32
 
 TOPK = b"ffn_moe_topk"
@@ -245,31 +244,6 @@ class ExpertHook:
         err, self.error = self.error, None
         if err is not None:
             raise err
-
-
-@contextlib.contextmanager
-def sigint_deferred(on_sigint):
-    """While the body runs on the main thread, a SIGINT calls on_sigint() instead of raising at whatever Python
-    runs next (a ctypes callback, where it would be swallowed); the program's own handler runs once the body
-    ends, so the default one raises KeyboardInterrupt there. Elsewhere, or with SIGINT ignored or left to the
-    OS, nothing changes."""
-    previous = signal.getsignal(signal.SIGINT)
-    if threading.current_thread() is not threading.main_thread() or not callable(previous):
-        yield
-        return
-    frames = []
-
-    def record(_signum, frame):
-        frames.append(frame)
-        on_sigint()
-
-    signal.signal(signal.SIGINT, record)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-        if frames:
-            previous(signal.SIGINT, frames[0])
 
 
 def chosen_weights(probs: np.ndarray, ids: np.ndarray) -> np.ndarray:

@@ -15,6 +15,7 @@ from edgemoe_llamacpp.cache.residency import BudgetMode
 from edgemoe_llamacpp.engine.engine import ExpertEngine
 from edgemoe_llamacpp.engine.hook import ExpertHook
 from edgemoe_llamacpp.engine.injection import InjectedLlama
+from edgemoe_llamacpp.engine.interrupt import sigint_deferred
 from edgemoe_llamacpp.engine.safe import SafeLlama
 from edgemoe_llamacpp.errors import EdgeMoEError, MixedTypesError
 from edgemoe_llamacpp.gguf import quant
@@ -32,14 +33,21 @@ def llama_params(*, use_extra_bufts: bool | None = None, cb_eval=None, cb_eval_u
 
     `Llama()` has no keyword for either: it asks `llama_*_default_params()` at call time.
     mmap_prefetch=False maps the file without reading it whole at load (patched runtime, patches/0003).
+
+    A Ctrl-C meanwhile stops the load at llama.cpp's next progress report and is raised once the constructor
+    returns: raised where it lands, often inside llama.cpp's log callback (llama-cpp-python's, verbose=True),
+    ctypes would print the KeyboardInterrupt and swallow it, and the program would go on as if never interrupted.
     """
     orig_model, orig_ctx = lc.llama_model_default_params, lc.llama_context_default_params
     orig_env = os.environ.get(PREFETCH_ENV)
+    interrupted = threading.Event()
+    progress = lc.llama_progress_callback(lambda _progress, _user_data: not interrupted.is_set())
 
     def model_params():
         p = orig_model()
         if use_extra_bufts is not None:
             p.use_extra_bufts = use_extra_bufts
+        p.progress_callback = progress          # llama.cpp stops loading when it returns false
         return p
 
     def context_params():
@@ -54,7 +62,8 @@ def llama_params(*, use_extra_bufts: bool | None = None, cb_eval=None, cb_eval_u
         if not mmap_prefetch:
             os.environ[PREFETCH_ENV] = "0"
         try:
-            yield
+            with sigint_deferred(interrupted.set):
+                yield
         finally:
             lc.llama_model_default_params, lc.llama_context_default_params = orig_model, orig_ctx
             if orig_env is None:

@@ -18,6 +18,7 @@ from edgemoe_llamacpp.engine.arguments import (
     is_int,
 )
 from edgemoe_llamacpp.engine.guard import CallGuard, Stream, serialised
+from edgemoe_llamacpp.engine.interrupt import sigint_deferred
 from edgemoe_llamacpp.engine.sampling import sample_within_grammar
 from edgemoe_llamacpp.errors import ArgumentError, EdgeMoEError
 
@@ -216,5 +217,6 @@ class SafeLlama(llama_cpp.Llama):
                 return
             self._closing()
             if hasattr(self, "_stack"):       # absent when a bad file or budget stopped __init__ early
-                super().close()
+                with sigint_deferred(lambda: None):     # llama.cpp logs as it frees: raised once it is done
+                    super().close()
             self._closed()
