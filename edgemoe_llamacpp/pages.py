@@ -102,6 +102,20 @@ def mincore_pages(addr: int, length: int) -> bytes:
     return bytes(vec)
 
 
+def mincore_runs(runs: list[tuple[int, int]]) -> bytearray:
+    """mincore_pages of each (addr, length) of `runs` (page-aligned), end to end in one buffer: one system call
+    per run and nothing more per run in Python."""
+    counts = [(length + PAGE - 1) // PAGE for _, length in runs]
+    vec = bytearray(sum(counts))
+    at = ctypes.addressof((ctypes.c_char * max(len(vec), 1)).from_buffer(vec)) if vec else 0
+    for (addr, length), n in zip(runs, counts, strict=True):
+        if _libc.mincore(addr, length, at) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"mincore: {os.strerror(err)}")
+        at += n
+    return vec
+
+
 def resident_bytes(addr: int, length: int) -> int:
     """Bytes of the pages in [addr, addr+length) that mincore reports in memory."""
     return sum(v & 1 for v in mincore_pages(addr, length)) * PAGE

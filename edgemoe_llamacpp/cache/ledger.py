@@ -26,6 +26,8 @@ class LayerStats:
     prefetch_wasted_bytes: int = 0
     substituted: int = 0            # chosen experts that ran from their low-bit copies
     substituted_bytes: int = 0      # ... of which read, in bytes
+    reclaimed: int = 0              # experts the cache held whose pages the kernel took (memory pressure)
+    reclaimed_bytes: int = 0        # ... the bytes it took
 
 
 @dataclass

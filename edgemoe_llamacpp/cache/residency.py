@@ -23,6 +23,7 @@ from edgemoe_llamacpp.cache.hobbit import Hobbit
 from edgemoe_llamacpp.cache.ledger import Ledger
 from edgemoe_llamacpp.cache.policies import LFU, LRU, POLICIES, USE_DECAY, Distance, NextUse, Policy
 from edgemoe_llamacpp.cache.readahead import ReadAhead
+from edgemoe_llamacpp.cache.reclaim import Reclaim
 from edgemoe_llamacpp.cache.spans import tensor_span
 from edgemoe_llamacpp.cache.storage import ExpertStorage
 from edgemoe_llamacpp.errors import ArgumentError, BudgetError
@@ -124,7 +125,7 @@ class BudgetMode(enum.Enum):
         return self is BudgetMode.STREAMING
 
 
-class ExpertCache(ReadAhead):
+class ExpertCache(ReadAhead, Reclaim):
     """Resident experts under a byte budget, evicted by a policy, fetched/dropped in llama.cpp's file mapping."""
 
     storage_class = ExpertStorage

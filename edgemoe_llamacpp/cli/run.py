@@ -80,6 +80,10 @@ def run(args: argparse.Namespace) -> int:
               f"({stats['resident_experts']} experts), hit rate {t['hit_rate']:.1%} "
               f"({t['hits']} hits, {t['misses']} misses), fetched {mib(t['bytes_fetched'])}, "
               f"evicted {mib(t['bytes_evicted'])}, stall {t['stall_s']:.3f} s")
+        if t["reclaimed"]:
+            print(f"--- memory pressure: the kernel took {t['reclaimed']} experts the cache held "
+                  f"({mib(t['reclaimed_bytes'])}); the cache gave up {mib(stats['capacity_given_up_bytes'])} of its "
+                  f"budget to stop it")
         if stats["substitute"] is not None:
             print(f"--- substitution (above {stats['substitute']}): {t['substituted']} experts ran from "
                   f"{stats['lowbit_type']} copies, {mib(t['substituted_bytes'])} of them read")

@@ -129,12 +129,15 @@ class ExpertEngine:
                                          for rows in mappings])
         if self.mode.streams:
             self.dense = loading.hold_dense(self.layout, mappings, self.config.hold_dense)
+            self.cache.watch_reclaim()        # from here on, a fault while llama.cpp computes is a sign
 
     # ------------------------------------------------------------------ the hook's calls
     def on_route(self, layer: int, ids, hidden=None, weights=None) -> None:
         """Layer `layer` chose `ids` ((tokens, k)): make them resident before its experts run, and look ahead."""
         if self.record is not None:
             self.record.append((layer, ids.tolist()))
+        if len(ids) > 1:                    # a prompt batch runs long: pressure may have taken experts meanwhile
+            self.cache.check_reclaim()
         above = None if weights is None else weight_above(ids, weights)
         low = self.cache.ensure_ids(layer, ids, above)
         if len(ids) > 1:                    # a prompt batch: the next layer's experts are read while this computes
@@ -154,6 +157,7 @@ class ExpertEngine:
         """The context of one llama_decode from sequence position `position`."""
         if self.injector is not None:
             self.injector.position = position
+        self.cache.check_reclaim()
         return self.hook.evaluation()
 
     # ------------------------------------------------------------------ figures
