@@ -473,20 +473,23 @@ def prefill_section(path: Path, r: dict) -> str:
              "ratios; the bound is max(the warm reference's prefill, the prompt's expert bytes at the measured disk "
              "speed).")
     head = ("| model | prompt tokens | budget | limit | stock prefill tok/s | edgemoe prefill tok/s | edgemoe/stock "
-            "(min-max) | x bound | compute alone tok/s | major faults stock / edgemoe | runs |")
-    lines = [f"## Prefill under a memory limit ({path.name})", "", about, "", head, "|---|" * 1 + "---|" * 10]
+            "(min-max) | x bound | compute alone tok/s | major faults stock / edgemoe | decode after, edgemoe/stock "
+            "| budget given up to pressure | runs |")
+    lines = [f"## Prefill under a memory limit ({path.name})", "", about, "", head, "|---|" * 1 + "---|" * 12]
     faults = {(b["prompt_tokens"], e["budget"]): [statistics.median(p[k]["major_faults"] for p in e["pairs"])
                                                  for k in ("stock", "edgemoe")]
               for b in r["benches"] for e in b["budgets"]}
     for row in r["rows"]:
         lo, hi = row["prefill_ratio_range"]
         fs, fe = faults.get((row["prompt_tokens"], row["budget"]), (None, None))
+        gave = row.get("capacity_given_up_bytes")
         lines.append(f"| {row['model']} | {row['prompt_tokens']} | {row['budget']} | "
                      f"{fmt(row['limit_bytes'] and row['limit_bytes'] / 2**20, '{:,.0f}')} MiB | "
                      f"{fmt(row['stock_prefill_tok_s'])} | {fmt(row['edgemoe_prefill_tok_s'])} | "
                      f"{fmt(row['prefill_ratio'], '{:.2f}x')} ({fmt(lo, '{:.2f}')}-{fmt(hi, '{:.2f}')}) | "
                      f"{fmt(row['prefill_vs_bound'], '{:.2f}x')} | {fmt(row['compute_alone_prefill_tok_s'])} | "
-                     f"{fmt(fs, '{:,.0f}')} / {fmt(fe, '{:,.0f}')} | {row['runs']} |")
+                     f"{fmt(fs, '{:,.0f}')} / {fmt(fe, '{:,.0f}')} | {fmt(row.get('decode_ratio'), '{:.2f}x')} | "
+                     f"{fmt(gave and gave / 2**20, '{:,.0f} MiB')} | {row['runs']} |")
     return "\n".join(lines + ([""] + [r["note"]] if r.get("note") else [])) + "\n"
 
 

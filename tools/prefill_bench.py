@@ -7,13 +7,15 @@
 
 Each (model, prompt length) is one run_bench: stock and edgemoe alternate under the same cgroup limit, cold page
 cache, a few decoded tokens after the prompt (--tokens). The result keeps every bench whole (`benches`) and a
-table row per (model, prompt length, budget): prefill tok/s of both engines, their paired ratio, and edgemoe's
-prefill time over its bound, max(prefill of the warm reference, the prompt's expert bytes at disk speed).
+table row per (model, prompt length, budget): prefill tok/s of both engines, their paired ratio, edgemoe's
+prefill time over its bound, max(prefill of the warm reference, the prompt's expert bytes at disk speed), the
+decode that follows against stock's, and the budget edgemoe gave up to memory pressure (cache/reclaim.py).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -26,6 +28,13 @@ from edgemoe_llamacpp.errors import EdgeMoEError
 def _median(x):
     """A bench figure given as a spread ({"median": ...}) or as the median alone."""
     return x.get("median") if isinstance(x, dict) else x
+
+
+def _given_up(budget: dict) -> float | None:
+    """The median over edgemoe's runs of the budget it gave up to memory pressure (cache/reclaim.py)."""
+    given = [p["edgemoe"]["stats"]["capacity_given_up_bytes"] for p in budget.get("pairs", [])
+             if "capacity_given_up_bytes" in (p.get("edgemoe", {}).get("stats") or {})]
+    return statistics.median(given) if given else None
 
 
 def rows(bench: dict) -> list[dict]:
@@ -43,6 +52,8 @@ def rows(bench: dict) -> list[dict]:
                     "prefill_floor_tok_s": b.get("prefill_floor_tok_s"),
                     "prompt_expert_bytes": b.get("prompt_expert_bytes"),
                     "compute_alone_prefill_tok_s": (bench.get("compute_only") or {}).get("prefill_tok_s"),
+                    "decode_ratio": _median(b.get("decode_ratio")),       # the tokens decoded after the prompt
+                    "capacity_given_up_bytes": _given_up(b),
                     "runs": b["stock"]["runs"]})
     return out
 
