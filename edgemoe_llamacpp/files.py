@@ -154,8 +154,9 @@ def atomic_output(dst: Path) -> Iterator[Path]:
 def atomic_outputs(dsts: list[Path]) -> Iterator[list[Path]]:
     """atomic_output for a set of files (a split model's shards): write to the yielded temporaries; on success every
     one is fsynced before any is renamed, the first last. On a failure or an interrupt the temporaries, and the
-    outputs already renamed, are removed: no partial set is left (a kill between two renames, a matter of
-    microseconds, is the one window)."""
+    outputs already renamed, are removed: no partial set is left. A kill between two renames (microseconds) is
+    the one window; convert stamps every shard with one id (edgemoe.set_id), so a set left mixed that way is
+    refused when read."""
     dsts = [Path(d) for d in dsts]
     tmps: list[Path] = []
     done: list[Path] = []

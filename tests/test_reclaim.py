@@ -91,9 +91,9 @@ def test_missing_bytes_counts_the_pages_taken_expert_by_expert(fixture_path):
     held = sorted(cache.ledger.resident)
     assert len(held) > 4 and reclaim.missing_bytes(cache.storage, held) == {}
     one, two = held[1], held[-2]
-    (a, b), *_ = cache.storage.spans[one]
+    (_, b), *_ = cache.storage.spans[one]
     cache.storage.drop_spans([(b - pages.PAGE, b)])
-    *_, (c, d) = cache.storage.spans[two]
+    *_, (c, _) = cache.storage.spans[two]
     cache.storage.drop_spans([(c, c + 2 * pages.PAGE)])
     got = reclaim.missing_bytes(cache.storage, held)
     by_expert = {u for u in held if not cache.storage.in_memory(u)}

@@ -296,3 +296,43 @@ def test_a_split_with_per_expert_types_runs_as_the_same_conversion_in_one_file(s
     assert one.mixed and split.mixed and split.split and len({t.file for t in split.expert_tensors}) > 2
     assert split.edgemoe["checksum.sha256"] == one.edgemoe["checksum.sha256"]
     assert_same_greedy([(one.path, None), (split.files[1], None), (split.files[2], "25%")])
+
+
+KILLED_BETWEEN_RENAMES = """
+import os, sys
+from edgemoe_llamacpp import files
+from edgemoe_llamacpp.convert.rewrite import convert, uniform_plan
+from edgemoe_llamacpp.gguf.layout import read_layout
+real, calls = files._rename, []
+def rename_then_die(tmp, dst):
+    real(tmp, dst)
+    calls.append(dst)
+    if len(calls) == 1:                       # one shard renamed into place: killed before the next
+        os._exit(9)
+files._rename = rename_then_die
+src, out, kind = sys.argv[1:]
+convert(src, out, uniform_plan(read_layout(src), kind), progress=False, split_max_size=5_000_000, force=True)
+"""
+
+
+def test_a_conversion_killed_between_renames_leaves_a_set_that_is_refused(shards, converted, tmp_path):
+    """Shards are renamed into place one at a time, the last first: a kill after the first rename, over an earlier
+    conversion's shards, leaves the new last shard beside the old others. Each conversion stamps one random id in
+    every shard (edgemoe.set_id), so the mixed set is refused in one line, by the loader and every command, where it
+    would have run with one shard of another conversion."""
+    old = _copy(converted, tmp_path / "set")
+    assert len(old) > 2 and [Path(p) for p in read_layout(old[0]).files] == old
+    # Q4_0: as many shards of 5 MB as Q4_K, other bytes
+    proc = subprocess.run([sys.executable, "-c", KILLED_BETWEEN_RENAMES, str(shards[1]),
+                           str(tmp_path / "set" / "q4.gguf"), "Q4_0"], capture_output=True, text=True, check=False)
+    assert proc.returncode == 9, proc.stderr[-2000:]
+    # the killed run's other temporaries stay (hidden) until the next conversion there clears them
+    assert sorted(p for p in (tmp_path / "set").iterdir() if not p.name.startswith(".")) == old
+    assert old[-1].read_bytes() != converted[-1].read_bytes()    # the last shard is the new conversion's
+    assert old[0].read_bytes() == converted[0].read_bytes()      # the first is the old one's
+    for shard in old:
+        with pytest.raises(ShardError, match=f"is not of the same conversion as {old[0].name}"):
+            read_layout(shard)
+    proc = edgemoe("inspect", str(old[0]))
+    err = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(err) == 1 and "convert again" in err[0], proc.stderr[-2000:]

@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import mmap
 import os
+import secrets
 import time
 from pathlib import Path
 
@@ -45,6 +46,7 @@ from edgemoe_llamacpp.gguf.constants import (
     GUARD,
     LOWBIT,
     REQUIRED_FEATURES,
+    SET_ID,
 )
 from edgemoe_llamacpp.gguf.layout import ExpertTensor, MoELayout, read_layout
 from edgemoe_llamacpp.gguf.shards import (
@@ -216,6 +218,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, plan: dict[str, list
         files.check_output(out, inputs=layout.files, force=force)
     writers = [GGUFWriter(None, layout.arch) for _ in groups]
     _metadata(writers[0], reader, layout, tensors, meta, lowbit, imatrix is not None)
+    set_id = secrets.token_hex(16)
     for i, (writer, group) in enumerate(zip(writers, groups, strict=True)):
         if i:
             writer.add_custom_alignment(ALIGNMENT)
@@ -224,6 +227,9 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, plan: dict[str, list
             writer.add_uint16(SPLIT_COUNT, len(groups))
             # llama.cpp checks it against the weights it loads: edgemoe.* tensors are none (patches/0002)
             writer.add_int32(SPLIT_TENSORS, sum(not e["name"].startswith(EDGEMOE_PREFIX) for e in tensors))
+            # the shards are renamed into place one by one: a kill between two renames over an earlier
+            # conversion's shards would leave a set of both, which read_layout refuses by this
+            writer.add_string(SET_ID, set_id)
         for e in group:
             writer.add_tensor_info(e["name"], e["shape"], np.float32, e["nbytes"], raw_dtype=quant.qtype(e["type"]))
     n_experts = sum(len(e["experts"]) for e in tensors if e["experts"])

@@ -17,6 +17,7 @@ EXPERT_TYPES = "edgemoe.expert_types."
 LOWBIT = "edgemoe.lowbit."          # tensor name prefix of the low-bit copies; their type: edgemoe.lowbit_type
 CHECKSUM_NAMES = "edgemoe.checksum.tensors"
 CHECKSUM_SHA256 = "edgemoe.checksum.sha256"
+SET_ID = "edgemoe.set_id"           # one random id in every shard of one conversion: a mixed set is refused
 
 # ggml's enums, as llama.cpp's graph nodes carry them
 GGML_TYPE_F32 = int(GGMLQuantizationType.F32)

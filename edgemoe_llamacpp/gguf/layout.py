@@ -24,6 +24,7 @@ from edgemoe_llamacpp.gguf.constants import (
     GUARD,
     LOWBIT,
     REQUIRED_FEATURES,
+    SET_ID,
 )
 from edgemoe_llamacpp.gguf.header import GGUFHeader, TensorInfo, open_header
 from edgemoe_llamacpp.gguf.shards import SPLIT_COUNT, SPLIT_NO, SPLIT_TENSORS, shard_paths
@@ -343,6 +344,12 @@ def _read_files(path: Path) -> tuple[tuple[Path, ...], list[GGUFHeader], list[in
                              f"{_plus_one(seen[0])} of {seen[1]}, {seen[2]} tensors; expected {i + 1} of {count}, "
                              f"{total} tensors)")
         headers.append(h)
+    ids = [_field(h, SET_ID, p, str, required=False) for h, p in zip(headers, paths, strict=True)]
+    for p, set_id in zip(paths[1:], ids[1:], strict=True):
+        if set_id != ids[0]:
+            raise ShardError(f"{p} is not of the same conversion as {paths[0].name} (edgemoe.set_id {set_id} against "
+                             f"{ids[0]}): a conversion stopped while it renamed its shards, or two conversions wrote "
+                             f"shards of one name; convert again")
     names = [t.name for h in headers for t in h.tensors]
     found = _weight_count(names, _field(headers[0], REQUIRED_FEATURES, paths[0], list, required=False) or [])
     if found != total or len(set(names)) != len(names):
