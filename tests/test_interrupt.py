@@ -29,9 +29,10 @@ def default_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
-def interrupt(argv: list[str], after_s: float, *, group: bool = True, cwd: Path | None = None) -> dict:
-    """Start `edgemoe argv`, SIGINT it `after_s` seconds later; its exit code, output, how long it took to stop
-    and the processes it had started that outlived it."""
+def interrupt(argv: list[str], after_s: float, *, group: bool = True, cwd: Path | None = None,
+              sig: int = signal.SIGINT) -> dict:
+    """Start `edgemoe argv`, send it `sig` (SIGINT) `after_s` seconds later; its exit code, output, how long it took
+    to stop and the processes it had started that outlived it."""
     proc = subprocess.Popen([sys.executable, "-m", "edgemoe_llamacpp", *argv], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True, cwd=cwd,
                             preexec_fn=default_sigint)  # noqa: PLW1509 - one signal() call
@@ -40,7 +41,7 @@ def interrupt(argv: list[str], after_s: float, *, group: bool = True, cwd: Path 
         assert proc.poll() is None, f"edgemoe {argv[0]} ended before the signal: {proc.communicate()}"
         children = psutil.Process(proc.pid).children(recursive=True)
         sent = time.perf_counter()
-        (os.killpg if group else os.kill)(proc.pid, signal.SIGINT)
+        (os.killpg if group else os.kill)(proc.pid, sig)
         out, err = proc.communicate(timeout=60)
         took = time.perf_counter() - sent
     finally:
@@ -119,3 +120,37 @@ def test_sigint_stops_a_bench_and_its_child_runs(fixture_path, tmp_path, group, 
     r = interrupt(["bench", str(fixture_path), "--memory-budget", "50%", "--runs", "20", "--tokens", "128",
                    "--json", str(out)], after_s, group=group)
     assert_stopped(r, out)
+
+
+def test_sigterm_stops_a_conversion_as_ctrl_c_does_and_leaves_no_temporary(fixture_path, tmp_path):
+    """SIGTERM (kill, timeout, a service manager) while convert writes its output: the temporary (as large as the
+    model, for a real one) is removed, the output that was there is kept, no traceback, exit 128 + SIGTERM."""
+    out = tmp_path / "out.gguf"
+    out.write_bytes(b"the old file")
+    proc = subprocess.Popen([sys.executable, "-m", "edgemoe_llamacpp", "convert", str(fixture_path), str(out),
+                             "--uniform", "Q4_K", "--force"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True, preexec_fn=default_sigint)  # noqa: PLW1509
+    try:
+        deadline = time.monotonic() + 60
+        while not list(tmp_path.glob(".out.gguf.*")) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert proc.poll() is None, f"convert ended before it wrote: {proc.communicate()}"
+        sent = time.perf_counter()
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+        took = time.perf_counter() - sent
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 128 + signal.SIGTERM, (proc.returncode, err[-3000:])
+    assert took <= STOP_WITHIN_S, f"took {took:.2f} s to stop"
+    assert "Traceback" not in err, err[-3000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.gguf"] and out.read_bytes() == b"the old file"
+
+
+def test_sigterm_stops_a_run_under_a_budget(fixture_path):
+    r = interrupt(["run", str(fixture_path), "-p", PROMPT, "-n", "100000", "--n-ctx", "4096", "--memory-budget",
+                   "25%"], 3.0, sig=signal.SIGTERM)
+    assert r["code"] == 128 + signal.SIGTERM, (r["code"], r["err"][-3000:])
+    assert r["took"] <= STOP_WITHIN_S and "Traceback" not in r["err"] and not r["left"]

@@ -7,6 +7,7 @@ import argparse
 import contextlib
 import os
 import re
+import signal
 import sys
 
 from edgemoe_llamacpp.cli import convert, inspect, ppl, profile, run, serve, verify
@@ -146,16 +147,31 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INTERRUPTED
 
 
+_terminated: list[int] = []
+
+
+def _stop_as_interrupted(signum: int, _frame) -> None:
+    """SIGTERM (kill, timeout, a service manager) stops a command as Ctrl-C does: its outputs' temporaries are
+    removed and llama.cpp stops at its next layer. Python's default would end the process where it stands,
+    leaving a conversion's temporary (as large as the model) until the next conversion to that name."""
+    _terminated.append(signum)
+    if callable(signal.getsignal(signal.SIGINT)):
+        signal.raise_signal(signal.SIGINT)      # through the SIGINT handler of the moment (engine.interrupt's
+        return                                  # deferral while llama.cpp runs a Python callback)
+    raise KeyboardInterrupt                     # SIGINT ignored (a job started in the background)
+
+
 def entry() -> None:
     """The `edgemoe` command: main(), then exit with its code. Stopped by Ctrl-C, the process ends at once,
     without waiting for threads still inside C code that cannot be interrupted (ggml sets up an i-quant's tables
-    in seconds, in the first call that quantizes to it)."""
+    in seconds, in the first call that quantizes to it); by SIGTERM, the same, with 128 + SIGTERM."""
+    signal.signal(signal.SIGTERM, _stop_as_interrupted)
     code = main()
     if code == EXIT_INTERRUPTED:
         for stream in (sys.stdout, sys.stderr):
             with contextlib.suppress(OSError, ValueError):
                 stream.flush()
-        os._exit(code)
+        os._exit(128 + _terminated[0] if _terminated else code)
     sys.exit(code)
 
 
