@@ -10,6 +10,7 @@ import contextlib
 import glob
 import hashlib
 import os
+import signal
 import stat
 import sys
 import tempfile
@@ -213,3 +214,15 @@ def sha256_files(paths, chunk: int = 8 << 20) -> str:
             while block := f.read(chunk):
                 h.update(block)
     return h.hexdigest()
+
+
+def _raise_interrupt(_signum, _frame) -> None:
+    raise KeyboardInterrupt
+
+
+def clean_up_on_sigterm() -> None:
+    """For scripts that write outputs: SIGTERM raises KeyboardInterrupt in the main thread from here on, so an
+    output's temporary is removed as on Ctrl-C (Python's default ends the process where it stands, and the
+    temporary, as large as the file, stays until the next write to that name). `edgemoe` itself routes SIGTERM
+    through its Ctrl-C handling (cli.entry)."""
+    signal.signal(signal.SIGTERM, _raise_interrupt)

@@ -117,3 +117,23 @@ def test_refuses_bad_requests(tmp_path):
     proc = make("olmoe-1b-7b", tmp_path / "exists.gguf", "--layers", "2")
     assert proc.returncode == 2 and "exists; pass --force" in proc.stderr
     assert (tmp_path / "exists.gguf").read_bytes() == b"keep"
+
+
+def test_sigterm_while_writing_leaves_no_temporary(tmp_path):
+    """A file of tens of GB is written to a temporary beside it: SIGTERM (kill, timeout) removes it, as Ctrl-C
+    does, instead of leaving it until the next write to that name."""
+    import signal
+    import time
+
+    out = tmp_path / "big.gguf"
+    proc = subprocess.Popen([sys.executable, str(TOOL), "qwen3-30b-a3b", "--layers", "4", "--out", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not list(tmp_path.glob(".big.gguf.*")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert proc.poll() is None, f"ended before it wrote: {proc.communicate()}"
+    time.sleep(0.3)                                      # well into the tensors
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in err, (proc.returncode, err[-2000:])
+    assert list(tmp_path.iterdir()) == []

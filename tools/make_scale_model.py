@@ -432,8 +432,11 @@ def main(argv: list[str] | None = None) -> int:
     except EdgeMoEError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:                 # Ctrl-C or SIGTERM: the temporary is already gone
+        return 130
     return 0
 
 
 if __name__ == "__main__":
+    files.clean_up_on_sigterm()
     sys.exit(main())
