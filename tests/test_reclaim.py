@@ -30,13 +30,15 @@ def stock_greedy(fixture_path):
     return out
 
 
-@pytest.mark.parametrize("where", ["decode", "prompt"])
-def test_experts_taken_from_under_the_cache_are_found_released_and_given_up(fixture_path, stock_greedy, where):
+@pytest.mark.parametrize(("where", "budget"), [("decode", "50%"), ("prompt", "50%"), ("decode", "100%")])
+def test_experts_taken_from_under_the_cache_are_found_released_and_given_up(fixture_path, stock_greedy, where,
+                                                                            budget):
     """Decode: the next token's faults on the taken pages make the cache look before the token after. A prompt: a
     batch's faults make it look at its next MoE layer. Either way the ledger agrees with mincore afterwards, the
-    capacity is lower by what was taken (never below one layer's chosen experts), and the output is stock's."""
+    capacity is lower by what was taken (never below one layer's chosen experts), and the output is stock's. A
+    budget that holds every expert gives way too."""
     want_tokens, want_logits = stock_greedy
-    llm = Llama(str(fixture_path), memory_budget="50%", n_ctx=256, verbose=False)
+    llm = Llama(str(fixture_path), memory_budget=budget, n_ctx=256, verbose=False)
     cache = llm.edgemoe.cache
     capacity = cache.capacity
     tokens = llm.tokenize(PROMPT.encode())

@@ -42,8 +42,9 @@ class Reclaim:
 
     def check_reclaim(self) -> int:
         """If llama.cpp took page faults since the last look, find the experts the kernel reclaimed, release them
-        and lower the capacity by the bytes taken (never below one layer's chosen experts). The bytes taken."""
-        if not self.mode.streams or not hasattr(self, "_faults_seen"):
+        and lower the capacity by the bytes taken (never below one layer's chosen experts). The bytes taken.
+        A budget that holds every expert (BudgetMode.HOLDS_ALL) evicts from then on, as the capacity asks."""
+        if not hasattr(self, "_faults_seen"):          # no budget (the kernel's mapping serves the experts)
             return 0
         faults = self._compute_faults()
         if faults - self._faults_seen < self._faults_step:

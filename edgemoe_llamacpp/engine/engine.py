@@ -129,6 +129,7 @@ class ExpertEngine:
                                          for rows in mappings])
         if self.mode.streams:
             self.dense = loading.hold_dense(self.layout, mappings, self.config.hold_dense)
+        if self.mode is not BudgetMode.UNLIMITED:
             self.cache.watch_reclaim()        # from here on, a fault while llama.cpp computes is a sign
 
     # ------------------------------------------------------------------ the hook's calls
