@@ -128,7 +128,7 @@ def test_sigterm_stops_a_conversion_as_ctrl_c_does_and_leaves_no_temporary(fixtu
     out = tmp_path / "out.gguf"
     out.write_bytes(b"the old file")
     proc = subprocess.Popen([sys.executable, "-m", "edgemoe_llamacpp", "convert", str(fixture_path), str(out),
-                             "--uniform", "Q4_K", "--force"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             "--uniform", "IQ4_XS", "--force"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True, preexec_fn=default_sigint)  # noqa: PLW1509
     try:
         deadline = time.monotonic() + 60

@@ -126,7 +126,7 @@ def test_sigterm_while_writing_leaves_no_temporary(tmp_path):
     import time
 
     out = tmp_path / "big.gguf"
-    proc = subprocess.Popen([sys.executable, str(TOOL), "qwen3-30b-a3b", "--layers", "4", "--out", str(out)],
+    proc = subprocess.Popen([sys.executable, str(TOOL), "qwen3-30b-a3b", "--layers", "8", "--out", str(out)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60
     while not list(tmp_path.glob(".big.gguf.*")) and proc.poll() is None and time.monotonic() < deadline:
