@@ -30,13 +30,16 @@ def default_sigint() -> None:
 
 
 def interrupt(argv: list[str], after_s: float, *, group: bool = True, cwd: Path | None = None,
-              sig: int = signal.SIGINT) -> dict:
-    """Start `edgemoe argv`, send it `sig` (SIGINT) `after_s` seconds later; its exit code, output, how long it took
-    to stop and the processes it had started that outlived it."""
+              sig: int = signal.SIGINT, until=None) -> dict:
+    """Start `edgemoe argv`, send it `sig` (SIGINT) `after_s` seconds later, or once `until()` is true if given;
+    its exit code, output, how long it took to stop and the processes it had started that outlived it."""
     proc = subprocess.Popen([sys.executable, "-m", "edgemoe_llamacpp", *argv], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True, cwd=cwd,
                             preexec_fn=default_sigint)  # noqa: PLW1509 - one signal() call
     try:
+        deadline = time.monotonic() + 60
+        while until is not None and not until() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.005)
         time.sleep(after_s)
         assert proc.poll() is None, f"edgemoe {argv[0]} ended before the signal: {proc.communicate()}"
         children = psutil.Process(proc.pid).children(recursive=True)
@@ -127,25 +130,11 @@ def test_sigterm_stops_a_conversion_as_ctrl_c_does_and_leaves_no_temporary(fixtu
     model, for a real one) is removed, the output that was there is kept, no traceback, exit 128 + SIGTERM."""
     out = tmp_path / "out.gguf"
     out.write_bytes(b"the old file")
-    proc = subprocess.Popen([sys.executable, "-m", "edgemoe_llamacpp", "convert", str(fixture_path), str(out),
-                             "--uniform", "IQ4_XS", "--force"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True, preexec_fn=default_sigint)  # noqa: PLW1509
-    try:
-        deadline = time.monotonic() + 60
-        while not list(tmp_path.glob(".out.gguf.*")) and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.005)
-        assert proc.poll() is None, f"convert ended before it wrote: {proc.communicate()}"
-        sent = time.perf_counter()
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=60)
-        took = time.perf_counter() - sent
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    assert proc.returncode == 128 + signal.SIGTERM, (proc.returncode, err[-3000:])
-    assert took <= STOP_WITHIN_S, f"took {took:.2f} s to stop"
-    assert "Traceback" not in err, err[-3000:]
+    r = interrupt(["convert", str(fixture_path), str(out), "--uniform", "IQ4_XS", "--force"], 0, sig=signal.SIGTERM,
+                  until=lambda: list(tmp_path.glob(".out.gguf.*")))
+    assert r["code"] == 128 + signal.SIGTERM, (r["code"], r["err"][-3000:])
+    assert r["took"] <= STOP_WITHIN_S, f"took {r['took']:.2f} s to stop"
+    assert "Traceback" not in r["err"], r["err"][-3000:]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.gguf"] and out.read_bytes() == b"the old file"
 
 
