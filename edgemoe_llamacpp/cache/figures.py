@@ -23,7 +23,7 @@ def summary(cache: ExpertCache, taken: tuple | None = None) -> dict:
         "substitute": cache.substitute, "lowbit_type": cache.layout.lowbit_type,
         "resident_experts": resident_experts, "expert_bytes": cache.layout.expert_bytes,
         "pinned_edge_bytes": pinned, "reader_major_faults": reader_faults,
-        "capacity_given_up_bytes": getattr(cache, "reclaimed_capacity", 0),   # to memory pressure (cache.reclaim)
+        "capacity_given_up_bytes": cache.reclaimed_capacity,    # to memory pressure (cache.reclaim)
         "total": {**tot, "hit_rate": tot["hits"] / lookups if lookups else None},
         "layers": [{"layer": layer, **s} for layer, s in layers.items()],
     }

@@ -31,11 +31,13 @@ MINCORE_GAP = 0              # missing_bytes asks the kernel for pages between t
 
 
 class Reclaim:
+    reclaimed_capacity = 0                      # bytes the capacity gave up to memory pressure
+    _faults_seen: int | None = None             # compute faults at the last look; None: not watching (no budget)
+    _faults_step = RECLAIM_FAULTS
+
     def watch_reclaim(self) -> None:
         """Start counting compute faults from now (after the load, which reads the dense weights)."""
         self._faults_seen = self._compute_faults()
-        self._faults_step = RECLAIM_FAULTS
-        self.reclaimed_capacity = 0             # bytes the capacity gave up to memory pressure
 
     def _compute_faults(self) -> int:
         return resource.getrusage(resource.RUSAGE_SELF).ru_majflt - self.storage.major_faults
@@ -44,7 +46,7 @@ class Reclaim:
         """If llama.cpp took page faults since the last look, find the experts the kernel reclaimed, release them
         and lower the capacity by the bytes taken (never below one layer's chosen experts). The bytes taken.
         A budget that holds every expert (BudgetMode.HOLDS_ALL) evicts from then on, as the capacity asks."""
-        if not hasattr(self, "_faults_seen"):          # no budget (the kernel's mapping serves the experts)
+        if self._faults_seen is None:           # no budget: the kernel's mapping serves the experts
             return 0
         faults = self._compute_faults()
         if faults - self._faults_seen < self._faults_step:
