@@ -26,7 +26,7 @@ from pathlib import Path
 
 import psutil
 
-from edgemoe_bench import cgroup
+from edgemoe_bench import cgroup, warm
 from edgemoe_llamacpp import limits, pages
 from edgemoe_llamacpp.cache.config import CacheConfig
 from edgemoe_llamacpp.cache.residency import parse_budget
@@ -343,21 +343,35 @@ WARM_SHARE = 0.99
 
 def compute_alone(model: str, **run) -> dict:
     """The reference each budget's reads are judged against: the same edgemoe run with every expert in memory (no
-    budget, no memory limit), the file read whole into the page cache first so that nothing waits for a read.
-    `warm` says whether it was: the file all cached before the run, and nothing read while it ran; a file larger
-    than the memory available cannot be (`not_warm` says why, and a bound built on it is no bound)."""
-    paths = read_layout(model).files
-    size, available = sum(os.path.getsize(p) for p in paths), psutil.virtual_memory().available
-    cached = sum(cgroup.warm_file_cache(p) if size <= available else pages.file_cached_bytes(p) for p in paths)
-    ref = run_child(model, stock=False, limit=None, cold=False, **run)
+    budget, no memory limit), with every byte it reads in the page cache first so that nothing waits for a read:
+    the file read whole, or where memory cannot hold it whole (a model near or past RAM), what the run touches
+    (edgemoe_bench.warm: the run is made twice, the first's routing says which experts to read in). `warm` says
+    whether it was: what it needs all cached before the run, and nothing read while it ran (`not_warm` says why
+    not, and a bound built on it is no bound)."""
+    layout = read_layout(model)
+    size, available = sum(layout.file_sizes), psutil.virtual_memory().available
+    whole = size <= available
+    cached = sum(cgroup.warm_file_cache(p) if whole else pages.file_cached_bytes(p) for p in layout.files)
+    # a budget of every expert computes the same, but loads without llama.cpp's whole-file read (which would push
+    # out what was read in) and keeps what is cached
+    held = {**run, "cache": replace(run.get("cache") or CacheConfig(), memory_budget="100%")}
+    ref = run_child(model, stock=False, limit=None, cold=False, **(run if whole else held))
+    need, warmed = size, "file"
+    if cached < WARM_SHARE * size and ref["ok"] and ref.get("trace"):
+        spans = warm.touched_spans(layout, ref["trace"])
+        if warm.span_bytes(spans) < WARM_SHARE * psutil.virtual_memory().available:
+            limits.drop_file_cache(*layout.files)        # what is cached is then what the run touches
+            need, cached, warmed = warm.span_bytes(spans), warm.warm_spans(layout, spans), "touched"
+            ref = run_child(model, stock=False, limit=None, cold=False, **held)
     evals, read = ref.get("decode_evals"), (ref.get("prefill_read_bytes") or 0) + (ref.get("decode_read_bytes") or 0)
     not_warm = []
-    if size > available:
-        not_warm.append(f"the file ({size:,} bytes) is larger than the memory available ({available:,} bytes): "
-                        "it cannot be held whole")
-    elif cached < WARM_SHARE * size:
-        not_warm.append(f"{cached:,} of the file's {size:,} bytes stayed in the page cache after reading it whole")
-    if read > (1 - WARM_SHARE) * size:
+    if need > available and warmed == "file":
+        not_warm.append(f"the file ({size:,} bytes) is larger than the memory available ({available:,} bytes), "
+                        "and so is what the run touches: it cannot be held")
+    elif cached < WARM_SHARE * need:
+        what = "the file's" if warmed == "file" else "the bytes the run touches,"
+        not_warm.append(f"{cached:,} of {what} {need:,} bytes stayed in the page cache after reading them")
+    if read > (1 - WARM_SHARE) * need:
         not_warm.append(f"the run read {read:,} bytes from storage while it evaluated")
     if not ref["ok"]:
         not_warm.append(f"the run failed ({ref.get('error')})")
@@ -365,7 +379,8 @@ def compute_alone(model: str, **run) -> dict:
             "decode_tok_s": ref.get("decode_tok_s"), "decode_ms_per_token": ref.get("decode_ms_per_token"),
             "prefill_s": ref.get("prefill_s"), "prefill_tok_s": ref.get("prefill_tok_s"),
             "prompt_tokens": ref.get("prompt_tokens"), "ok": ref["ok"], "error": ref.get("error"),
-            "warm": not not_warm, "not_warm": not_warm, "file_bytes": size, "cached_bytes_before": cached,
+            "warm": not not_warm, "not_warm": not_warm, "warmed": warmed, "file_bytes": size,
+            "warmed_bytes": need, "cached_bytes_before": cached,
             "prefill_read_bytes": ref.get("prefill_read_bytes"), "decode_read_bytes": ref.get("decode_read_bytes"),
             "decode_read_bytes_per_token": ref["decode_read_bytes"] / evals if evals else None}
 

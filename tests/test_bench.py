@@ -12,8 +12,10 @@ from edgemoe_bench import bench, cgroup
 from edgemoe_bench import report as bench_report
 from edgemoe_bench.bench import STOCK_RUNTIME_ENV, belady, kv_cache_bytes, run_bench
 from edgemoe_bench.report import format_table
-from edgemoe_llamacpp import limits
+from edgemoe_llamacpp import limits, pages
 from edgemoe_llamacpp.cli import main as cli
+from edgemoe_llamacpp.engine import loading
+from edgemoe_llamacpp.gguf.layout import read_layout
 
 
 def test_belady_by_hand():
@@ -168,6 +170,28 @@ def test_compute_alone_runs_from_a_warm_file_and_reads_nothing(fixture_path):
     assert only["cached_bytes_before"] == only["file_bytes"] == size
     assert only["decode_read_bytes"] == 0 and only["prefill_read_bytes"] == 0
     assert only["ms_per_token"] > 0 and only["prefill_s"] > 0
+
+
+def test_compute_alone_of_a_file_memory_cannot_hold_reads_in_what_the_run_touches(fixture_path, monkeypatch):
+    """A model near or past RAM cannot be read whole: the reference is run twice, and before the second only the
+    dense bytes and the experts the first one's routing chose are read in. The second then reads nothing while it
+    evaluates, so it is compute alone still, though the file never was in memory whole."""
+    import types
+
+    from edgemoe_bench import warm
+
+    size = fixture_path.stat().st_size
+    monkeypatch.setattr(bench.psutil, "virtual_memory", lambda: types.SimpleNamespace(available=size - 1))
+    limits.drop_file_cache(fixture_path)
+    only = bench.compute_alone(str(fixture_path), tokens=2, prompt="x", n_ctx=64, n_threads=None, route_trace=None)
+    layout = read_layout(fixture_path)
+    assert only["ok"] and only["warm"] and only["not_warm"] == [] and only["warmed"] == "touched", only
+    assert layout.dense_bytes < only["warmed_bytes"] < size                  # dense and some experts, not all
+    assert only["cached_bytes_before"] >= 0.99 * only["warmed_bytes"]
+    assert only["decode_read_bytes"] == 0 and only["prefill_read_bytes"] == 0
+    assert pages.file_cached_bytes(fixture_path) < size                      # the file was never cached whole
+    assert warm.span_bytes(warm.touched_spans(layout, [])) == sum(b - a for a, b in (
+        pages.page_span(x, y - x) for x, y in loading.dense_spans(layout)))  # no routing: the dense bytes alone
 
 
 def test_a_run_faster_than_compute_alone_is_flagged_not_reported_as_a_bound(tmp_path):
