@@ -314,8 +314,10 @@ def bench_prompt(model: str, n_tokens: int) -> str:
     import llama_cpp
 
     from edgemoe_llamacpp.corpus import prompt_of, split_texts
+    from edgemoe_llamacpp.engine.llama import llama_params
 
-    llm = llama_cpp.Llama(model_path=str(model), vocab_only=True, verbose=False)
+    with llama_params():                # a Ctrl-C during the load is raised, not swallowed in a callback
+        llm = llama_cpp.Llama(model_path=str(model), vocab_only=True, verbose=False)
     try:
         return prompt_of(llm, n_tokens, split_texts("validation"))
     finally:
