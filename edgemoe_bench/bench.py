@@ -361,9 +361,10 @@ def compute_alone(model: str, **run) -> dict:
     need, warmed = size, "file"
     if cached < WARM_SHARE * size and ref["ok"] and ref.get("trace"):
         spans = warm.touched_spans(layout, ref["trace"])
-        if warm.span_bytes(spans) < WARM_SHARE * psutil.virtual_memory().available:
+        touched = warm.span_bytes(spans)
+        if touched < WARM_SHARE * psutil.virtual_memory().available:
             limits.drop_file_cache(*layout.files)        # what is cached is then what the run touches
-            need, cached, warmed = warm.span_bytes(spans), warm.warm_spans(layout, spans), "touched"
+            need, cached, warmed = touched, warm.warm_spans(layout, spans), "touched"
             ref = run_child(model, stock=False, limit=None, cold=False, **held)
     evals, read = ref.get("decode_evals"), (ref.get("prefill_read_bytes") or 0) + (ref.get("decode_read_bytes") or 0)
     not_warm = []

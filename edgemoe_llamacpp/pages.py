@@ -2,10 +2,12 @@
 mapping of a file in this process. No llama.cpp: what the cache and the loader do to memory."""
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import mmap
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 PAGE = mmap.PAGESIZE
@@ -94,12 +96,7 @@ def replace_with_anonymous_copy(addr: int, length: int) -> None:
 
 def mincore_pages(addr: int, length: int) -> bytes:
     """One byte per page of [addr, addr+length) (addr page-aligned): bit 0 set if the page is in memory."""
-    n = (length + PAGE - 1) // PAGE
-    vec = (ctypes.c_ubyte * n)()
-    if _libc.mincore(addr, length, vec) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"mincore: {os.strerror(err)}")
-    return bytes(vec)
+    return bytes(mincore_runs([(addr, length)]))
 
 
 def mincore_runs(runs: list[tuple[int, int]]) -> bytearray:
@@ -107,7 +104,7 @@ def mincore_runs(runs: list[tuple[int, int]]) -> bytearray:
     per run and nothing more per run in Python."""
     counts = [(length + PAGE - 1) // PAGE for _, length in runs]
     vec = bytearray(sum(counts))
-    at = ctypes.addressof((ctypes.c_char * max(len(vec), 1)).from_buffer(vec)) if vec else 0
+    at = ctypes.addressof((ctypes.c_char * len(vec)).from_buffer(vec)) if vec else 0
     for (addr, length), n in zip(runs, counts, strict=True):
         if _libc.mincore(addr, length, at) != 0:
             err = ctypes.get_errno()
@@ -121,18 +118,25 @@ def resident_bytes(addr: int, length: int) -> int:
     return sum(v & 1 for v in mincore_pages(addr, length)) * PAGE
 
 
-def fd_resident_pages(fd: int, start: int, length: int) -> bytes:
-    """mincore of the file's pages over [start, start + length) (start page-aligned), through a read-only shared
-    mapping made with libc (mapping reads nothing; no Python buffer is exported, so an interrupt at any point
-    leaves nothing that keeps the mapping from closing)."""
+@contextlib.contextmanager
+def _file_mapping(fd: int, start: int, length: int) -> Iterator[int]:
+    """The address of a read-only shared mapping of the file's [start, start + length) (start page-aligned), made
+    with libc: mapping reads nothing, and no Python buffer is exported, so an interrupt at any point leaves
+    nothing that keeps the mapping from closing."""
     addr = _libc.mmap(None, length, mmap.PROT_READ, mmap.MAP_SHARED, fd, start)
     if addr in (None, MAP_FAILED):
         err = ctypes.get_errno()
         raise OSError(err, f"mmap: {os.strerror(err)}")
     try:
-        return mincore_pages(addr, length)
+        yield addr
     finally:
         _libc.munmap(addr, length)
+
+
+def fd_resident_pages(fd: int, start: int, length: int) -> bytes:
+    """mincore of the file's pages over [start, start + length) (start page-aligned)."""
+    with _file_mapping(fd, start, length) as addr:
+        return mincore_pages(addr, length)
 
 
 def file_cached_bytes(path: str | os.PathLike, spans=None) -> int:
@@ -143,15 +147,11 @@ def file_cached_bytes(path: str | os.PathLike, spans=None) -> int:
         return 0
     fd = os.open(path, os.O_RDONLY)
     try:
-        addr = _libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
-        if addr in (None, MAP_FAILED):
-            err = ctypes.get_errno()
-            raise OSError(err, f"mmap {path}: {os.strerror(err)}")
-        try:
+        with _file_mapping(fd, 0, size) as addr:
             return sum(resident_bytes(addr + a, b - a) for a, b in spans) if spans is not None else \
                 min(size, resident_bytes(addr, size))
-        finally:
-            _libc.munmap(addr, size)
+    except OSError as e:
+        raise OSError(e.errno, f"{e.strerror} ({path})") from None
     finally:
         os.close(fd)
 

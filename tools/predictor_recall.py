@@ -95,7 +95,8 @@ def main() -> None:
     models = [{"model": args.model, "tokens": len(val_tokens),
                "recall": measure(args.model, layout, train_routing, routing, hidden)}]
     for other in args.also:
-        n = min(args.also_tokens, len(val_tokens)) // window_of(other) * window_of(other)
+        window = window_of(other)
+        n = min(args.also_tokens, len(val_tokens)) // window * window
         o_tokens, o_routing, o_hidden = record(other, val_txt, n, seed=None, hidden=True)
         assert np.array_equal(o_tokens, val_tokens[:n]), "the models tokenize differently"
         same = float(np.mean([np.array_equal(np.sort(a, 1), np.sort(b[:n], 1))
