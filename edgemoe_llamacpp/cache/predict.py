@@ -12,6 +12,7 @@ the batch form (T, n_expert) that tools/predictor_recall.py measures; `fit(routi
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 
@@ -42,25 +43,23 @@ def read_routers(path: str | os.PathLike, layout: MoELayout) -> Routers:
 
     from edgemoe_llamacpp.gguf.header import read_header
 
-    where = {}
-    for file in layout.files:
-        header = read_header(file)
-        where.update({t.name: (file, t) for t in header.tensors})
-        if file == layout.files[0]:
-            eps_field = header.fields.get(f"{layout.arch}.attention.layer_norm_rms_epsilon")
+    headers = [read_header(file) for file in layout.files]
+    where = {t.name: (i, t) for i, header in enumerate(headers) for t in header.tensors}
+    eps_field = headers[0].fields.get(f"{layout.arch}.attention.layer_norm_rms_epsilon")
 
-    def load(name: str) -> np.ndarray:
+    def load(fds: list[int], name: str) -> np.ndarray:
         if name not in where:
             raise EdgeMoEError(f"{path}: gate lookahead needs tensor {name}, which the file lacks")
-        file, t = where[name]
-        with open(file, "rb", buffering=0) as f:
-            raw = os.pread(f.fileno(), t.n_bytes, t.data_offset)
+        i, t = where[name]
+        raw = os.pread(fds[i], t.n_bytes, t.data_offset)
         rows = int(np.prod(t.shape[1:]))
         values = dequantize(np.frombuffer(raw, dtype=np.uint8).reshape(rows, -1), t.tensor_type)
         return values.astype(np.float32).reshape(t.shape[::-1].tolist())
 
-    gate = np.stack([load(f"blk.{n}.ffn_gate_inp.weight") for n in layout.moe_layers])
-    norm = np.stack([load(f"blk.{n}.ffn_norm.weight") for n in layout.moe_layers])
+    with contextlib.ExitStack() as stack:           # each file opened once
+        fds = [stack.enter_context(open(file, "rb", buffering=0)).fileno() for file in layout.files]
+        gate = np.stack([load(fds, f"blk.{n}.ffn_gate_inp.weight") for n in layout.moe_layers])
+        norm = np.stack([load(fds, f"blk.{n}.ffn_norm.weight") for n in layout.moe_layers])
     eps = float(eps_field.contents()) if eps_field is not None else 1e-6
     return Routers(gate, norm, eps)
 
