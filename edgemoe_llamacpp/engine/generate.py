@@ -9,6 +9,8 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import numpy as np
+import numpy.ctypeslib  # numpy loads these two lazily, at llama-cpp-python's first evaluation: loaded here,
+import numpy.ma  # their files are never read inside a measured prefill (which counts its storage reads)
 import psutil
 
 from edgemoe_llamacpp import runtime
